@@ -1,0 +1,1 @@
+"""Training, prediction and checkpoint utilities (plain arguments, no Hydra)."""

@@ -1,0 +1,38 @@
+"""Exponential moving average of weights with a ramped decay (YOLOv5 ``ModelEMA``)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+
+class ModelEMA:
+    """``update(model)`` after each optimizer step; ``module`` is the averaged copy used for eval and export.
+
+    The decay ramps as ``decay·(1 − exp(−updates / warmup))`` so early, fast-changing weights are not frozen in.
+    """
+
+    def __init__(self, model: nn.Module, *, decay: float = 0.9998, warmup: int = 200) -> None:
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.warmup, self.updates = decay, warmup, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = self.decay * (1 - math.exp(-self.updates / self.warmup))
+        msd = model.state_dict()
+        for k, v in self.module.state_dict().items():
+            if v.dtype.is_floating_point:
+                v.mul_(d).add_(msd[k].detach(), alpha=1 - d)
+            else:
+                v.copy_(msd[k])
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = state["updates"]

@@ -1,0 +1,309 @@
+"""The training loop: AdamW/SGD, warm-up + cosine, AMP, EMA, gradient clipping, atomic checkpoints, resume,
+TensorBoard, periodic COCO evaluation with the best checkpoint kept by AP50."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from sidnet.config import TrainConfig
+from sidnet.data import collate
+from sidnet.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from sidnet.engine.data import build_datasets
+from sidnet.engine.ema import ModelEMA
+from sidnet.engine.predict import predict_dataset
+from sidnet.evaluation import evaluate_detections
+from sidnet.models import build_model
+from sidnet.models.loss import RegionLoss
+
+log = logging.getLogger("sidnet.train")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def load_anchors(anchors: Any, *, project_root: Path) -> list[list[float]]:
+    """A list of [w, h], or a YAML path (relative to the project root) holding ``anchors:``."""
+    if isinstance(anchors, (list, tuple)):
+        return [[float(w), float(h)] for w, h in anchors]
+    import yaml
+
+    path = Path(anchors)
+    path = path if path.is_absolute() else project_root / path
+    if not path.is_file():
+        raise FileNotFoundError(f"anchors file not found: {path}; run `python -m train.anchors` or set model.anchors")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or "anchors" not in data:
+        raise ValueError(f"{path} has no 'anchors:' list; regenerate it with `python -m train.anchors`")
+    return [[float(w), float(h)] for w, h in data["anchors"]]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch gives each worker base_seed + worker_id from the loader's generator; derive the rest from it.
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if transform is not None and hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine down to ``min_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def build_optimizer(model: torch.nn.Module, *, name: str, lr: float, weight_decay: float, momentum: float):
+    """No weight decay on norm weights and biases (they are not scale-free parameters)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+    raise ValueError(f"unknown optimizer {name!r}; use optim=adamw or optim=sgd")
+
+
+class Trainer:
+    """Owns model, EMA, optimizer, scaler and loaders for one run directory. ``fit()`` → summary dict."""
+
+    def __init__(self, cfg: TrainConfig, *, run_dir: Path, project_root: Path) -> None:
+        self.cfg, self.run_dir, self.project_root = cfg, Path(run_dir), Path(project_root)
+        self.device = resolve_device(cfg.device)
+        self.amp = cfg.amp and self.device.type == "cuda"
+        seed_everything(cfg.seed)
+        m = cfg.model
+        self.anchors = load_anchors(m.anchors, project_root=self.project_root)
+        self.model_spec = {"name": m.name, "anchors": self.anchors, "num_classes": m.num_classes,
+                           "input_size": m.input_size, "kwargs": dict(m.kwargs)}  # fmt: skip
+        self.model = build_model(m.name, anchors=self.anchors, num_classes=m.num_classes, input_size=m.input_size,
+                                 **m.kwargs).to(self.device)  # fmt: skip
+        self.loss = RegionLoss(self.model.anchors, num_classes=m.num_classes, input_size=m.input_size,
+                               **asdict(cfg.loss)).to(self.device)  # fmt: skip
+        self.train_set, self.val_set = build_datasets(cfg.data, input_size=m.input_size, aug=dict(cfg.aug),
+                                                      seed=cfg.seed, project_root=self.project_root)  # fmt: skip
+        if len(self.train_set) == 0:
+            raise ValueError("the training split has no images; check data.root and data.train")
+        o = cfg.optim
+        self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
+                                         momentum=o.momentum)  # fmt: skip
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.ema = ModelEMA(self.model, decay=o.ema_decay, warmup=o.ema_warmup) if o.ema_decay > 0 else None
+        steps = math.ceil(len(self.train_set) / cfg.batch_size)
+        self.steps_per_epoch = min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch > 0 else steps
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.warmup_steps = max(1, int(o.warmup_epochs * self.steps_per_epoch))
+        self.epoch, self.step, self.best_ap50, self.history = 0, 0, -1.0, []
+        self.writer = None
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model_spec,
+            "model_state": self.model.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema else None,
+            "ema_updates": self.ema.updates if self.ema else 0,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_ap50": self.best_ap50,
+            "history": self.history,
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},  # fmt: skip
+            "config": _to_container(self.cfg),
+        }
+
+    def resume(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        if state["model"]["name"] != self.model_spec["name"] or state["model"]["anchors"] != self.anchors:
+            raise CheckpointError(f"{path} was trained as {state['model']['name']} with anchors "
+                                  f"{state['model']['anchors']}, not as configured now; use a new name= or the "
+                                  "original model/anchors")  # fmt: skip
+        self.model.load_state_dict(state["model_state"])
+        if self.ema and state["ema"] is not None:
+            self.ema.module.load_state_dict(state["ema"])
+            self.ema.updates = state["ema_updates"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.best_ap50, self.history = state["best_ap50"], state["history"]
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.step)
+
+    # -- loop --------------------------------------------------------------------------------------------------
+    def _loader(self, epoch: int) -> DataLoader:
+        # The order and augmentation of epoch e depend only on (seed, e): a resumed run replays them exactly.
+        g = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
+        if self.cfg.workers == 0:
+            seed = self.cfg.seed * 1000 + epoch
+            random.seed(seed)
+            np.random.seed(seed)
+            if hasattr(self.train_set.transform, "set_random_seed"):
+                self.train_set.transform.set_random_seed(seed)
+        return DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=True, generator=g, drop_last=False,
+                          num_workers=self.cfg.workers, collate_fn=collate, worker_init_fn=_seed_worker,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False)  # fmt: skip
+
+    def train_one_epoch(self) -> dict[str, float]:
+        cfg, o = self.cfg, self.cfg.optim
+        self.model.train()
+        bar = tqdm(self._loader(self.epoch), total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                   dynamic_ncols=True, leave=False, disable=None)  # fmt: skip
+        sums: dict[str, float] = {}
+        seen, t0, first_loss = 0, time.perf_counter(), None
+        for i, (images, targets) in enumerate(bar):
+            if i >= self.steps_per_epoch:
+                break
+            lr = o.lr * lr_factor(self.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                                  min_ratio=o.min_lr_ratio)  # fmt: skip
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            images = images.to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                raw = self.model(images)
+            loss, parts = self.loss(raw.float(), targets)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {self.epoch + 1} step {self.step}; lower "
+                                         "optim.lr or check the data (boxes, anchors)")  # fmt: skip
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if o.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.ema:
+                self.ema.update(self.model)
+            self.step += 1
+            seen += images.shape[0]
+            first_loss = loss.item() if first_loss is None else first_loss
+            for k, v in {"loss": loss, **parts}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            ips = seen / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+            if self.writer:
+                self.writer.add_scalar("train/loss", loss.item(), self.step)
+                self.writer.add_scalar("train/lr", lr, self.step)
+                for k, v in parts.items():
+                    self.writer.add_scalar(f"train/{k}", float(v), self.step)
+        n = max(1, min(i + 1, self.steps_per_epoch))
+        stats = {k: v / n for k, v in sums.items()}
+        stats.update(first_step_loss=first_loss, img_per_s=seen / (time.perf_counter() - t0), lr=lr)
+        return stats
+
+    def evaluate(self) -> dict[str, Any]:
+        model = self.ema.module if self.ema else self.model
+        e = self.cfg.eval
+        preds = predict_dataset(model, self.val_set, device=self.device, batch_size=self.cfg.batch_size,
+                                conf_thresh=e.conf_thresh, nms_iou=e.nms_iou, max_det=e.max_det, amp=self.amp)  # fmt: skip
+        report = evaluate_detections(self.val_set.records, preds, operating_conf=e.operating_conf)
+        if self.writer:
+            for k in ("AP", "AP50", "AP75", "recall", "precision", "fp_per_negative_image"):
+                if isinstance(report.get(k), (int, float)):
+                    self.writer.add_scalar(f"val/{k}", report[k], self.epoch)
+            self._log_sample_image(model)
+        return report
+
+    def _log_sample_image(self, model: torch.nn.Module) -> None:
+        from torchvision.utils import draw_bounding_boxes
+
+        from sidnet.postprocess import postprocess
+
+        idx = next((i for i, r in enumerate(self.val_set.records) if len(r.boxes)), 0)
+        image, target = self.val_set[idx]
+        with torch.no_grad():
+            dets = postprocess(model.predict(image[None].to(self.device)).float(),
+                               conf_thresh=self.cfg.eval.operating_conf)[0].cpu()  # fmt: skip
+        canvas = (image * 255).to(torch.uint8)
+        canvas = draw_bounding_boxes(canvas, target["boxes"], colors="lime", width=1)
+        canvas = draw_bounding_boxes(canvas, dets[:, :4], labels=[f"{s:.2f}" for s in dets[:, 4].tolist()],
+                                     colors="red", width=2)  # fmt: skip
+        self.writer.add_image("val/sample (green: truth, red: predicted @0.3)", canvas, self.epoch)
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        last, best = self.run_dir / "last.pt", self.run_dir / "best.pt"
+        report: dict[str, Any] = {}
+        while self.epoch < cfg.epochs:
+            stats = self.train_one_epoch()
+            self.epoch += 1
+            if self.epoch % cfg.eval.every == 0 or self.epoch == cfg.epochs:
+                report = self.evaluate()
+                stats.update({f"val_{k}": report[k] for k in ("AP", "AP50", "recall", "precision") if k in report})
+                if (report.get("AP50") or 0.0) > self.best_ap50:
+                    self.best_ap50 = report["AP50"]
+                    save_checkpoint({**self.state(), "metrics": report}, best)
+            self.history.append({"epoch": self.epoch, **stats})
+            log.info("epoch %d/%d %s", self.epoch, cfg.epochs, json.dumps(_round(stats)))
+            save_checkpoint(self.state(), last)
+        if self.writer:
+            self.writer.close()
+        return {"epochs": self.epoch, "steps": self.step, "best_ap50": self.best_ap50, "last": str(last),
+                "best": str(best) if best.exists() else None, "history": self.history, "report": report}  # fmt: skip
+
+
+def _round(d: dict) -> dict:
+    return {k: round(v, 5) if isinstance(v, float) else v for k, v in d.items()}
+
+
+def _to_container(cfg: TrainConfig) -> dict:
+    try:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    except ImportError:
+        return asdict(cfg)
+
+
+def train(cfg: TrainConfig, *, run_dir: Path, project_root: Path) -> dict[str, Any]:
+    """Train one run in ``run_dir``. An existing ``last.pt`` there is continued with ``cfg.resume``, and is never
+    overwritten without it."""
+    run_dir = Path(run_dir)
+    last = run_dir / "last.pt"
+    if last.exists() and not cfg.resume:
+        raise FileExistsError(f"{last} exists: pass resume=true to continue that run, or name=<new> to start another")
+    if cfg.resume and not last.exists():
+        raise FileNotFoundError(f"resume=true but {last} does not exist; drop resume or fix name=")
+    trainer = Trainer(cfg, run_dir=run_dir, project_root=project_root)
+    if cfg.resume:
+        trainer.resume(last)
+    return trainer.fit()

@@ -1,0 +1,106 @@
+"""The YOLOv2 region loss (Darknet ``region_layer.c`` semantics, objectness as BCE-with-logits).
+
+Per ground-truth box: the cell containing its centre and the anchor of best shape IoU are responsible.
+- coordinates: squared error on sigmoid(tx, ty) vs the centre offset in the cell and on (tw, th) vs
+  log(box / anchor), weighted ``coord_scale · (2 − w·h / S²)`` so small boxes count more (as Darknet);
+- objectness: responsible predictions → 1, weight ``obj_scale``;
+- no-object: every other prediction → 0, weight ``noobj_scale``, unless its decoded box overlaps some ground
+  truth by more than ``ignore_thresh`` IoU (then it is neither pushed up nor down);
+- class: cross-entropy of the class logits for responsible predictions (constant for one class, skipped).
+Darknet's early "prior" term (pulling all boxes to anchor shapes for the first 12,800 images) is left out: with
+warm-up it made no difference in our runs and it couples the loss to the image counter.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import box_iou
+
+
+def wh_iou(wh1: torch.Tensor, wh2: torch.Tensor) -> torch.Tensor:
+    """IoU of (N,2) and (M,2) box sizes placed at a common centre → (N, M)."""
+    inter = torch.min(wh1[:, None], wh2[None]).prod(-1)
+    return inter / (wh1.prod(-1)[:, None] + wh2.prod(-1)[None] - inter)
+
+
+class RegionLoss(nn.Module):
+    """``forward(raw (N, A·(5+C), H, W), targets)`` → (total loss scalar averaged over the batch, parts dict).
+
+    ``targets``: list of N dicts with ``boxes`` float (K, 4) xyxy in network-input pixels and ``labels``
+    int64 (K,). Anchors are (A, 2) in input pixels, as the model's :class:`RegionDecode` holds them.
+    """
+
+    def __init__(
+        self,
+        anchors: torch.Tensor,
+        *,
+        num_classes: int,
+        input_size: int,
+        coord_scale: float = 1.0,
+        obj_scale: float = 5.0,
+        noobj_scale: float = 1.0,
+        class_scale: float = 1.0,
+        ignore_thresh: float = 0.6,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("anchors", torch.as_tensor(anchors, dtype=torch.float32).reshape(-1, 2).clone())
+        self.num_classes = num_classes
+        self.input_size = input_size
+        self.coord_scale, self.obj_scale, self.noobj_scale = coord_scale, obj_scale, noobj_scale
+        self.class_scale, self.ignore_thresh = class_scale, ignore_thresh
+
+    def forward(self, raw: torch.Tensor, targets: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        n, _, h, w = raw.shape
+        a = self.anchors.shape[0]
+        p = raw.float().reshape(n, a, 5 + self.num_classes, h, w).permute(0, 1, 3, 4, 2)  # (N, A, H, W, 5+C)
+        sx, sy = self.input_size / w, self.input_size / h
+        anchors = self.anchors.to(p.device)
+
+        pxy = torch.sigmoid(p[..., 0:2])
+        # Decoded boxes only decide which predictions to ignore: no gradient flows through them.
+        with torch.no_grad():
+            gy, gx = torch.meshgrid(torch.arange(h, device=p.device), torch.arange(w, device=p.device), indexing="ij")
+            cx = (pxy[..., 0] + gx) * sx
+            cy = (pxy[..., 1] + gy) * sy
+            bw = torch.exp(p[..., 2].clamp(max=10)) * anchors[:, 0].view(1, a, 1, 1)
+            bh = torch.exp(p[..., 3].clamp(max=10)) * anchors[:, 1].view(1, a, 1, 1)
+            pred = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1).reshape(n, -1, 4)
+
+        noobj_mask = torch.ones(n, a, h, w, dtype=torch.bool, device=p.device)
+        for i, t in enumerate(targets):
+            if len(t["boxes"]):
+                best = box_iou(pred[i], t["boxes"].to(pred)).amax(dim=1)
+                noobj_mask[i] &= (best <= self.ignore_thresh).view(a, h, w)
+
+        # Assign every ground truth to (image, anchor, cell).
+        boxes = torch.cat([t["boxes"].to(p) for t in targets]) if targets else p.new_zeros(0, 4)
+        labels = torch.cat([t["labels"].to(p.device) for t in targets]).long() if targets else None
+        bidx = torch.cat([torch.full((len(t["boxes"]),), i, device=p.device) for i, t in enumerate(targets)])
+        zero = p.sum() * 0.0
+        parts = {"xy": zero, "wh": zero, "obj": zero, "noobj": zero, "cls": zero}
+        if len(boxes):
+            gw, gh = (boxes[:, 2] - boxes[:, 0]).clamp(min=1e-3), (boxes[:, 3] - boxes[:, 1]).clamp(min=1e-3)
+            gcx, gcy = (boxes[:, 0] + boxes[:, 2]) / 2 / sx, (boxes[:, 1] + boxes[:, 3]) / 2 / sy
+            gi, gj = gcx.long().clamp(0, w - 1), gcy.long().clamp(0, h - 1)
+            best_a = wh_iou(torch.stack([gw, gh], 1), anchors).argmax(dim=1)
+            noobj_mask[bidx, best_a, gj, gi] = False
+
+            pr = p[bidx, best_a, gj, gi]  # (K, 5+C) responsible predictions
+            scale = self.coord_scale * (2.0 - gw * gh / (self.input_size**2))
+            txy = torch.stack([gcx - gi, gcy - gj], 1)
+            twh = torch.log(torch.stack([gw / anchors[best_a, 0], gh / anchors[best_a, 1]], 1))
+            parts["xy"] = (scale[:, None] * (torch.sigmoid(pr[:, 0:2]) - txy) ** 2).sum()
+            parts["wh"] = (scale[:, None] * (pr[:, 2:4] - twh) ** 2).sum()
+            parts["obj"] = self.obj_scale * F.binary_cross_entropy_with_logits(
+                pr[:, 4], torch.ones_like(pr[:, 4]), reduction="sum"
+            )
+            if self.num_classes > 1:
+                parts["cls"] = self.class_scale * F.cross_entropy(pr[:, 5:], labels, reduction="sum")
+        obj_logits = p[..., 4]
+        parts["noobj"] = self.noobj_scale * F.binary_cross_entropy_with_logits(
+            obj_logits[noobj_mask], torch.zeros_like(obj_logits[noobj_mask]), reduction="sum"
+        )
+        parts = {k: v / n for k, v in parts.items()}
+        return sum(parts.values()), parts

@@ -1,0 +1,160 @@
+"""Model shapes, reorg and region decode against explicit references, and a tiny overfit of the loss."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sidnet.models import MODELS, build_model, region_decode, region_topk, reorg
+from sidnet.models.loss import RegionLoss
+
+ANCHORS3 = [[20.0, 40.0], [60.0, 120.0], [150.0, 250.0]]
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,channels",
+    [
+        ("sidnet", dict(anchors=ANCHORS3, width=0.25), 3 * 6),
+        ("yolov2", dict(num_classes=3, width=0.25), 5 * 8),
+        ("sidnet_mobilenetv2", dict(anchors=ANCHORS3, pretrained=None, head_channels=64), 3 * 6),
+    ],
+)
+@pytest.mark.parametrize("size", [320, 416])
+def test_output_shapes(name, kwargs, channels, size):
+    model = build_model(name, input_size=size, **kwargs).eval()
+    x = torch.rand(2, 3, size, size)
+    raw = model(x)
+    g = size // 32
+    assert raw.shape == (2, channels, g, g)
+    dense = model.predict(x)
+    assert dense.shape == (2, channels // (5 + model.num_classes) * g * g, 5 + model.num_classes)
+
+
+def test_sidnet_uses_relu_and_yolov2_leaky():
+    sid = build_model("sidnet", anchors=ANCHORS3, width=0.25)
+    yolo = build_model("yolov2", width=0.25)
+    assert any(isinstance(m, nn.ReLU) for m in sid.modules())
+    assert not any(isinstance(m, nn.LeakyReLU) for m in sid.modules())
+    leaky = [m for m in yolo.modules() if isinstance(m, nn.LeakyReLU)]
+    assert leaky and all(m.negative_slope == 0.1 for m in leaky)
+    assert sid.anchors.shape == (3, 2) and yolo.anchors.shape == (5, 2)
+
+
+def test_registry_errors():
+    with pytest.raises(KeyError, match="known:"):
+        build_model("resnet")
+    with pytest.raises(ValueError, match="expected 3 anchors"):
+        build_model("sidnet", anchors=ANCHORS3[:2])
+    with pytest.raises(ValueError, match="multiple of 32"):
+        build_model("sidnet", anchors=ANCHORS3, input_size=400)
+    assert {"sidnet", "yolov2", "sidnet_mobilenetv2"} <= set(MODELS)
+
+
+def test_reorg_matches_explicit_loop():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, 8)
+    s = 2
+    out = reorg(x, s)
+    ref = torch.empty(2, 5 * s * s, 3, 4)
+    for n in range(2):
+        for c in range(5):
+            for h in range(3):
+                for w in range(4):
+                    for by in range(s):
+                        for bx in range(s):
+                            ref[n, (by * s + bx) * 5 + c, h, w] = x[n, c, h * s + by, w * s + bx]
+    assert torch.equal(out, ref)
+
+
+def test_reorg_equals_onnx_space_to_depth_order():
+    # ONNX SpaceToDepth (DCR) = reshape(N,C,H/s,s,W/s,s) → transpose(0,3,5,1,2,4): the export relies on it.
+    x = torch.randn(1, 3, 4, 6)
+    ref = x.reshape(1, 3, 2, 2, 3, 2).permute(0, 3, 5, 1, 2, 4).reshape(1, 12, 2, 3)
+    assert torch.equal(reorg(x), ref)
+    with pytest.raises(ValueError, match="multiple of stride"):
+        reorg(torch.randn(1, 1, 5, 4))
+
+
+def _decode_reference(raw: np.ndarray, anchors: np.ndarray, stride: tuple[float, float]) -> np.ndarray:
+    """Plain-Python YOLOv2 region decode, cell by cell, in float64."""
+    n, ch, h, w = raw.shape
+    a = len(anchors)
+    f = ch // a
+    out = np.zeros((n, a * h * w, f))
+    for b in range(n):
+        for k in range(a):
+            for y in range(h):
+                for x in range(w):
+                    v = raw[b, k * f : (k + 1) * f, y, x].astype(np.float64)
+                    sig = lambda t: 1 / (1 + math.exp(-t))  # noqa: E731
+                    cls = np.exp(v[5:] - v[5:].max())
+                    row = [(sig(v[0]) + x) * stride[0], (sig(v[1]) + y) * stride[1],
+                           math.exp(v[2]) * anchors[k][0], math.exp(v[3]) * anchors[k][1], sig(v[4])]  # fmt: skip
+                    out[b, k * h * w + y * w + x] = row + list(cls / cls.sum())
+    return out
+
+
+@pytest.mark.parametrize("a,c,h,w", [(3, 1, 5, 7), (5, 3, 4, 4)])
+def test_region_decode_matches_reference(a, c, h, w):
+    rng = np.random.default_rng(a * 10 + c)
+    raw = rng.normal(size=(2, a * (5 + c), h, w)).astype(np.float32)
+    anchors = rng.uniform(10, 200, size=(a, 2)).astype(np.float32)
+    stride = (416 / w, 416 / h)
+    got = region_decode(torch.from_numpy(raw), torch.from_numpy(anchors), stride=stride).numpy()
+    np.testing.assert_allclose(got, _decode_reference(raw, anchors, stride), rtol=1e-5, atol=1e-4)
+
+
+def test_region_topk_orders_and_pads():
+    torch.manual_seed(1)
+    raw = torch.randn(3, 3 * 6, 4, 4)
+    anchors = torch.tensor(ANCHORS3)
+    dets, num = region_topk(raw, anchors, stride=(32.0, 32.0), conf_thresh=0.4, topk=5)
+    dense = region_decode(raw, anchors, stride=(32.0, 32.0))
+    for i in range(3):
+        scores = dense[i, :, 4]
+        expected = min(5, int((scores >= 0.4).sum()))
+        assert num[i] == expected
+        assert torch.all(dets[i, : num[i], 4][:-1] >= dets[i, : num[i], 4][1:])
+        assert torch.all(dets[i, num[i] :] == 0)
+        top = torch.sort(scores[scores >= 0.4], descending=True).values[:expected]
+        torch.testing.assert_close(dets[i, : num[i], 4], top)
+
+
+def test_tiny_overfit_loss_falls_by_more_than_half():
+    torch.manual_seed(0)
+    model = build_model("sidnet", anchors=ANCHORS3, width=0.125, input_size=128)
+    images = torch.rand(4, 3, 128, 128)
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 50.0, 100.0], [64.0, 60.0, 120.0, 126.0]]),
+                "labels": torch.tensor([0, 0])} for _ in range(3)] + [empty]  # fmt: skip
+    criterion = RegionLoss(model.anchors, num_classes=1, input_size=128)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(40):
+        loss, parts = criterion(model(images), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    # Objectness rose from its 0.01 prior where the boxes are: it learned the boxes, not only the background.
+    model.eval()
+    with torch.no_grad():
+        dense = model.predict(images[:1])[0]
+    assert dense[:, 4].max() > 0.1
+
+
+def test_loss_parts_and_ignore():
+    anchors = torch.tensor(ANCHORS3)
+    crit = RegionLoss(anchors, num_classes=1, input_size=128, ignore_thresh=0.6)
+    raw = torch.zeros(1, 18, 4, 4, requires_grad=True)
+    t = [{"boxes": torch.tensor([[40.0, 40.0, 80.0, 120.0]]), "labels": torch.tensor([0])}]
+    loss, parts = crit(raw, t)
+    loss.backward()
+    assert set(parts) == {"xy", "wh", "obj", "noobj", "cls"} and parts["cls"] == 0
+    # The responsible cell (centre 60,80 → cell x=1,y=2 at stride 32) is the anchor of best shape IoU (60x120).
+    grad = raw.grad.view(3, 6, 4, 4)
+    assert grad[1, 4, 2, 1] < 0  # objectness pushed up
+    assert grad[1, 0:4, 2, 1].abs().sum() > 0 and grad[0, 0:4].abs().sum() == 0

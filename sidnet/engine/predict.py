@@ -33,6 +33,6 @@ def predict_dataset(
         for dets, t in zip(postprocess(dense.float(), conf_thresh=conf_thresh, nms_iou=nms_iou, max_det=max_det),
                            targets):  # fmt: skip
             dets = dets.cpu().numpy()
-            dets[:, :4] = unletterbox_boxes(dets[:, :4], t["letterbox"], orig_size=t["orig_size"])
+            dets[:, :4] = unletterbox_boxes(dets[:, :4], t["letterbox"])
             out[int(t["image_id"])] = dets.astype(np.float32)
     return out

@@ -1,0 +1,82 @@
+"""``python -m train.evaluate --checkpoint runs/<name>/best.pt``: COCO AP/AP50/AP75/AP_small for persons, recall and
+precision at confidence 0.3, false positives per person-free image; writes a JSON report.
+
+The data defaults to the checkpoint's own validation split; ``--data conf/data/<x>.yaml`` evaluates elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+import yaml
+
+from sidnet.config import DataConfig, SplitConfig
+from sidnet.data import DetectionDataset
+from sidnet.data.errors import DataError
+from sidnet.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from sidnet.engine.data import load_records
+from sidnet.engine.predict import predict_dataset
+from sidnet.engine.trainer import resolve_device
+from sidnet.environment import environment
+from sidnet.evaluation import evaluate_detections, write_report
+from sidnet.resolvers import shared_or_sample
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+KEYS = ("AP", "AP50", "AP75", "AP_small", "recall", "precision", "fp_per_negative_image")
+
+
+def data_config(d: dict) -> DataConfig:
+    d = dict(d)
+    for split in ("train", "val"):
+        d[split] = SplitConfig(**d[split])
+    root = d.get("root")
+    if isinstance(root, str) and root.startswith("${shared_or_sample:"):
+        d["root"] = shared_or_sample(root[len("${shared_or_sample:") : -1], project_root=PROJECT_ROOT)
+    return DataConfig(**d)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--data", type=Path, help="data YAML (default: the checkpoint's data config)")
+    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--conf", type=float, default=0.3, help="operating confidence for recall/precision/FP")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
+    p.add_argument("--out", type=Path, help="JSON report (default: next to the checkpoint)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        state = load_checkpoint(args.checkpoint)
+        if args.data is not None:
+            if not args.data.is_file():
+                raise SystemExit(f"error: data config not found: {args.data}; pass a YAML from conf/data/")
+            data = data_config(yaml.safe_load(args.data.read_text()))
+        else:
+            data = data_config(state["config"]["data"])
+        records = load_records(data, args.split, project_root=PROJECT_ROOT)
+    except (CheckpointError, DataError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    device = resolve_device(args.device)
+    model = model_from_checkpoint(state, ema=not args.no_ema).to(device)
+    dataset = DetectionDataset(records, size=state["model"]["input_size"])
+    preds = predict_dataset(model, dataset, device=device, batch_size=args.batch_size, amp=False)
+    report = evaluate_detections(records, preds, operating_conf=args.conf)
+    out = args.out or args.checkpoint.with_name(f"{args.checkpoint.stem}_{args.split}_report.json")
+    extra = {"checkpoint": str(args.checkpoint), "model": state["model"]["name"], "epoch": state["epoch"],
+             "input_size": state["model"]["input_size"], "split": args.split, **environment(device),
+             "versions": {"torch": torch.__version__}}  # fmt: skip
+    extra = {k: v for k, v in extra.items() if k not in report}
+    write_report(report, out, extra=extra)
+    print(json.dumps({k: report.get(k) for k in KEYS}, indent=None))
+    print(f"report: {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

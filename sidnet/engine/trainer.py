@@ -217,7 +217,7 @@ class Trainer:
             seen += images.shape[0]
             first_loss = loss.item() if first_loss is None else first_loss
             for k, v in {"loss": loss, **parts}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
             ips = seen / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
             if self.writer:

@@ -224,7 +224,7 @@ class Trainer:
                 self.writer.add_scalar("train/loss", loss.item(), self.step)
                 self.writer.add_scalar("train/lr", lr, self.step)
                 for k, v in parts.items():
-                    self.writer.add_scalar(f"train/{k}", float(v), self.step)
+                    self.writer.add_scalar(f"train/{k}", float(v.detach()), self.step)
         n = max(1, min(i + 1, self.steps_per_epoch))
         stats = {k: v / n for k, v in sums.items()}
         stats.update(first_step_loss=first_loss, img_per_s=seen / (time.perf_counter() - t0), lr=lr)

@@ -63,12 +63,9 @@ def seed_everything(seed: int) -> None:
 def _seed_worker(worker_id: int) -> None:
     # torch gives each worker base_seed + worker_id from the loader's generator; derive the rest from it.
     seed = torch.initial_seed() % 2**32
+    # The dataset reseeds its augmentation from torch.initial_seed() itself.
     random.seed(seed)
     np.random.seed(seed)
-    info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None)
-    if transform is not None and hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(seed)
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -174,11 +171,8 @@ class Trainer:
         # The order and augmentation of epoch e depend only on (seed, e): a resumed run replays them exactly.
         g = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
         if self.cfg.workers == 0:
-            seed = self.cfg.seed * 1000 + epoch
-            random.seed(seed)
-            np.random.seed(seed)
-            if hasattr(self.train_set.transform, "set_random_seed"):
-                self.train_set.transform.set_random_seed(seed)
+            # In-process loading: the dataset reseeds its augmentation from torch.initial_seed().
+            seed_everything(self.cfg.seed * 1000 + epoch)
         return DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=True, generator=g, drop_last=False,
                           num_workers=self.cfg.workers, collate_fn=collate, worker_init_fn=_seed_worker,
                           pin_memory=self.device.type == "cuda", persistent_workers=False)  # fmt: skip

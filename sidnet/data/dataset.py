@@ -1,0 +1,145 @@
+"""Torch dataset over :class:`ImageRecord` lists: decode, letterbox, augment, to tensor."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .errors import DataError
+from .records import ImageRecord
+from .transforms import letterbox
+
+log = logging.getLogger("sidnet.data")
+
+
+def select_negatives(records: Sequence[ImageRecord], *, negative_ratio: float, seed: int) -> list[ImageRecord]:
+    """Keep every positive and ``round(negative_ratio * n_positive)`` negatives drawn with ``seed``.
+
+    Order is preserved (positives and the kept negatives stay where they were); ``negative_ratio < 0`` keeps all.
+    """
+    if negative_ratio < 0:
+        return list(records)
+    positives = sum(not r.is_negative for r in records)
+    negative_idx = [i for i, r in enumerate(records) if r.is_negative]
+    keep = min(len(negative_idx), round(negative_ratio * positives))
+    chosen = set(random.Random(seed).sample(negative_idx, keep))
+    return [r for i, r in enumerate(records) if not r.is_negative or i in chosen]
+
+
+def dataset_summary(records: Sequence[ImageRecord]) -> dict[str, int]:
+    """Counts for logging: ``images``, ``positives``, ``negatives``, ``boxes``."""
+    negatives = sum(r.is_negative for r in records)
+    return {
+        "images": len(records),
+        "positives": len(records) - negatives,
+        "negatives": negatives,
+        "boxes": int(sum(len(r.boxes) for r in records)),
+    }
+
+
+def load_rgb(record: ImageRecord) -> np.ndarray:
+    """Decode ``record.path`` to ``(H, W, 3)`` uint8 RGB in the frame the annotations use.
+
+    Raises:
+        DataError: the file no longer decodes, or its size differs from the one the readers recorded.
+    """
+    # IGNORE_ORIENTATION: annotations (COCO, YOLO exports) refer to the raw pixel grid, and the readers took the
+    # size from the header without applying EXIF rotation; honouring EXIF here would misalign every box.
+    image = cv2.imread(str(record.path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None:
+        raise DataError(
+            f"image failed to decode during training: {record.path}; replace or delete the file and "
+            f"restart (the up-front check passed, so it changed or is corrupt past its header)"
+        )
+    if image.shape[:2] != (record.height, record.width):
+        raise DataError(
+            f"image {record.path} is {image.shape[1]}x{image.shape[0]} but was "
+            f"{record.width}x{record.height} when the labels were read; restore the file and restart"
+        )
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class DetectionDataset(Dataset):
+    """Letterboxed detection samples.
+
+    ``dataset[i]`` returns ``(image, target)``:
+        image: float32 ``(3, size, size)`` RGB in ``[0, 1]``.
+        target: dict with ``boxes`` float32 ``(K, 4)`` xyxy in network-input pixels, ``labels`` int64 ``(K,)``,
+        ``image_id`` int, ``orig_size`` ``(h, w)``, ``letterbox`` :class:`LetterboxInfo`. With a train transform,
+        ``letterbox`` describes the letterbox step only (augmentation moves boxes further), so use it for eval.
+
+    Args:
+        records: from the readers.
+        size: square network input size.
+        transform: train ``A.Compose`` from :func:`build_train_transform` applied after letterboxing; ``None``
+            means letterbox only (eval, or ``aug=none``). It is reseeded from ``torch.initial_seed()`` in each
+            DataLoader worker/epoch, so augmentations differ across workers and epochs and follow
+            ``torch.manual_seed`` when ``num_workers=0``.
+        lenient: an image that stopped decoding is logged and replaced by the next loadable record instead of
+            raising :class:`DataError` (training only: evaluation must stay strict or images get counted twice).
+    """
+
+    def __init__(
+        self, records: Sequence[ImageRecord], *, size: int, transform: Any = None, lenient: bool = False
+    ) -> None:
+        self.records = list(records)
+        self.size = size
+        self.transform = transform
+        self.lenient = lenient
+        self._seeded_with: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _reseed(self) -> None:
+        # Forked workers inherit one identical albumentations RNG (and non-persistent workers re-fork it unchanged
+        # every epoch); torch.initial_seed() is distinct per worker and epoch. A single shared generator is passed
+        # down, because Compose.set_random_seed gives each child an identically seeded RNG, which correlates
+        # their coin flips (e.g. noise would only ever fire together with a flip).
+        seed = torch.initial_seed()
+        if seed != self._seeded_with:
+            self._seeded_with = seed
+            self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        for attempt in range(len(self.records) if self.lenient else 1):
+            record = self.records[(index + attempt) % len(self.records)]
+            try:
+                image = load_rgb(record)
+                break
+            except DataError as err:
+                if not self.lenient:
+                    raise
+                log.warning("%s (lenient: using the next image instead)", err)
+        else:
+            raise DataError(f"no image of the {len(self.records)} in this dataset decodes; check the data folder")
+        image, boxes, info = letterbox(image, record.boxes, size=self.size)
+        labels = record.labels.copy()  # torch.from_numpy shares memory: never hand out the record's own array
+        if self.transform is not None:
+            self._reseed()
+            out = self.transform(image=image, bboxes=boxes, labels=labels)
+            image = out["image"]
+            boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+            labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
+        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+        target = {
+            "boxes": torch.from_numpy(boxes),
+            "labels": torch.from_numpy(labels),
+            "image_id": record.image_id,
+            "orig_size": (record.height, record.width),
+            "letterbox": info,
+        }
+        return tensor, target
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Stack images to ``(N, 3, S, S)``; targets stay a list (their box counts differ)."""
+    images, targets = zip(*batch, strict=True)
+    return torch.stack(images), list(targets)

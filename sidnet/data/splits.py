@@ -1,0 +1,61 @@
+"""``load_split``: one config entry (format + relative paths) -> validated records."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from .coco import read_coco
+from .errors import DataError, SkipReport
+from .records import ImageRecord
+from .yolo import read_yolo
+
+FORMATS = ("coco", "yolo")
+
+
+def load_split(
+    *,
+    format: str,
+    root: Path,
+    images: str,
+    annotations: str | None = None,
+    labels: str | None = None,
+    class_names: Sequence[str] = ("person",),
+    class_map: Mapping[int, int] | None = None,
+    num_label_classes: int = 80,
+    polygons: bool = False,
+    skip_unlabeled: bool = False,
+    lenient: bool = False,
+) -> tuple[list[ImageRecord], SkipReport]:
+    """Read one split described by a ``conf/data/*.yaml`` entry; paths are relative to ``root``.
+
+    ``format="coco"`` needs ``annotations`` (``class_names`` picks the categories; ``class_map`` is unused);
+    ``format="yolo"`` needs ``labels`` (``class_map`` maps label ids to class indices, default ``{0: 0}``;
+    ``polygons`` / ``skip_unlabeled`` as in :func:`read_yolo`).
+    Accepts OmegaConf containers for ``class_names`` / ``class_map``.
+
+    Raises:
+        DataError: unknown format, missing root or path key, or any reader error (see the readers).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root not found: {root}; fix data.root, or use data=sample for the bundled sample")
+    if format == "coco":
+        if not annotations:
+            raise DataError(f"format 'coco' needs an annotations path (images: {images}); set data.<split>.annotations")
+        return read_coco(
+            annotations=root / annotations, images=root / images, class_names=tuple(class_names), lenient=lenient
+        )
+    if format == "yolo":
+        if not labels:
+            raise DataError(f"format 'yolo' needs a labels folder (images: {images}); set data.<split>.labels")
+        return read_yolo(
+            images=root / images,
+            labels=root / labels,
+            class_map=None if class_map is None else dict(class_map),
+            num_label_classes=num_label_classes,
+            polygons=polygons,
+            skip_unlabeled=skip_unlabeled,
+            lenient=lenient,
+        )
+    raise DataError(f"unknown data format {format!r}; set data.<split>.format to one of {list(FORMATS)}")

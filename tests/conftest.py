@@ -1,0 +1,77 @@
+"""Shared fixtures: the ../shared data folder and builders for tiny (possibly broken) datasets."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` next to the repository (override with ``SIDNET_SHARED_DATA``); skips when absent."""
+    default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    path = Path(os.environ.get("SIDNET_SHARED_DATA", default))
+    if not (path / "coco128").is_dir():
+        pytest.skip(f"shared data not found at {path} (set SIDNET_SHARED_DATA to the folder holding coco128/)")
+    return path
+
+
+def write_image(path: Path, width: int = 64, height: int = 48, seed: int = 0) -> Path:
+    """A small random RGB JPEG (random, not constant, so decoding bugs cannot hide behind a flat image)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+    return path
+
+
+@pytest.fixture
+def yolo_dataset(tmp_path: Path) -> Callable[..., tuple[Path, Path]]:
+    """Factory: ``make({"a": "0 0.5 0.5 0.2 0.2", ...})`` -> (images dir, labels dir) with 64x48 images.
+
+    A ``None`` label means the image has no label file.
+    """
+
+    def make(labels: dict[str, str | None], *, width: int = 64, height: int = 48) -> tuple[Path, Path]:
+        images_dir, labels_dir = tmp_path / "images", tmp_path / "labels"
+        labels_dir.mkdir(parents=True, exist_ok=True)
+        for i, (stem, text) in enumerate(labels.items()):
+            write_image(images_dir / f"{stem}.jpg", width, height, seed=i)
+            if text is not None:
+                (labels_dir / f"{stem}.txt").write_text(text + "\n")
+        return images_dir, labels_dir
+
+    return make
+
+
+@pytest.fixture
+def coco_dataset(tmp_path: Path) -> Callable[..., tuple[Path, Path]]:
+    """Factory: ``make(annotations=[...], n_images=2)`` -> (instances json, images dir) with 64x48 images.
+
+    Categories: 1 = person, 2 = bicycle. Images are ``img0.jpg``... with ids 1, 2, ...
+    """
+
+    def make(annotations: list[dict], *, n_images: int = 2, create_images: bool = True) -> tuple[Path, Path]:
+        images_dir = tmp_path / "images"
+        images_dir.mkdir(exist_ok=True)
+        images = []
+        for i in range(n_images):
+            if create_images:
+                write_image(images_dir / f"img{i}.jpg", seed=i)
+            images.append({"id": i + 1, "file_name": f"img{i}.jpg", "width": 64, "height": 48, "license": 1})
+        anns = [{"id": k + 1, "iscrowd": 0, "category_id": 1, "image_id": 1, **a} for k, a in enumerate(annotations)]
+        data = {
+            "images": images,
+            "annotations": anns,
+            "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "bicycle"}],
+        }
+        json_path = tmp_path / "instances.json"
+        json_path.write_text(json.dumps(data))
+        return json_path, images_dir
+
+    return make

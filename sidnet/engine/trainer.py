@@ -248,9 +248,11 @@ class Trainer:
             dets = postprocess(model.predict(image[None].to(self.device)).float(),
                                conf_thresh=self.cfg.eval.operating_conf)[0].cpu()  # fmt: skip
         canvas = (image * 255).to(torch.uint8)
-        canvas = draw_bounding_boxes(canvas, target["boxes"], colors="lime", width=1)
-        canvas = draw_bounding_boxes(canvas, dets[:, :4], labels=[f"{s:.2f}" for s in dets[:, 4].tolist()],
-                                     colors="red", width=2)  # fmt: skip
+        if len(target["boxes"]):
+            canvas = draw_bounding_boxes(canvas, target["boxes"], colors="lime", width=1)
+        if len(dets):
+            canvas = draw_bounding_boxes(canvas, dets[:, :4], labels=[f"{s:.2f}" for s in dets[:, 4].tolist()],
+                                         colors="red", width=2)  # fmt: skip
         self.writer.add_image("val/sample (green: truth, red: predicted @0.3)", canvas, self.epoch)
 
     def fit(self) -> dict[str, Any]:

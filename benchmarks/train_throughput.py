@@ -82,7 +82,8 @@ def main() -> None:
                          device=device)  # fmt: skip
             amp = bench(name, batch=batch, size=args.size, amp=True, iters=args.iters, warmup=args.warmup,
                         device=device)  # fmt: skip
-            rows.append({"model": name, "batch": batch, "fp32_img_s": fp32, "amp_img_s": amp, "amp_speedup": amp / fp32})
+            rows.append({"model": name, "batch": batch, "fp32_img_s": fp32, "amp_img_s": amp,
+                         "amp_speedup": amp / fp32})  # fmt: skip
     env = environment(device)
     lines = [f"# Training throughput ({env['date']})", "",
              f"Device: {env['device']} | torch {env['torch']} | CUDA {env['cuda']} | input {args.size}² | "

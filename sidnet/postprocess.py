@@ -15,7 +15,7 @@ def postprocess(
     pixels, score-sorted, class-wise NMS at ``nms_iou``, at most ``max_det`` per image."""
     boxes, scores, classes = scores_and_boxes(dense)
     out = []
-    for b, s, c in zip(boxes, scores, classes):
+    for b, s, c in zip(boxes, scores, classes, strict=True):
         keep = s >= conf_thresh
         b, s, c = b[keep], s[keep], c[keep]
         idx = batched_nms(b, s, c, nms_iou)[:max_det]

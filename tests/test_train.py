@@ -17,7 +17,8 @@ from sidnet.engine.trainer import train
 from sidnet.resolvers import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model=sidnet", "model.anchors=[[12,24],[30,60],[70,110]]", "model.input_size=128", "model.kwargs.width=0.125", "data=sample", "batch_size=4",
+TINY = ["model=sidnet", "model.anchors=[[12,24],[30,60],[70,110]]", "model.input_size=128", "model.kwargs.width=0.125",
+        "data=sample", "batch_size=4",
         "workers=0", "device=cpu", "tensorboard=false", "eval.every=1", "optim.warmup_epochs=1"]  # fmt: skip
 
 
@@ -101,7 +102,8 @@ def test_cli_trains_and_evaluates(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
     ev = subprocess.run([sys.executable, "-m", "train.evaluate", "--checkpoint", f"{tmp_path}/run/last.pt",
-                         "--out", f"{tmp_path}/report.json"], cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+                         "--out", f"{tmp_path}/report.json"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert ev.returncode == 0, ev.stderr[-2000:]
     import json
 

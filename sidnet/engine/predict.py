@@ -31,7 +31,7 @@ def predict_dataset(
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
             dense = model.predict(images.to(device, non_blocking=True))
         for dets, t in zip(postprocess(dense.float(), conf_thresh=conf_thresh, nms_iou=nms_iou, max_det=max_det),
-                           targets):  # fmt: skip
+                           targets, strict=True):  # fmt: skip
             dets = dets.cpu().numpy()
             dets[:, :4] = unletterbox_boxes(dets[:, :4], t["letterbox"])
             out[int(t["image_id"])] = dets.astype(np.float32)

@@ -228,7 +228,8 @@ class Trainer:
         model = self.ema.module if self.ema else self.model
         e = self.cfg.eval
         preds = predict_dataset(model, self.val_set, device=self.device, batch_size=self.cfg.batch_size,
-                                conf_thresh=e.conf_thresh, nms_iou=e.nms_iou, max_det=e.max_det, amp=self.amp)  # fmt: skip
+                                conf_thresh=e.conf_thresh, nms_iou=e.nms_iou, max_det=e.max_det,
+                                amp=self.amp)  # fmt: skip
         report = evaluate_detections(self.val_set.records, preds, operating_conf=e.operating_conf)
         if self.writer:
             for k in ("AP", "AP50", "AP75", "recall", "precision", "fp_per_negative_image"):

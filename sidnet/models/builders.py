@@ -65,5 +65,6 @@ def sidnet_mobilenetv2(*, anchors: list, num_classes: int = 1, input_size: int =
 def yolov2(*, anchors: list | None = None, num_classes: int = 20, input_size: int = 416, width: float = 1.0) -> YOLOv2:
     """The original YOLOv2: Darknet-19 with LeakyReLU(0.1), 5 anchors, N classes (reference for comparisons)."""
     leaky = partial(nn.LeakyReLU, 0.1)
-    return _yolo(backbone=Darknet19(width=width, act_layer=leaky), anchors=_check_anchors(anchors or YOLOV2_ANCHORS, None),
-                 num_classes=num_classes, input_size=input_size, head_channels=int(1024 * width), act_layer=leaky)  # fmt: skip
+    return _yolo(backbone=Darknet19(width=width, act_layer=leaky),
+                 anchors=_check_anchors(anchors or YOLOV2_ANCHORS, None), num_classes=num_classes,
+                 input_size=input_size, head_channels=int(1024 * width), act_layer=leaky)  # fmt: skip

@@ -47,7 +47,7 @@ def load_mobilenet_v2_features(features: nn.Sequential, state: dict[str, torch.T
     if len(src) != len(dst):
         raise ValueError(f"MobileNetV2 weights have {len(src)} tensors, expected {len(dst)}: not a MobileNetV2 file")
     mapped = {}
-    for (src_key, value), dst_key in zip(src, dst):
+    for (src_key, value), dst_key in zip(src, dst, strict=True):
         if value.shape != target[dst_key].shape:
             raise ValueError(f"MobileNetV2 weights: {src_key} {tuple(value.shape)} does not fit {dst_key}")
         mapped[dst_key] = value

@@ -1,0 +1,231 @@
+"""ctypes binding of ``libsidnet_kernels.so`` (``csrc/``) and PyTorch wrappers around its launchers.
+
+The library is optional and built by hand: ``python -m sidnet.kernels.build`` (needs nvcc). Lookup order:
+``$SIDNET_KERNELS_LIB``, then ``build/kernels/libsidnet_kernels.so`` in the repository root.
+
+Wrappers (CUDA tensors in, outputs allocated on the same device, launched on the current stream):
+
+- :func:`reorg` — same contract as :func:`sidnet.models.layers.reorg`.
+- :func:`region_decode` — same contract as :func:`sidnet.models.region.region_decode`.
+- :func:`region_topk` — same contract as :func:`sidnet.models.region.region_topk`, fused in one kernel.
+
+Importing this module imports neither torch nor the library; both are loaded on first use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "REGION_TOPK_MAX_K",
+    "library_path",
+    "load_library",
+    "region_decode",
+    "region_topk",
+    "reorg",
+]
+
+LIB_ENV = "SIDNET_KERNELS_LIB"
+LIB_NAME = "libsidnet_kernels.so"
+ABI_VERSION = 1  # csrc/common/sidnetCommon.h: SIDNET_KERNELS_ABI_VERSION
+REGION_TOPK_MAX_K = 4096  # csrc/region/regionKernel.h: min(topk, A*H*W) must not exceed it
+_REPO_LIB = Path(__file__).resolve().parents[2] / "build" / "kernels" / LIB_NAME
+_BUILD_HINT = "build it with `python -m sidnet.kernels.build` in the repository root (needs nvcc)"
+
+_loaded: dict[str, ctypes.CDLL] = {}  # resolved path → library
+_default: dict[str, ctypes.CDLL] = {}  # $SIDNET_KERNELS_LIB value → library the wrappers use
+
+
+def library_path(path: str | os.PathLike | None = None) -> Path:
+    """The library file :func:`load_library` would open; FileNotFoundError naming the fix if there is none."""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} does not exist: {_BUILD_HINT}, or pass the path of a built {LIB_NAME}")
+        return p
+    env = os.environ.get(LIB_ENV)
+    if env:
+        p = Path(env)
+        if not p.is_file():
+            raise FileNotFoundError(f"{LIB_ENV}={env} does not exist: point it at a built {LIB_NAME} or unset it")
+        return p
+    if _REPO_LIB.is_file():
+        return _REPO_LIB
+    raise FileNotFoundError(f"{LIB_NAME} not found ({LIB_ENV} unset, no {_REPO_LIB}): {_BUILD_HINT}, or set {LIB_ENV}")
+
+
+def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
+    """Open (once per file) the kernels library and declare its C signatures."""
+    p = str(library_path(path).resolve())
+    lib = _loaded.get(p)
+    if lib is not None:
+        return lib
+    lib = ctypes.CDLL(p)
+    vp, i, f, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_size_t
+    lib.sidnetKernelsAbiVersion.argtypes, lib.sidnetKernelsAbiVersion.restype = [], i
+    lib.sidnetGetErrorString.argtypes, lib.sidnetGetErrorString.restype = [i], ctypes.c_char_p
+    lib.reorgForward.argtypes = [vp, vp, i, i, i, i, i, i, vp]
+    lib.regionDecode.argtypes = [vp, i, vp, i, i, i, i, i, f, f, vp, vp]
+    lib.regionTopKWorkspaceSize.argtypes, lib.regionTopKWorkspaceSize.restype = [i, i, i, i, i], sz
+    lib.regionTopK.argtypes = [vp, i, vp, i, i, i, i, i, f, f, f, i, vp, vp, vp, sz, vp]
+    for name in ("reorgForward", "regionDecode", "regionTopK"):
+        getattr(lib, name).restype = i
+    version = lib.sidnetKernelsAbiVersion()
+    if version != ABI_VERSION:
+        raise RuntimeError(f"{p} has ABI version {version}, this binding needs {ABI_VERSION}: {_BUILD_HINT}")
+    _loaded[p] = lib
+    return lib
+
+
+def _lib() -> ctypes.CDLL:
+    key = os.environ.get(LIB_ENV, "")
+    lib = _default.get(key)
+    if lib is None:
+        lib = _default[key] = load_library()
+    return lib
+
+
+def _check(lib: ctypes.CDLL, err: int, what: str) -> None:
+    if err != 0:
+        msg = lib.sidnetGetErrorString(err).decode()
+        raise RuntimeError(f"{what} failed: {msg} (cudaError_t {err})")
+
+
+def _dtype_code(t: torch.Tensor, name: str) -> int:
+    import torch
+
+    if not t.is_cuda:
+        raise ValueError(f"{name} must be a CUDA tensor, got device {t.device}")
+    if t.dtype == torch.float32:
+        return 0
+    if t.dtype == torch.float16:
+        return 1
+    raise ValueError(f"{name} must be float32 or float16, got {t.dtype}")
+
+
+def _stream(t: torch.Tensor) -> int:
+    import torch
+
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _check_out(out: torch.Tensor, shape: tuple, dtype, like: torch.Tensor, name: str) -> None:
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != like.device or not out.is_contiguous():
+        raise ValueError(
+            f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)} on {like.device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+
+
+def reorg(x: torch.Tensor, stride: int = 2, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Space-to-depth, ONNX order: (N, C, H, W) → (N, C·s², H/s, W/s), same dtype (float32 or float16).
+
+    ``out[n, (by*s + bx)*C + c, h, w] = x[n, c, h*s + by, w*s + bx]``; ``out`` may be preallocated.
+    """
+    import torch
+
+    code = _dtype_code(x, "reorg: x")
+    if x.dim() != 4:
+        raise ValueError(f"reorg: x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    if stride < 1 or h % stride or w % stride:
+        raise ValueError(f"reorg: spatial size {h}x{w} is not a multiple of stride {stride}")
+    x = x.contiguous()
+    shape = (n, c * stride * stride, h // stride, w // stride)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    else:
+        _check_out(out, shape, x.dtype, x, "reorg: out")
+    lib = _lib()
+    with torch.cuda.device(x.device):
+        err = lib.reorgForward(x.data_ptr(), out.data_ptr(), code, n, c, h, w, stride, _stream(x))
+    _check(lib, err, "reorgForward")
+    return out
+
+
+def _region_args(raw: torch.Tensor, anchors: torch.Tensor, what: str):
+    code = _dtype_code(raw, f"{what}: raw")
+    if raw.dim() != 4 or anchors.dim() != 2 or anchors.shape[1] != 2:
+        raise ValueError(
+            f"{what}: raw must be (N, A*(5+C), H, W) and anchors (A, 2), got {tuple(raw.shape)} and "
+            f"{tuple(anchors.shape)}"
+        )
+    import torch
+
+    n, ch, h, w = raw.shape
+    a = anchors.shape[0]
+    if a == 0 or ch % a or ch // a < 6:
+        raise ValueError(f"{what}: {ch} channels is not A*(5+C) with A={a} anchors and C >= 1 classes")
+    anchors = anchors.to(device=raw.device, dtype=torch.float32).contiguous()
+    return code, raw.contiguous(), anchors, (n, a, ch // a - 5, h, w)
+
+
+def region_decode(
+    raw: torch.Tensor, anchors: torch.Tensor, *, stride: tuple[float, float], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Dense decode: (N, A·(5+C), H, W) fp32/fp16 → (N, A·H·W, 5+C) float32 rows ``[cx, cy, w, h, obj, p_0…]``.
+
+    ``anchors`` (A, 2) (w, h) in input pixels; ``stride`` (sx, sy) = input size / grid size.
+    """
+    import torch
+
+    code, raw, anchors, (n, a, c, h, w) = _region_args(raw, anchors, "region_decode")
+    shape = (n, a * h * w, 5 + c)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=raw.device)
+    else:
+        _check_out(out, shape, torch.float32, raw, "region_decode: out")
+    lib = _lib()
+    with torch.cuda.device(raw.device):
+        err = lib.regionDecode(
+            raw.data_ptr(), code, anchors.data_ptr(), n, a, c, h, w, float(stride[0]), float(stride[1]),
+            out.data_ptr(), _stream(raw),
+        )  # fmt: skip
+    _check(lib, err, "regionDecode")
+    return out
+
+
+def region_topk(
+    raw: torch.Tensor,
+    anchors: torch.Tensor,
+    *,
+    stride: tuple[float, float],
+    conf_thresh: float,
+    topk: int,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused decode + ``score >= conf_thresh`` + top-K, one kernel.
+
+    Returns ``dets`` float32 (N, topk, 6) rows ``[x1, y1, x2, y2, score, class]`` by score descending (ties: lower
+    flat index m = a·H·W + y·W + x first), zero rows after the valid ones, and ``num`` int32 (N,). Needs
+    ``min(topk, A·H·W) <= REGION_TOPK_MAX_K``. ``out`` may hold preallocated (dets, num).
+    """
+    import torch
+
+    code, raw, anchors, (n, a, c, h, w) = _region_args(raw, anchors, "region_topk")
+    if topk < 0 or min(topk, a * h * w) > REGION_TOPK_MAX_K:
+        raise ValueError(f"region_topk: topk={topk} must be >= 0 and min(topk, A*H*W) <= {REGION_TOPK_MAX_K}")
+    if out is None:
+        dets = torch.empty((n, topk, 6), dtype=torch.float32, device=raw.device)
+        num = torch.empty((n,), dtype=torch.int32, device=raw.device)
+    else:
+        dets, num = out
+        _check_out(dets, (n, topk, 6), torch.float32, raw, "region_topk: dets")
+        _check_out(num, (n,), torch.int32, raw, "region_topk: num")
+    lib = _lib()
+    ws_bytes = lib.regionTopKWorkspaceSize(n, a, h, w, topk)
+    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=raw.device) if ws_bytes else None
+    with torch.cuda.device(raw.device):
+        err = lib.regionTopK(
+            raw.data_ptr(), code, anchors.data_ptr(), n, a, c, h, w, float(stride[0]), float(stride[1]),
+            float(conf_thresh), topk, dets.data_ptr(), num.data_ptr(), ws.data_ptr() if ws is not None else None,
+            ws_bytes, _stream(raw),
+        )  # fmt: skip
+    _check(lib, err, "regionTopK")
+    return dets, num

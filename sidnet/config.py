@@ -48,8 +48,8 @@ class OptimConfig:
     warmup_epochs: float = 3.0
     min_lr_ratio: float = 0.05  # cosine floor as a fraction of lr
     grad_clip: float = 10.0  # max global grad norm; 0 disables
-    ema_decay: float = 0.999  # 0 disables EMA; ~700-step half-life suits runs of a few thousand steps
-    ema_warmup: int = 200  # steps over which the EMA decay ramps up (YOLOv5)
+    ema_halflife_epochs: float = 2.0  # EMA weights half-life; 0 disables EMA
+    ema_warmup: int = 100  # steps over which the EMA decay ramps up (YOLOv5)
 
 
 @dataclass

@@ -327,6 +327,31 @@ def test_region_topk_rejects_too_large_k(lib):
 
 
 @pytest.mark.gpu
+def test_wrappers_use_the_current_stream_and_capture_in_cuda_graphs(lib):
+    # Captured launches must go to the capturing stream: one sent elsewhere fails the capture or never replays.
+    x = torch.randn(2, 8, 6, 6, device="cuda")
+    raw, anchors = _region_inputs(2, 5, 1, 13, 13, torch.float32, seed=21)
+    kw = dict(stride=(32.0, 32.0), conf_thresh=0.3, topk=50)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        kernels.reorg(x)
+        kernels.region_topk(raw, anchors, **kw)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = kernels.reorg(x)
+        dets, num = kernels.region_topk(raw, anchors, **kw)
+    x.copy_(torch.randn(x.shape, generator=_gen(22), device="cuda"))
+    raw.copy_(_region_inputs(2, 5, 1, 13, 13, torch.float32, seed=23)[0])
+    assert _unambiguous(raw, anchors, kw["stride"], kw["conf_thresh"], kw["topk"])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, ref_reorg(x))
+    _assert_topk_close(dets, num, *ref_topk(raw, anchors, **kw), box_rtol=1e-5)
+
+
+@pytest.mark.gpu
 def test_launch_error_is_reported(lib):
     # The wrappers check cudaError_t: an error from the launcher surfaces as RuntimeError with CUDA's text.
     with pytest.raises(RuntimeError, match="invalid argument"):

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from .errors import DataError
 from .records import ImageRecord
-from .transforms import letterbox
+from .transforms import LetterboxInfo, letterbox
 
 log = logging.getLogger("sidnet.data")
 
@@ -84,16 +84,26 @@ class DetectionDataset(Dataset):
             ``torch.manual_seed`` when ``num_workers=0``.
         lenient: an image that stopped decoding is logged and replaced by the next loadable record instead of
             raising :class:`DataError` (training only: evaluation must stay strict or images get counted twice).
+        mosaic: probability of a 4-image mosaic (YOLOv4/v5) instead of one image, training only. With a few
+            hundred boxes it multiplies the contexts and scales each person is seen in; it needs a transform.
     """
 
     def __init__(
-        self, records: Sequence[ImageRecord], *, size: int, transform: Any = None, lenient: bool = False
+        self,
+        records: Sequence[ImageRecord],
+        *,
+        size: int,
+        transform: Any = None,
+        lenient: bool = False,
+        mosaic: float = 0.0,
     ) -> None:
         self.records = list(records)
         self.size = size
         self.transform = transform
         self.lenient = lenient
+        self.mosaic = mosaic
         self._seeded_with: int | None = None
+        self._rng = np.random.default_rng(0)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -106,9 +116,11 @@ class DetectionDataset(Dataset):
         seed = torch.initial_seed()
         if seed != self._seeded_with:
             self._seeded_with = seed
-            self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+            self._rng = np.random.default_rng(seed)
+            self.transform.set_random_state(self._rng, random.Random(seed))
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _load(self, index: int) -> tuple[ImageRecord, np.ndarray, np.ndarray, LetterboxInfo]:
+        """Record, letterboxed image and its boxes (network pixels)."""
         for attempt in range(len(self.records) if self.lenient else 1):
             record = self.records[(index + attempt) % len(self.records)]
             try:
@@ -121,9 +133,42 @@ class DetectionDataset(Dataset):
         else:
             raise DataError(f"no image of the {len(self.records)} in this dataset decodes; check the data folder")
         image, boxes, info = letterbox(image, record.boxes, size=self.size)
-        labels = record.labels.copy()  # torch.from_numpy shares memory: never hand out the record's own array
+        return record, image, boxes, info
+
+    def _mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Four letterboxed images around a random centre of a 2S canvas, then a random S..2S crop resized to S."""
+        s, rng = self.size, self._rng
+        picks = [index, *rng.integers(0, len(self.records), size=3).tolist()]
+        canvas = np.full((2 * s, 2 * s, 3), 114, dtype=np.uint8)
+        xc, yc = (int(v) for v in rng.uniform(0.5 * s, 1.5 * s, size=2))
+        all_boxes, all_labels = [], []
+        for k, i in enumerate(picks):
+            record, image, boxes, _ = self._load(i)
+            x0, y0 = (xc - s if k % 2 == 0 else xc), (yc - s if k < 2 else yc)  # quadrant corner
+            x1, y1, x2, y2 = max(x0, 0), max(y0, 0), min(x0 + s, 2 * s), min(y0 + s, 2 * s)
+            canvas[y1:y2, x1:x2] = image[y1 - y0 : y2 - y0, x1 - x0 : x2 - x0]
+            all_boxes.append(boxes + np.float32([x0, y0, x0, y0]))
+            all_labels.append(record.labels)
+        crop = int(rng.uniform(s, 2 * s))
+        cx0 = int(np.clip(xc - crop / 2, 0, 2 * s - crop))
+        cy0 = int(np.clip(yc - crop / 2, 0, 2 * s - crop))
+        image = cv2.resize(canvas[cy0 : cy0 + crop, cx0 : cx0 + crop], (s, s), interpolation=cv2.INTER_LINEAR)
+        boxes = (np.concatenate(all_boxes) - np.float32([cx0, cy0, cx0, cy0])) * (s / crop)
+        labels = np.concatenate(all_labels)
+        clipped = np.clip(boxes, 0, s)
+        area = lambda b: (b[:, 2] - b[:, 0]).clip(0) * (b[:, 3] - b[:, 1]).clip(0)  # noqa: E731
+        # Keep boxes that stay mostly visible and at least 2 px a side after the crop.
+        keep = (area(clipped) >= 0.3 * area(boxes)) & ((clipped[:, 2:] - clipped[:, :2]).min(axis=1) >= 2)
+        return image, clipped[keep].astype(np.float32), labels[keep].astype(np.int64)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         if self.transform is not None:
             self._reseed()
+        record, image, boxes, info = self._load(index)
+        labels = record.labels.copy()  # torch.from_numpy shares memory: never hand out the record's own array
+        if self.transform is not None and self.mosaic > 0 and self._rng.random() < self.mosaic:
+            image, boxes, labels = self._mosaic(index)
+        if self.transform is not None:
             out = self.transform(image=image, bboxes=boxes, labels=labels)
             image = out["image"]
             boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)

@@ -39,5 +39,10 @@ def build_datasets(
                              negative_ratio=data.negative_ratio, seed=seed)  # fmt: skip
     val = load_records(data, "val", project_root=project_root)
     log.info("train: %s | val: %s", dataset_summary(train), dataset_summary(val))
+    aug = dict(aug)
+    mosaic = float(aug.pop("mosaic", 0.0))  # a dataset-level augmentation (it reads four images), not albumentations
     transform = build_train_transform(size=input_size, **aug)
-    return DetectionDataset(train, size=input_size, transform=transform), DetectionDataset(val, size=input_size)
+    if mosaic > 0 and transform is None:
+        raise ValueError("aug.mosaic > 0 needs the train transform; set aug.enabled=true or aug.mosaic=0")
+    return (DetectionDataset(train, size=input_size, transform=transform, mosaic=mosaic),
+            DetectionDataset(val, size=input_size))  # fmt: skip

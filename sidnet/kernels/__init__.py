@@ -14,6 +14,7 @@ Importing this module imports neither torch nor the library; both are loaded on 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from pathlib import Path
@@ -110,9 +111,22 @@ def _dtype_code(t: torch.Tensor, name: str) -> int:
 
 
 def _stream(t: torch.Tensor) -> int:
+    """Raw cudaStream_t of the current stream on t's device (inside CUDA-graph capture: the capturing stream)."""
     import torch
 
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what torch.compile's kernels use; no Stream object
+    if raw is not None:
+        return raw(t.device.index)
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _on_device(t: torch.Tensor):
+    """Make t's device current for the launch (a no-op context in the usual single-GPU case)."""
+    import torch
+
+    if t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 def _check_out(out: torch.Tensor, shape: tuple, dtype, like: torch.Tensor, name: str) -> None:
@@ -143,7 +157,7 @@ def reorg(x: torch.Tensor, stride: int = 2, *, out: torch.Tensor | None = None) 
     else:
         _check_out(out, shape, x.dtype, x, "reorg: out")
     lib = _lib()
-    with torch.cuda.device(x.device):
+    with _on_device(x):
         err = lib.reorgForward(x.data_ptr(), out.data_ptr(), code, n, c, h, w, stride, _stream(x))
     _check(lib, err, "reorgForward")
     return out
@@ -182,7 +196,7 @@ def region_decode(
     else:
         _check_out(out, shape, torch.float32, raw, "region_decode: out")
     lib = _lib()
-    with torch.cuda.device(raw.device):
+    with _on_device(raw):
         err = lib.regionDecode(
             raw.data_ptr(), code, anchors.data_ptr(), n, a, c, h, w, float(stride[0]), float(stride[1]),
             out.data_ptr(), _stream(raw),
@@ -221,7 +235,7 @@ def region_topk(
     lib = _lib()
     ws_bytes = lib.regionTopKWorkspaceSize(n, a, h, w, topk)
     ws = torch.empty(ws_bytes, dtype=torch.uint8, device=raw.device) if ws_bytes else None
-    with torch.cuda.device(raw.device):
+    with _on_device(raw):
         err = lib.regionTopK(
             raw.data_ptr(), code, anchors.data_ptr(), n, a, c, h, w, float(stride[0]), float(stride[1]),
             float(conf_thresh), topk, dets.data_ptr(), num.data_ptr(), ws.data_ptr() if ws is not None else None,

@@ -1,0 +1,57 @@
+"""Dataclass schema of ``conf/export.yaml``. Only ``export/__main__.py`` composes it with Hydra; the library reads the
+plain attributes, so ``run_export(ExportConfig(...))`` works without Hydra (tests do that)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sidnet.config import ModelConfig
+
+PRECISIONS = ("fp32", "fp16")
+BACKENDS = ("onnx", "tensorrt", "tensorrt-rtx")
+TARGETS = ("plugins", "native")
+
+
+@dataclass
+class BatchConfig:
+    """Optimisation profile of the engine's dynamic batch axis (the ONNX itself accepts any batch)."""
+
+    min: int = 1
+    opt: int = 16
+    max: int = 64
+
+
+@dataclass
+class ParityConfig:
+    """Random-image check of the exported graph against PyTorch, run on every export.
+
+    Tolerances are absolute, per precision: raw head values, boxes in input pixels, scores. Classes and
+    ``num_detections`` must match exactly (rows whose score is within ``score`` of ``conf_thresh`` excepted).
+    """
+
+    batches: list[int] = field(default_factory=lambda: [1, 3])  # two sizes prove the batch axis is dynamic
+    seed: int = 0
+    fp32: dict[str, float] = field(default_factory=lambda: {"raw": 1e-3, "boxes": 1e-2, "score": 1e-4})
+    fp16: dict[str, float] = field(default_factory=lambda: {"raw": 0.25, "boxes": 8.0, "score": 0.02})
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str | None = None  # a .pt written by `python -m train`
+    random_init: bool = False  # export `model` with random weights instead (smoke tests; never for deployment)
+    model: ModelConfig = field(default_factory=ModelConfig)  # only read with random_init; a checkpoint has its own
+    ema: bool = True  # export the EMA weights when the checkpoint has them
+    precision: str = "fp32"  # fp32 | fp16 (int8: the INT8 issue)
+    backend: str = "onnx"  # onnx | tensorrt | tensorrt-rtx
+    target: str | None = None  # plugins | native; null: plugins for tensorrt, native otherwise
+    out: str | None = None  # null: <checkpoint dir>/export, or outputs/export/<model>-random
+    opset: int = 18
+    conf_thresh: float = 0.001
+    topk: int = 100
+    class_names: list[str] | None = None  # null: the checkpoint's data.class_names, else person / class<i>
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    parity: ParityConfig = field(default_factory=ParityConfig)
+    plugin_library: str | None = None  # libsidnet_kernels.so for the plugins; null: sidnet.kernels lookup order
+    timing_cache: str | None = None  # null: <out>/timing.cache (full TensorRT only; a no-op in TensorRT-RTX)
+    workspace_mib: int = 1024
+    seed: int = 0  # random_init weights and parity images

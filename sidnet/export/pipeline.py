@@ -1,0 +1,229 @@
+"""``run_export(cfg)``: checkpoint → ONNX → surgery → parity → (engine) → report. No Hydra below this line."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from sidnet.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from sidnet.export.config import BACKENDS, PRECISIONS, TARGETS, ExportConfig
+from sidnet.export.errors import ExportError, ParityError
+from sidnet.export.onnx_export import OUTPUTS, PREPROCESSING, export_onnx, module_scopes, set_metadata
+from sidnet.export.parity import ParityResult, check_parity
+from sidnet.export.report import sha256_file, write_report
+from sidnet.export.surgery import op_counts, rewrite
+from sidnet.export.wrapper import DeployModel
+from sidnet.models import Reorg, YOLOv2, build_model
+
+log = logging.getLogger("sidnet.export")
+
+INT8_MESSAGE = "INT8 needs calibration, which is not built yet (issue: INT8); use fp32 or fp16"
+TRT_TOPK_MAX = 3840  # TensorRT's TopK layer limit on K
+
+
+@dataclass
+class Options:
+    precision: str
+    backend: str
+    target: str
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    onnx_path: Path
+    report_path: Path
+    options: Options
+    surgery: list[str]
+    parity: ParityResult
+    engine: Any | None  # sidnet.export.engine.EngineResult
+    report: dict
+
+
+def resolve_options(cfg: ExportConfig) -> Options:
+    """Validate precision/backend/target/batch/topk; ``target`` defaults to plugins for tensorrt, else native."""
+    precision, backend = str(cfg.precision).lower(), str(cfg.backend).lower()
+    if precision == "int8":
+        raise ExportError(INT8_MESSAGE)
+    if precision not in PRECISIONS:
+        raise ExportError(f"unsupported precision {cfg.precision!r}: use fp32 or fp16 (int8: not built yet)")
+    if backend not in BACKENDS:
+        raise ExportError(f"unsupported backend {cfg.backend!r}: use {', '.join(BACKENDS)}")
+    target = str(cfg.target).lower() if cfg.target else ("plugins" if backend == "tensorrt" else "native")
+    if target not in TARGETS:
+        raise ExportError(f"unsupported target {cfg.target!r}: use plugins (TensorRT) or native (any backend)")
+    if backend == "tensorrt-rtx" and target == "plugins":
+        raise ExportError("TensorRT-RTX has no plugin layer: use --target native, or --backend tensorrt for plugins")
+    b = cfg.batch
+    if not 1 <= b.min <= b.opt <= b.max:
+        raise ExportError(f"batch profile min={b.min} opt={b.opt} max={b.max} must satisfy 1 <= min <= opt <= max")
+    if cfg.topk < 1 or (backend != "onnx" and cfg.topk > TRT_TOPK_MAX):
+        raise ExportError(f"topk={cfg.topk} must be in 1..{TRT_TOPK_MAX} (TensorRT's TopK limit)")
+    if not 0.0 <= cfg.conf_thresh < 1.0:
+        raise ExportError(f"conf_thresh={cfg.conf_thresh} must be in [0, 1)")
+    return Options(precision, backend, target)
+
+
+def _check_input_size(size: int, where: str) -> None:
+    if size % 32 or size <= 0:
+        raise ExportError(f"input size {size} ({where}) is not a positive multiple of 32: use e.g. 416 or 320")
+
+
+def load_model(cfg: ExportConfig, *, project_root: Path) -> tuple[YOLOv2, str, str, list[str] | None]:
+    """(model in eval mode, registry name, description of the weights, the checkpoint's class names or None)."""
+    if cfg.checkpoint and cfg.random_init:
+        raise ExportError("pass either --checkpoint or --random-init, not both")
+    if not cfg.checkpoint:
+        if not cfg.random_init:
+            raise ExportError("no checkpoint: pass --checkpoint runs/<name>/best.pt (or --random-init --model sidnet "
+                              "for a smoke test with untrained weights)")  # fmt: skip
+        model = _random_model(cfg, project_root=project_root)
+        return model, cfg.model.name, f"random init (untrained, seed {cfg.seed})", None
+    path = Path(cfg.checkpoint)
+    state = load_checkpoint(path)
+    spec = state.get("model")
+    if not isinstance(spec, dict) or not {"name", "anchors", "num_classes", "input_size"} <= set(spec):
+        raise CheckpointError(f"{path} has no model description (state['model']); use a checkpoint written by "
+                              "`python -m train`")  # fmt: skip
+    _check_input_size(int(spec["input_size"]), f"from checkpoint {path}")
+    try:
+        model = model_from_checkpoint(state, ema=cfg.ema)
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: cannot rebuild {spec['name']!r} from it ({type(e).__name__}: {first[:200]}); "
+                              "use a checkpoint written by `python -m train` with this sidnet version") from e  # fmt: skip
+    if not isinstance(model, YOLOv2):
+        raise ExportError(f"{path} holds a {type(model).__name__}, not a YOLOv2-family detector")
+    names = (state.get("config") or {}).get("data", {}).get("class_names")
+    ema = " (EMA weights)" if cfg.ema and state.get("ema") is not None else ""
+    return model, str(spec["name"]), f"checkpoint {path} sha256 {sha256_file(path)}{ema}", names
+
+
+def _random_model(cfg: ExportConfig, *, project_root: Path) -> YOLOv2:
+    m = cfg.model
+    _check_input_size(int(m.input_size), "model.input_size")
+    anchors = m.anchors
+    if not isinstance(anchors, (list, tuple)):
+        from sidnet.engine.trainer import load_anchors  # heavy import (data stack): only on this path
+
+        try:
+            anchors = load_anchors(anchors, project_root=project_root)
+        except (FileNotFoundError, ValueError) as e:
+            raise ExportError(str(e)) from e
+    kwargs = dict(m.kwargs)
+    if "pretrained" in kwargs:
+        kwargs["pretrained"] = None  # random init means random: no ImageNet trunk
+    torch.manual_seed(cfg.seed)
+    try:
+        model = build_model(m.name, anchors=[list(map(float, a)) for a in anchors], num_classes=m.num_classes,
+                            input_size=m.input_size, **kwargs)  # fmt: skip
+    except (KeyError, ValueError, TypeError) as e:
+        raise ExportError(f"cannot build model {m.name!r}: {e.args[0] if e.args else e}") from e
+    return model.eval()
+
+
+def _class_names(cfg: ExportConfig, from_checkpoint: list[str] | None, num_classes: int) -> list[str]:
+    names = list(cfg.class_names) if cfg.class_names else from_checkpoint
+    if names is None:
+        names = ["person"] if num_classes == 1 else [f"class{i}" for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise ExportError(f"{len(names)} class_names {names} for a model with {num_classes} classes: fix class_names")
+    return [str(n) for n in names]
+
+
+def default_out_dir(cfg: ExportConfig, *, project_root: Path) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    if cfg.checkpoint:
+        return Path(cfg.checkpoint).parent / "export"
+    return project_root / "outputs" / "export" / f"{cfg.model.name}-random"
+
+
+def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
+    """The whole export; raises :class:`ExportError` (or ``CheckpointError``) with one-line messages."""
+    import onnx_graphsurgeon
+    import onnxruntime
+
+    import sidnet
+    from sidnet.environment import environment
+
+    opts = resolve_options(cfg)
+    model, name, source, ckpt_names = load_model(cfg, project_root=project_root)
+    class_names = _class_names(cfg, ckpt_names, model.num_classes)
+    out_dir = default_out_dir(cfg, project_root=project_root)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    deploy = DeployModel(model, conf_thresh=cfg.conf_thresh, topk=cfg.topk).eval()
+    size = model.input_size
+    with torch.no_grad():
+        raw = model(torch.zeros(1, 3, size, size))
+    stride_x, stride_y = deploy.decode.stride(raw)
+    log.info("export: %s, %s, target %s, backend %s -> %s", source, opts.precision, opts.target, opts.backend, out_dir)
+
+    exported = export_onnx(deploy, opset=cfg.opset)
+    scopes = module_scopes(exported)
+    reorgs = {name: m.stride for name, m in deploy.named_modules() if isinstance(m, Reorg)}
+    anchors = model.anchors.tolist()
+    decode_attrs = {"anchors": [float(v) for a in anchors for v in a], "num_anchors": len(anchors),
+                    "num_classes": model.num_classes, "stride_x": float(stride_x), "stride_y": float(stride_y),
+                    "conf_thresh": float(cfg.conf_thresh), "topk": int(cfg.topk)}  # fmt: skip
+    final, slog = rewrite(exported, scopes, target=opts.target, reorgs=reorgs, decode_path="decode",
+                          decode_attrs=decode_attrs, fp16=opts.precision == "fp16")  # fmt: skip
+    final.producer_name, final.producer_version = "sidnet", sidnet.__version__
+    final.doc_string = f"SIDNet {model.num_classes}-class detector. {PREPROCESSING} {OUTPUTS}"
+    set_metadata(final, {
+        "sidnet_version": sidnet.__version__, "model": name, "weights": source,
+        "anchors": anchors, "num_classes": model.num_classes, "class_names": class_names, "input_size": size,
+        "input": f"images float32 [N, 3, {size}, {size}]", "preprocessing": PREPROCESSING, "outputs": OUTPUTS,
+        "conf_thresh": cfg.conf_thresh, "topk": cfg.topk, "target": opts.target, "precision": opts.precision,
+        "exporter": f"torch {torch.__version__} torch.onnx.export(dynamo=True), opset {cfg.opset}",
+    })  # fmt: skip
+    try:
+        onnx.checker.check_model(final, full_check=opts.target == "native")
+        checker = "passed" + ("" if opts.target == "native" else " (sidnet:: ops are not checked by schema)")
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"onnx.checker rejected the exported graph: {str(e).splitlines()[0]}") from e
+    onnx_path = out_dir / "model.onnx"
+    onnx.save(final, str(onnx_path))
+
+    tolerance = getattr(cfg.parity, opts.precision)
+    parity = check_parity(deploy, final, batches=list(cfg.parity.batches), seed=cfg.seed, tolerance=dict(tolerance))
+    log.info("parity: %s", parity.summary())
+
+    report: dict[str, Any] = {
+        "environment": environment(),
+        "versions": {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                     "onnx_graphsurgeon": onnx_graphsurgeon.__version__},  # fmt: skip
+        "precision": opts.precision, "backend": opts.backend, "target": opts.target,
+        "conf_thresh": cfg.conf_thresh, "topk": cfg.topk,
+        "model": {"name": name, "input_size": size,
+                  "anchors": anchors, "class_names": class_names, "source": source},
+        "onnx": {"exported_nodes": len(exported.graph.node), "exported_ops": op_counts(exported),
+                 "final_nodes": len(final.graph.node), "final_ops": op_counts(final), "opset": cfg.opset,
+                 "checker": checker},
+        "surgery": slog.lines,
+        "parity": {**parity.to_dict(), "summary": parity.summary()},
+        "files": {onnx_path.name: sha256_file(onnx_path)},
+    }  # fmt: skip
+    if not parity.passed:
+        write_report(out_dir, report)
+        raise ParityError(f"exported graph does not match PyTorch: {parity.summary()}; see {out_dir / 'report.md'}")
+
+    engine = None
+    if opts.backend != "onnx":
+        from sidnet.export.engine import build_engine
+
+        b = cfg.batch
+        engine = build_engine(onnx_path, out_dir, backend=opts.backend, precision=opts.precision,
+                              batch=(b.min, b.opt, b.max), plugin_library=cfg.plugin_library,
+                              timing_cache=cfg.timing_cache, workspace_mib=cfg.workspace_mib)  # fmt: skip
+        report["engine"] = {"info": engine.info, "layers": {k: v for k, v in engine.layers.items()
+                                                             if k != "engine_layer_names"}}  # fmt: skip
+        report["files"][engine.engine.name] = engine.info["engine_sha256"]
+    report_path = write_report(out_dir, report)
+    log.info("export: wrote %s", ", ".join(sorted(report["files"])) + f" and {report_path.name} in {out_dir}")
+    return ExportResult(out_dir, onnx_path, report_path, opts, slog.lines, parity, engine, report)

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The one script that runs everything GPU-side: on the device tool's machine or any CUDA machine, from anywhere.
+#
+#   benchmarks/run_gpu.sh [PART ...]     (default: all)
+#     build     compile csrc/ into build/kernels/libsidnet_kernels.so (+ ptxas resource report)
+#     kernels   build, the kernel GPU tests, the kernel benchmark, sanitize
+#     sanitize  csrc/tests/kernelsSmoke under compute-sanitizer (memcheck, racecheck, synccheck, initcheck)
+#     tests     build, every GPU test under tests/ (pytest -m gpu)
+#     bench     every benchmark (kernels; others add theirs here)
+#     all       build, tests, bench, sanitize
+#
+# Logs and result files go to $OUT (the device tool sets it) or ./outputs/gpu. On this machine a GPU test that
+# skips is a failure (SIDNET_REQUIRE_GPU=1, and any "skipped" in a pytest summary fails the part).
+# Exit status: non-zero if any part failed; later parts still run so that one call gathers everything.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/outputs/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 SIDNET_REQUIRE_GPU=1 NO_ALBUMENTATIONS_UPDATE=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" >/dev/null; then  # wheels the GPU machine lacks (../shared/tools/device-wheels.sh)
+    if python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl; then
+        export PYTHONPATH="$PWD:/tmp/site"
+    else
+        echo "run_gpu.sh: could not install .whl/*.whl (built for another Python?); using the installed packages" >&2
+    fi
+fi
+
+failed=()
+step() {  # step NAME LOG CMD...: run CMD, tee its output to $OUT/LOG, record a failure
+    local name=$1 log=$2
+    shift 2
+    echo "=== $name: $*"
+    if ! "$@" 2>&1 | tee "$OUT/$log"; then
+        failed+=("$name")
+        echo "=== $name FAILED"
+        return 1
+    fi
+}
+
+gpu_pytest() {  # gpu_pytest NAME LOG PATH...: pytest -m gpu, where a skip counts as a failure
+    local name=$1 log=$2
+    shift 2
+    step "$name" "$log" python3 -m pytest -m gpu -q -rs -p no:cacheprovider "$@" || return 1
+    if grep -Eq '[0-9]+ skipped' "$OUT/$log"; then
+        failed+=("$name (GPU tests skipped)")
+        echo "=== $name FAILED: GPU tests were skipped on a GPU machine"
+        return 1
+    fi
+}
+
+built=0
+part_build() {
+    [[ $built == 1 ]] && return 0
+    built=1
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
+    step build build.log python3 -m sidnet.kernels.build --resource-usage
+}
+part_sanitize() {
+    local san nvcc tool limit exe=build/kernels/kernelsSmoke
+    san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+    nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+    mkdir -p build/kernels
+    step sanitize-build sanitize.log "$nvcc" -O2 -std=c++17 -lineinfo -arch=native csrc/tests/kernelsSmoke.cpp \
+        csrc/*/*.cu -o "$exe" || return 1
+    for tool in memcheck:60 racecheck:90 synccheck:45 initcheck:45; do  # tool:seconds
+        limit=${tool#*:} tool=${tool%:*}
+        echo "=== sanitize-$tool" | tee -a "$OUT/sanitize.log"
+        if ! timeout "$limit" "$san" --tool "$tool" --error-exitcode 9 "$exe" 2>&1 | tee -a "$OUT/sanitize.log"; then
+            failed+=("sanitize-$tool")
+        fi
+    done
+}
+bench_kernels() { step bench-kernels bench_kernels.log python3 benchmarks/kernels.py --out "$OUT"; }
+# Other benchmarks: add a function here and a call in part_bench.
+part_bench() { bench_kernels; }
+
+for part in "${@:-all}"; do
+    case $part in
+        build) part_build ;;
+        kernels)
+            part_build && gpu_pytest tests-kernels tests_kernels.log tests/test_kernels.py
+            bench_kernels
+            part_sanitize
+            ;;
+        sanitize) part_sanitize ;;
+        tests) part_build; gpu_pytest tests-gpu tests_gpu.log tests/ ;;
+        bench) part_build; part_bench ;;
+        all) part_build; gpu_pytest tests-gpu tests_gpu.log tests/; part_bench; part_sanitize ;;
+        *) echo "run_gpu.sh: unknown part '$part' (build, kernels, sanitize, tests, bench, all)" >&2; exit 2 ;;
+    esac
+done
+
+if ((${#failed[@]})); then
+    echo "=== FAILED: ${failed[*]}"
+    exit 1
+fi
+echo "=== all parts passed"

@@ -170,3 +170,27 @@ def _identity_transform():
     import albumentations as A
 
     return A.Compose([A.NoOp()], bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"]))
+
+
+def test_seeded_sampler_makes_samples_independent_of_history():
+    import torch
+
+    from sidnet.data import DetectionDataset, SeededSampler, build_train_transform, load_split, sample_root
+
+    records, _ = load_split(format="yolo", root=sample_root(), images="images/train2017",
+                            labels="labels/boxes/train2017")
+    ds = DetectionDataset(records, size=128, transform=build_train_transform(size=128), mosaic=0.5)
+    sampler = SeededSampler(len(ds), seed=3)
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    sampler.set_epoch(2)
+    assert list(sampler) != epoch1
+    sampler.set_epoch(1)
+    assert list(sampler) == epoch1
+    first = [ds[k][0] for k in epoch1[:3]]
+    for k in epoch1[3:]:  # other samples in between change no later result
+        ds[k]
+    again = [ds[k][0] for k in epoch1[:3]]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    i, seed = epoch1[0]
+    assert not torch.equal(ds[(i, seed)][0], ds[(i, seed + 1)][0])

@@ -1,7 +1,7 @@
 """SIDNet data layer: readers -> validated :class:`ImageRecord` lists -> :class:`DetectionDataset`."""
 
 from .coco import read_coco
-from .dataset import DetectionDataset, collate, dataset_summary, load_rgb, select_negatives
+from .dataset import DetectionDataset, SeededSampler, collate, dataset_summary, load_rgb, select_negatives
 from .errors import DataError, SkipReport
 from .records import ImageRecord
 from .sample import resolve_root, sample_root
@@ -14,6 +14,7 @@ __all__ = [
     "DetectionDataset",
     "ImageRecord",
     "LetterboxInfo",
+    "SeededSampler",
     "SkipReport",
     "build_train_transform",
     "collate",

@@ -10,7 +10,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from .errors import DataError
 from .records import ImageRecord
@@ -31,6 +31,29 @@ def select_negatives(records: Sequence[ImageRecord], *, negative_ratio: float, s
     keep = min(len(negative_idx), round(negative_ratio * positives))
     chosen = set(random.Random(seed).sample(negative_idx, keep))
     return [r for i, r in enumerate(records) if not r.is_negative or i in chosen]
+
+
+class SeededSampler(Sampler):
+    """Shuffles like ``RandomSampler`` and hands each index out with its own augmentation seed.
+
+    Order and seeds of epoch ``e`` depend only on ``(seed, e)``: call :meth:`set_epoch` before each epoch (as with
+    ``DistributedSampler``). Yields ``(index, sample_seed)`` for :class:`DetectionDataset`.
+    """
+
+    def __init__(self, num_samples: int, *, seed: int) -> None:
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=g).tolist()
+        seeds = torch.randint(0, 2**62, (self.num_samples,), generator=g).tolist()
+        return iter(zip(order, seeds, strict=True))
 
 
 def dataset_summary(records: Sequence[ImageRecord]) -> dict[str, int]:
@@ -161,8 +184,15 @@ class DetectionDataset(Dataset):
         keep = (area(clipped) >= 0.3 * area(boxes)) & ((clipped[:, 2:] - clipped[:, :2]).min(axis=1) >= 2)
         return image, clipped[keep].astype(np.float32), labels[keep].astype(np.int64)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        if self.transform is not None:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
+        if isinstance(index, tuple):
+            # (index, seed) from SeededSampler: this sample's augmentation depends on the seed alone, whatever
+            # worker draws it and whatever that worker did before (exact resume with persistent workers).
+            index, seed = index
+            if self.transform is not None:
+                self._rng = np.random.default_rng(seed)
+                self.transform.set_random_state(self._rng, random.Random(seed))
+        elif self.transform is not None:
             self._reseed()
         record, image, boxes, info = self._load(index)
         labels = record.labels.copy()  # torch.from_numpy shares memory: never hand out the record's own array

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from sidnet.config import TrainConfig
-from sidnet.data import collate
+from sidnet.data import SeededSampler, collate
 from sidnet.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from sidnet.engine.data import build_datasets
 from sidnet.engine.ema import ModelEMA
@@ -127,6 +127,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.warmup_steps = max(1, int(o.warmup_epochs * self.steps_per_epoch))
         self.epoch, self.step, self.best_ap50, self.history = 0, 0, -1.0, []
+        self._train_loader, self._sampler = None, None
         self.writer = None
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -175,14 +176,17 @@ class Trainer:
 
     # -- loop --------------------------------------------------------------------------------------------------
     def _loader(self, epoch: int) -> DataLoader:
-        # The order and augmentation of epoch e depend only on (seed, e): a resumed run replays them exactly.
-        g = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
-        if self.cfg.workers == 0:
-            # In-process loading: the dataset reseeds its augmentation from torch.initial_seed().
-            seed_everything(self.cfg.seed * 1000 + epoch)
-        return DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=True, generator=g, drop_last=False,
-                          num_workers=self.cfg.workers, collate_fn=collate, worker_init_fn=_seed_worker,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False)  # fmt: skip
+        # Order and augmentation of epoch e depend only on (seed, e) through the sampler, not on worker state, so a
+        # resumed run replays them exactly and workers can persist across epochs (tiny epochs were spawn-bound).
+        if self._train_loader is None:
+            self._sampler = SeededSampler(len(self.train_set), seed=self.cfg.seed)
+            w = self.cfg.workers
+            self._train_loader = DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=self._sampler,
+                                            num_workers=w, collate_fn=collate, worker_init_fn=_seed_worker,
+                                            pin_memory=self.device.type == "cuda", persistent_workers=w > 0,
+                                            prefetch_factor=4 if w > 0 else None)  # fmt: skip
+        self._sampler.set_epoch(epoch)
+        return self._train_loader
 
     def train_one_epoch(self) -> dict[str, float]:
         cfg, o = self.cfg, self.cfg.optim

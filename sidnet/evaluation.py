@@ -21,14 +21,14 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from sidnet.io import atomic_write_text
 
 __all__ = ["COCO_STAT_NAMES", "box_iou", "evaluate_detections", "match_detections", "write_report"]
 
@@ -266,17 +266,4 @@ def write_report(
     if clashes:
         raise ValueError(f"extra fields {clashes} clash with report metrics; rename them")
     payload = _json_ready({**report, **extra})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates 0600 files; a report is meant to be shared like any other output.
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(payload, indent=2, allow_nan=False) + "\n")

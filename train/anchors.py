@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import yaml
 
 from sidnet.anchors import YOLOV2_VOC_ANCHORS, anchor_metrics, kmeans_anchors, letterboxed_wh
 from sidnet.data import load_split, resolve_root
+from sidnet.io import atomic_write_text
 
 # YOLOv5 autoanchor leaves boxes under 2 px out of the fit: they are label noise at this scale and drag a cluster.
 MIN_FIT_SIZE = 2.0
@@ -162,16 +161,7 @@ def write_anchors_yaml(path: Path, anchors: np.ndarray, meta: dict[str, Any]) ->
     parsed = yaml.safe_load(text)
     if not np.allclose(np.asarray(parsed["anchors"]), anchors, atol=0.051):
         raise RuntimeError(f"anchors YAML for {path} does not round-trip; refusing to write it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make a committed config unreadable to others
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 def tune(

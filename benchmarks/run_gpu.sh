@@ -73,7 +73,8 @@ part_sanitize() {
 }
 bench_kernels() { step bench-kernels bench_kernels.log python3 benchmarks/kernels.py --out "$OUT"; }
 # Other benchmarks: add a function here and a call in part_bench.
-part_bench() { bench_kernels; }
+bench_train() { step bench-train train_throughput.log python3 benchmarks/train_throughput.py --out "$OUT/train_throughput_h100.md"; }
+part_bench() { bench_kernels; bench_train; }
 
 for part in "${@:-all}"; do
     case $part in
@@ -86,6 +87,7 @@ for part in "${@:-all}"; do
         sanitize) part_sanitize ;;
         tests) part_build; gpu_pytest tests-gpu tests_gpu.log tests/ ;;
         bench) part_build; part_bench ;;
+        bench-train) bench_train ;;
         all) part_build; gpu_pytest tests-gpu tests_gpu.log tests/; part_bench; part_sanitize ;;
         *) echo "run_gpu.sh: unknown part '$part' (build, kernels, sanitize, tests, bench, all)" >&2; exit 2 ;;
     esac

@@ -17,6 +17,9 @@ Metrics (see :func:`anchor_metrics`):
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 __all__ = [
@@ -262,3 +265,19 @@ def kmeans_anchors(
             min_size=min_size,
         )
     return _sort_by_area(best)
+
+
+def load_anchors(anchors: Any, *, project_root: Path) -> list[list[float]]:
+    """A list of [w, h], or a YAML path (relative to the project root) holding ``anchors:``."""
+    if isinstance(anchors, (list, tuple)):
+        return [[float(w), float(h)] for w, h in anchors]
+    import yaml
+
+    path = Path(anchors)
+    path = path if path.is_absolute() else project_root / path
+    if not path.is_file():
+        raise FileNotFoundError(f"anchors file not found: {path}; run `python -m train.anchors` or set model.anchors")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or "anchors" not in data:
+        raise ValueError(f"{path} has no 'anchors:' list; regenerate it with `python -m train.anchors`")
+    return [[float(w), float(h)] for w, h in data["anchors"]]

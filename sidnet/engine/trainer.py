@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from sidnet.anchors import load_anchors
 from sidnet.config import TrainConfig
 from sidnet.data import SeededSampler, collate
 from sidnet.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -36,22 +37,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
     return torch.device(name)
-
-
-def load_anchors(anchors: Any, *, project_root: Path) -> list[list[float]]:
-    """A list of [w, h], or a YAML path (relative to the project root) holding ``anchors:``."""
-    if isinstance(anchors, (list, tuple)):
-        return [[float(w), float(h)] for w, h in anchors]
-    import yaml
-
-    path = Path(anchors)
-    path = path if path.is_absolute() else project_root / path
-    if not path.is_file():
-        raise FileNotFoundError(f"anchors file not found: {path}; run `python -m train.anchors` or set model.anchors")
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict) or "anchors" not in data:
-        raise ValueError(f"{path} has no 'anchors:' list; regenerate it with `python -m train.anchors`")
-    return [[float(w), float(h)] for w, h in data["anchors"]]
 
 
 def seed_everything(seed: int) -> None:

@@ -53,16 +53,20 @@ def import_backend(backend: str) -> ModuleType:
     try:
         trt = importlib.import_module(BACKEND_MODULES[backend])
     except ImportError as e:
-        raise BackendUnavailable(f"backend {backend} is not importable ({e}): {INSTALL_HINTS[backend]}, or use "
-                                 "--backend onnx (or tensorrt-rtx)") from e  # fmt: skip
+        raise BackendUnavailable(
+            f"backend {backend} is not importable ({e}): {INSTALL_HINTS[backend]}; or export "
+            "with --backend tensorrt-rtx --target native, or --backend onnx"
+        ) from e
     if backend == "tensorrt" and int(trt.__version__.split(".")[0]) < 10:
-        raise BackendUnavailable(f"TensorRT {trt.__version__} is too old: the plugins and strongly typed networks "
-                                 "need TensorRT >= 10")  # fmt: skip
+        raise BackendUnavailable(
+            f"TensorRT {trt.__version__} is too old: the plugins and strongly typed networks need TensorRT >= 10"
+        )
     return trt
 
 
 def _logger(trt: ModuleType):
-    """A TensorRT logger that forwards to ``logging`` and remembers errors for the exception message."""
+    """A TensorRT logger that forwards to ``logging``. Errors go to debug and are remembered: the exception raised
+    afterwards carries the last one, so a failure reads as one line."""
 
     class Logger(trt.ILogger):
         def __init__(self) -> None:
@@ -73,7 +77,7 @@ def _logger(trt: ModuleType):
         def log(self, severity, msg) -> None:
             if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
                 self.errors.append(msg)
-                (log.debug if self.quiet else log.error)("%s", msg)
+                log.debug("%s", msg)
             elif severity == trt.ILogger.WARNING:
                 log.debug("%s", msg) if self.quiet else log.warning("%s", msg)
 
@@ -91,11 +95,16 @@ def _parse(trt, logger, network, onnx_path: Path, backend: str) -> None:
     err = parser.get_error(0)
     node, op, desc = err.node_name() or f"#{err.node()}", err.node_operator(), err.desc()
     if op in PLUGIN_OPS:
-        fix = ("TensorRT-RTX has no plugin layer: export with --target native" if backend == "tensorrt-rtx" else
-               "the plugin is not registered: build the kernels (python -m sidnet.kernels.build) or use --target native")  # fmt: skip
+        fix = (
+            "TensorRT-RTX has no plugin layer: export with --target native"
+            if backend == "tensorrt-rtx"
+            else "the plugin is not registered: build the kernels (python -m sidnet.kernels.build), or --target native"
+        )
         raise EngineBuildError(f"sidnet::{op} node '{node}' needs the sidnet plugin: {fix} ({desc})")
-    raise EngineBuildError(f"{backend} {trt.__version__} ONNX parser rejected node '{node}' (op {op}): {desc}; "
-                           "re-export with --target native, or report the op")  # fmt: skip
+    raise EngineBuildError(
+        f"{backend} {trt.__version__} ONNX parser rejected node '{node}' (op {op}): {desc}; "
+        "re-export with --target native, or report the op"
+    )
 
 
 def _device() -> dict:
@@ -118,8 +127,14 @@ def _network_layers(network) -> dict[str, int]:
 def _engine_layers(trt, logger, plan, backend: str, device: dict) -> tuple[int | None, list, str]:
     """(layer count, layer names, note) from IEngineInspector, or (None, [], why not)."""
     if device["gpu"] is None:
-        return None, [], (f"not available: the engine inspector needs a deserialised engine, and this machine has no "
-                          f"CUDA GPU ({backend} built the plan on the CPU)")  # fmt: skip
+        return (
+            None,
+            [],
+            (
+                f"not available: the engine inspector needs a deserialised engine, and this machine has no "
+                f"CUDA GPU ({backend} built the plan on the CPU)"
+            ),
+        )
     logger.quiet = True
     try:
         engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
@@ -135,10 +150,20 @@ def _engine_layers(trt, logger, plan, backend: str, device: dict) -> tuple[int |
 
 
 def _layer_markdown(layers: dict) -> str:
-    lines = ["# Layer report", "", "| graph | count |", "|---|---|",
-             f"| ONNX nodes | {layers['onnx_nodes']} |", f"| TensorRT network layers (parsed) | {layers['network_layers']} |",
-             f"| engine layers | {layers['engine_layers'] if layers['engine_layers'] is not None else 'n/a'} |", "",
-             f"Engine layers: {layers['engine_layers_note']}.", "", "## ONNX ops", ""]  # fmt: skip
+    lines = [
+        "# Layer report",
+        "",
+        "| graph | count |",
+        "|---|---|",
+        f"| ONNX nodes | {layers['onnx_nodes']} |",
+        f"| TensorRT network layers (parsed) | {layers['network_layers']} |",
+        f"| engine layers | {layers['engine_layers'] if layers['engine_layers'] is not None else 'n/a'} |",
+        "",
+        f"Engine layers: {layers['engine_layers_note']}.",
+        "",
+        "## ONNX ops",
+        "",
+    ]
     lines += [f"- {op}: {n}" for op, n in layers["onnx_ops"].items()]
     lines += ["", "## Network layer types", ""] + [f"- {k}: {n}" for k, n in layers["network_layer_types"].items()]
     if layers["engine_layer_names"]:
@@ -155,7 +180,7 @@ def build_engine(
     batch: tuple[int, int, int] = (1, 16, 64),
     plugin_library: str | Path | None = None,
     timing_cache: str | Path | None = None,
-    workspace_mib: int = 1024,
+    workspace_mib: int | None = None,
 ) -> EngineResult:
     """Build ``model.engine`` from ``onnx_path`` into ``out_dir``; writes ``model.engine.json`` (sidecar) and
     ``layers.json`` + ``layers.md``. Metadata (anchors, classes, input size …) comes from the ONNX itself."""
@@ -166,8 +191,10 @@ def build_engine(
     plugin_nodes = [n for n in model.graph.node if n.domain == "sidnet"]
     if plugin_nodes and backend == "tensorrt-rtx":
         n = plugin_nodes[0]
-        raise EngineBuildError(f"sidnet::{n.op_type} node '{n.name}' needs the sidnet plugin, and TensorRT-RTX has no "
-                               "plugin layer: export with --target native, or build with --backend tensorrt")  # fmt: skip
+        raise EngineBuildError(
+            f"sidnet::{n.op_type} node '{n.name}' needs the sidnet plugin, and TensorRT-RTX has no "
+            "plugin layer: export with --target native, or build with --backend tensorrt"
+        )
     trt = import_backend(backend)
     plugins = None
     if plugin_nodes:
@@ -181,7 +208,8 @@ def build_engine(
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     _parse(trt, logger, network, onnx_path, backend)
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    if workspace_mib:  # else TensorRT's default; 1 GiB is too little for some FP32 tactics at batch 64
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, (lo, *dims[1:]), (opt, *dims[1:]), (hi, *dims[1:]))
@@ -195,8 +223,9 @@ def build_engine(
     plan = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
     if plan is None:
-        why = logger.errors[-1] if logger.errors else "see the log above"
-        raise EngineBuildError(f"{backend} {trt.__version__} could not build an engine from {onnx_path}: {why}")
+        why = logger.errors[-1] if logger.errors else "no error logged (run with -v)"
+        hint = "; raise workspace_mib= or lower batch.max=" if "OutOfMemory" in why else ""
+        raise EngineBuildError(f"{backend} {trt.__version__} could not build an engine from {onnx_path}: {why}{hint}")
     engine_path = out_dir / "model.engine"
     engine_path.write_bytes(bytes(plan))
     if cache_path is not None:
@@ -212,8 +241,11 @@ def build_engine(
         "engine_layers_note": note,
         "engine_layer_names": names,
     }
-    built_on = (f"{device['gpu']} (compute capability {device['compute_capability']})" if device["gpu"] else
-                f"built on CPU ({'TensorRT-RTX' if backend == 'tensorrt-rtx' else backend}), no GPU visible")  # fmt: skip
+    built_on = (
+        f"{device['gpu']} (compute capability {device['compute_capability']})"
+        if device["gpu"]
+        else f"built on CPU ({'TensorRT-RTX' if backend == 'tensorrt-rtx' else backend}), no GPU visible"
+    )
     info = {
         "engine": engine_path.name,
         "engine_sha256": _sha256(engine_path),
@@ -223,12 +255,19 @@ def build_engine(
         **device,
         "precision": precision,
         "strongly_typed": True,
-        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", *dims[1:]],
-                  "profile": {"min": [lo, *dims[1:]], "opt": [opt, *dims[1:]], "max": [hi, *dims[1:]]},
-                  "preprocessing": meta.get("preprocessing")},  # fmt: skip
+        "input": {
+            "name": INPUT_NAME,
+            "dtype": "float32",
+            "shape": ["batch", *dims[1:]],
+            "profile": {"min": [lo, *dims[1:]], "opt": [opt, *dims[1:]], "max": [hi, *dims[1:]]},
+            "preprocessing": meta.get("preprocessing"),
+        },
         "outputs": meta.get("outputs"),
-        **{k: json.loads(meta[k]) for k in ("anchors", "num_classes", "class_names", "input_size", "conf_thresh",
-                                             "topk") if k in meta},  # fmt: skip
+        **{
+            k: json.loads(meta[k])
+            for k in ("anchors", "num_classes", "class_names", "input_size", "conf_thresh", "topk")
+            if k in meta
+        },
         "target": meta.get("target"),
         "plugins": plugins,
         "onnx": {"file": onnx_path.name, "sha256": _sha256(onnx_path)},
@@ -241,6 +280,14 @@ def build_engine(
     sidecar.write_text(json.dumps(info, indent=2) + "\n")
     (out_dir / "layers.json").write_text(json.dumps(layers, indent=2) + "\n")
     (out_dir / "layers.md").write_text(_layer_markdown(layers))
-    log.info("engine: %s (%s %s, %s), %d ONNX nodes -> %d network layers, engine layers: %s", engine_path, backend,
-             trt.__version__, precision, layers["onnx_nodes"], layers["network_layers"], n_layers or "n/a")  # fmt: skip
+    log.info(
+        "engine: %s (%s %s, %s), %d ONNX nodes -> %d network layers, engine layers: %s",
+        engine_path,
+        backend,
+        trt.__version__,
+        precision,
+        layers["onnx_nodes"],
+        layers["network_layers"],
+        n_layers or "n/a",
+    )
     return EngineResult(engine_path, sidecar, out_dir / "layers.json", info, layers)

@@ -58,13 +58,20 @@ def export_onnx(deploy: DeployModel, *, opset: int = 18, example_batch: int = 2)
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                deploy, (images,), dynamo=True, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                dynamic_shapes={"images": {0: batch}}, opset_version=opset, optimize=True, verbose=False,
-            )  # fmt: skip
+                deploy,
+                (images,),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_shapes={"images": {0: batch}},
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+            )
     except ImportError as e:
         raise ExportError(f"torch.onnx.export(dynamo=True) needs onnxscript ({e}): pip install onnxscript") from e
     finally:
-        for logger, level in zip(quiet, levels):
+        for logger, level in zip(quiet, levels, strict=True):
             logger.setLevel(level)
     return program.model_proto
 

@@ -32,6 +32,7 @@ class ParityResult:
     num_mismatches: int = 0
     padding_nonzero: int = 0  # rows after num_detections that are not all zero
     detections_compared: int = 0
+    boundary_ties: int = 0  # rows tied with the last kept score that only one side kept (see _compare_image)
 
     @property
     def passed(self) -> bool:
@@ -40,10 +41,13 @@ class ParityResult:
 
     def summary(self) -> str:
         diffs = ", ".join(f"{k} {self.max_abs.get(k, 0.0):.3g} (tol {v:g})" for k, v in self.tolerance.items())
-        return (f"{self.runtime} vs PyTorch, batches {self.batches}: max |diff| {diffs}; "
-                f"{self.detections_compared} detections, class mismatches {self.class_mismatches}, num mismatches "
-                f"{self.num_mismatches}, nonzero padding rows {self.padding_nonzero} -> "
-                f"{'PASS' if self.passed else 'FAIL'}")  # fmt: skip
+        return (
+            f"{self.runtime} vs PyTorch, batches {self.batches}: max |diff| {diffs}; "
+            f"{self.detections_compared} detections matched ({self.boundary_ties} boundary ties skipped), "
+            f"class mismatches {self.class_mismatches}, num mismatches "
+            f"{self.num_mismatches}, nonzero padding rows {self.padding_nonzero} -> "
+            f"{'PASS' if self.passed else 'FAIL'}"
+        )
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
@@ -62,6 +66,42 @@ def with_raw_output(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def _torch_ops() -> list[type]:
+    """2-D ``Conv`` and ``MaxPool`` for ``onnx.reference``, computed by torch (float32 math, the input's dtype out).
+
+    The NumPy reference versions need ~10 s per 416x416 image in float32 and minutes in float16; the check is about the
+    ``sidnet::`` ops, not about convolution or pooling, so the body runs on torch's kernels instead.
+    """
+    from onnx.reference.op_run import OpRun
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(a, dtype=np.float32))  # a writable float32 copy
+
+    def padded(x: np.ndarray, pads, auto_pad, value: float) -> torch.Tensor:
+        if x.ndim != 4 or auto_pad not in (None, "NOTSET", b"NOTSET"):
+            raise NotImplementedError(f"parity ops: 2-D with explicit pads only, got {x.ndim - 2}-D, {auto_pad}")
+        t, (top, left, bottom, right) = tensor(x), pads or (0, 0, 0, 0)
+        return torch.nn.functional.pad(t, (left, right, top, bottom), value=value)
+
+    class Conv(OpRun):
+        def _run(self, x, w, b=None, auto_pad=None, dilations=None, group=None, kernel_shape=None, pads=None,
+                 strides=None):  # fmt: skip
+            y = torch.nn.functional.conv2d(padded(x, pads, auto_pad, 0.0), tensor(w), None if b is None else tensor(b),
+                                           stride=tuple(strides or (1, 1)), dilation=tuple(dilations or (1, 1)),
+                                           groups=group or 1)  # fmt: skip
+            return (y.numpy().astype(x.dtype),)
+
+    class MaxPool(OpRun):
+        def _run(self, x, auto_pad=None, ceil_mode=0, dilations=None, kernel_shape=None, pads=None, storage_order=0,
+                 strides=None):  # fmt: skip
+            y = torch.nn.functional.max_pool2d(padded(x, pads, auto_pad, float("-inf")), tuple(kernel_shape),
+                                               stride=tuple(strides or (1, 1)), dilation=tuple(dilations or (1, 1)),
+                                               ceil_mode=bool(ceil_mode))  # fmt: skip
+            return (y.numpy().astype(x.dtype),)
+
+    return [Conv, MaxPool]
+
+
 def run_onnx(model: onnx.ModelProto, images: np.ndarray, names: list[str]) -> tuple[list[np.ndarray], str]:
     """Run ``model`` on ``images``; returns the named outputs and the runtime's name."""
     if uses_custom_ops(model):
@@ -69,30 +109,39 @@ def run_onnx(model: onnx.ModelProto, images: np.ndarray, names: list[str]) -> tu
 
         from sidnet.export.reference_ops import REFERENCE_OPS
 
-        return ReferenceEvaluator(model, new_ops=REFERENCE_OPS).run(names, {INPUT_NAME: images}), "onnx.reference"
+        evaluator = ReferenceEvaluator(model, new_ops=[*REFERENCE_OPS, *_torch_ops()])
+        return evaluator.run(names, {INPUT_NAME: images}), "onnx.reference (Conv, MaxPool by torch)"
     import onnxruntime as ort
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(names, {INPUT_NAME: images}), f"onnxruntime {ort.__version__}"
 
 
-def _compare_image(ref_d, ref_n, out_d, out_n, *, conf_thresh: float, score_tol: float, acc: dict) -> None:
+def _compare_image(ref_d, ref_n, out_d, out_n, *, conf_thresh: float, tol: dict[str, float], acc: dict) -> None:
     k = min(ref_n, out_n)
     longer = ref_d[k:ref_n] if ref_n > out_n else out_d[k:out_n]
-    if (longer[:, 4] >= conf_thresh + score_tol).any():
+    if (longer[:, 4] >= conf_thresh + tol["score"]).any():
         acc["num"] += 1
     acc["padding"] += int(np.abs(out_d[out_n:]).sum(axis=1).astype(bool).sum())
     if k == 0:
         return
     r, o = ref_d[:k].astype(np.float64), out_d[:k].astype(np.float64)
     box = np.abs(r[:, None, :4] - o[None, :, :4]).max(axis=-1)  # (k, k): box distance of every pair
-    near = np.abs(r[:, None, 4] - o[None, :, 4]) <= score_tol
+    near = np.abs(r[:, None, 4] - o[None, :, 4]) <= tol["score"]
     np.fill_diagonal(near, True)  # the same rank is always a candidate
     j = np.where(near, box, np.inf).argmin(axis=1)
-    acc["boxes"] = max(acc["boxes"], float(box[np.arange(k), j].max()))
-    acc["score"] = max(acc["score"], float(np.abs(r[:, 4] - o[j, 4]).max()))
-    acc["cls"] += int((r[:, 5] != o[j, 5]).sum())
-    acc["rows"] += k
+    best = box[np.arange(k), j]
+    # A row tied (within the score tolerance) with the last kept score may be cut by one runtime and kept by the
+    # other: membership at the top-K / threshold boundary is ambiguous, not wrong. Such unmatched rows are skipped.
+    boundary = min(r[k - 1, 4], o[k - 1, 4])
+    skip = (best > tol["boxes"]) & (np.abs(r[:, 4] - boundary) <= tol["score"])
+    acc["boundary"] += int(skip.sum())
+    keep = ~skip
+    if keep.any():
+        acc["boxes"] = max(acc["boxes"], float(best[keep].max()))
+        acc["score"] = max(acc["score"], float(np.abs(r[keep, 4] - o[j[keep], 4]).max()))
+        acc["cls"] += int((r[keep, 5] != o[j[keep], 5]).sum())
+    acc["rows"] += int(keep.sum())
 
 
 def check_parity(
@@ -103,21 +152,35 @@ def check_parity(
     size, decode = deploy.model.input_size, deploy.decode
     probe = with_raw_output(model)
     gen = torch.Generator().manual_seed(seed)
-    acc = {"raw": 0.0, "boxes": 0.0, "score": 0.0, "cls": 0, "num": 0, "padding": 0, "rows": 0}
-    runtime = ""
+    acc = {"raw": 0.0, "boxes": 0.0, "score": 0.0, "cls": 0, "num": 0, "padding": 0, "rows": 0, "boundary": 0}
+    runtime = "not run (parity.batches is empty)"
     for n in batches:
         images = torch.rand(n, 3, size, size, generator=gen)
         with torch.no_grad():
             raw = deploy.model(images).float()
-            ref_d, ref_n = region_topk(raw, decode.anchors, stride=decode.stride(raw), conf_thresh=decode.conf_thresh,
-                                       topk=decode.topk)  # fmt: skip
+            ref_d, ref_n = region_topk(
+                raw, decode.anchors, stride=decode.stride(raw), conf_thresh=decode.conf_thresh, topk=decode.topk
+            )
         (out_d, out_n, out_raw), runtime = run_onnx(probe, images.numpy(), [*OUTPUT_NAMES, RAW_NAME])
         acc["raw"] = max(acc["raw"], float(np.abs(out_raw.astype(np.float64) - raw.numpy()).max()))
         for i in range(n):
-            _compare_image(ref_d[i].numpy(), int(ref_n[i]), out_d[i], int(out_n[i]), conf_thresh=decode.conf_thresh,
-                           score_tol=tolerance["score"], acc=acc)  # fmt: skip
+            _compare_image(
+                ref_d[i].numpy(),
+                int(ref_n[i]),
+                out_d[i],
+                int(out_n[i]),
+                conf_thresh=decode.conf_thresh,
+                tol=tolerance,
+                acc=acc,
+            )
     return ParityResult(
-        runtime=runtime, batches=list(batches), tolerance=dict(tolerance),
-        max_abs={k: acc[k] for k in ("raw", "boxes", "score")}, class_mismatches=acc["cls"],
-        num_mismatches=acc["num"], padding_nonzero=acc["padding"], detections_compared=acc["rows"],
-    )  # fmt: skip
+        runtime=runtime,
+        batches=list(batches),
+        tolerance=dict(tolerance),
+        max_abs={k: acc[k] for k in ("raw", "boxes", "score")},
+        class_mismatches=acc["cls"],
+        num_mismatches=acc["num"],
+        padding_nonzero=acc["padding"],
+        detections_compared=acc["rows"],
+        boundary_ties=acc["boundary"],
+    )

@@ -69,6 +69,19 @@ def resolve_options(cfg: ExportConfig) -> Options:
     return Options(precision, backend, target)
 
 
+def preflight(opts: Options, cfg: ExportConfig) -> None:
+    """Fail before the (slow) export when the engine backend or the plugins' kernels library is missing."""
+    if opts.backend == "onnx":
+        return
+    from sidnet.export.engine import import_backend
+
+    import_backend(opts.backend)
+    if opts.target == "plugins":
+        from sidnet.export.trt_plugins import load_kernels
+
+        load_kernels(cfg.plugin_library)
+
+
 def _check_input_size(size: int, where: str) -> None:
     if size % 32 or size <= 0:
         raise ExportError(f"input size {size} ({where}) is not a positive multiple of 32: use e.g. 416 or 320")
@@ -80,23 +93,28 @@ def load_model(cfg: ExportConfig, *, project_root: Path) -> tuple[YOLOv2, str, s
         raise ExportError("pass either --checkpoint or --random-init, not both")
     if not cfg.checkpoint:
         if not cfg.random_init:
-            raise ExportError("no checkpoint: pass --checkpoint runs/<name>/best.pt (or --random-init --model sidnet "
-                              "for a smoke test with untrained weights)")  # fmt: skip
+            raise ExportError(
+                "no checkpoint: pass --checkpoint runs/<name>/best.pt (or --random-init --model sidnet "
+                "for a smoke test with untrained weights)"
+            )
         model = _random_model(cfg, project_root=project_root)
         return model, cfg.model.name, f"random init (untrained, seed {cfg.seed})", None
     path = Path(cfg.checkpoint)
     state = load_checkpoint(path)
     spec = state.get("model")
     if not isinstance(spec, dict) or not {"name", "anchors", "num_classes", "input_size"} <= set(spec):
-        raise CheckpointError(f"{path} has no model description (state['model']); use a checkpoint written by "
-                              "`python -m train`")  # fmt: skip
+        raise CheckpointError(
+            f"{path} has no model description (state['model']); use a checkpoint written by `python -m train`"
+        )
     _check_input_size(int(spec["input_size"]), f"from checkpoint {path}")
     try:
         model = model_from_checkpoint(state, ema=cfg.ema)
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path}: cannot rebuild {spec['name']!r} from it ({type(e).__name__}: {first[:200]}); "
-                              "use a checkpoint written by `python -m train` with this sidnet version") from e  # fmt: skip
+        raise CheckpointError(
+            f"{path}: cannot rebuild {spec['name']!r} from it ({type(e).__name__}: {first[:200]}); "
+            "use a checkpoint written by `python -m train` with this sidnet version"
+        ) from e
     if not isinstance(model, YOLOv2):
         raise ExportError(f"{path} holds a {type(model).__name__}, not a YOLOv2-family detector")
     names = (state.get("config") or {}).get("data", {}).get("class_names")
@@ -109,7 +127,7 @@ def _random_model(cfg: ExportConfig, *, project_root: Path) -> YOLOv2:
     _check_input_size(int(m.input_size), "model.input_size")
     anchors = m.anchors
     if not isinstance(anchors, (list, tuple)):
-        from sidnet.engine.trainer import load_anchors  # heavy import (data stack): only on this path
+        from sidnet.anchors import load_anchors
 
         try:
             anchors = load_anchors(anchors, project_root=project_root)
@@ -120,10 +138,37 @@ def _random_model(cfg: ExportConfig, *, project_root: Path) -> YOLOv2:
         kwargs["pretrained"] = None  # random init means random: no ImageNet trunk
     torch.manual_seed(cfg.seed)
     try:
-        model = build_model(m.name, anchors=[list(map(float, a)) for a in anchors], num_classes=m.num_classes,
-                            input_size=m.input_size, **kwargs)  # fmt: skip
+        model = build_model(
+            m.name,
+            anchors=[list(map(float, a)) for a in anchors],
+            num_classes=m.num_classes,
+            input_size=m.input_size,
+            **kwargs,
+        )
     except (KeyError, ValueError, TypeError) as e:
         raise ExportError(f"cannot build model {m.name!r}: {e.args[0] if e.args else e}") from e
+    return calibrate_batchnorm(model, seed=cfg.seed)
+
+
+def calibrate_batchnorm(model: YOLOv2, *, seed: int = 0, batches: int = 2, batch_size: int = 2) -> YOLOv2:
+    """Set BatchNorm running statistics from a few random images; returns the model in eval mode.
+
+    With default initialisation and unit running variance, activations shrink layer after layer until the head
+    outputs little more than its bias: every cell gets the same score and a parity check compares ties. Measured
+    statistics keep each layer's activations at unit scale, so an untrained model gives distinct, varied outputs.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in norms]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the calibration batches
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.rand(batch_size, 3, model.input_size, model.input_size, generator=gen))
+    for bn, momentum in zip(norms, momenta, strict=True):
+        bn.momentum = momentum
     return model.eval()
 
 
@@ -144,44 +189,116 @@ def default_out_dir(cfg: ExportConfig, *, project_root: Path) -> Path:
     return project_root / "outputs" / "export" / f"{cfg.model.name}-random"
 
 
-def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
-    """The whole export; raises :class:`ExportError` (or ``CheckpointError``) with one-line messages."""
+def build_graph(
+    deploy: DeployModel, *, target: str, precision: str, opset: int
+) -> tuple[onnx.ModelProto, onnx.ModelProto, list[str]]:
+    """Trace ``deploy`` and run the surgery: (as exported by torch, final graph, surgery log lines)."""
+    model = deploy.model
+    with torch.no_grad():
+        raw = model(torch.zeros(1, 3, model.input_size, model.input_size))
+    stride_x, stride_y = deploy.decode.stride(raw)
+    exported = export_onnx(deploy, opset=opset)
+    decode_attrs = {
+        "anchors": [float(v) for v in model.anchors.flatten().tolist()],
+        "num_anchors": int(model.anchors.shape[0]),
+        "num_classes": model.num_classes,
+        "stride_x": float(stride_x),
+        "stride_y": float(stride_y),
+        "conf_thresh": float(deploy.decode.conf_thresh),
+        "topk": int(deploy.decode.topk),
+    }
+    final, slog = rewrite(
+        exported,
+        module_scopes(exported),
+        target=target,
+        reorgs={path: m.stride for path, m in deploy.named_modules() if isinstance(m, Reorg)},
+        decode_path="decode",
+        decode_attrs=decode_attrs,
+        fp16=precision == "fp16",
+    )
+    return exported, final, slog.lines
+
+
+def _metadata(cfg: ExportConfig, opts: Options, model: YOLOv2, name: str, source: str, class_names: list[str]) -> dict:
+    import sidnet
+
+    size = model.input_size
+    return {
+        "sidnet_version": sidnet.__version__,
+        "model": name,
+        "weights": source,
+        "anchors": model.anchors.tolist(),
+        "num_classes": model.num_classes,
+        "class_names": class_names,
+        "input_size": size,
+        "input": f"images float32 [N, 3, {size}, {size}]",
+        "preprocessing": PREPROCESSING,
+        "outputs": OUTPUTS,
+        "conf_thresh": cfg.conf_thresh,
+        "topk": cfg.topk,
+        "target": opts.target,
+        "precision": opts.precision,
+        "exporter": f"torch {torch.__version__} torch.onnx.export(dynamo=True), opset {cfg.opset}",
+    }
+
+
+def _report(opts: Options, meta: dict, exported, final, surgery: list[str], checker: str, parity: ParityResult) -> dict:
     import onnx_graphsurgeon
     import onnxruntime
 
-    import sidnet
     from sidnet.environment import environment
 
+    return {
+        "environment": environment(),
+        "versions": {
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "onnx_graphsurgeon": onnx_graphsurgeon.__version__,
+        },
+        "precision": opts.precision,
+        "backend": opts.backend,
+        "target": opts.target,
+        "conf_thresh": meta["conf_thresh"],
+        "topk": meta["topk"],
+        "model": {
+            "name": meta["model"],
+            "input_size": meta["input_size"],
+            "anchors": meta["anchors"],
+            "class_names": meta["class_names"],
+            "source": meta["weights"],
+        },
+        "onnx": {
+            "exported_nodes": len(exported.graph.node),
+            "exported_ops": op_counts(exported),
+            "final_nodes": len(final.graph.node),
+            "final_ops": op_counts(final),
+            "opset": final.opset_import[0].version,
+            "checker": checker,
+        },
+        "surgery": surgery,
+        "parity": {**parity.to_dict(), "summary": parity.summary()},
+        "files": {},
+    }
+
+
+def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
+    """The whole export; raises :class:`ExportError` (or ``CheckpointError``) with one-line messages."""
+    import sidnet
+
     opts = resolve_options(cfg)
+    preflight(opts, cfg)
     model, name, source, ckpt_names = load_model(cfg, project_root=project_root)
     class_names = _class_names(cfg, ckpt_names, model.num_classes)
     out_dir = default_out_dir(cfg, project_root=project_root)
     out_dir.mkdir(parents=True, exist_ok=True)
-    deploy = DeployModel(model, conf_thresh=cfg.conf_thresh, topk=cfg.topk).eval()
-    size = model.input_size
-    with torch.no_grad():
-        raw = model(torch.zeros(1, 3, size, size))
-    stride_x, stride_y = deploy.decode.stride(raw)
     log.info("export: %s, %s, target %s, backend %s -> %s", source, opts.precision, opts.target, opts.backend, out_dir)
 
-    exported = export_onnx(deploy, opset=cfg.opset)
-    scopes = module_scopes(exported)
-    reorgs = {name: m.stride for name, m in deploy.named_modules() if isinstance(m, Reorg)}
-    anchors = model.anchors.tolist()
-    decode_attrs = {"anchors": [float(v) for a in anchors for v in a], "num_anchors": len(anchors),
-                    "num_classes": model.num_classes, "stride_x": float(stride_x), "stride_y": float(stride_y),
-                    "conf_thresh": float(cfg.conf_thresh), "topk": int(cfg.topk)}  # fmt: skip
-    final, slog = rewrite(exported, scopes, target=opts.target, reorgs=reorgs, decode_path="decode",
-                          decode_attrs=decode_attrs, fp16=opts.precision == "fp16")  # fmt: skip
+    deploy = DeployModel(model, conf_thresh=cfg.conf_thresh, topk=cfg.topk).eval()
+    exported, final, surgery = build_graph(deploy, target=opts.target, precision=opts.precision, opset=cfg.opset)
+    meta = _metadata(cfg, opts, model, name, source, class_names)
     final.producer_name, final.producer_version = "sidnet", sidnet.__version__
     final.doc_string = f"SIDNet {model.num_classes}-class detector. {PREPROCESSING} {OUTPUTS}"
-    set_metadata(final, {
-        "sidnet_version": sidnet.__version__, "model": name, "weights": source,
-        "anchors": anchors, "num_classes": model.num_classes, "class_names": class_names, "input_size": size,
-        "input": f"images float32 [N, 3, {size}, {size}]", "preprocessing": PREPROCESSING, "outputs": OUTPUTS,
-        "conf_thresh": cfg.conf_thresh, "topk": cfg.topk, "target": opts.target, "precision": opts.precision,
-        "exporter": f"torch {torch.__version__} torch.onnx.export(dynamo=True), opset {cfg.opset}",
-    })  # fmt: skip
+    set_metadata(final, meta)
     try:
         onnx.checker.check_model(final, full_check=opts.target == "native")
         checker = "passed" + ("" if opts.target == "native" else " (sidnet:: ops are not checked by schema)")
@@ -190,25 +307,11 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
     onnx_path = out_dir / "model.onnx"
     onnx.save(final, str(onnx_path))
 
-    tolerance = getattr(cfg.parity, opts.precision)
-    parity = check_parity(deploy, final, batches=list(cfg.parity.batches), seed=cfg.seed, tolerance=dict(tolerance))
+    tolerance = dict(getattr(cfg.parity, opts.precision))
+    parity = check_parity(deploy, final, batches=list(cfg.parity.batches), seed=cfg.seed, tolerance=tolerance)
     log.info("parity: %s", parity.summary())
-
-    report: dict[str, Any] = {
-        "environment": environment(),
-        "versions": {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-                     "onnx_graphsurgeon": onnx_graphsurgeon.__version__},  # fmt: skip
-        "precision": opts.precision, "backend": opts.backend, "target": opts.target,
-        "conf_thresh": cfg.conf_thresh, "topk": cfg.topk,
-        "model": {"name": name, "input_size": size,
-                  "anchors": anchors, "class_names": class_names, "source": source},
-        "onnx": {"exported_nodes": len(exported.graph.node), "exported_ops": op_counts(exported),
-                 "final_nodes": len(final.graph.node), "final_ops": op_counts(final), "opset": cfg.opset,
-                 "checker": checker},
-        "surgery": slog.lines,
-        "parity": {**parity.to_dict(), "summary": parity.summary()},
-        "files": {onnx_path.name: sha256_file(onnx_path)},
-    }  # fmt: skip
+    report = _report(opts, meta, exported, final, surgery, checker, parity)
+    report["files"][onnx_path.name] = sha256_file(onnx_path)
     if not parity.passed:
         write_report(out_dir, report)
         raise ParityError(f"exported graph does not match PyTorch: {parity.summary()}; see {out_dir / 'report.md'}")
@@ -218,12 +321,19 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
         from sidnet.export.engine import build_engine
 
         b = cfg.batch
-        engine = build_engine(onnx_path, out_dir, backend=opts.backend, precision=opts.precision,
-                              batch=(b.min, b.opt, b.max), plugin_library=cfg.plugin_library,
-                              timing_cache=cfg.timing_cache, workspace_mib=cfg.workspace_mib)  # fmt: skip
-        report["engine"] = {"info": engine.info, "layers": {k: v for k, v in engine.layers.items()
-                                                             if k != "engine_layer_names"}}  # fmt: skip
+        engine = build_engine(
+            onnx_path,
+            out_dir,
+            backend=opts.backend,
+            precision=opts.precision,
+            batch=(b.min, b.opt, b.max),
+            plugin_library=cfg.plugin_library,
+            timing_cache=cfg.timing_cache,
+            workspace_mib=cfg.workspace_mib,
+        )
+        layers = {k: v for k, v in engine.layers.items() if k != "engine_layer_names"}
+        report["engine"] = {"info": engine.info, "layers": layers}
         report["files"][engine.engine.name] = engine.info["engine_sha256"]
     report_path = write_report(out_dir, report)
-    log.info("export: wrote %s", ", ".join(sorted(report["files"])) + f" and {report_path.name} in {out_dir}")
-    return ExportResult(out_dir, onnx_path, report_path, opts, slog.lines, parity, engine, report)
+    log.info("export: wrote %s and %s in %s", ", ".join(sorted(report["files"])), report_path.name, out_dir)
+    return ExportResult(out_dir, onnx_path, report_path, opts, surgery, parity, engine, report)

@@ -76,12 +76,26 @@ class Reorg(OpRun):
 class RegionDecode(OpRun):
     op_domain = "sidnet"
 
-    def _run(self, raw, anchors=None, num_anchors=None, num_classes=None, stride_x=None, stride_y=None,
-             conf_thresh=None, topk=None, version=None, plugin_namespace=None, plugin_version=None):  # noqa: ARG002  # fmt: skip
+    def _run(
+        self,
+        raw,
+        anchors=None,
+        num_anchors=None,
+        num_classes=None,
+        stride_x=None,
+        stride_y=None,
+        conf_thresh=None,
+        topk=None,
+        version=None,
+        plugin_namespace=None,
+        plugin_version=None,
+    ):  # noqa: ARG002
         anchors = np.asarray(anchors, dtype=np.float32).reshape(-1, 2)
         if anchors.shape[0] != num_anchors or raw.shape[1] != num_anchors * (5 + num_classes):
-            raise ValueError(f"RegionDecode: raw has {raw.shape[1]} channels, expected num_anchors * (5 + num_classes)"
-                             f" = {num_anchors} * (5 + {num_classes}) with {anchors.shape[0]} anchors")  # fmt: skip
+            raise ValueError(
+                f"RegionDecode: raw has {raw.shape[1]} channels, expected num_anchors * (5 + num_classes)"
+                f" = {num_anchors} * (5 + {num_classes}) with {anchors.shape[0]} anchors"
+            )
         return region_topk_numpy(raw, anchors, stride=(stride_x, stride_y), conf_thresh=conf_thresh, topk=int(topk))
 
 

@@ -106,15 +106,16 @@ def _infer_shapes(graph: gs.Graph) -> gs.Graph:
 
 def sanitize(graph: gs.Graph, slog: SurgeryLog, tag: str = "sanitize") -> gs.Graph:
     """cleanup → toposort → shape inference → constant folding, repeated until the node count is stable."""
-    start = len(graph.nodes)
-    for i in range(MAX_SANITIZE_PASSES):
+    start, passes = len(graph.nodes), 0
+    while passes < MAX_SANITIZE_PASSES:
         before = len(graph.nodes)
         graph.cleanup().toposort()
         graph = _infer_shapes(graph)
         graph.fold_constants(fold_shapes=True).cleanup().toposort()
+        passes += 1
         if len(graph.nodes) == before:
             break
-    slog.step(tag, start, len(graph.nodes), f"{i + 1} pass(es)")
+    slog.step(tag, start, len(graph.nodes), f"{passes} pass(es)")
     return graph
 
 
@@ -192,8 +193,10 @@ def find_region(graph: gs.Graph, scopes: dict[str, tuple[str, ...]], path: str) 
     """The nodes traced inside module ``path`` and the non-constant tensors crossing their boundary."""
     nodes = [n for n in graph.nodes if path in scopes.get(n.name, ())]
     if not nodes:
-        raise SurgeryError(f"no ONNX node was traced in module '{path}': export with sidnet.export.export_onnx "
-                           "(torch.onnx.export dynamo=True keeps module paths in node metadata)")  # fmt: skip
+        raise SurgeryError(
+            f"no ONNX node was traced in module '{path}': export with sidnet.export.export_onnx "
+            "(torch.onnx.export dynamo=True keeps module paths in node metadata)"
+        )
     ids = {id(n) for n in nodes}
     produced = {id(t) for n in nodes for t in n.outputs}
     inputs, outputs, seen = [], [], set()
@@ -211,9 +214,11 @@ def find_region(graph: gs.Graph, scopes: dict[str, tuple[str, ...]], path: str) 
 def _expect(region: Region, n_in: int, n_out: int) -> None:
     if len(region.inputs) != n_in or len(region.outputs) != n_out:
         names = lambda ts: [t.name for t in ts]  # noqa: E731
-        raise SurgeryError(f"module '{region.path}' has loose ends inputs={names(region.inputs)} "
-                           f"outputs={names(region.outputs)}, expected {n_in} input(s) and {n_out} output(s): the "
-                           "exporter split or merged it; export again with the default exporter settings")  # fmt: skip
+        raise SurgeryError(
+            f"module '{region.path}' has loose ends inputs={names(region.inputs)} "
+            f"outputs={names(region.outputs)}, expected {n_in} input(s) and {n_out} output(s): the "
+            "exporter split or merged it; export again with the default exporter settings"
+        )
 
 
 def _plugin_attrs(**attrs) -> dict:
@@ -229,19 +234,31 @@ def rewrite_reorgs(graph: gs.Graph, scopes, reorgs: dict[str, int], target: str,
         (x,), (y,) = region.inputs, region.outputs
         ops = ",".join(sorted({n.op for n in region.nodes}))
         if target == "plugins":
-            node = graph.replace_subgraph(region.nodes, [x], [y], op="Reorg", domain=DOMAIN, name=f"{path}.Reorg",
-                                          attrs=_plugin_attrs(stride=int(stride)))  # fmt: skip
+            node = graph.replace_subgraph(
+                region.nodes,
+                [x],
+                [y],
+                op="Reorg",
+                domain=DOMAIN,
+                name=f"{path}.Reorg",
+                attrs=_plugin_attrs(stride=int(stride)),
+            )
         else:
-            node = graph.replace_subgraph(region.nodes, [x], [y], op="SpaceToDepth", name=f"{path}.SpaceToDepth",
-                                          attrs={"blocksize": int(stride)})  # fmt: skip
+            node = graph.replace_subgraph(
+                region.nodes, [x], [y], op="SpaceToDepth", name=f"{path}.SpaceToDepth", attrs={"blocksize": int(stride)}
+            )
         y.dtype = x.dtype
         if x.shape and _static(x.shape[1:]):
             n, c, h, w = x.shape
             y.shape = [n, c * stride * stride, h // stride, w // stride]
         slog.lines.append(f"  {path}: {len(region.nodes)} nodes ({ops}) -> 1 {node.op}")
         graph.cleanup().toposort()
-    slog.step(f"reorg -> {'sidnet::Reorg' if target == 'plugins' else 'SpaceToDepth'}", before, len(graph.nodes),
-              f"{len(reorgs)} reorg(s)")  # fmt: skip
+    slog.step(
+        f"reorg -> {'sidnet::Reorg' if target == 'plugins' else 'SpaceToDepth'}",
+        before,
+        len(graph.nodes),
+        f"{len(reorgs)} reorg(s)",
+    )
     return graph
 
 
@@ -255,14 +272,25 @@ def rewrite_decode(graph: gs.Graph, scopes, path: str, attrs: dict | None, targe
     region = find_region(graph, scopes, path)
     _expect(region, 1, 2)
     raw = region.inputs[0]
+    if graph.tensors().get(RAW_NAME, raw) is not raw:
+        raise SurgeryError(f"the graph already has a tensor named '{RAW_NAME}': rename it before the surgery")
     raw.name = RAW_NAME
     if sorted(t.name for t in region.outputs) != sorted(t.name for t in graph.outputs):
-        raise SurgeryError(f"module '{path}' does not produce the graph outputs {[t.name for t in graph.outputs]}: "
-                           f"it produces {[t.name for t in region.outputs]}; export the DeployModel wrapper")  # fmt: skip
+        raise SurgeryError(
+            f"module '{path}' does not produce the graph outputs {[t.name for t in graph.outputs]}: "
+            f"it produces {[t.name for t in region.outputs]}; export the DeployModel wrapper"
+        )
     if target == "plugins":
         ops = Counter(n.op for n in region.nodes)
-        graph.replace_subgraph(region.nodes, [raw], list(graph.outputs), op="RegionDecode", domain=DOMAIN,
-                               name=f"{path}.RegionDecode", attrs=_plugin_attrs(**attrs))  # fmt: skip
+        graph.replace_subgraph(
+            region.nodes,
+            [raw],
+            list(graph.outputs),
+            op="RegionDecode",
+            domain=DOMAIN,
+            name=f"{path}.RegionDecode",
+            attrs=_plugin_attrs(**attrs),
+        )
         graph.cleanup().toposort()
         slog.lines.append(f"  {path}: {len(region.nodes)} nodes ({', '.join(sorted(ops))}) -> 1 RegionDecode")
         slog.step("decode + top-K -> sidnet::RegionDecode", before, len(graph.nodes))
@@ -318,16 +346,21 @@ def to_fp16(graph: gs.Graph, slog: SurgeryLog) -> gs.Graph:
     images_h = gs.Variable(f"{images.name}_fp16", dtype=np.float16, shape=images.shape)
     for consumer in list(images.outputs):
         consumer.inputs[consumer.inputs.index(images)] = images_h
-    graph.layer(op="Cast", name="images_to_fp16", inputs=[images], outputs=[images_h],
-                attrs={"to": onnx.TensorProto.FLOAT16})  # fmt: skip
+    graph.layer(
+        op="Cast", name="images_to_fp16", inputs=[images], outputs=[images_h], attrs={"to": onnx.TensorProto.FLOAT16}
+    )
     raw_h = gs.Variable(f"{RAW_NAME}_fp16", dtype=np.float16, shape=raw.shape)
     producer = raw.inputs[0]
     producer.outputs[producer.outputs.index(raw)] = raw_h
     graph.layer(op="Cast", name="raw_to_fp32", inputs=[raw_h], outputs=[raw], attrs={"to": onnx.TensorProto.FLOAT})
     raw.dtype = np.float32
     graph.cleanup().toposort()
-    slog.step("fp16 body", before, len(graph.nodes),
-              f"{len(body)} body nodes, {converted} float constants to float16, 2 boundary Casts")  # fmt: skip
+    slog.step(
+        "fp16 body",
+        before,
+        len(graph.nodes),
+        f"{len(body)} body nodes, {converted} float constants to float16, 2 boundary Casts",
+    )
     return graph
 
 
@@ -341,7 +374,9 @@ def export_model(graph: gs.Graph) -> onnx.ModelProto:
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
-    return dict(sorted(Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph.node).items()))
+    return dict(
+        sorted(Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph.node).items())
+    )
 
 
 def rewrite(

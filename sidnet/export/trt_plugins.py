@@ -38,8 +38,16 @@ _REGISTERED: list[Any] = []  # creators must outlive registration: the registry 
 
 # Field kinds: "i" one int32, "f" one float32, "F" a float32 list.
 REORG_FIELDS = {"stride": "i", "version": "i"}
-REGION_FIELDS = {"anchors": "F", "num_anchors": "i", "num_classes": "i", "stride_x": "f", "stride_y": "f",
-                 "conf_thresh": "f", "topk": "i", "version": "i"}  # fmt: skip
+REGION_FIELDS = {
+    "anchors": "F",
+    "num_anchors": "i",
+    "num_classes": "i",
+    "stride_x": "f",
+    "stride_y": "f",
+    "conf_thresh": "f",
+    "topk": "i",
+    "version": "i",
+}
 
 
 def import_tensorrt() -> ModuleType:
@@ -47,9 +55,11 @@ def import_tensorrt() -> ModuleType:
     try:
         import tensorrt
     except ImportError as e:
-        raise PluginError("the sidnet TensorRT plugins need full TensorRT >= 10, which is not importable here: "
-                          "pip install tensorrt-cu12 (NVIDIA's index); for TensorRT-RTX or onnxruntime export with "
-                          "--target native instead") from e  # fmt: skip
+        raise PluginError(
+            "the sidnet TensorRT plugins need full TensorRT >= 10, which is not importable here: "
+            "pip install tensorrt-cu12 (NVIDIA's index); for TensorRT-RTX or onnxruntime export with "
+            "--target native instead"
+        ) from e
     return tensorrt
 
 
@@ -67,8 +77,10 @@ def _read_fields(fc, spec: dict[str, str], op: str) -> dict[str, Any]:
     if missing:
         raise PluginError(f"sidnet::{op} is missing attribute(s) {missing}: re-export the ONNX with python -m export")
     if values.setdefault("version", int(VERSION)) != int(VERSION):
-        raise PluginError(f"sidnet::{op} version {values['version']} is not supported by this sidnet "
-                          f"(plugin version {VERSION}): re-export the ONNX with this sidnet")  # fmt: skip
+        raise PluginError(
+            f"sidnet::{op} version {values['version']} is not supported by this sidnet "
+            f"(plugin version {VERSION}): re-export the ONNX with this sidnet"
+        )
     return values
 
 
@@ -78,9 +90,8 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type, type]:
     the ``tensorrt`` module, which must stay an optional import."""
     DT = trt.DataType
 
-    def field(name: str, value, kind: str):
-        dtype, ftype = (np.int32, trt.PluginFieldType.INT32) if kind == "i" else (np.float32, trt.PluginFieldType.FLOAT32)
-        return trt.PluginField(name, np.atleast_1d(np.asarray(value, dtype=dtype)), ftype)
+    def ftype(kind: str):
+        return trt.PluginFieldType.INT32 if kind == "i" else trt.PluginFieldType.FLOAT32
 
     class SidnetPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
         op = ""
@@ -103,7 +114,15 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type, type]:
             return type(self)(self.lib, self.attrs)
 
         def get_fields_to_serialize(self):
-            return trt.PluginFieldCollection([field(k, v, self.spec[k]) for k, v in self.attrs.items()])
+            # A PluginField points at its array's memory: keep the arrays alive as long as the plugin (a temporary
+            # array would be freed before TensorRT reads it; the CI test caught exactly that).
+            self.field_arrays = {
+                k: np.atleast_1d(np.asarray(v, dtype=np.int32 if self.spec[k] == "i" else np.float32))
+                for k, v in self.attrs.items()
+            }
+            return trt.PluginFieldCollection(
+                [trt.PluginField(k, a, ftype(self.spec[k])) for k, a in self.field_arrays.items()]
+            )
 
         def configure_plugin(self, inputs, outputs) -> None:
             pass
@@ -149,8 +168,9 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type, type]:
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream) -> None:
             n, c, h, w = tuple(input_desc[0].dims)
-            err = self.lib.reorgForward(inputs[0], outputs[0], dtype_code(input_desc[0].type), n, c, h, w,
-                                        self.attrs["stride"], stream)  # fmt: skip
+            err = self.lib.reorgForward(
+                inputs[0], outputs[0], dtype_code(input_desc[0].type), n, c, h, w, self.attrs["stride"], stream
+            )
             self.check(err, "reorgForward")
 
     class RegionDecodePlugin(SidnetPlugin):
@@ -182,12 +202,18 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type, type]:
             n, _, h, w = tuple(inputs[0].max)  # the profile's largest shape bounds every enqueue
             return int(self.lib.regionTopKWorkspaceSize(n, self.attrs["num_anchors"], h, w, self.attrs["topk"]))
 
+        def clone(self):
+            plugin = super().clone()
+            plugin.anchors_device = self.anchors_device
+            return plugin
+
         def attach_to_context(self, context):
             import torch
 
             plugin = self.clone()
-            plugin.anchors_device = torch.tensor(self.attrs["anchors"], dtype=torch.float32, device="cuda")
-            torch.cuda.synchronize()  # the pageable upload must land before a kernel on TensorRT's stream reads it
+            if plugin.anchors_device is None:
+                plugin.anchors_device = torch.tensor(self.attrs["anchors"], dtype=torch.float32, device="cuda")
+                torch.cuda.synchronize()  # the pageable upload must land before a kernel on TensorRT's stream reads it
             return plugin
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream) -> None:
@@ -196,10 +222,11 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type, type]:
             a, c, k = self.attrs["num_anchors"], self.attrs["num_classes"], self.attrs["topk"]
             n, _, h, w = tuple(input_desc[0].dims)
             ws_bytes = int(self.lib.regionTopKWorkspaceSize(n, a, h, w, k))
+            sx, sy, conf = self.attrs["stride_x"], self.attrs["stride_y"], self.attrs["conf_thresh"]
+            ws = workspace if ws_bytes else None
             err = self.lib.regionTopK(
-                inputs[0], dtype_code(input_desc[0].type), self.anchors_device.data_ptr(), n, a, c, h, w,
-                self.attrs["stride_x"], self.attrs["stride_y"], self.attrs["conf_thresh"], k, outputs[0], outputs[1],
-                workspace if ws_bytes else None, ws_bytes, stream,
+                inputs[0], dtype_code(input_desc[0].type), self.anchors_device.data_ptr(), n, a, c, h, w, sx, sy, conf,
+                k, outputs[0], outputs[1], ws, ws_bytes, stream,
             )  # fmt: skip
             self.check(err, "regionTopK")
 
@@ -207,16 +234,27 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type, type]:
         def __init__(self, plugin_cls: type, lib) -> None:
             trt.IPluginCreatorV3One.__init__(self)
             self.name, self.plugin_namespace, self.plugin_version = plugin_cls.op, NAMESPACE, VERSION
+            self.empty = np.array([], dtype=np.float32)  # declared fields carry no data; kept alive for the same reason
             self.field_names = trt.PluginFieldCollection(
-                [trt.PluginField(k, np.array([]), trt.PluginFieldType.INT32 if kind == "i" else
-                                 trt.PluginFieldType.FLOAT32) for k, kind in plugin_cls.spec.items()]
-            )  # fmt: skip
+                [trt.PluginField(k, self.empty, ftype(kind)) for k, kind in plugin_cls.spec.items()]
+            )
             self.plugin_cls, self.lib = plugin_cls, lib
 
         def create_plugin(self, name, fc, phase):
             return self.plugin_cls(self.lib, _read_fields(fc, self.plugin_cls.spec, self.plugin_cls.op))
 
     return ReorgPlugin, RegionDecodePlugin, Creator
+
+
+def load_kernels(library: str | Path | None = None) -> tuple[Path, Any]:
+    """(path, ctypes library) of ``libsidnet_kernels.so``; :class:`PluginError` naming the fix when it is missing."""
+    from sidnet.kernels import library_path, load_library
+
+    try:
+        path = library_path(library)
+        return path, load_library(path)
+    except (FileNotFoundError, OSError, RuntimeError) as e:
+        raise PluginError(f"the sidnet plugins need the kernels library: {e}") from e
 
 
 def register_plugins(library: str | Path | None = None) -> dict[str, str]:
@@ -226,13 +264,7 @@ def register_plugins(library: str | Path | None = None) -> dict[str, str]:
     :class:`PluginError` when TensorRT or the library is missing.
     """
     trt = import_tensorrt()
-    from sidnet.kernels import library_path, load_library
-
-    try:
-        path = library_path(library)
-        lib = load_library(path)
-    except (FileNotFoundError, OSError, RuntimeError) as e:
-        raise PluginError(f"the sidnet plugins need the kernels library: {e}") from e
+    path, lib = load_kernels(library)
     reorg_cls, region_cls, creator_cls = plugin_classes(trt)
     registry = trt.get_plugin_registry()
     for cls in (reorg_cls, region_cls):
@@ -241,5 +273,8 @@ def register_plugins(library: str | Path | None = None) -> dict[str, str]:
             if not registry.register_creator(creator, NAMESPACE):
                 raise PluginError(f"TensorRT refused to register sidnet::{cls.op}; is another version registered?")
             _REGISTERED.append(creator)
-    return {"library": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-            "namespace": NAMESPACE}  # fmt: skip
+    return {
+        "library": str(path.resolve()),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "namespace": NAMESPACE,
+    }

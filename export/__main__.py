@@ -1,0 +1,97 @@
+"""``python -m export``: argparse flags and Hydra overrides, composed onto ``conf/export.yaml``.
+
+    python -m export --precision fp16 --backend tensorrt-rtx --checkpoint runs/sidnet/best.pt batch.max=32
+
+How arguments are read: argparse takes the flags below with their values; every other argument must be a Hydra
+override ``key=value`` (composed with ``hydra.compose`` onto ``conf/export.yaml`` and checked against
+:class:`sidnet.export.config.ExportConfig`, so a typo is an error). Flags are applied after the overrides: a flag wins
+over the same key given as ``key=value``. ``--model NAME`` selects ``conf/model/NAME.yaml`` (``model=NAME``).
+``--checkpoint`` may be left out only with ``--random-init --model NAME``, which exports untrained weights
+(BatchNorm statistics calibrated on random images) for smoke tests. Bad input ends with one ``error: ...`` line.
+Hydra is used here only; everything below :func:`sidnet.export.pipeline.run_export` takes plain values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+FLAGS = {"checkpoint": "checkpoint", "precision": "precision", "backend": "backend", "target": "target", "out": "out"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        raise SystemExit(f"error: {message} (see python -m export --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m export",
+        description=__doc__.split("\n\n")[0],
+        epilog="Any key of conf/export.yaml can also be given as key=value, e.g. batch.max=32 topk=50.",
+    )
+    p.add_argument("--checkpoint", help="checkpoint .pt written by python -m train")
+    p.add_argument("--precision", help="fp32 | fp16 (int8: not built yet)")
+    p.add_argument("--backend", help="onnx | tensorrt | tensorrt-rtx")
+    p.add_argument("--target", help="plugins | native (default: plugins for tensorrt, native otherwise)")
+    p.add_argument("--out", help="output folder (default: <checkpoint dir>/export)")
+    p.add_argument("--random-init", action="store_true", help="export untrained weights (smoke tests only)")
+    p.add_argument("--model", help="with --random-init: a conf/model/*.yaml name, e.g. sidnet")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def compose_config(overrides: list[str]):
+    """conf/export.yaml + overrides → a typed ExportConfig (raises Hydra/OmegaConf errors on bad overrides)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from sidnet.export.config import ExportConfig
+
+    ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return OmegaConf.structured(compose(config_name="export", overrides=overrides))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, rest = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    bad = [a for a in rest if a.startswith("-") or "=" not in a]
+    if bad:
+        raise SystemExit(
+            f"error: unrecognised argument(s) {' '.join(bad)}: use the flags of python -m export --help "
+            "or key=value overrides of conf/export.yaml"
+        )
+    overrides = [a for a in rest if not (args.model and a.startswith("model="))]
+    overrides += [f"model={args.model}"] if args.model else []
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = compose_config(overrides)
+        for flag, key in FLAGS.items():
+            if getattr(args, flag) is not None:
+                OmegaConf.update(cfg, key, getattr(args, flag), merge=False)
+        if args.random_init:
+            cfg.random_init = True
+        config = OmegaConf.to_object(cfg)
+    except Exception as e:  # noqa: BLE001  (Hydra and OmegaConf raise many types for a bad override)
+        raise SystemExit(f"error: bad configuration: {str(e).strip().splitlines()[0]}") from None
+
+    from sidnet.engine.checkpoint import CheckpointError
+    from sidnet.export.errors import ExportError
+    from sidnet.export.pipeline import run_export
+
+    try:
+        result = run_export(config, project_root=PROJECT_ROOT)
+    except (ExportError, CheckpointError) as e:
+        # Bad input is the user's to fix: one line, no traceback.
+        raise SystemExit(f"error: {e}") from None
+    print(f"exported to {result.out_dir}: {', '.join(sorted(result.report['files']))}, {result.report_path.name}")
+
+
+if __name__ == "__main__":
+    main()

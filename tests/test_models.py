@@ -158,3 +158,18 @@ def test_loss_parts_and_ignore():
     grad = raw.grad.view(3, 6, 4, 4)
     assert grad[1, 4, 2, 1] < 0  # objectness pushed up
     assert grad[1, 0:4, 2, 1].abs().sum() > 0 and grad[0, 0:4].abs().sum() == 0
+
+
+def test_batched_ignore_iou_matches_torchvision():
+    from torchvision.ops import box_iou
+
+    from sidnet.models.loss import _batched_iou
+
+    torch.manual_seed(2)
+    xy = torch.rand(3, 50, 2) * 100
+    a = torch.cat([xy, xy + torch.rand(3, 50, 2) * 60 + 1], -1)
+    xy = torch.rand(3, 7, 2) * 100
+    b = torch.cat([xy, xy + torch.rand(3, 7, 2) * 60 + 1], -1)
+    got = _batched_iou(a, b)
+    for i in range(3):
+        torch.testing.assert_close(got[i], box_iou(a[i], b[i]))

@@ -16,7 +16,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_iou
+from torch.nn.utils.rnn import pad_sequence
+
+
+def _batched_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """IoU of xyxy boxes (N, M, 4) × (N, K, 4) → (N, M, K)."""
+    lt = torch.max(boxes1[:, :, None, :2], boxes2[:, None, :, :2])
+    rb = torch.min(boxes1[:, :, None, 2:], boxes2[:, None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area1 = (boxes1[..., 2:] - boxes1[..., :2]).prod(-1)
+    area2 = (boxes2[..., 2:] - boxes2[..., :2]).prod(-1)
+    return inter / (area1[:, :, None] + area2[:, None, :] - inter).clamp(min=1e-9)
 
 
 def wh_iou(wh1: torch.Tensor, wh2: torch.Tensor) -> torch.Tensor:
@@ -69,10 +79,13 @@ class RegionLoss(nn.Module):
             pred = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1).reshape(n, -1, 4)
 
         noobj_mask = torch.ones(n, a, h, w, dtype=torch.bool, device=p.device)
-        for i, t in enumerate(targets):
-            if len(t["boxes"]):
-                best = box_iou(pred[i], t["boxes"].to(pred)).amax(dim=1)
-                noobj_mask[i] &= (best <= self.ignore_thresh).view(a, h, w)
+        counts = [len(t["boxes"]) for t in targets]
+        if max(counts, default=0):
+            # One batched IoU over truths padded to the largest count: no per-image kernel launches.
+            gt = pad_sequence([t["boxes"].to(pred).reshape(-1, 4) for t in targets], batch_first=True)  # (N, K, 4)
+            valid = torch.arange(gt.shape[1], device=p.device)[None] < torch.tensor(counts, device=p.device)[:, None]
+            best = (_batched_iou(pred, gt) * valid[:, None, :]).amax(dim=2)  # (N, A·H·W)
+            noobj_mask &= (best <= self.ignore_thresh).view(n, a, h, w)
 
         # Assign every ground truth to (image, anchor, cell).
         boxes = torch.cat([t["boxes"].to(p) for t in targets]) if targets else p.new_zeros(0, 4)

@@ -131,3 +131,16 @@ def test_overfit_sample_scores_perfect_ap_on_its_own_images(tmp_path):
     preds = predict_dataset(trainer.ema.module, train_eval, device=torch.device("cpu"))
     report = evaluate_detections(train_eval.records, preds, operating_conf=0.3)
     assert report["AP50"] > 0.95 and report["recall"] > 0.9, report
+
+
+def test_default_data_falls_back_to_the_bundled_sample_when_shared_is_absent(tmp_path, caplog):
+    """data=auto (the README's first command) on a machine without ../shared: the sample, and it says so."""
+    from sidnet.data import sample_root
+    from sidnet.engine.data import data_root
+    from sidnet.resolvers import shared_or_sample
+
+    assert shared_or_sample("../shared/data/coco128", project_root=tmp_path / "repo") is None
+    assert "bundled sample" in caplog.text
+    cfg = _compose([])
+    cfg.data.root = None
+    assert data_root(cfg.data, project_root=ROOT) == sample_root()

@@ -109,6 +109,11 @@ def test_cli_trains_and_evaluates(tmp_path):
 
     report = json.loads((tmp_path / "report.json").read_text())
     assert {"AP", "AP50", "AP75", "AP_small", "recall", "precision", "fp_per_negative_image", "device"} <= set(report)
+    other = subprocess.run([sys.executable, "-m", "train.evaluate", "--checkpoint", f"{tmp_path}/run/last.pt",
+                            "--data", "conf/data/auto.yaml", "--out", f"{tmp_path}/auto.json"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert json.loads((tmp_path / "auto.json").read_text())["num_images"] in (4, 128)  # sample or coco128 val
     bad = subprocess.run([sys.executable, "-m", "train.evaluate", "--checkpoint", f"{tmp_path}/nope.pt"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode != 0 and "checkpoint not found" in bad.stderr and "Traceback" not in bad.stderr

@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 
 import torch
-import yaml
 
 from sidnet.config import DataConfig, SplitConfig
 from sidnet.data import DetectionDataset
@@ -23,7 +22,7 @@ from sidnet.engine.predict import predict_dataset
 from sidnet.engine.trainer import resolve_device
 from sidnet.environment import environment
 from sidnet.evaluation import evaluate_detections, write_report
-from sidnet.resolvers import shared_or_sample
+from sidnet.resolvers import register_resolvers
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("AP", "AP50", "AP75", "AP_small", "recall", "precision", "fp_per_negative_image")
@@ -33,10 +32,15 @@ def data_config(d: dict) -> DataConfig:
     d = dict(d)
     for split in ("train", "val"):
         d[split] = SplitConfig(**d[split])
-    root = d.get("root")
-    if isinstance(root, str) and root.startswith("${shared_or_sample:"):
-        d["root"] = shared_or_sample(root[len("${shared_or_sample:") : -1], project_root=PROJECT_ROOT)
     return DataConfig(**d)
+
+
+def load_data_yaml(path: Path) -> DataConfig:
+    """A conf/data/*.yaml, its interpolations (e.g. data=auto's ``${shared_or_sample:…}``) resolved."""
+    from omegaconf import OmegaConf
+
+    register_resolvers(project_root=PROJECT_ROOT)
+    return data_config(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.data is not None:
             if not args.data.is_file():
                 raise SystemExit(f"error: data config not found: {args.data}; pass a YAML from conf/data/")
-            data = data_config(yaml.safe_load(args.data.read_text()))
+            data = load_data_yaml(args.data)
         else:
             data = data_config(state["config"]["data"])
         records = load_records(data, args.split, project_root=PROJECT_ROOT)

@@ -24,7 +24,8 @@ def load_records(data: DataConfig, split: str, *, project_root: Path) -> list:
     """All records of ``split`` ('train' or 'val'), validated (one-line DataError on bad input)."""
     s = getattr(data, split)
     records, report = load_split(format=s.format, root=data_root(data, project_root=project_root), images=s.images,
-                                 annotations=s.annotations, labels=s.labels, class_map=dict(data.class_map),
+                                 annotations=s.annotations, labels=s.labels, class_names=tuple(data.class_names),
+                                 class_map=dict(data.class_map),
                                  num_label_classes=data.num_label_classes, lenient=data.lenient)  # fmt: skip
     if report.total:
         log.warning("%s split: %s", split, report)

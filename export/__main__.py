@@ -19,7 +19,9 @@ import sys
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-FLAGS = {"checkpoint": "checkpoint", "precision": "precision", "backend": "backend", "target": "target", "out": "out"}
+FLAGS = {"checkpoint": "checkpoint", "precision": "precision", "backend": "backend", "target": "target", "out": "out",
+         "calib_images": "int8.images", "calib_data": "int8.data", "calib_method": "int8.method",
+         "calib_batches": "int8.batches", "calib_batch_size": "int8.batch_size"}  # fmt: skip
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,10 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Any key of conf/export.yaml can also be given as key=value, e.g. batch.max=32 topk=50.",
     )
     p.add_argument("--checkpoint", help="checkpoint .pt written by python -m train")
-    p.add_argument("--precision", help="fp32 | fp16 (int8: not built yet)")
+    p.add_argument("--precision", help="fp32 | fp16 | int8 (int8 needs --calib-images or --calib-data)")
     p.add_argument("--backend", help="onnx | tensorrt | tensorrt-rtx")
     p.add_argument("--target", help="plugins | native (default: plugins for tensorrt, native otherwise)")
     p.add_argument("--out", help="output folder (default: <checkpoint dir>/export)")
+    p.add_argument("--calib-images", help="int8: a folder of calibration images")
+    p.add_argument("--calib-data", help="int8: a data YAML; calibrates on its int8.split (train), gates on val")
+    p.add_argument("--calib-method", help="int8: entropy (default) | minmax | percentile (int8.percentile=99.99)")
+    p.add_argument("--calib-batches", type=int, help="int8: at most this many batches (default 1000)")
+    p.add_argument("--calib-batch-size", type=int, help="int8: images per batch (default 8)")
+    p.add_argument("--force", action="store_true", help="overwrite INT8 artifacts already in the output folder")
     p.add_argument("--random-init", action="store_true", help="export untrained weights (smoke tests only)")
     p.add_argument("--model", help="with --random-init: a conf/model/*.yaml name, e.g. sidnet")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -77,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
                 OmegaConf.update(cfg, key, getattr(args, flag), merge=False)
         if args.random_init:
             cfg.random_init = True
+        if args.force:
+            cfg.force = True
         config = OmegaConf.to_object(cfg)
     except Exception as e:  # noqa: BLE001  (Hydra and OmegaConf raise many types for a bad override)
         raise SystemExit(f"error: bad configuration: {str(e).strip().splitlines()[0]}") from None

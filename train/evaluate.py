@@ -2,6 +2,8 @@
 precision at confidence 0.3, false positives per person-free image; writes a JSON report.
 
 The data defaults to the checkpoint's own validation split; ``--data conf/data/<x>.yaml`` evaluates elsewhere.
+``--onnx model.onnx --data conf/data/<x>.yaml`` evaluates an exported ONNX (FP32, FP16 or INT8 Q/DQ, native target)
+in onnxruntime through the same evaluator and report; an INT8 model is checked against its provenance manifest first.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ def load_data_yaml(path: Path) -> DataConfig:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, type=Path)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", type=Path, help="a .pt written by python -m train")
+    what.add_argument("--onnx", type=Path, help="an exported .onnx (native target), run by onnxruntime (needs --data)")
     p.add_argument("--data", type=Path, help="data YAML (default: the checkpoint's data config)")
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--conf", type=float, default=0.3, help="operating confidence for recall/precision/FP")
@@ -55,6 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, help="JSON report (default: next to the checkpoint)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.onnx is not None:
+        return evaluate_onnx(args)
     try:
         state = load_checkpoint(args.checkpoint)
         if args.data is not None:
@@ -68,13 +74,45 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {e}") from None
     device = resolve_device(args.device)
     model = model_from_checkpoint(state, ema=not args.no_ema).to(device)
-    dataset = DetectionDataset(records, size=state["model"]["input_size"])
-    preds = predict_dataset(model, dataset, device=device, batch_size=args.batch_size, amp=False)
-    report = evaluate_detections(records, preds, operating_conf=args.conf)
-    out = args.out or args.checkpoint.with_name(f"{args.checkpoint.stem}_{args.split}_report.json")
-    extra = {"checkpoint": str(args.checkpoint), "model": state["model"]["name"], "epoch": state["epoch"],
+    extra = {"checkpoint": str(args.checkpoint), "model": state["model"]["name"], "epoch": state.get("epoch"),
              "input_size": state["model"]["input_size"], "split": args.split, **environment(device),
              "versions": {"torch": torch.__version__}}  # fmt: skip
+    return _evaluate(model, records, args, size=state["model"]["input_size"], device=device, source=args.checkpoint,
+                     extra=extra)  # fmt: skip
+
+
+def evaluate_onnx(args) -> dict:
+    """The ``--onnx`` path: same records, same predict/evaluate, onnxruntime instead of PyTorch."""
+    import onnxruntime
+
+    from sidnet.engine.onnx_detector import OnnxDetector
+    from sidnet.export.errors import ExportError
+    from sidnet.export.manifest import check_artifact
+
+    if args.data is None:
+        raise SystemExit("error: --onnx needs --data conf/data/<x>.yaml (an ONNX file carries no data config)")
+    if not args.onnx.is_file():
+        raise SystemExit(f"error: ONNX file not found: {args.onnx}; pass a model.onnx written by python -m export")
+    if not args.data.is_file():
+        raise SystemExit(f"error: data config not found: {args.data}; pass a YAML from conf/data/")
+    try:
+        check_artifact(args.onnx)
+        detector = OnnxDetector(args.onnx)
+        records = load_records(load_data_yaml(args.data), args.split, project_root=PROJECT_ROOT)
+    except (ExportError, DataError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    extra = {"onnx": str(args.onnx), "model": detector.metadata.get("model"), "precision": detector.precision,
+             "input_size": detector.input_size, "split": args.split, **environment("cpu"),
+             "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}  # fmt: skip
+    return _evaluate(detector, records, args, size=detector.input_size, device=torch.device("cpu"), source=args.onnx,
+                     extra=extra)  # fmt: skip
+
+
+def _evaluate(model, records, args, *, size: int, device: torch.device, source: Path, extra: dict) -> dict:
+    dataset = DetectionDataset(records, size=size)
+    preds = predict_dataset(model, dataset, device=device, batch_size=args.batch_size, amp=False)
+    report = evaluate_detections(records, preds, operating_conf=args.conf)
+    out = args.out or source.with_name(f"{source.stem}_{args.split}_report.json")
     extra = {k: v for k, v in extra.items() if k not in report}
     write_report(report, out, extra=extra)
     print(json.dumps({k: report.get(k) for k in KEYS}, indent=None))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from sidnet.config import ModelConfig
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("onnx", "tensorrt", "tensorrt-rtx")
 TARGETS = ("plugins", "native")
 
@@ -38,6 +38,25 @@ class ParityConfig:
 
 
 @dataclass
+class Int8Config:
+    """``--precision int8``: calibration set, method, accuracy gate (see :mod:`sidnet.export.int8_export`)."""
+
+    images: str | None = None  # a folder of calibration images (deployment-like frames)
+    data: str | None = None  # or a data YAML (conf/data/*.yaml) ...
+    split: str = "train"  # ... and its split to calibrate on
+    batches: int = 1000  # at most this many full batches (fewer when fewer images are available)
+    batch_size: int = 8
+    method: str = "entropy"  # entropy (TensorRT EntropyCalibration2) | minmax | percentile
+    percentile: float = 99.99
+    high_precision: str = "fp32"  # dtype outside Q/DQ: fp32, or fp16
+    exclude: list[str] = field(default_factory=list)  # ONNX node names to keep out of INT8 by hand
+    gate_data: str | None = None  # held-out labelled data YAML for the accuracy gate (default: `data`)
+    gate_split: str = "val"
+    budget: float = 1.0  # allowed AP50 drop, in points (1.0 = 0.01 AP50)
+    max_fallback: int = 8  # most layers the gate may move back to high precision
+
+
+@dataclass
 class ExportConfig:
     checkpoint: str | None = None  # a .pt written by `python -m train`
     random_init: bool = False  # export `model` with random weights instead (smoke tests; never for deployment)
@@ -57,3 +76,5 @@ class ExportConfig:
     timing_cache: str | None = None  # null: <out>/timing.cache (full TensorRT only; a no-op in TensorRT-RTX)
     workspace_mib: int | None = None  # builder workspace limit; null: TensorRT's default (the device's memory)
     seed: int = 0  # random_init weights and parity images
+    int8: Int8Config = field(default_factory=Int8Config)
+    force: bool = False  # overwrite INT8 artifacts already in `out`

@@ -22,7 +22,6 @@ from sidnet.models import Reorg, YOLOv2, build_model
 
 log = logging.getLogger("sidnet.export")
 
-INT8_MESSAGE = "INT8 needs calibration, which is not built yet (issue: INT8); use fp32 or fp16"
 TRT_TOPK_MAX = 3840  # TensorRT's TopK layer limit on K
 
 
@@ -48,15 +47,20 @@ class ExportResult:
 def resolve_options(cfg: ExportConfig) -> Options:
     """Validate precision/backend/target/batch/topk; ``target`` defaults to plugins for tensorrt, else native."""
     precision, backend = str(cfg.precision).lower(), str(cfg.backend).lower()
-    if precision == "int8":
-        raise ExportError(INT8_MESSAGE)
     if precision not in PRECISIONS:
-        raise ExportError(f"unsupported precision {cfg.precision!r}: use fp32 or fp16 (int8: not built yet)")
+        raise ExportError(f"unsupported precision {cfg.precision!r}: use fp32, fp16 or int8")
     if backend not in BACKENDS:
         raise ExportError(f"unsupported backend {cfg.backend!r}: use {', '.join(BACKENDS)}")
     target = str(cfg.target).lower() if cfg.target else ("plugins" if backend == "tensorrt" else "native")
     if target not in TARGETS:
         raise ExportError(f"unsupported target {cfg.target!r}: use plugins (TensorRT) or native (any backend)")
+    if precision == "int8":
+        from sidnet.export.calibration import METHODS
+        from sidnet.export.int8 import import_modelopt
+
+        if cfg.int8.method not in METHODS:
+            raise ExportError(f"unknown calibration method {cfg.int8.method!r}: use {', '.join(METHODS)}")
+        import_modelopt()
     if backend == "tensorrt-rtx" and target == "plugins":
         raise ExportError("TensorRT-RTX has no plugin layer: use --target native, or --backend tensorrt for plugins")
     b = cfg.batch
@@ -193,20 +197,8 @@ def build_graph(
     deploy: DeployModel, *, target: str, precision: str, opset: int
 ) -> tuple[onnx.ModelProto, onnx.ModelProto, list[str]]:
     """Trace ``deploy`` and run the surgery: (as exported by torch, final graph, surgery log lines)."""
-    model = deploy.model
-    with torch.no_grad():
-        raw = model(torch.zeros(1, 3, model.input_size, model.input_size))
-    stride_x, stride_y = deploy.decode.stride(raw)
     exported = export_onnx(deploy, opset=opset)
-    decode_attrs = {
-        "anchors": [float(v) for v in model.anchors.flatten().tolist()],
-        "num_anchors": int(model.anchors.shape[0]),
-        "num_classes": model.num_classes,
-        "stride_x": float(stride_x),
-        "stride_y": float(stride_y),
-        "conf_thresh": float(deploy.decode.conf_thresh),
-        "topk": int(deploy.decode.topk),
-    }
+    decode_attrs = _decode_attrs(deploy)
     final, slog = rewrite(
         exported,
         module_scopes(exported),
@@ -281,6 +273,42 @@ def _report(opts: Options, meta: dict, exported, final, surgery: list[str], chec
     }
 
 
+def _quantize(cfg, opts, final, meta, surgery, out_dir, model, project_root):
+    """FP32 native graph → Q/DQ graph (+ plugins surgery when asked); returns (graph, Int8Result, surgery log)."""
+    from sidnet.export.int8_export import quantize_export
+    from sidnet.export.surgery import native_to_plugins
+
+    qat = getattr(model, "qat_amax", None)
+    result = quantize_export(final, cfg.int8, out_dir, size=model.input_size, project_root=project_root,
+                             force=cfg.force, qat_amax=qat)  # fmt: skip
+    qdq = result.qdq
+    surgery = [*surgery, f"int8: modelopt Q/DQ on {len(result.manifest['quantized_layers'])} layers, "
+               f"{result.manifest['cache']['tensors']} activation scales from {result.cache.name}"]  # fmt: skip
+    if opts.target == "plugins":
+        deploy = DeployModel(model, conf_thresh=cfg.conf_thresh, topk=cfg.topk).eval()
+        qdq, lines = native_to_plugins(qdq, decode_attrs=_decode_attrs(deploy))
+        surgery += lines
+    set_metadata(qdq, meta)
+    return qdq, result, surgery
+
+
+def _decode_attrs(deploy: DeployModel) -> dict:
+    """The ``sidnet::RegionDecode`` attributes of ``deploy`` (anchors in input pixels, strides, threshold, K)."""
+    model = deploy.model
+    with torch.no_grad():
+        raw = model(torch.zeros(1, 3, model.input_size, model.input_size))
+    stride_x, stride_y = deploy.decode.stride(raw)
+    return {
+        "anchors": [float(v) for v in model.anchors.flatten().tolist()],
+        "num_anchors": int(model.anchors.shape[0]),
+        "num_classes": model.num_classes,
+        "stride_x": float(stride_x),
+        "stride_y": float(stride_y),
+        "conf_thresh": float(deploy.decode.conf_thresh),
+        "topk": int(deploy.decode.topk),
+    }
+
+
 def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
     """The whole export; raises :class:`ExportError` (or ``CheckpointError``) with one-line messages."""
     import sidnet
@@ -294,11 +322,16 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
     log.info("export: %s, %s, target %s, backend %s -> %s", source, opts.precision, opts.target, opts.backend, out_dir)
 
     deploy = DeployModel(model, conf_thresh=cfg.conf_thresh, topk=cfg.topk).eval()
-    exported, final, surgery = build_graph(deploy, target=opts.target, precision=opts.precision, opset=cfg.opset)
+    int8 = opts.precision == "int8"
+    graph_precision, graph_target = ("fp32", "native") if int8 else (opts.precision, opts.target)
+    exported, final, surgery = build_graph(deploy, target=graph_target, precision=graph_precision, opset=cfg.opset)
     meta = _metadata(cfg, opts, model, name, source, class_names)
     final.producer_name, final.producer_version = "sidnet", sidnet.__version__
     final.doc_string = f"SIDNet {model.num_classes}-class detector. {PREPROCESSING} {OUTPUTS}"
-    set_metadata(final, meta)
+    set_metadata(final, {**meta, "precision": "fp32", "target": "native"} if int8 else meta)
+    int8_result = None
+    if int8:
+        final, int8_result, surgery = _quantize(cfg, opts, final, meta, surgery, out_dir, model, project_root)
     try:
         onnx.checker.check_model(final, full_check=opts.target == "native")
         checker = "passed" + ("" if opts.target == "native" else " (sidnet:: ops are not checked by schema)")
@@ -307,11 +340,20 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
     onnx_path = out_dir / "model.onnx"
     onnx.save(final, str(onnx_path))
 
-    tolerance = dict(getattr(cfg.parity, opts.precision))
-    parity = check_parity(deploy, final, batches=list(cfg.parity.batches), seed=cfg.seed, tolerance=tolerance)
-    log.info("parity: %s", parity.summary())
+    # INT8: parity of the calibrated FP32 graph (the surgery); INT8 vs FP32 accuracy is the gate's job.
+    tolerance = dict(getattr(cfg.parity, graph_precision))
+    probe = onnx.load(str(int8_result.fp32_path)) if int8 else final
+    parity = check_parity(deploy, probe, batches=list(cfg.parity.batches), seed=cfg.seed, tolerance=tolerance)
+    log.info("parity%s: %s", " (FP32 source of the INT8 graph)" if int8 else "", parity.summary())
     report = _report(opts, meta, exported, final, surgery, checker, parity)
     report["files"][onnx_path.name] = sha256_file(onnx_path)
+    if int8:
+        from sidnet.export.int8_export import finish_manifest
+
+        manifest_path = finish_manifest(out_dir, int8_result.manifest, onnx_path)
+        report["int8"] = int8_result.manifest
+        for path in (int8_result.fp32_path, int8_result.cache, manifest_path):
+            report["files"][path.name] = sha256_file(path)
     if not parity.passed:
         write_report(out_dir, report)
         raise ParityError(f"exported graph does not match PyTorch: {parity.summary()}; see {out_dir / 'report.md'}")

@@ -364,6 +364,43 @@ def to_fp16(graph: gs.Graph, slog: SurgeryLog) -> gs.Graph:
     return graph
 
 
+# -- INT8 --------------------------------------------------------------------------------------------------------------
+def _descendants(tensor: gs.Tensor) -> list[gs.Node]:
+    seen, stack, out = set(), list(tensor.outputs), []
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        out.append(node)
+        stack.extend(c for t in node.outputs for c in t.outputs)
+    return out
+
+
+def native_to_plugins(model: onnx.ModelProto, *, decode_attrs: dict) -> tuple[onnx.ModelProto, list[str]]:
+    """The plugins target of an already quantized native graph (INT8 quantizes the native graph, which onnxruntime
+    can run): each ``SpaceToDepth`` → ``sidnet::Reorg`` (same channel order, Q/DQ around it untouched), everything
+    downstream of ``raw`` (the FP32 decode + top-K) → one ``sidnet::RegionDecode``."""
+    slog = SurgeryLog()
+    graph = gs.import_onnx(model)
+    before = len(graph.nodes)
+    reorgs = [n for n in graph.nodes if n.op == "SpaceToDepth"]
+    for node in reorgs:
+        stride = int(node.attrs["blocksize"])
+        node.op, node.domain, node.name = "Reorg", DOMAIN, node.name.replace("SpaceToDepth", "Reorg")
+        node.attrs = _plugin_attrs(stride=stride)
+    slog.step("int8 plugins: SpaceToDepth -> sidnet::Reorg", before, len(graph.nodes), f"{len(reorgs)} reorg(s)")
+    raw = graph.tensors().get(RAW_NAME)
+    if raw is None:
+        raise SurgeryError(f"native_to_plugins: no tensor '{RAW_NAME}' (the decode input) in the graph")
+    before, decode = len(graph.nodes), _descendants(raw)
+    graph.replace_subgraph(decode, [raw], list(graph.outputs), op="RegionDecode", domain=DOMAIN,
+                           name="decode.RegionDecode", attrs=_plugin_attrs(**decode_attrs))  # fmt: skip
+    graph.cleanup().toposort()
+    slog.step("int8 plugins: decode + top-K -> sidnet::RegionDecode", before, len(graph.nodes))
+    return export_model(graph), slog.lines
+
+
 # -- entry points ------------------------------------------------------------------------------------------------------
 def export_model(graph: gs.Graph) -> onnx.ModelProto:
     """gs → ONNX, declaring the ``sidnet`` domain when a plugin node uses it."""

@@ -1,0 +1,130 @@
+"""FP32 ONNX (native target, after surgery) → explicit-quantization (Q/DQ) ONNX with nvidia-modelopt.
+
+modelopt (``modelopt.onnx.quantization``, NVIDIA's tool for TensorRT explicit quantization) decides where Q/DQ pairs
+go (TensorRT-friendly: per-channel symmetric weights, per-tensor symmetric activations on the inputs of Conv/Add/…,
+so Conv+BN+ReLU fuse in INT8). Activation ranges come from our own streaming calibration
+(:mod:`sidnet.export.calibration`): modelopt's calibrators keep every batch's activations in memory and know only
+entropy and max, so we hand it a TensorRT calibration cache instead (``calibration_cache_path``), which it reads back
+into the Q/DQ scales. That one cache is also the file implicit-INT8 TensorRT users load, so the Q/DQ model and the
+cache come from the same calibration by construction.
+
+Three passes: (1) a placement probe (modelopt on one batch) lists the activation tensors it quantizes; (2) the
+streamed calibration over those tensors → amax → cache; (3) modelopt again with the cache. Kept out of INT8 by
+default: the last 1x1 conv (the head output ``raw``) and everything after it (region decode, sigmoid, top-K), plus
+any node named in ``exclude`` (the accuracy gate's fallback adds to it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from sidnet.export.calibration import CalibrationError
+from sidnet.export.errors import ExportError
+from sidnet.export.wrapper import INPUT_NAME, RAW_NAME
+
+log = logging.getLogger("sidnet.export.int8")
+
+INSTALL_HINT = "pip install -e '.[int8]' (nvidia-modelopt and the few packages its ONNX quantizer imports)"
+HIGH_PRECISION = ("fp32", "fp16")
+
+
+def import_modelopt():
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            from modelopt.onnx.quantization import quantize
+    except ImportError as e:
+        raise ExportError(f"INT8 export needs nvidia-modelopt's ONNX quantizer ({e}): {INSTALL_HINT}") from e
+    return quantize
+
+
+def head_and_decode_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the node producing ``raw`` (the last 1x1 conv) and of every node downstream of it (the decode)."""
+    producers = [n for n in model.graph.node if RAW_NAME in n.output]
+    if not producers:
+        raise ExportError(f"no tensor '{RAW_NAME}' in the FP32 graph: INT8 quantizes the graph after surgery")
+    names, frontier = {producers[0].name}, {RAW_NAME}
+    for node in model.graph.node:  # graph is topologically sorted after surgery
+        if frontier.intersection(node.input):
+            names.add(node.name)
+            frontier.update(node.output)
+    return [n.name for n in model.graph.node if n.name in names]
+
+
+def quantize_with_modelopt(
+    fp32_path: Path,
+    *,
+    batch: np.ndarray,
+    exclude: Sequence[str],
+    cache: Path | None = None,
+    high_precision: str = "fp32",
+) -> onnx.ModelProto:
+    """One modelopt INT8 pass on CPU. With ``cache``, the activation scales are the cache's; ``batch`` is what
+    modelopt's own (then overwritten) calibration pass runs on."""
+    if high_precision not in HIGH_PRECISION:
+        raise ExportError(f"int8.high_precision={high_precision!r}: use fp32 or fp16 (outside Q/DQ)")
+    quantize = import_modelopt()
+    fd, tmp = tempfile.mkstemp(suffix=".onnx")
+    os.close(fd)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize(
+                str(fp32_path),
+                quantize_mode="int8",
+                calibration_data={INPUT_NAME: batch},
+                calibration_method="max",
+                calibration_cache_path=str(cache) if cache else None,
+                calibration_eps=["cpu"],
+                nodes_to_exclude=[f"^{re.escape(n)}$" for n in exclude],
+                high_precision_dtype=high_precision,
+                output_path=tmp,
+                log_level="CRITICAL",  # its NVML probe logs an ERROR on machines without a GPU
+            )
+        return onnx.load(tmp)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def activation_scales(qdq: onnx.ModelProto) -> dict[str, float]:
+    """``{activation tensor: INT8 scale}`` of every QuantizeLinear whose input is not a weight."""
+    inits = _initializers(qdq)
+    out = {}
+    for node in qdq.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in inits:
+            out[node.input[0]] = float(np.asarray(inits[node.input[1]]).reshape(-1)[0])
+    return out
+
+
+def quantized_layers(qdq: onnx.ModelProto) -> list[str]:
+    """Names of the compute nodes that read a DequantizeLinear output (the layers that run in INT8), in order."""
+    dq_out = {o for n in qdq.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [
+        n.name
+        for n in qdq.graph.node
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and dq_out.intersection(n.input)
+    ]
+
+
+def check_cache_applied(qdq: onnx.ModelProto, scales: dict[str, float]) -> None:
+    """Every activation Q/DQ of ``qdq`` must carry the cache's scale (modelopt silently keeps its own otherwise)."""
+    got = activation_scales(qdq)
+    bad = [t for t, s in got.items() if t not in scales or not np.isclose(s, scales[t], rtol=1e-6, atol=0)]
+    if bad:
+        raise CalibrationError(
+            f"{len(bad)} activation scale(s) of the Q/DQ model differ from the calibration cache (first: {bad[0]}); "
+            "the cache does not belong to this graph: recalibrate with --force"
+        )

@@ -1,0 +1,173 @@
+"""``--precision int8``: the FP32 native graph → calibration → Q/DQ ONNX + TensorRT calibration cache → accuracy gate
+→ provenance manifest. Called by :func:`sidnet.export.pipeline.run_export`; plain arguments only.
+
+Files written in the export folder (none overwritten without ``force``): ``model_fp32.onnx`` (the calibrated FP32
+graph, the implicit-INT8 input), ``model.onnx`` (Q/DQ), ``calibration.cache`` (TensorRT text format, names = the FP32
+graph's tensor names, which TensorRT's ONNX parser keeps), ``int8_manifest.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from sidnet.export import calibration as calib
+from sidnet.export import int8 as q
+from sidnet.export.errors import ExportError
+from sidnet.export.manifest import MANIFEST_NAME, file_sha256, graph_sha256, write_manifest
+
+log = logging.getLogger("sidnet.export.int8")
+
+FILES = ("model.onnx", "model_fp32.onnx", "calibration.cache", MANIFEST_NAME)
+CACHE_TRT_VERSION = "100100"  # the header TensorRT 10.x writes (major*10000 + minor*100 + patch)
+
+
+@dataclass
+class Int8Result:
+    qdq: onnx.ModelProto
+    manifest: dict
+    cache: Path
+    fp32_path: Path
+
+
+def refuse_overwrite(out_dir: Path, *, force: bool) -> None:
+    existing = [f for f in FILES if (out_dir / f).exists()]
+    if existing and not force:
+        raise ExportError(f"{out_dir} already holds {', '.join(existing)}: pass --force to overwrite, or --out elsewhere")
+
+
+def calibration_set(int8, *, size: int, project_root: Path) -> tuple[calib.CalibrationSet, str]:
+    """The images from ``int8.images`` (a folder) or ``int8.data`` (a data YAML) split ``int8.split``."""
+    if bool(int8.images) == bool(int8.data):
+        raise calib.CalibrationError(
+            "INT8 needs a calibration set: pass exactly one of --calib-images FOLDER or --calib-data conf/data/X.yaml"
+        )
+    if int8.images:
+        paths, source = calib.folder_images(int8.images), f"folder {int8.images}"
+    else:
+        records = _records(int8.data, int8.split, project_root=project_root)
+        paths, source = [r.path for r in records], f"{int8.data} split {int8.split}"
+        if not paths:
+            raise calib.CalibrationError(f"{int8.data} split {int8.split} has no images to calibrate with")
+    return calib.CalibrationSet(list(paths), size=size, batch_size=int8.batch_size, batches=int8.batches), source
+
+
+def _records(data_yaml: str, split: str, *, project_root: Path) -> list:
+    from sidnet.data.errors import DataError
+    from sidnet.engine.data import load_records
+    from train.evaluate import load_data_yaml
+
+    path = Path(data_yaml)
+    if not path.is_file():
+        raise calib.CalibrationError(f"data config not found: {path}; pass a YAML from conf/data/")
+    try:
+        return load_records(load_data_yaml(path), split, project_root=project_root)
+    except (DataError, FileNotFoundError) as e:
+        raise calib.CalibrationError(str(e)) from e
+
+
+def quantize_export(
+    fp32: onnx.ModelProto, int8, out_dir: Path, *, size: int, project_root: Path, force: bool, qat_amax: dict | None
+) -> Int8Result:
+    refuse_overwrite(out_dir, force=force)
+    fp32_path = out_dir / "model_fp32.onnx"
+    onnx.save(fp32, str(fp32_path))
+    exclude = [*q.head_and_decode_nodes(fp32), *int8.exclude]
+    cset, source = calibration_set(int8, size=size, project_root=project_root)
+    first = next(iter(calib.CalibrationSet(cset.paths[: cset.batch_size], size=size, batch_size=cset.batch_size)))
+    probe = q.quantize_with_modelopt(fp32_path, batch=first, exclude=exclude, high_precision=int8.high_precision)
+    tensors = list(q.activation_scales(probe))
+    if qat_amax is not None:
+        missing = [t for t in tensors if t not in qat_amax]
+        if missing:
+            raise ExportError(f"the QAT checkpoint has no activation range for {len(missing)} tensor(s) "
+                              f"(first: {missing[0]}): fine-tune again with this sidnet version")  # fmt: skip
+        amax, method = {t: qat_amax[t] for t in tensors}, "qat"
+        log.info("int8: %d activation ranges from the QAT checkpoint (no calibration)", len(amax))
+    else:
+        log.info("int8: calibrating %d activation tensors on %d batch(es) of %d from %s, method %s",
+                 len(tensors), cset.num_batches, cset.batch_size, source, int8.method)  # fmt: skip
+        stats = calib.collect_statistics(fp32.SerializeToString(), tensors, cset)
+        amax, method = calib.activation_amax(stats, method=int8.method, percentile=int8.percentile), int8.method
+    scales = {t: max(a, 1e-8) / 127.0 for t, a in amax.items()}
+    cache = out_dir / "calibration.cache"
+    cache.write_text(calib.cache_text(scales, method="entropy" if method == "qat" else method,
+                                      trt_version=CACHE_TRT_VERSION))  # fmt: skip
+
+    def requantize(extra: list[str]) -> onnx.ModelProto:
+        model = q.quantize_with_modelopt(fp32_path, batch=first, exclude=[*exclude, *extra], cache=cache,
+                                         high_precision=int8.high_precision)  # fmt: skip
+        q.check_cache_applied(model, scales)
+        return model
+
+    qdq = requantize([])
+    layers = q.quantized_layers(qdq)
+    gate = _gate(fp32, qdq, requantize, layers, int8, cset, size=size, project_root=project_root)
+    if gate is not None:
+        qdq, gate_record = gate
+    else:
+        gate_record = {"passed": None, "note": "not run: no held-out labelled split (int8.gate_data, or --calib-data)"}
+    manifest = {
+        "fp32_onnx": {"file": fp32_path.name, "graph_sha256": graph_sha256(fp32)},
+        "preprocessing": {"text": _meta(fp32, "preprocessing"), "input_size": size},
+        "calibration": {
+            "source": source if qat_amax is None else "QAT checkpoint activation ranges (no calibration)",
+            "method": method, "percentile": int8.percentile if method == "percentile" else None,
+            "batches": cset.num_batches if qat_amax is None else 0, "batch_size": cset.batch_size,
+            "images": len(cset.used) if qat_amax is None else 0,
+            "image_list_sha256": cset.digest() if qat_amax is None else None,
+        },  # fmt: skip
+        "quantized_layers": q.quantized_layers(qdq),
+        "kept_out_of_int8": {"head_and_decode": exclude[: len(exclude) - len(int8.exclude)],
+                             "by_request": list(int8.exclude), "by_accuracy_gate": gate_record.get("kept_out", [])},
+        "high_precision": int8.high_precision,
+        "accuracy_gate": gate_record,
+        "cache": {"file": cache.name, "sha256": file_sha256(cache), "tensors": len(scales)},
+        "versions": _versions(),
+    }  # fmt: skip
+    return Int8Result(qdq, manifest, cache, fp32_path)
+
+
+def finish_manifest(out_dir: Path, manifest: dict, qdq_path: Path) -> Path:
+    manifest["qdq_onnx"] = {"file": qdq_path.name, "sha256": file_sha256(qdq_path)}
+    return write_manifest(out_dir, manifest)
+
+
+def _meta(model: onnx.ModelProto, key: str) -> str | None:
+    return next((p.value for p in model.metadata_props if p.key == key), None)
+
+
+def _gate(fp32, qdq, requantize, layers, int8, cset, *, size: int, project_root: Path):
+    from sidnet.export.accuracy_gate import fallback_loop
+
+    data = int8.gate_data or int8.data
+    if not data:
+        log.warning("int8: accuracy gate not run (no held-out labelled split: pass int8.gate_data=conf/data/X.yaml)")
+        return None
+    records = _records(data, int8.gate_split, project_root=project_root)
+    used = {Path(p).resolve() for p in cset.used}
+    overlap = [r.path for r in records if Path(r.path).resolve() in used]
+    if overlap:
+        raise calib.CalibrationError(
+            f"held-out split {data}:{int8.gate_split} shares {len(overlap)} image(s) with the calibration set "
+            f"(e.g. {overlap[0]}): calibrate on another split or folder"
+        )
+    images = np.stack([calib.preprocess(Path(r.path), size) for r in records[: int8.batch_size]])
+    return fallback_loop(fp32=fp32, qdq=qdq, requantize=requantize, layers=layers, records=records, images=images,
+                         budget=int8.budget, max_fallback=int8.max_fallback)  # fmt: skip
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for dist in ("nvidia-modelopt", "onnx", "onnxruntime", "torch", "sidnet"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = None
+    return out

@@ -339,8 +339,8 @@ def _cli(*argv: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 def test_cli_int8_and_missing_checkpoint_are_one_line_errors(tmp_path):
     for argv, expected in [
         (
-            ["--precision", "int8", "--backend", "tensorrt"],
-            "error: INT8 needs calibration, which is not built yet (issue: INT8); use fp32 or fp16",
+            ["--precision", "int8", "--checkpoint", str(tmp_path / "nope.pt")],
+            "error: INT8 needs a calibration set: pass exactly one of --calib-images FOLDER or --calib-data",
         ),
         (["--checkpoint", str(tmp_path / "nope.pt")], "error: checkpoint not found"),
     ]:

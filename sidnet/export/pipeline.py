@@ -60,6 +60,9 @@ def resolve_options(cfg: ExportConfig) -> Options:
 
         if cfg.int8.method not in METHODS:
             raise ExportError(f"unknown calibration method {cfg.int8.method!r}: use {', '.join(METHODS)}")
+        if bool(cfg.int8.images) == bool(cfg.int8.data):
+            raise ExportError("INT8 needs a calibration set: pass exactly one of --calib-images FOLDER or "
+                              "--calib-data conf/data/X.yaml")  # fmt: skip
         import_modelopt()
     if backend == "tensorrt-rtx" and target == "plugins":
         raise ExportError("TensorRT-RTX has no plugin layer: use --target native, or --backend tensorrt for plugins")

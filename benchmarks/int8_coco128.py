@@ -75,7 +75,8 @@ def main() -> None:
     rep = evaluate_detections(val, preds, operating_conf=0.3)
     rows["PyTorch FP32"] = {k: float(rep[k]) for k in ("AP", "AP50", "recall")}
 
-    res = run_export(ExportConfig(checkpoint=args.checkpoint, out=str(work / "fp32"), target="native"), project_root=ROOT)
+    cfg = ExportConfig(checkpoint=args.checkpoint, out=str(work / "fp32"), target="native")
+    res = run_export(cfg, project_root=ROOT)
     fp32 = onnx.load(str(res.onnx_path))
     rows["ONNX FP32 (onnxruntime)"] = evaluate_ap50(fp32, val)
 

@@ -112,7 +112,7 @@ def preprocess(path: Path, size: int) -> np.ndarray:
     return np.ascontiguousarray(boxed.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
 
 
-# -- streaming statistics ------------------------------------------------------------------------------------------------
+# -- streaming statistics ---------------------------------------------------------------------------------------------
 class AbsHistogram:
     """Histogram of |x| over [0, edge] in :data:`NUM_BINS` bins; the range doubles (merging bin pairs) as needed."""
 
@@ -131,7 +131,8 @@ class AbsHistogram:
         if self.edge == 0.0:
             self.edge = top
         while top > self.edge:  # double the range: bin i and i+1 merge into bin i // 2
-            self.counts = np.concatenate([self.counts.reshape(-1, 2).sum(axis=1), np.zeros(NUM_BINS // 2, np.int64)])
+            merged = self.counts.reshape(-1, 2).sum(axis=1)
+            self.counts = np.concatenate([merged, np.zeros(NUM_BINS // 2, np.int64)])
             self.edge *= 2.0
         idx = np.minimum((a * (NUM_BINS / self.edge)).astype(np.int64), NUM_BINS - 1)
         self.counts += np.bincount(idx, minlength=NUM_BINS)

@@ -37,7 +37,9 @@ class Int8Result:
 def refuse_overwrite(out_dir: Path, *, force: bool) -> None:
     existing = [f for f in FILES if (out_dir / f).exists()]
     if existing and not force:
-        raise ExportError(f"{out_dir} already holds {', '.join(existing)}: pass --force to overwrite, or --out elsewhere")
+        raise ExportError(
+            f"{out_dir} already holds {', '.join(existing)}: pass --force to overwrite, or --out elsewhere"
+        )
 
 
 def calibration_set(int8, *, size: int, project_root: Path) -> tuple[calib.CalibrationSet, str]:

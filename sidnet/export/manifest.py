@@ -80,7 +80,8 @@ def check_artifact(onnx_path: str | Path) -> dict | None:
             raise _differs(f"FP32 source graph {fp32.name}", m["fp32_onnx"]["graph_sha256"][:12], now[:12], fix)
     cache = onnx_path.parent / m["cache"]["file"]
     if cache.is_file() and file_sha256(cache) != m["cache"]["sha256"]:
-        raise _differs(f"calibration cache {cache.name} sha256", m["cache"]["sha256"][:12], file_sha256(cache)[:12], fix)
+        now = file_sha256(cache)
+        raise _differs(f"calibration cache {cache.name} sha256", m["cache"]["sha256"][:12], now[:12], fix)
     return m
 
 

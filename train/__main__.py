@@ -19,7 +19,8 @@ from sidnet.cli import pop_verbose, run_guarded
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("sidnet.train")
-USAGE = __doc__.split("\n\n")[0] + "\nExamples: python -m train model=sidnet epochs=50 | python -m train name=x resume=true"
+EXAMPLES = "python -m train model=sidnet epochs=50 | python -m train name=x resume=true"
+USAGE = __doc__.split("\n\n")[0] + f"\nExamples: {EXAMPLES}"
 
 
 def compose(overrides: list[str]):
@@ -45,7 +46,8 @@ def _bad_config(e: Exception) -> ValueError:
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     head = lines[0] if lines else type(e).__name__
     hint = next((ln for ln in lines[1:] if ln.startswith(("To append", "Value '", "Key '"))), "")
-    return ValueError(f"bad configuration: {head}{'; ' + hint if hint else ''} (see conf/train.yaml and sidnet/config.py)")
+    hint = f"; {hint}" if hint else ""
+    return ValueError(f"bad configuration: {head}{hint} (see conf/train.yaml and sidnet/config.py)")
 
 
 def run(overrides: list[str]) -> dict:

@@ -29,10 +29,10 @@ from sidnet.engine.checkpoint import (
 )
 from sidnet.engine.data import build_datasets
 from sidnet.engine.ema import ModelEMA
-from sidnet.engine.runlock import acquire_run_lock, release_run_lock
-from sidnet.io import remove_stale_temporaries
 from sidnet.engine.predict import predict_dataset
+from sidnet.engine.runlock import acquire_run_lock, release_run_lock
 from sidnet.evaluation import evaluate_detections
+from sidnet.io import remove_stale_temporaries
 from sidnet.models import build_model
 from sidnet.models.loss import RegionLoss
 

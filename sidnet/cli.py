@@ -8,6 +8,7 @@ named as one, with the hint to rerun with ``-v``.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import sys
 from collections.abc import Callable
@@ -59,3 +60,14 @@ def pop_verbose(argv: list[str]) -> tuple[list[str], bool]:
     """Remove ``-v``/``--verbose`` from ``argv`` (for entry points whose other arguments are Hydra overrides)."""
     rest = [a for a in argv if a not in ("-v", "--verbose")]
     return rest, len(rest) != len(argv)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``error: ...`` line (exit 2) instead of usage text plus a message."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise SystemExit(f"error: {message} (see {self.prog} --help)")
+
+    def add_verbose(self) -> OneLineParser:
+        self.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error")
+        return self

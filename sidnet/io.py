@@ -96,3 +96,20 @@ def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+class OutputDirError(ValueError):
+    """An output folder cannot be created or written; the message is one line with the fix."""
+
+
+def ensure_writable_dir(folder: str | os.PathLike[str], *, fix: str) -> Path:
+    """Create ``folder`` if needed and prove it writable with a probe file, before any long work starts."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe."):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise OutputDirError(f"output folder {folder} cannot be written ({reason}); {fix}") from e
+    return folder

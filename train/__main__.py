@@ -43,7 +43,8 @@ def compose(overrides: list[str]):
 
 
 def _bad_config(e: Exception) -> ValueError:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    text = str(e) + (f"\n{e.__cause__}" if e.__cause__ is not None else "")
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     head = lines[0] if lines else type(e).__name__
     hint = next((ln for ln in lines[1:] if ln.startswith(("To append", "Value '", "Key '"))), "")
     hint = f"; {hint}" if hint else ""
@@ -53,16 +54,15 @@ def _bad_config(e: Exception) -> ValueError:
 def run(overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
 
-    from sidnet.config import validate_train_config
     from sidnet.engine.runlock import acquire_run_lock
-    from sidnet.engine.trainer import train
+    from sidnet.engine.trainer import check_train_config, train
     from sidnet.io import atomic_write_text
 
     try:
         config, cfg, run_dir = compose(overrides)
     except Exception as e:  # noqa: BLE001  (Hydra/OmegaConf raise many types for one bad override)
         raise _bad_config(e) from e
-    validate_train_config(config)
+    check_train_config(config, project_root=PROJECT_ROOT)  # nothing is written before the config is known good
     acquire_run_lock(run_dir)
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))

@@ -16,7 +16,7 @@ import torch
 from sidnet.cli import OneLineParser, run_guarded
 from sidnet.config import DataConfig, SplitConfig
 from sidnet.data import DetectionDataset
-from sidnet.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from sidnet.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from sidnet.engine.data import load_records
 from sidnet.engine.predict import predict_dataset
 from sidnet.engine.trainer import resolve_device
@@ -61,15 +61,18 @@ def main(argv: list[str] | None = None) -> dict:
 
 def evaluate(args: argparse.Namespace) -> dict:
     state = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(state, ema=not args.no_ema)
     if args.data is not None:
         if not args.data.is_file():
             raise FileNotFoundError(f"data config not found: {args.data}; pass a YAML from conf/data/")
         data = load_data_yaml(args.data)
     else:
+        if not isinstance(state.get("config"), dict) or "data" not in state["config"]:
+            raise CheckpointError(f"{args.checkpoint} records no data config; pass --data conf/data/<x>.yaml")
         data = data_config(state["config"]["data"])
     records = load_records(data, args.split, project_root=PROJECT_ROOT)
     device = resolve_device(args.device)
-    model = model_from_checkpoint(state, ema=not args.no_ema).to(device)
+    model = model.to(device)
     dataset = DetectionDataset(records, size=state["model"]["input_size"])
     preds = predict_dataset(model, dataset, device=device, batch_size=args.batch_size, amp=False)
     report = evaluate_detections(records, preds, operating_conf=args.conf)

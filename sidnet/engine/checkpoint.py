@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -130,8 +131,14 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         else:
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"refused {path}: {str(e).splitlines()[0][:160]}; SIDNet checkpoints hold only "
-                              "tensors and plain data — do not use this file") from e  # fmt: skip
+        found = re.search(r"(?:Unsupported global|GLOBAL):? *(?:GLOBAL )?([\w.]+)", str(e))
+        if found:  # a pickle (not a zip torch file, which the name check above catches) that names a callable
+            raise CheckpointError(f"refused {path}: it names Python objects ({found.group(1)}) that would run code "
+                                  "when loaded; SIDNet checkpoints hold only tensors and plain data — do not use "
+                                  "this file") from e  # fmt: skip
+        raise CheckpointError(f"checkpoint {path} cannot be read (not a pickle of plain data); it is corrupt, "
+                              "truncated or not a torch file — use a checkpoint written by `python -m train`"
+                              f"{_prev_hint(path)}") from e  # fmt: skip
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is corrupt, truncated or "
                               f"not a torch file — use a checkpoint written by `python -m train`"

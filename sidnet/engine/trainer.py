@@ -99,7 +99,6 @@ class Trainer:
         seed_everything(cfg.seed)
         m = cfg.model
         self.anchors = load_anchors(m.anchors, project_root=self.project_root)
-        validate_anchors(self.anchors, num_anchors=m.num_anchors, source=m.anchors)
         self.model_spec = {"name": m.name, "anchors": self.anchors, "num_classes": m.num_classes,
                            "input_size": m.input_size, "kwargs": dict(m.kwargs)}  # fmt: skip
         self.model = build_model(m.name, anchors=self.anchors, num_classes=m.num_classes, input_size=m.input_size,
@@ -308,10 +307,18 @@ def _to_container(cfg: TrainConfig) -> dict:
         return asdict(cfg)
 
 
+def check_train_config(cfg: TrainConfig, *, project_root: Path) -> None:
+    """Every check that needs no data: value ranges, the anchors (file, shape, count) and the device."""
+    validate_train_config(cfg)
+    anchors = load_anchors(cfg.model.anchors, project_root=project_root)
+    validate_anchors(anchors, num_anchors=cfg.model.num_anchors, source=cfg.model.anchors)
+    resolve_device(cfg.device)
+
+
 def train(cfg: TrainConfig, *, run_dir: Path, project_root: Path) -> dict[str, Any]:
     """Train one run in ``run_dir``. An existing ``last.pt`` there is continued with ``cfg.resume``, and is never
     overwritten without it."""
-    validate_train_config(cfg)
+    check_train_config(cfg, project_root=project_root)
     run_dir = Path(run_dir)
     held = acquire_run_lock(run_dir)  # a second training into the same folder refuses here, before touching it
     try:

@@ -5,7 +5,7 @@ error or behaviour). Data rows run the readers in-process (strict: one-line ``Da
 ``data.lenient=true``: counted under a reason and skipped, the good images kept). Config and artifact rows run the
 real entry points' ``main(argv)``. The crash rows run real ``python -m train`` subprocesses, SIGKILL them at random
 points (several seeds) or inside the checkpoint write, resume, and compare the final weights bit for bit with an
-uninterrupted run. ``tests/test_faults.md`` is the table in words.
+uninterrupted run.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from sidnet.cli import OneLineParser, run_guarded
 from sidnet.config import DataConfig, SplitConfig
 from sidnet.data import DetectionDataset
-from sidnet.data.errors import DataError
 from sidnet.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from sidnet.engine.data import load_records
 from sidnet.engine.predict import predict_dataset
@@ -46,7 +46,7 @@ def load_data_yaml(path: Path) -> DataConfig:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0]).add_verbose()
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", type=Path, help="a .pt written by python -m train")
     what.add_argument("--onnx", type=Path, help="an exported .onnx (native target), run by onnxruntime (needs --data)")
@@ -58,22 +58,25 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
     p.add_argument("--out", type=Path, help="JSON report (default: next to the checkpoint)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.onnx is not None:
-        return evaluate_onnx(args)
-    try:
-        state = load_checkpoint(args.checkpoint)
-        if args.data is not None:
-            if not args.data.is_file():
-                raise SystemExit(f"error: data config not found: {args.data}; pass a YAML from conf/data/")
-            data = load_data_yaml(args.data)
-        else:
-            data = data_config(state["config"]["data"])
-        records = load_records(data, args.split, project_root=PROJECT_ROOT)
-    except (CheckpointError, DataError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    return run_guarded(lambda: evaluate_onnx(args) if args.onnx is not None else evaluate(args), verbose=args.verbose)
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    state = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(state, ema=not args.no_ema)
+    if args.data is not None:
+        if not args.data.is_file():
+            raise FileNotFoundError(f"data config not found: {args.data}; pass a YAML from conf/data/")
+        data = load_data_yaml(args.data)
+    else:
+        if not isinstance(state.get("config"), dict) or "data" not in state["config"]:
+            raise CheckpointError(f"{args.checkpoint} records no data config; pass --data conf/data/<x>.yaml")
+        data = data_config(state["config"]["data"])
+    records = load_records(data, args.split, project_root=PROJECT_ROOT)
     device = resolve_device(args.device)
-    model = model_from_checkpoint(state, ema=not args.no_ema).to(device)
+    model = model.to(device)
     extra = {"checkpoint": str(args.checkpoint), "model": state["model"]["name"], "epoch": state.get("epoch"),
              "input_size": state["model"]["input_size"], "split": args.split, **environment(device),
              "versions": {"torch": torch.__version__}}  # fmt: skip
@@ -81,26 +84,22 @@ def main(argv: list[str] | None = None) -> dict:
                      extra=extra)  # fmt: skip
 
 
-def evaluate_onnx(args) -> dict:
+def evaluate_onnx(args: argparse.Namespace) -> dict:
     """The ``--onnx`` path: same records, same predict/evaluate, onnxruntime instead of PyTorch."""
     import onnxruntime
 
     from sidnet.engine.onnx_detector import OnnxDetector
-    from sidnet.export.errors import ExportError
     from sidnet.export.manifest import check_artifact
 
     if args.data is None:
-        raise SystemExit("error: --onnx needs --data conf/data/<x>.yaml (an ONNX file carries no data config)")
+        raise FileNotFoundError("--onnx needs --data conf/data/<x>.yaml (an ONNX file carries no data config)")
     if not args.onnx.is_file():
-        raise SystemExit(f"error: ONNX file not found: {args.onnx}; pass a model.onnx written by python -m export")
+        raise FileNotFoundError(f"ONNX file not found: {args.onnx}; pass a model.onnx written by python -m export")
     if not args.data.is_file():
-        raise SystemExit(f"error: data config not found: {args.data}; pass a YAML from conf/data/")
-    try:
-        check_artifact(args.onnx)
-        detector = OnnxDetector(args.onnx)
-        records = load_records(load_data_yaml(args.data), args.split, project_root=PROJECT_ROOT)
-    except (ExportError, DataError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise FileNotFoundError(f"data config not found: {args.data}; pass a YAML from conf/data/")
+    check_artifact(args.onnx)
+    detector = OnnxDetector(args.onnx)
+    records = load_records(load_data_yaml(args.data), args.split, project_root=PROJECT_ROOT)
     extra = {"onnx": str(args.onnx), "model": detector.metadata.get("model"), "precision": detector.precision,
              "input_size": detector.input_size, "split": args.split, **environment("cpu"),
              "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}  # fmt: skip

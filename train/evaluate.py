@@ -100,7 +100,7 @@ def evaluate_onnx(args: argparse.Namespace) -> dict:
     check_artifact(args.onnx)
     detector = OnnxDetector(args.onnx)
     records = load_records(load_data_yaml(args.data), args.split, project_root=PROJECT_ROOT)
-    extra = {"onnx": str(args.onnx), "model": detector.metadata.get("model"), "precision": detector.precision,
+    extra = {"onnx": str(args.onnx), "model": detector.metadata.get("model"), "onnx_precision": detector.precision,
              "input_size": detector.input_size, "split": args.split, **environment("cpu"),
              "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}  # fmt: skip
     return _evaluate(detector, records, args, size=detector.input_size, device=torch.device("cpu"), source=args.onnx,

@@ -9,6 +9,8 @@ graph's tensor names, which TensorRT's ONNX parser keeps), ``int8_manifest.json`
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,10 +78,20 @@ def quantize_export(
     fp32: onnx.ModelProto, int8, out_dir: Path, *, size: int, project_root: Path, force: bool, qat_amax: dict | None
 ) -> Int8Result:
     refuse_overwrite(out_dir, force=force)
-    fp32_path = out_dir / "model_fp32.onnx"
+    cset, source = calibration_set(int8, size=size, project_root=project_root)
+    with tempfile.TemporaryDirectory(prefix="sidnet-int8-") as tmp:  # nothing lands in out_dir unless all succeeds
+        result = _quantize(fp32, int8, Path(tmp), cset, source, size=size, project_root=project_root,
+                           qat_amax=qat_amax)  # fmt: skip
+        for path in (result.fp32_path, result.cache):
+            shutil.move(str(path), out_dir / path.name)
+        result.fp32_path, result.cache = out_dir / result.fp32_path.name, out_dir / result.cache.name
+    return result
+
+
+def _quantize(fp32, int8, work: Path, cset, source: str, *, size: int, project_root: Path, qat_amax) -> Int8Result:
+    fp32_path = work / "model_fp32.onnx"
     onnx.save(fp32, str(fp32_path))
     exclude = [*q.head_and_decode_nodes(fp32), *int8.exclude]
-    cset, source = calibration_set(int8, size=size, project_root=project_root)
     first = next(iter(calib.CalibrationSet(cset.paths[: cset.batch_size], size=size, batch_size=cset.batch_size)))
     probe = q.quantize_with_modelopt(fp32_path, batch=first, exclude=exclude, high_precision=int8.high_precision)
     tensors = list(q.activation_scales(probe))
@@ -96,7 +108,7 @@ def quantize_export(
         stats = calib.collect_statistics(fp32.SerializeToString(), tensors, cset)
         amax, method = calib.activation_amax(stats, method=int8.method, percentile=int8.percentile), int8.method
     scales = {t: max(a, 1e-8) / 127.0 for t, a in amax.items()}
-    cache = out_dir / "calibration.cache"
+    cache = work / "calibration.cache"
     cache.write_text(calib.cache_text(scales, method="entropy" if method == "qat" else method,
                                       trt_version=CACHE_TRT_VERSION))  # fmt: skip
 

@@ -19,6 +19,8 @@ BOX_OUTSIDE_IMAGE = "box_outside_image"
 EMPTY_BOX = "empty_box"
 UNKNOWN_CLASS = "unknown_class"
 MALFORMED_LABEL = "malformed_label"
+DEGENERATE_MASK = "degenerate_mask"  # a polygon/RLE with no area (< 3 points, collinear, empty)
+MASK_OUTSIDE_IMAGE = "mask_outside_image"
 ORPHAN_LABEL = "orphan_label"  # a label file without an image: not an error, only counted
 
 LENIENT_HINT = "pass data.lenient=true to skip it"

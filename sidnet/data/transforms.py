@@ -92,6 +92,7 @@ def build_train_transform(
     gray_p: float = 0.05,
     lowlight_p: float = 0.1,
     min_visibility: float = 0.3,
+    masks: bool = False,
 ) -> A.Compose | None:
     """Bbox-aware train augmentation for images already letterboxed to ``size x size`` (see module docstring).
 
@@ -110,6 +111,8 @@ def build_train_transform(
         blur_p: Gaussian or motion blur; noise_p: Gaussian sensor noise; gray_p: grayscale (IR/CCTV footage).
         lowlight_p: darken with gamma 1.5..3 plus noise, a cheap stand-in for night/indoor surveillance frames.
         min_visibility: fraction of a box's area that must stay in the image for the box to be kept.
+        masks: also take ``masks=[(S, S) uint8, ...]`` and ``indices=(K,)`` (box k's row in ``masks``): masks move
+            with the image (nearest neighbour), ``indices`` says which boxes survived.
 
     Returns:
         The ``A.Compose``, or ``None`` when disabled or every augmentation is switched off.
@@ -159,5 +162,6 @@ def build_train_transform(
         ops.append(A.GaussNoise(std_range=(0.02, 0.08), p=noise_p))
     if not ops:
         return None
-    bbox_params = A.BboxParams(format="pascal_voc", label_fields=["labels"], min_visibility=min_visibility, clip=True)
+    fields = ["labels", "indices"] if masks else ["labels"]
+    bbox_params = A.BboxParams(format="pascal_voc", label_fields=fields, min_visibility=min_visibility, clip=True)
     return A.Compose(ops, bbox_params=bbox_params)

@@ -40,16 +40,25 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     return state
 
 
-def model_from_checkpoint(state: dict[str, Any], *, ema: bool = True) -> torch.nn.Module:
-    """Rebuild the model a checkpoint describes and load its (EMA, when present and asked for) weights."""
+def build_model_from_spec(spec: dict[str, Any], *, initial_weights: bool = True) -> torch.nn.Module:
+    """Build the model a checkpoint's ``model`` spec (name, anchors or None, num_classes, input_size, kwargs)
+    describes. ``initial_weights=False`` skips the builder's weight files (``pretrained``, ``weights``): the caller
+    loads trained weights next."""
     from sidnet.models import build_model
 
-    spec = state["model"]
     kwargs = dict(spec["kwargs"])
-    if "pretrained" in kwargs:
-        kwargs["pretrained"] = None  # the checkpoint already holds the trained weights
-    model = build_model(spec["name"], anchors=spec["anchors"], num_classes=spec["num_classes"],
-                        input_size=spec["input_size"], **kwargs)  # fmt: skip
+    if not initial_weights:
+        for key in ("pretrained", "weights"):
+            if key in kwargs:
+                kwargs[key] = None
+    if spec.get("anchors") is not None:
+        kwargs["anchors"] = spec["anchors"]
+    return build_model(spec["name"], num_classes=spec["num_classes"], input_size=spec["input_size"], **kwargs)
+
+
+def model_from_checkpoint(state: dict[str, Any], *, ema: bool = True) -> torch.nn.Module:
+    """Rebuild the model a checkpoint describes and load its (EMA, when present and asked for) weights."""
+    model = build_model_from_spec(state["model"], initial_weights=False)
     weights = state.get("ema") if ema and state.get("ema") is not None else state["model_state"]
     model.load_state_dict(weights)
     return model.eval()

@@ -1,4 +1,4 @@
-"""Run a model over a dataset and return detections in original-image pixels, keyed by image id."""
+"""Run a model over a dataset and return detections (and masks) in original-image pixels, keyed by image id."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from sidnet.data import collate, unletterbox_boxes
-from sidnet.postprocess import postprocess
+from sidnet.data.masks import encode_masks, unletterbox_masks
 
 
 @torch.no_grad()
@@ -15,6 +15,7 @@ def predict_dataset(
     model: torch.nn.Module,
     dataset,
     *,
+    task,
     device: torch.device,
     batch_size: int = 16,
     conf_thresh: float = 0.001,
@@ -22,17 +23,25 @@ def predict_dataset(
     max_det: int = 100,
     amp: bool = False,
     workers: int = 0,
-) -> dict[int, np.ndarray]:
-    """``{image_id: (P, 6) float32 [x1, y1, x2, y2, score, class]}`` in the original image's pixels."""
+) -> tuple[dict[int, np.ndarray], dict[int, list[dict]] | None]:
+    """``({image_id: (P, 6) float32 [x1, y1, x2, y2, score, class]}, masks)`` in the original image's pixels.
+
+    ``masks`` is ``None`` unless ``task`` predicts masks; then ``{image_id: [P COCO RLE dicts]}``, each mask thresholded
+    at 0.5 after mapping it back to the original image, row for row with the detections.
+    """
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
     out: dict[int, np.ndarray] = {}
+    masks: dict[int, list[dict]] | None = {} if "segm" in task.iou_types else None
     for images, targets in loader:
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
-            dense = model.predict(images.to(device, non_blocking=True))
-        for dets, t in zip(postprocess(dense.float(), conf_thresh=conf_thresh, nms_iou=nms_iou, max_det=max_det),
-                           targets, strict=True):  # fmt: skip
-            dets = dets.cpu().numpy()
-            dets[:, :4] = unletterbox_boxes(dets[:, :4], t["letterbox"])
+        preds = task.predict(model, images.to(device, non_blocking=True), conf_thresh=conf_thresh, nms_iou=nms_iou,
+                             max_det=max_det, amp=amp)  # fmt: skip
+        for p, t in zip(preds, targets, strict=True):
+            boxes = unletterbox_boxes(p["boxes"].float().cpu().numpy(), t["letterbox"])
+            dets = np.concatenate([boxes, p["scores"].float().cpu().numpy()[:, None],
+                                   p["labels"].cpu().numpy()[:, None].astype(np.float32)], axis=1)  # fmt: skip
             out[int(t["image_id"])] = dets.astype(np.float32)
-    return out
+            if masks is not None:
+                full = unletterbox_masks(p["masks"].float().cpu().numpy(), t["letterbox"]) >= 0.5
+                masks[int(t["image_id"])] = encode_masks(full)
+    return out, masks

@@ -54,8 +54,7 @@ def time_model(fn, batches: list[torch.Tensor], iters: int) -> float:
     return statistics.median(rates)
 
 
-def model_rows(model, images: torch.Tensor, iters: int, compile_trunk: bool) -> list[dict]:
-    rows = []
+def model_rows(model, images: torch.Tensor, iters: int, compile_trunk: bool, rows: list, done) -> list[dict]:
     fp32 = model.cuda().eval()
     variants = [("eager FP32", lambda b: fp32.detect(b), "float32")]
 
@@ -71,7 +70,7 @@ def model_rows(model, images: torch.Tensor, iters: int, compile_trunk: bool) -> 
             fp32.to(memory_format=torch.channels_last)
         if kind == "compile":
             t0 = time.perf_counter()
-            fp32.net.backbone = torch.compile(fp32.net.backbone, mode="max-autotune-no-cudagraphs", dynamic=False)
+            fp32.net.backbone = torch.compile(fp32.net.backbone, dynamic=False)
             with torch.no_grad():
                 fn(images[:1].cuda())
                 fn(images[:8].cuda())
@@ -81,6 +80,7 @@ def model_rows(model, images: torch.Tensor, iters: int, compile_trunk: bool) -> 
             rate = time_model(fn, batches, iters=max(4, iters // bs))
             rows.append({"variant": name, "batch": bs, "img_per_s": rate})
             print(f"{name:55s} bs {bs}: {rate:8.1f} img/s", flush=True)
+            done()
     return rows
 
 
@@ -148,7 +148,15 @@ def main() -> None:
             "device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
             "input_size": size, "weights": source, "images": str(a.images)}  # fmt: skip
     roi = roialign_rows(a.reps)
-    rows = model_rows(model, images, a.iters, compile_trunk=not a.no_compile)
+    rows: list[dict] = []
+    write(a.out, meta, rows, roi, size, source)
+    model_rows(model, images, a.iters, compile_trunk=not a.no_compile, rows=rows,
+               done=lambda: write(a.out, meta, rows, roi, size, source))
+
+
+def write(out: Path, meta: dict, rows: list[dict], roi: list[dict], size: int, source: str) -> None:
+    """Written after every measurement, so a run cut short by a time limit still leaves its figures."""
+    a = argparse.Namespace(out=out, images=meta["images"])
     (a.out / "maskrcnn_h100.json").write_text(json.dumps({**meta, "model": rows, "roialign": roi}, indent=2) + "\n")
     lines = [f"# Mask R-CNN (MobileNetV2-FPN, person) — {meta['device']}", "",
              f"{meta['date']} · torch {meta['torch']} · Python {meta['python']} · input {size}² · {source} · "
@@ -157,7 +165,8 @@ def main() -> None:
              "| variant | batch | img/s | × |", "|---|---:|---:|---:|"]  # fmt: skip
     base = {r["batch"]: r["img_per_s"] for r in rows if r["variant"] == "eager FP32"}
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['batch']} | {r['img_per_s']:.1f} | {r['img_per_s'] / base[r['batch']]:.2f} |")
+        ratio = r["img_per_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['img_per_s']:.1f} | {ratio:.2f} |")
     lines += ["", "## Pyramid RoIAlign (3 levels, 256 channels, input 512; CUDA events, median µs per call)", "",
               "| dtype | N | RoIs/image | pooled | variant | µs | × vs torchvision |", "|---|---:|---:|---:|---|---:|---:|"]
     for r in roi:

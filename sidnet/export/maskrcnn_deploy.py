@@ -119,7 +119,7 @@ def nms_mask(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor, iou
     if mode == "onnx":
         keep = torchvision.ops.nms(boxes, scores, iou)
         return torch.zeros_like(valid).index_fill(0, keep, True) & valid
-    order = torch.argsort(torch.where(valid, scores, torch.full_like(scores, -1.0)), descending=True, stable=True)
+    order = torch.topk(torch.where(valid, scores, torch.full_like(scores, -1.0)), scores.shape[0]).indices
     sorted_boxes = boxes[order]
     over = torch.triu(_iou_matrix(sorted_boxes) > iou, diagonal=1)
     keep_sorted = _greedy_scan(over)

@@ -100,8 +100,9 @@ def roialign_rows(reps: int) -> list[dict]:
             pool = MultiScaleRoIAlign(["0", "1", "2"], output_size=pooled, sampling_ratio=2)
             maps = {str(i): f for i, f in enumerate(feats)}
             shapes = [(size, size)] * n
+            rois_t = list(rois.to(dtype))  # torchvision's roi_align wants the features' dtype for the boxes too
             calls = {
-                "torchvision MultiScaleRoIAlign": lambda: pool(maps, list(rois), shapes),
+                "torchvision MultiScaleRoIAlign": lambda: pool(maps, rois_t, shapes),
                 "sidnet pyramidRoiAlign": lambda: K.pyramid_roi_align(
                     feats, rois, output_size=(pooled, pooled), sampling_ratio=2, scales=[1 / 8, 1 / 16, 1 / 32]),
             }  # fmt: skip

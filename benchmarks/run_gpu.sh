@@ -6,7 +6,8 @@
 #     kernels   build, the kernel GPU tests, the kernel benchmark, sanitize
 #     sanitize  csrc/tests/kernelsSmoke under compute-sanitizer (memcheck, racecheck, synccheck, initcheck)
 #     tests     build, every GPU test under tests/ (pytest -m gpu)
-#     bench     every benchmark (kernels; others add theirs here)
+#     bench     every benchmark (kernels, training throughput, Mask R-CNN)
+#     bench-maskrcnn  Mask R-CNN img/s + pyramid RoIAlign vs torchvision (benchmarks/maskrcnn.py)
 #     all       build, tests, bench, sanitize
 #
 # Logs and result files go to $OUT (the device tool sets it) or ./outputs/gpu. On this machine a GPU test that
@@ -74,7 +75,13 @@ part_sanitize() {
 bench_kernels() { step bench-kernels bench_kernels.log python3 benchmarks/kernels.py --out "$OUT"; }
 # Other benchmarks: add a function here and a call in part_bench.
 bench_train() { step bench-train train_throughput.log python3 benchmarks/train_throughput.py --out "$OUT/train_throughput_h100.md"; }
-part_bench() { bench_kernels; bench_train; }
+# Mask R-CNN img/s (eager FP32, FP16 + channels_last, compiled trunk) and the pyramid RoIAlign kernel vs torchvision;
+# MASKRCNN_CHECKPOINT: a trained best.pt (benchmarks/train_maskrcnn_coco128.sh), else untrained weights.
+bench_maskrcnn() {
+    step bench-maskrcnn maskrcnn.log python3 benchmarks/maskrcnn.py --out "$OUT" \
+        --images "${SIDNET_COCO128:-../shared/data/coco128}/images/val2017" ${MASKRCNN_CHECKPOINT:+--checkpoint "$MASKRCNN_CHECKPOINT"}
+}
+part_bench() { bench_kernels; bench_train; bench_maskrcnn; }
 
 for part in "${@:-all}"; do
     case $part in
@@ -88,6 +95,7 @@ for part in "${@:-all}"; do
         tests) part_build; gpu_pytest tests-gpu tests_gpu.log tests/ ;;
         bench) part_build; part_bench ;;
         bench-train) bench_train ;;
+        bench-maskrcnn) bench_maskrcnn ;;  # needs the kernels library (part build)
         all) part_build; gpu_pytest tests-gpu tests_gpu.log tests/; part_bench; part_sanitize ;;
         *) echo "run_gpu.sh: unknown part '$part' (build, kernels, sanitize, tests, bench, all)" >&2; exit 2 ;;
     esac

@@ -18,7 +18,7 @@ from sidnet.export.parity import ParityResult, check_parity
 from sidnet.export.report import sha256_file, write_report
 from sidnet.export.surgery import op_counts, rewrite
 from sidnet.export.wrapper import DeployModel
-from sidnet.models import Reorg, YOLOv2, build_model
+from sidnet.models import PersonMaskRCNN, Reorg, YOLOv2, build_model
 
 log = logging.getLogger("sidnet.export")
 
@@ -115,8 +115,8 @@ def load_model(cfg: ExportConfig, *, project_root: Path) -> tuple[YOLOv2, str, s
             f"{path}: cannot rebuild {spec['name']!r} from it ({type(e).__name__}: {first[:200]}); "
             "use a checkpoint written by `python -m train` with this sidnet version"
         ) from e
-    if not isinstance(model, YOLOv2):
-        raise ExportError(f"{path} holds a {type(model).__name__}, not a YOLOv2-family detector")
+    if not isinstance(model, (YOLOv2, PersonMaskRCNN)):
+        raise ExportError(f"{path} holds a {type(model).__name__}, not a YOLOv2-family detector or Mask R-CNN")
     names = (state.get("config") or {}).get("data", {}).get("class_names")
     ema = " (EMA weights)" if cfg.ema and state.get("ema") is not None else ""
     return model, str(spec["name"]), f"checkpoint {path} sha256 {sha256_file(path)}{ema}", names
@@ -126,7 +126,7 @@ def _random_model(cfg: ExportConfig, *, project_root: Path) -> YOLOv2:
     m = cfg.model
     _check_input_size(int(m.input_size), "model.input_size")
     anchors = m.anchors
-    if not isinstance(anchors, (list, tuple)):
+    if anchors is not None and not isinstance(anchors, (list, tuple)):
         from sidnet.anchors import load_anchors
 
         try:
@@ -134,20 +134,17 @@ def _random_model(cfg: ExportConfig, *, project_root: Path) -> YOLOv2:
         except (FileNotFoundError, ValueError) as e:
             raise ExportError(str(e)) from e
     kwargs = dict(m.kwargs)
-    if "pretrained" in kwargs:
-        kwargs["pretrained"] = None  # random init means random: no ImageNet trunk
+    for key in ("pretrained", "weights"):
+        if key in kwargs:
+            kwargs[key] = None  # random init means random: no ImageNet trunk
+    if anchors is not None:
+        kwargs["anchors"] = [list(map(float, a)) for a in anchors]
     torch.manual_seed(cfg.seed)
     try:
-        model = build_model(
-            m.name,
-            anchors=[list(map(float, a)) for a in anchors],
-            num_classes=m.num_classes,
-            input_size=m.input_size,
-            **kwargs,
-        )
+        model = build_model(m.name, num_classes=m.num_classes, input_size=m.input_size, **kwargs)
     except (KeyError, ValueError, TypeError) as e:
         raise ExportError(f"cannot build model {m.name!r}: {e.args[0] if e.args else e}") from e
-    return calibrate_batchnorm(model, seed=cfg.seed)
+    return calibrate_batchnorm(model, seed=cfg.seed) if isinstance(model, YOLOv2) else model.eval()
 
 
 def calibrate_batchnorm(model: YOLOv2, *, seed: int = 0, batches: int = 2, batch_size: int = 2) -> YOLOv2:
@@ -219,14 +216,23 @@ def build_graph(
     return exported, final, slog.lines
 
 
-def _metadata(cfg: ExportConfig, opts: Options, model: YOLOv2, name: str, source: str, class_names: list[str]) -> dict:
+def _metadata_common(cfg: ExportConfig, opts: Options, name: str, source: str) -> dict:
     import sidnet
 
-    size = model.input_size
     return {
         "sidnet_version": sidnet.__version__,
         "model": name,
         "weights": source,
+        "target": opts.target,
+        "precision": opts.precision,
+        "exporter": f"torch {torch.__version__} torch.onnx.export(dynamo=True), opset {cfg.opset}",
+    }
+
+
+def _metadata(cfg: ExportConfig, opts: Options, model: YOLOv2, name: str, source: str, class_names: list[str]) -> dict:
+    size = model.input_size
+    return {
+        **_metadata_common(cfg, opts, name, source),
         "anchors": model.anchors.tolist(),
         "num_classes": model.num_classes,
         "class_names": class_names,
@@ -236,9 +242,6 @@ def _metadata(cfg: ExportConfig, opts: Options, model: YOLOv2, name: str, source
         "outputs": OUTPUTS,
         "conf_thresh": cfg.conf_thresh,
         "topk": cfg.topk,
-        "target": opts.target,
-        "precision": opts.precision,
-        "exporter": f"torch {torch.__version__} torch.onnx.export(dynamo=True), opset {cfg.opset}",
     }
 
 
@@ -293,11 +296,22 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("export: %s, %s, target %s, backend %s -> %s", source, opts.precision, opts.target, opts.backend, out_dir)
 
-    deploy = DeployModel(model, conf_thresh=cfg.conf_thresh, topk=cfg.topk).eval()
-    exported, final, surgery = build_graph(deploy, target=opts.target, precision=opts.precision, opset=cfg.opset)
-    meta = _metadata(cfg, opts, model, name, source, class_names)
+    if isinstance(model, PersonMaskRCNN):
+        from sidnet.export import maskrcnn as mr
+
+        if opts.precision != "fp32":
+            raise ExportError("Mask R-CNN exports in fp32 only for now (the FP16 rewrite assumes the YOLOv2 head's "
+                              "'raw' boundary); use --precision fp32")  # fmt: skip
+        deploy = mr.maskrcnn_deploy(model, topk=cfg.topk, conf_thresh=cfg.conf_thresh, backend=opts.backend)
+        exported, final, surgery = mr.build_maskrcnn_graph(deploy, target=opts.target, opset=cfg.opset)
+        meta = {**_metadata_common(cfg, opts, name, source), **mr.metadata(model, deploy)}
+        final.doc_string = f"SIDNet person Mask R-CNN. {mr.PREPROCESSING} {mr.OUTPUTS}"
+    else:
+        deploy = DeployModel(model, conf_thresh=cfg.conf_thresh, topk=cfg.topk).eval()
+        exported, final, surgery = build_graph(deploy, target=opts.target, precision=opts.precision, opset=cfg.opset)
+        meta = _metadata(cfg, opts, model, name, source, class_names)
+        final.doc_string = f"SIDNet {model.num_classes}-class detector. {PREPROCESSING} {OUTPUTS}"
     final.producer_name, final.producer_version = "sidnet", sidnet.__version__
-    final.doc_string = f"SIDNet {model.num_classes}-class detector. {PREPROCESSING} {OUTPUTS}"
     set_metadata(final, meta)
     try:
         onnx.checker.check_model(final, full_check=opts.target == "native")
@@ -307,8 +321,11 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
     onnx_path = out_dir / "model.onnx"
     onnx.save(final, str(onnx_path))
 
-    tolerance = dict(getattr(cfg.parity, opts.precision))
-    parity = check_parity(deploy, final, batches=list(cfg.parity.batches), seed=cfg.seed, tolerance=tolerance)
+    if isinstance(model, PersonMaskRCNN):
+        parity = mr.check_maskrcnn_parity(deploy, final, images=mr.sample_images(model.input_size))
+    else:
+        tolerance = dict(getattr(cfg.parity, opts.precision))
+        parity = check_parity(deploy, final, batches=list(cfg.parity.batches), seed=cfg.seed, tolerance=tolerance)
     log.info("parity: %s", parity.summary())
     report = _report(opts, meta, exported, final, surgery, checker, parity)
     report["files"][onnx_path.name] = sha256_file(onnx_path)
@@ -321,12 +338,13 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
         from sidnet.export.engine import build_engine
 
         b = cfg.batch
+        batch = (1, 1, 1) if isinstance(model, PersonMaskRCNN) else (b.min, b.opt, b.max)  # its ONNX is static
         engine = build_engine(
             onnx_path,
             out_dir,
             backend=opts.backend,
             precision=opts.precision,
-            batch=(b.min, b.opt, b.max),
+            batch=batch,
             plugin_library=cfg.plugin_library,
             timing_cache=cfg.timing_cache,
             workspace_mib=cfg.workspace_mib,

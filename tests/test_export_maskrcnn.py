@@ -77,6 +77,7 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_plugins_target_has_one_pyramid_node_per_pooler_and_matches_pytorch(checkpoint, tmp_path):
     cfg = ExportConfig(checkpoint=str(checkpoint), backend="onnx", target="plugins", topk=20, out=str(tmp_path))
     result = run_export(cfg, project_root=ROOT)
@@ -94,6 +95,7 @@ def test_plugins_target_has_one_pyramid_node_per_pooler_and_matches_pytorch(chec
 
 
 @pytest.mark.skipif(not HAS_RTX, reason="tensorrt_rtx not importable: pip install 'sidnet[tensorrt-rtx]'")
+@pytest.mark.slow
 def test_native_target_builds_a_tensorrt_rtx_engine(checkpoint, tmp_path):
     cfg = ExportConfig(checkpoint=str(checkpoint), backend="tensorrt-rtx", topk=20, out=str(tmp_path))
     result = run_export(cfg, project_root=ROOT)

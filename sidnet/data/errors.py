@@ -21,6 +21,8 @@ UNKNOWN_CLASS = "unknown_class"
 MALFORMED_LABEL = "malformed_label"
 DEGENERATE_MASK = "degenerate_mask"  # a polygon/RLE with no area (< 3 points, collinear, empty)
 MASK_OUTSIDE_IMAGE = "mask_outside_image"
+DUPLICATE_ID = "duplicate_image_id"
+TOO_LARGE = "image_too_large"
 ORPHAN_LABEL = "orphan_label"  # a label file without an image: not an error, only counted
 
 LENIENT_HINT = "pass data.lenient=true to skip it"

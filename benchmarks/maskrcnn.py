@@ -85,8 +85,9 @@ def model_rows(model, images: torch.Tensor, iters: int, compile_trunk: bool, row
 
 
 def roialign_rows(reps: int) -> list[dict]:
-    import sidnet.kernels as K
     from torchvision.ops import MultiScaleRoIAlign
+
+    import sidnet.kernels as K
 
     rows = []
     for dtype in (torch.float32, torch.float16):
@@ -101,10 +102,10 @@ def roialign_rows(reps: int) -> list[dict]:
             maps = {str(i): f for i, f in enumerate(feats)}
             shapes = [(size, size)] * n
             rois_t = list(rois.to(dtype))  # torchvision's roi_align wants the features' dtype for the boxes too
-            calls = {
-                "torchvision MultiScaleRoIAlign": lambda: pool(maps, rois_t, shapes),
-                "sidnet pyramidRoiAlign": lambda: K.pyramid_roi_align(
-                    feats, rois, output_size=(pooled, pooled), sampling_ratio=2, scales=[1 / 8, 1 / 16, 1 / 32]),
+            calls = {  # called only within this iteration, so binding the loop's variables late is intended
+                "torchvision MultiScaleRoIAlign": lambda: pool(maps, rois_t, shapes),  # noqa: B023
+                "sidnet pyramidRoiAlign": lambda: K.pyramid_roi_align(  # noqa: B023
+                    feats, rois, output_size=(pooled, pooled), sampling_ratio=2, scales=[1 / 8, 1 / 16, 1 / 32]),  # noqa: B023
             }  # fmt: skip
             base = None
             for name, fn in calls.items():
@@ -168,8 +169,10 @@ def write(out: Path, meta: dict, rows: list[dict], roi: list[dict], size: int, s
     for r in rows:
         ratio = r["img_per_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
         lines.append(f"| {r['variant']} | {r['batch']} | {r['img_per_s']:.1f} | {ratio:.2f} |")
-    lines += ["", "## Pyramid RoIAlign (3 levels, 256 channels, input 512; CUDA events, median µs per call)", "",
-              "| dtype | N | RoIs/image | pooled | variant | µs | × vs torchvision |", "|---|---:|---:|---:|---|---:|---:|"]
+    lines += ["", "## Pyramid RoIAlign (3 levels, 256 channels, input 512; CUDA events, median µs per call)",
+              "",
+              "| dtype | N | RoIs/image | pooled | variant | µs | × vs torchvision |",
+              "|---|---:|---:|---:|---|---:|---:|"]
     for r in roi:
         lines.append(f"| {r['dtype']} | {r['n']} | {r['rois']} | {r['pooled']} | {r['variant']} | {r['us']:.1f} | "
                      f"{r['speedup_vs_torchvision']:.2f} |")  # fmt: skip

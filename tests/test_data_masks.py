@@ -67,7 +67,8 @@ def test_mask_aware_augmentation_keeps_masks_and_boxes_consistent(shared_data):
         for i in range(len(records)):
             image, target = dataset[(i, seed)]
             masks, boxes = target["masks"], target["boxes"]
-            assert masks.shape == (len(boxes), 160, 160) and masks.dtype == torch.uint8 and len(target["labels"]) == len(boxes)
+            assert masks.shape == (len(boxes), 160, 160) and masks.dtype == torch.uint8
+            assert len(target["labels"]) == len(boxes)
             assert all(m.any() for m in masks)  # an instance whose mask left the image is dropped with its box
             np.testing.assert_array_equal(boxes.numpy(), boxes_from_masks(masks.numpy()))
             seen += len(boxes)

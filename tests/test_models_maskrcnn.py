@@ -50,7 +50,8 @@ def test_full_coco_maskrcnn_file_is_finetuned_to_person(tmp_path):
     state = model.net.state_dict()
     cls = coco["roi_heads.box_predictor.cls_score.weight"]
     assert torch.equal(state["roi_heads.box_predictor.cls_score.weight"], cls[[0, 1]])
-    assert torch.equal(state["roi_heads.box_predictor.bbox_pred.bias"], coco["roi_heads.box_predictor.bbox_pred.bias"][:8])
+    bias = "roi_heads.box_predictor.bbox_pred.bias"
+    assert torch.equal(state[bias], coco[bias][:8])
     assert torch.equal(state["roi_heads.mask_predictor.mask_fcn_logits.weight"],
                        coco["roi_heads.mask_predictor.mask_fcn_logits.weight"][[0, 1]])  # fmt: skip
     assert torch.equal(state["backbone.body.layer1.0.conv1.weight"], coco["backbone.body.layer1.0.conv1.weight"])

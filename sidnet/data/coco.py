@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DUPLICATE_ID, LENIENT_HINT, MALFORMED_LABEL, SIZE_MISMATCH, UNKNOWN_CLASS, DataError, SkipReport
-from .records import ImageRecord, make_record
 from .masks import check_polygons, check_rle
+from .records import ImageRecord, make_record
 from .validate import Checker, check_box, check_image, require_dir
 
 

@@ -34,14 +34,15 @@ def check_polygons(polygons: list[np.ndarray], *, width: int, height: int, check
         ).any():
             lo, hi = pts.min(axis=0), pts.max(axis=0)
             checker.problem(MASK_OUTSIDE_IMAGE, f"mask polygon spans x {lo[0]:.1f}..{hi[0]:.1f}, y {lo[1]:.1f}.."
-                            f"{hi[1]:.1f} outside the {width}x{height} image in {where} (tolerance {tol:g} px); fix the "
-                            f"polygon, or {LENIENT_HINT}")  # fmt: skip
+                            f"{hi[1]:.1f} outside the {width}x{height} image in {where} (tolerance {tol:g} px); "
+                            f"fix the polygon, or {LENIENT_HINT}")  # fmt: skip
             return False
     area = sum(polygon_area(p) for p in polygons if len(p) >= 3)
     if area < MIN_MASK_AREA_PX:
         points = [len(p) for p in polygons]
         checker.problem(DEGENERATE_MASK, f"degenerate mask polygon (points per polygon {points}, area {area:.2f} px²) "
-                        f"in {where}; it needs >= 3 non-collinear points: fix or delete it, or {LENIENT_HINT}")  # fmt: skip
+                        f"in {where}; it needs >= 3 non-collinear points: fix or delete it, or "
+                        f"{LENIENT_HINT}")  # fmt: skip
         return False
     return True
 
@@ -56,7 +57,8 @@ def check_rle(rle: object, *, width: int, height: int, checker: Checker, where: 
     try:
         area = float(mask_utils.area(_compressed(rle)))
     except (TypeError, ValueError) as e:
-        checker.problem(DEGENERATE_MASK, f"unreadable RLE mask in {where} ({e}); fix the segmentation, or {LENIENT_HINT}")
+        checker.problem(DEGENERATE_MASK,
+                        f"unreadable RLE mask in {where} ({e}); fix the segmentation, or {LENIENT_HINT}")  # fmt: skip
         return False
     if area < MIN_MASK_AREA_PX:
         checker.problem(DEGENERATE_MASK, f"empty RLE mask in {where}; fix or delete it, or {LENIENT_HINT}")

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LENIENT_HINT, MALFORMED_LABEL, ORPHAN_LABEL, UNKNOWN_CLASS, DataError, SkipReport
-from .records import ImageRecord, make_record
 from .masks import check_polygons
+from .records import ImageRecord, make_record
 from .validate import Checker, check_box, check_image, list_images, require_dir
 
 

@@ -32,8 +32,8 @@ from sidnet.engine.data import build_datasets
 from sidnet.engine.ema import ModelEMA
 from sidnet.engine.predict import predict_dataset
 from sidnet.engine.runlock import acquire_run_lock, release_run_lock
-from sidnet.evaluation import evaluate_detections
 from sidnet.engine.tasks import build_task
+from sidnet.evaluation import evaluate_detections
 from sidnet.io import remove_stale_temporaries
 
 log = logging.getLogger("sidnet.train")

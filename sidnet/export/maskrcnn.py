@@ -59,7 +59,8 @@ def export_maskrcnn_onnx(deploy: MaskRCNNDeploy, *, opset: int) -> onnx.ModelPro
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(deploy.eval(), (images,), dynamo=True, input_names=[INPUT_NAME],
-                                        output_names=list(OUTPUT_NAMES), opset_version=opset, optimize=True)  # fmt: skip
+                                        output_names=list(OUTPUT_NAMES), opset_version=opset,
+                                        optimize=True)  # fmt: skip
     finally:
         for q, level in zip(quiet, levels, strict=True):
             q.setLevel(level)
@@ -115,7 +116,8 @@ class MaskParityResult:
     def summary(self) -> str:
         return (f"{self.runtime} vs PyTorch (torchvision eager) on {self.images} real images: "
                 f"{self.detections_compared} detections matched, min box IoU {self.min_box_iou:.4f} (>= "
-                f"{self.tolerance['box_iou']}), min mask IoU {self.min_mask_iou:.4f} (>= {self.tolerance['mask_iou']}), "
+                f"{self.tolerance['box_iou']}), min mask IoU {self.min_mask_iou:.4f} "
+                f"(>= {self.tolerance['mask_iou']}), "
                 f"max |score diff| {self.max_score_diff:.2e} (<= {self.tolerance['score']:g}), unmatched "
                 f"{self.unmatched}, boundary ties {self.boundary_ties}, nonzero padding rows {self.padding_nonzero} "
                 f"-> {'PASS' if self.passed else 'FAIL'}")  # fmt: skip

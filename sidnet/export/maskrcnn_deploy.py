@@ -55,7 +55,8 @@ class PyramidRoIAlign(nn.Module):
     def attrs(self) -> dict:
         return {"output_size": int(self.output_size), "sampling_ratio": int(self.sampling_ratio),
                 "scales": self.scales, "min_level": int(self.min_level),
-                "canonical_level": float(self.canonical_level), "canonical_size": float(self.canonical_size)}  # fmt: skip
+                "canonical_level": float(self.canonical_level),
+                "canonical_size": float(self.canonical_size)}  # fmt: skip
 
     def levels(self, rois: torch.Tensor) -> torch.Tensor:
         size = ((rois[..., 2] - rois[..., 0]) * (rois[..., 3] - rois[..., 1])).sqrt()
@@ -156,7 +157,8 @@ class MaskRCNNDeploy(nn.Module):
         self.box_pool = PyramidRoIAlign(output_size=7, sampling_ratio=2, scales=scales)
         self.mask_pool = PyramidRoIAlign(output_size=14, sampling_ratio=2, scales=scales)
         with torch.no_grad():
-            anchors = rpn.anchor_generator(ImageList(torch.zeros(1, 3, size, size), [(size, size)]), list(feats.values()))
+            blank = ImageList(torch.zeros(1, 3, size, size), [(size, size)])
+            anchors = rpn.anchor_generator(blank, list(feats.values()))
         counts = [f.shape[2] * f.shape[3] * rpn.anchor_generator.num_anchors_per_location()[0] for f in feats.values()]
         self.register_buffer("anchors", anchors[0], persistent=False)  # (sum_l H_l·W_l·A, 4), torchvision's order
         self.level_counts = counts

@@ -110,7 +110,8 @@ def _torch_ops() -> list[type]:
             y = torch.nn.functional.conv_transpose2d(tensor(x), tensor(w), None if b is None else tensor(b),
                                                      stride=tuple(strides or (1, 1)), padding=(top, left),
                                                      output_padding=tuple(output_padding or (0, 0)),
-                                                     groups=group or 1, dilation=tuple(dilations or (1, 1)))  # fmt: skip
+                                                     groups=group or 1,
+                                                     dilation=tuple(dilations or (1, 1)))  # fmt: skip
             return (y.numpy().astype(x.dtype),)
 
     class GatherElements(OpRun):  # onnx.reference's np.choose version takes at most 64 entries along the axis
@@ -152,7 +153,8 @@ def run_onnx(model: onnx.ModelProto, images: np.ndarray, names: list[str]) -> tu
         from sidnet.export.reference_ops import REFERENCE_OPS
 
         evaluator = ReferenceEvaluator(model, new_ops=[*REFERENCE_OPS, *_torch_ops()])
-        return evaluator.run(names, {INPUT_NAME: images}), "onnx.reference (Conv, ConvTranspose, MaxPool, GatherElements, NonMaxSuppression by torch)"
+        by_torch = "Conv, ConvTranspose, MaxPool, GatherElements, NonMaxSuppression by torch"
+        return evaluator.run(names, {INPUT_NAME: images}), f"onnx.reference ({by_torch})"
     import onnxruntime as ort
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

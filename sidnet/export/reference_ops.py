@@ -119,7 +119,8 @@ def _bilinear(plane: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
     yh, xh = np.minimum(yl + 1, h - 1), np.minimum(xl + 1, w - 1)
     ly, lx = (y - yl).astype(np.float32), (x - xl).astype(np.float32)
     hy, hx = 1.0 - ly, 1.0 - lx
-    v = hy * hx * plane[:, yl, xl] + hy * lx * plane[:, yl, xh] + ly * hx * plane[:, yh, xl] + ly * lx * plane[:, yh, xh]
+    v = hy * hx * plane[:, yl, xl] + hy * lx * plane[:, yl, xh]
+    v = v + ly * hx * plane[:, yh, xl] + ly * lx * plane[:, yh, xh]
     return np.where(out_of_map, np.float32(0.0), v)
 
 

@@ -1,4 +1,5 @@
-"""TensorRT plugins ``sidnet::Reorg``, ``sidnet::RegionDecode`` and ``sidnet::PyramidRoIAlign`` in Python (``IPluginV3``), launching ``csrc/``.
+"""TensorRT plugins ``sidnet::Reorg``, ``sidnet::RegionDecode``, ``sidnet::PyramidRoIAlign`` in Python (``IPluginV3``),
+launching ``csrc/``.
 
 **Status: written against the TensorRT 10/11 Python plugin API and never run.** Full TensorRT cannot be installed on
 the project's machines and TensorRT-RTX has no plugin layer (``../shared/docs/platform.md``); the classes are only
@@ -95,7 +96,8 @@ def _read_fields(fc, spec: dict[str, str], op: str) -> dict[str, Any]:
 
 @functools.cache
 def plugin_classes(trt: ModuleType) -> tuple[type, type, type, type]:
-    """(ReorgPlugin, RegionDecodePlugin, Creator, PyramidRoIAlignPlugin) bound to ``trt``; defined lazily because the base classes live in
+    """(ReorgPlugin, RegionDecodePlugin, Creator, PyramidRoIAlignPlugin) bound to ``trt``; defined lazily because the
+    base classes live in
     the ``tensorrt`` module, which must stay an optional import."""
     DT = trt.DataType
 

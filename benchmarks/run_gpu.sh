@@ -91,7 +91,7 @@ ok and cv2.imwrite(sys.argv[2], cv2.resize(f, (384, 288)), [cv2.IMWRITE_JPEG_QUA
         "$OUT/deploy_e2e/cam0.mp4" "$OUT/deploy_frame.jpg"
 }
 bench_compile() {
-    step bench-compile bench_compile.log python3 -m deploy.benchmark --parts torch compile compile-ours \
+    step bench-compile bench_compile.log python3 -m deploy.benchmark --parts eager torch compile compile-ours \
         --models sidnet --batches 1 64 --compile-batches 1 64 --out "$OUT" --stem deploy_vs_compile_h100 \
         --work-dir "${TMPDIR:-/tmp}/sidnet_bench"
 }

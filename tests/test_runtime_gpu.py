@@ -59,11 +59,19 @@ def test_torch_backend_matches_onnxruntime(tiny_checkpoint, tiny_onnx, shared_da
     for _ in range(2):  # first call captures the graph, second replays it
         dets, num = be.infer(images)
     assert (np.abs(num.astype(int) - ort_num.astype(int)) <= 1).all()
-    k = int(min(num.min(), ort_num.min()))
-    np.testing.assert_allclose(dets[:, :k, 4], ort_dets[:, :k, 4], atol=tol)
-    # Boxes: compare only rows whose scores are not near-ties (the order may swap otherwise).
-    same = np.abs(dets[:, :k, 4] - ort_dets[:, :k, 4]) < tol / 4
-    assert np.abs(dets[:, :k, :4] - ort_dets[:, :k, :4])[same].max() < 2.0
+    _assert_same_rows(dets, num, ort_dets, ort_num, score_tol=tol, box_tol=2.0)
+
+
+def _assert_same_rows(a, an, b, bn, *, score_tol, box_tol):
+    """Every row of ``b`` scoring clear of the threshold has a row in ``a`` with the same box and score (as sets:
+    near-equal scores may come in another order)."""
+    for i in range(len(a)):
+        rows_a, rows_b = a[i, : int(an[i])], b[i, : int(bn[i])]
+        assert len(rows_b) > 0
+        for row in rows_b[: int(min(an[i], bn[i])) - 1]:
+            box_err = np.abs(rows_a[:, :4] - row[:4]).max(1) / box_tol
+            err = np.maximum(box_err, np.abs(rows_a[:, 4] - row[4]) / score_tol)
+            assert err.min() <= 1.0, (row, rows_a[err.argmin()])
 
 
 def test_detector_on_gpu_matches_cpu_onnxruntime(tiny_checkpoint, tiny_onnx, shared_data):
@@ -101,9 +109,7 @@ def test_compiled_backend_on_cuda_matches_torch_backend(tiny_checkpoint, shared_
     for _ in range(2):
         d1, n1 = comp.infer(images)
     d2, n2 = ref.infer(images)
-    k = int(min(n1.min(), n2.min()))
-    assert k > 0
-    np.testing.assert_allclose(d1[:, :k, 4], d2[:, :k, 4], atol=2e-2)
+    _assert_same_rows(d1, n1, d2, n2, score_tol=2e-2, box_tol=8.0)
 
 
 def test_tensorrt_backend_reaches_the_tensorrt_import_through_pycuda(tmp_path):

@@ -92,10 +92,12 @@ def export_compiled(
         "input": {"name": INPUT_NAME, "dtype": str(dtype).split(".")[-1], "layout": "NCHW contiguous",
                   "batch": {"min": 1, "max": max_batch}},  # fmt: skip
         "decode": "TopKDecode compiled by Inductor (no csrc kernel inside a package)",
+        "conf_thresh": conf_thresh,
+        "topk": topk,
         "compile_seconds": round(seconds, 1),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         **{k: meta[k] for k in ("model", "weights", "anchors", "num_classes", "class_names", "input_size",
-                                "conf_thresh", "topk", "sidnet_version", "preprocessing", "outputs") if k in meta},
+                                "sidnet_version", "preprocessing", "outputs") if k in meta},
     }  # fmt: skip
     (out_dir / "model.pt2.json").write_text(json.dumps(sidecar, indent=2) + "\n")
     log.info("compiled: %s (%s, %s, %s) in %.0f s", path, dev.type, precision, mode, seconds)

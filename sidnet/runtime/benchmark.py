@@ -354,6 +354,8 @@ def run_benchmark(*, parts: set[str], models: list[str], batches: list[int], com
                     res["compile_seconds"][f"{name} {variant} bs{bs}"] = round(time.perf_counter() - t0, 1)
                     it, lat = iters_for(bs)
                     add("network", name, variant, time_calls(graph_of(fn, x), batch=bs, iters=it, lat_iters=lat))
+                    res["tables"].update(summary_tables(res))
+                    write_results(res, out_dir, stem=stem)
         if "e2e" in parts and frames is not None:
             from sidnet.runtime.detector import Detector, Prepared
 
@@ -389,8 +391,8 @@ def run_benchmark(*, parts: set[str], models: list[str], batches: list[int], com
                     "p99_ms": float(np.percentile(lat, 99))})  # fmt: skip
         del model
         torch.cuda.empty_cache()
-    res["tables"].update(summary_tables(res))
-    write_results(res, out_dir, stem=stem)
+        res["tables"].update(summary_tables(res))
+        write_results(res, out_dir, stem=stem)  # after each model: a run cut short keeps what it measured
     return res
 
 

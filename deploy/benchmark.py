@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--parts", nargs="+", default=["eager", "torch", "e2e"], choices=PARTS)
     p.add_argument("--models", nargs="+", default=["sidnet", "yolov2"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 16, 32, 64, 128])
+    p.add_argument("--compiled-models", nargs="+", help="models for the compiled part (default: all --models)")
     p.add_argument("--compile-batches", nargs="+", type=int, default=[1, 64])
     p.add_argument("--video", type=Path, default=Path("../shared/data/video/pedestrians_200.mp4"))
     p.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --video {args.video} not found: the end-to-end part decodes it")
     run_benchmark(parts=set(args.parts), models=args.models, batches=args.batches,
                   compile_batches=args.compile_batches, video=video, out_dir=args.out, stem=args.stem,
-                  work_dir=args.work_dir)  # fmt: skip
+                  work_dir=args.work_dir, compiled_models=args.compiled_models)  # fmt: skip
     print(f"results: {args.out}/{args.stem}.md", file=sys.stderr)
 
 

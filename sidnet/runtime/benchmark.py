@@ -255,7 +255,8 @@ def _save_checkpoint(model: nn.Module, name: str, path: Path) -> Path:
 
 
 def run_benchmark(*, parts: set[str], models: list[str], batches: list[int], compile_batches: list[int],
-                  video: Path | None, out_dir: Path, stem: str, work_dir: Path) -> dict:  # fmt: skip
+                  video: Path | None, out_dir: Path, stem: str, work_dir: Path,
+                  compiled_models: list[str] | None = None) -> dict:  # fmt: skip
     """Run the chosen ``parts`` (eager, torch, compiled, compile, compile-ours, e2e, ort) and write the results."""
     from sidnet.environment import environment
     from sidnet.runtime.artifact import ArtifactInfo
@@ -311,7 +312,7 @@ def run_benchmark(*, parts: set[str], models: list[str], batches: list[int], com
                 be.close()
                 del be
                 torch.cuda.empty_cache()
-        if "compiled" in parts:
+        if "compiled" in parts and (compiled_models is None or name in compiled_models):
             from sidnet.export.compiled import export_compiled
             from sidnet.runtime.backends.compiled import CompiledBackend
 

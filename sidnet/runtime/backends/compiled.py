@@ -1,6 +1,8 @@
 """``compiled`` backend: an AOTInductor package (``python -m export --backend compiled``) loaded in seconds, run
 through the same CUDA-graph / GPU-letterbox machinery as the ``torch`` backend (:class:`GraphRunner`).
 
+The AOTInductor runner cannot be captured in a CUDA graph (torch 2.11 on the H100: "operation not permitted when
+stream is capturing"), so it runs uncaptured: its C++ wrapper launches the kernels with little host overhead.
 The sidecar is checked before loading: torch version (AOTInductor packages are not portable across releases),
 device kind and GPU compute capability, and the package's SHA-256.
 """
@@ -41,7 +43,7 @@ def check_compiled_sidecar(side: dict, *, package: Path) -> torch.device:
 class CompiledBackend(GraphRunner):
     name = "compiled"
 
-    def __init__(self, path: Path, *, graphs: bool = True) -> None:
+    def __init__(self, path: Path, *, graphs: bool = False) -> None:
         info = sidecar_info(path, "compiled")
         dev = check_compiled_sidecar(info.sidecar, package=path)
         runner = torch._inductor.aoti_load_package(str(path))

@@ -126,6 +126,23 @@ class GraphRunner:
         x = torch.empty((n, 3, s, s), dtype=self.dtype, device=self.device)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def bucket(self, n: int) -> int:
+        """The batch size actually run for ``n`` frames: the next power of two (capped at ``max_batch``), so a
+        multi-stream batcher that hands over 5, 7, 12 … frames reuses a few captured graphs instead of capturing
+        (and cuDNN-autotuning) one per size. The extra rows compute on stale input and are dropped."""
+        if not self.graphs:
+            return n
+        b = 1 << max(0, n - 1).bit_length()
+        return min(b, self.max_batch) if self.max_batch is not None and n <= self.max_batch else b
+
+    def warmup(self, max_batch: int) -> None:
+        """Capture every bucket up to ``max_batch`` now, so the first frames do not pay for it."""
+        b = 1
+        while b < max_batch:
+            self.slot(b)
+            b *= 2
+        self.slot(self.bucket(max_batch))
+
     def slot(self, n: int) -> dict:
         """The static buffers (and graph) for batch ``n``; captured on first use."""
         if self.max_batch is not None and n > self.max_batch:
@@ -165,7 +182,7 @@ class GraphRunner:
 
     def _to_host(self, n: int, dets: torch.Tensor, num: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         slot = self._static[n]
-        if "host_dets" not in slot:
+        if "host_dets" not in slot:  # eager (CPU, or a forward that cannot be captured)
             return dets.float().cpu().numpy(), num.cpu().numpy()
         slot["host_dets"].copy_(dets, non_blocking=True)
         slot["host_num"].copy_(num, non_blocking=True)
@@ -179,22 +196,25 @@ class GraphRunner:
     @torch.no_grad()
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = images.shape[0]
-        slot = self.slot(n)
+        b = self.bucket(n)
+        slot = self.slot(b)
         with self._stream_ctx():
-            slot["input"].copy_(torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True))
-            dets, num = self.run(n)
-            return self._to_host(n, dets, num)
+            slot["input"][:n].copy_(torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True))
+            dets, num = self.run(b)
+            d, k = self._to_host(b, dets, num)
+        return d[:n], k[:n]
 
     @torch.no_grad()
     def infer_frames(self, frames: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[LetterboxInfo]]:
         n = len(frames)
-        slot = self.slot(n)
+        b = self.bucket(n)
+        slot = self.slot(b)
         uploaded = self.letterbox.upload(frames)
         with self._stream_ctx():
             infos = self.letterbox(uploaded, slot["input"])
-            dets, num = self.run(n)
-            d, k = self._to_host(n, dets, num)
-        return d, k, infos
+            dets, num = self.run(b)
+            d, k = self._to_host(b, dets, num)
+        return d[:n], k[:n], infos
 
     def close(self) -> None:
         self._static.clear()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -87,6 +88,8 @@ def run(args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.verbose:  # FFmpeg's own lines ("moov atom not found") would precede our one-line error
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     from sidnet.runtime.errors import DeployError
 

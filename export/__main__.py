@@ -18,17 +18,14 @@ import logging
 import sys
 from pathlib import Path
 
+from sidnet.cli import OneLineParser
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FLAGS = {"checkpoint": "checkpoint", "precision": "precision", "backend": "backend", "target": "target", "out": "out"}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + message
-        raise SystemExit(f"error: {message} (see python -m export --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="python -m export",
         description=__doc__.split("\n\n")[0],
         epilog="Any key of conf/export.yaml can also be given as key=value, e.g. batch.max=32 topk=50.",
@@ -81,15 +78,11 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # noqa: BLE001  (Hydra and OmegaConf raise many types for a bad override)
         raise SystemExit(f"error: bad configuration: {str(e).strip().splitlines()[0]}") from None
 
-    from sidnet.engine.checkpoint import CheckpointError
-    from sidnet.export.errors import ExportError
+    from sidnet.cli import run_guarded
     from sidnet.export.pipeline import run_export
 
-    try:
-        result = run_export(config, project_root=PROJECT_ROOT)
-    except (ExportError, CheckpointError) as e:
-        # Bad input is the user's to fix: one line, no traceback.
-        raise SystemExit(f"error: {e}") from None
+    # Bad input is the user's to fix: one line, no traceback (-v shows it).
+    result = run_guarded(lambda: run_export(config, project_root=PROJECT_ROOT), verbose=args.verbose)
     print(f"exported to {result.out_dir}: {', '.join(sorted(result.report['files']))}, {result.report_path.name}")
 
 

@@ -277,7 +277,15 @@ def load_anchors(anchors: Any, *, project_root: Path) -> list[list[float]]:
     path = path if path.is_absolute() else project_root / path
     if not path.is_file():
         raise FileNotFoundError(f"anchors file not found: {path}; run `python -m train.anchors` or set model.anchors")
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid YAML ({type(e).__name__}); regenerate it with "
+                         "`python -m train.anchors`") from e  # fmt: skip
     if not isinstance(data, dict) or "anchors" not in data:
         raise ValueError(f"{path} has no 'anchors:' list; regenerate it with `python -m train.anchors`")
-    return [[float(w), float(h)] for w, h in data["anchors"]]
+    try:
+        return [[float(w), float(h)] for w, h in data["anchors"]]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: 'anchors' must be a list of [w, h] numbers ({e}); regenerate it with "
+                         "`python -m train.anchors`") from e  # fmt: skip

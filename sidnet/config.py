@@ -4,6 +4,7 @@ error at composition time instead of a silently ignored key."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ class ModelConfig:
     anchors: Any = "conf/anchors/coco128_person.yaml"
     num_classes: int = 1
     input_size: int = 416
+    num_anchors: int = 0  # the count the architecture is defined with (SIDNet 3, YOLOv2 5); 0: any
     kwargs: dict[str, Any] = field(default_factory=dict)  # builder-specific: width, pretrained, head_channels
 
 
@@ -88,6 +90,55 @@ class TrainConfig:
     resume: bool = False
     max_steps_per_epoch: int = 0  # 0: the whole epoch; >0 caps it (smoke runs, benchmarks)
     tensorboard: bool = True
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message is one line naming the key, the value and the fix."""
+
+
+def _check(ok: bool, key: str, value: Any, need: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {need}")
+
+
+def validate_train_config(cfg: TrainConfig) -> None:
+    """Range checks the dataclass types cannot express (Hydra already refused unknown keys and wrong types)."""
+    finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+    m, o, e, loss = cfg.model, cfg.optim, cfg.eval, cfg.loss
+    _check(cfg.epochs >= 1, "epochs", cfg.epochs, "use a positive number of epochs")
+    _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "use a positive batch size, e.g. batch_size=16")
+    _check(cfg.workers >= 0, "workers", cfg.workers, "use 0 (load in the main process) or more")
+    _check(cfg.max_steps_per_epoch >= 0, "max_steps_per_epoch", cfg.max_steps_per_epoch, "use 0 (whole epoch) or more")
+    _check(m.input_size >= 32 and m.input_size % 32 == 0, "model.input_size", m.input_size,
+           "the network downsamples by 32, use a multiple of 32 such as 320, 416 or 608")  # fmt: skip
+    _check(m.num_classes >= 1, "model.num_classes", m.num_classes, "use 1 or more")
+    _check(finite(o.lr) and o.lr > 0, "optim.lr", o.lr, "use a positive learning rate, e.g. optim.lr=0.001")
+    _check(finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "use 0 or more")
+    _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "use a value in [0, 1)")
+    _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "use 0 or more")
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "use a value in [0, 1]")
+    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "use 0 (off) or a positive norm")
+    _check(o.ema_halflife_epochs >= 0, "optim.ema_halflife_epochs", o.ema_halflife_epochs, "use 0 (off) or more")
+    _check(e.every >= 1, "eval.every", e.every, "use 1 or more epochs")
+    _check(0 <= e.conf_thresh <= 1, "eval.conf_thresh", e.conf_thresh, "use a value in [0, 1]")
+    _check(0 <= e.operating_conf <= 1, "eval.operating_conf", e.operating_conf, "use a value in [0, 1]")
+    _check(0 < e.nms_iou <= 1, "eval.nms_iou", e.nms_iou, "use a value in (0, 1]")
+    _check(e.max_det >= 1, "eval.max_det", e.max_det, "use 1 or more")
+    for k in ("coord_scale", "obj_scale", "noobj_scale", "class_scale"):
+        _check(getattr(loss, k) >= 0, f"loss.{k}", getattr(loss, k), "use 0 or more")
+    _check(0 <= loss.ignore_thresh <= 1, "loss.ignore_thresh", loss.ignore_thresh, "use a value in [0, 1]")
+
+
+def validate_anchors(anchors: list[list[float]], *, num_anchors: int, source: Any) -> None:
+    """``anchors`` are [w, h] pairs in input pixels, positive and finite, ``num_anchors`` of them when it is set."""
+    bad = [a for a in anchors if len(a) != 2 or not all(math.isfinite(v) and v > 0 for v in a)]
+    if not anchors or bad:
+        raise ConfigError(f"anchors from {source} must be a non-empty list of positive [w, h] pairs in input pixels, "
+                          f"got {bad[:2] or anchors}; regenerate them with `python -m train.anchors`")  # fmt: skip
+    if num_anchors and len(anchors) != num_anchors:
+        raise ConfigError(f"anchors from {source} has {len(anchors)} anchors but this model is defined with "
+                          f"{num_anchors}; run `python -m train.anchors -k {num_anchors}` or pick the matching "
+                          "model")  # fmt: skip
 
 
 def register_configs() -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import yaml
 
 from sidnet.anchors import YOLOV2_VOC_ANCHORS, anchor_metrics, kmeans_anchors, letterboxed_wh
+from sidnet.cli import OneLineParser, run_guarded
 from sidnet.data import load_split, resolve_root
 from sidnet.io import atomic_write_text
 
@@ -28,7 +29,7 @@ BPR_THRESHOLDS = (0.5, 0.25)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.anchors", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m train.anchors", description=__doc__.splitlines()[0]).add_verbose()
     parser.add_argument("--data", required=True, help="data YAML (conf/data/*.yaml)")
     parser.add_argument("--size", type=int, default=416, help="square network input size in pixels")
     parser.add_argument("-k", type=int, default=3, help="number of anchors")
@@ -193,6 +194,10 @@ def tune(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_guarded(lambda: _run(args), verbose=args.verbose)
+
+
+def _run(args: argparse.Namespace) -> int:
     # Read the comparison anchors before anything is written: --current and --out are usually the same file.
     current = read_current_anchors(args.current, size=args.size)
     wh_orig, image_sizes, num_images, negatives = load_train_person_boxes(Path(args.data))

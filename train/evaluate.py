@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from sidnet.cli import OneLineParser, run_guarded
 from sidnet.config import DataConfig, SplitConfig
 from sidnet.data import DetectionDataset
-from sidnet.data.errors import DataError
 from sidnet.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from sidnet.engine.data import load_records
 from sidnet.engine.predict import predict_dataset
@@ -44,7 +44,7 @@ def load_data_yaml(path: Path) -> DataConfig:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0]).add_verbose()
     p.add_argument("--checkpoint", required=True, type=Path)
     p.add_argument("--data", type=Path, help="data YAML (default: the checkpoint's data config)")
     p.add_argument("--split", default="val", choices=["train", "val"])
@@ -54,20 +54,25 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
     p.add_argument("--out", type=Path, help="JSON report (default: next to the checkpoint)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        state = load_checkpoint(args.checkpoint)
-        if args.data is not None:
-            if not args.data.is_file():
-                raise SystemExit(f"error: data config not found: {args.data}; pass a YAML from conf/data/")
-            data = load_data_yaml(args.data)
-        else:
-            data = data_config(state["config"]["data"])
-        records = load_records(data, args.split, project_root=PROJECT_ROOT)
-    except (CheckpointError, DataError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    return run_guarded(lambda: evaluate(args), verbose=args.verbose)
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    state = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(state, ema=not args.no_ema)
+    if args.data is not None:
+        if not args.data.is_file():
+            raise FileNotFoundError(f"data config not found: {args.data}; pass a YAML from conf/data/")
+        data = load_data_yaml(args.data)
+    else:
+        if not isinstance(state.get("config"), dict) or "data" not in state["config"]:
+            raise CheckpointError(f"{args.checkpoint} records no data config; pass --data conf/data/<x>.yaml")
+        data = data_config(state["config"]["data"])
+    records = load_records(data, args.split, project_root=PROJECT_ROOT)
     device = resolve_device(args.device)
-    model = model_from_checkpoint(state, ema=not args.no_ema).to(device)
+    model = model.to(device)
     dataset = DetectionDataset(records, size=state["model"]["input_size"])
     preds = predict_dataset(model, dataset, device=device, batch_size=args.batch_size, amp=False)
     report = evaluate_detections(records, preds, operating_conf=args.conf)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import LENIENT_HINT, MALFORMED_LABEL, SIZE_MISMATCH, UNKNOWN_CLASS, DataError, SkipReport
+from .errors import DUPLICATE_ID, LENIENT_HINT, MALFORMED_LABEL, SIZE_MISMATCH, UNKNOWN_CLASS, DataError, SkipReport
 from .records import ImageRecord, make_record
 from .validate import Checker, check_box, check_image, require_dir
 
@@ -100,6 +100,7 @@ def read_coco(
         anns_by_image.setdefault(ann["image_id"], []).append(ann)
 
     records: list[ImageRecord] = []
+    seen_ids: dict[int, str] = {}
     for im in data["images"]:
         try:
             image_id, file_name = int(im["id"]), str(im["file_name"])
@@ -110,6 +111,15 @@ def read_coco(
                 f"malformed image entry {im!r:.80} in {annotations} ({err!r}); fix the JSON, or {LENIENT_HINT}",
             )
             continue
+        if image_id in seen_ids:
+            # Annotations point at ids: with two images under one id, boxes would be drawn on the wrong picture.
+            checker.problem(
+                DUPLICATE_ID,
+                f"duplicate image id {image_id} in {annotations} ({seen_ids[image_id]} and {file_name}); give each "
+                f"image its own id, or {LENIENT_HINT} (the second one is skipped)",
+            )
+            continue
+        seen_ids[image_id] = file_name
         path = images / file_name
         size = check_image(path, checker=checker, listed_in=annotations)
         if size is None:

@@ -19,6 +19,8 @@ BOX_OUTSIDE_IMAGE = "box_outside_image"
 EMPTY_BOX = "empty_box"
 UNKNOWN_CLASS = "unknown_class"
 MALFORMED_LABEL = "malformed_label"
+DUPLICATE_ID = "duplicate_image_id"
+TOO_LARGE = "image_too_large"
 ORPHAN_LABEL = "orphan_label"  # a label file without an image: not an error, only counted
 
 LENIENT_HINT = "pass data.lenient=true to skip it"

@@ -7,6 +7,7 @@ instead of hours into an epoch.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,10 +20,13 @@ from .errors import (
     LENIENT_HINT,
     MALFORMED_LABEL,
     MISSING_IMAGE,
+    TOO_LARGE,
     DataError,
     SkipReport,
 )
 
+# Decoded frames are held whole (H x W x 3 bytes) before letterboxing: this caps one at ~192 MiB. 8K video is 33 MP.
+MAX_IMAGE_PIXELS = 64_000_000
 BOX_TOLERANCE_PX = 1.0  # annotation tools round to whole pixels; beyond this a box is wrong, not sloppy
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _JPEG_TAIL_BYTES = 1024
@@ -66,17 +70,30 @@ def check_image(path: Path, *, checker: Checker, listed_in: Path | str | None = 
         checker.problem(MISSING_IMAGE, f"image not found: {path}{where}; fix the path or {LENIENT_HINT}")
         return None
     try:
-        with Image.open(path) as im:
-            size = im.size
-            fmt = im.format
-            im.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below is the policy
+            with Image.open(path) as im:
+                size = im.size
+                fmt = im.format
+                im.verify()
         if fmt == "JPEG" and _jpeg_truncated(path):
             raise OSError("JPEG end-of-image marker missing, the file is truncated")
+    except Image.DecompressionBombError:
+        size = None
     except Exception as err:  # PIL raises a zoo of types (UnidentifiedImageError, OSError, SyntaxError, ...)
         checker.problem(
             CORRUPT_IMAGE,
             f"corrupt or unreadable image: {path}{where} ({type(err).__name__}: {err}); "
             f"replace or delete the file, or {LENIENT_HINT}",
+        )
+        return None
+    if size is None or size[0] * size[1] > MAX_IMAGE_PIXELS:
+        shown = f"{size[0]}x{size[1]} ({size[0] * size[1] / 1e6:.0f} MP)" if size else "larger than PIL's bomb limit"
+        checker.problem(
+            TOO_LARGE,
+            f"image {path}{where} is {shown}, over the {MAX_IMAGE_PIXELS / 1e6:.0f} MP that bounds decoding memory "
+            f"(a {MAX_IMAGE_PIXELS * 3 / 2**20:.0f} MiB frame per loader worker); downscale it (normalised YOLO "
+            f"labels stay valid; scale COCO boxes with it), or {LENIENT_HINT}",
         )
         return None
     return int(size[0]), int(size[1])

@@ -18,13 +18,21 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from sidnet.anchors import load_anchors
-from sidnet.config import TrainConfig
+from sidnet.config import ConfigError, TrainConfig, validate_anchors, validate_train_config
 from sidnet.data import SeededSampler, collate
-from sidnet.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from sidnet.engine.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    numpy_rng_from_plain,
+    numpy_rng_to_plain,
+    save_checkpoint,
+)
 from sidnet.engine.data import build_datasets
 from sidnet.engine.ema import ModelEMA
 from sidnet.engine.predict import predict_dataset
+from sidnet.engine.runlock import acquire_run_lock, release_run_lock
 from sidnet.evaluation import evaluate_detections
+from sidnet.io import remove_stale_temporaries
 from sidnet.models import build_model
 from sidnet.models.loss import RegionLoss
 
@@ -35,8 +43,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
-    return torch.device(name)
+        raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -132,7 +143,8 @@ class Trainer:
             "step": self.step,
             "best_ap50": self.best_ap50,
             "history": self.history,
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "rng": {"python": random.getstate(), "numpy": numpy_rng_to_plain(np.random.get_state()),
+                    "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},  # fmt: skip
             "config": _to_container(self.cfg),
         }
@@ -153,11 +165,19 @@ class Trainer:
         self.best_ap50, self.history = state["best_ap50"], state["history"]
         rng = state["rng"]
         random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        np.random.set_state(numpy_rng_from_plain(rng["numpy"]))
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.step)
+
+    def _save(self, state: dict[str, Any], path: Path) -> None:
+        try:
+            save_checkpoint(state, path)
+        except OSError as e:
+            kept = f"{path} from the last complete epoch is intact" if path.exists() else "no checkpoint was written"
+            raise CheckpointError(f"could not write {path} ({e.strerror or e}); {kept}; free space or fix the folder "
+                                  "and rerun with resume=true") from e  # fmt: skip
 
     # -- loop --------------------------------------------------------------------------------------------------
     def _loader(self, epoch: int) -> DataLoader:
@@ -264,10 +284,10 @@ class Trainer:
                 stats.update({f"val_{k}": report[k] for k in ("AP", "AP50", "recall", "precision") if k in report})
                 if (report.get("AP50") or 0.0) > self.best_ap50:
                     self.best_ap50 = report["AP50"]
-                    save_checkpoint({**self.state(), "metrics": report}, best)
+                    self._save({**self.state(), "metrics": report}, best)
             self.history.append({"epoch": self.epoch, **stats})
             log.info("epoch %d/%d %s", self.epoch, cfg.epochs, json.dumps(_round(stats)))
-            save_checkpoint(self.state(), last)
+            self._save(self.state(), last)
         if self.writer:
             self.writer.close()
         return {"epochs": self.epoch, "steps": self.step, "best_ap50": self.best_ap50, "last": str(last),
@@ -287,16 +307,32 @@ def _to_container(cfg: TrainConfig) -> dict:
         return asdict(cfg)
 
 
+def check_train_config(cfg: TrainConfig, *, project_root: Path) -> None:
+    """Every check that needs no data: value ranges, the anchors (file, shape, count) and the device."""
+    validate_train_config(cfg)
+    anchors = load_anchors(cfg.model.anchors, project_root=project_root)
+    validate_anchors(anchors, num_anchors=cfg.model.num_anchors, source=cfg.model.anchors)
+    resolve_device(cfg.device)
+
+
 def train(cfg: TrainConfig, *, run_dir: Path, project_root: Path) -> dict[str, Any]:
     """Train one run in ``run_dir``. An existing ``last.pt`` there is continued with ``cfg.resume``, and is never
     overwritten without it."""
+    check_train_config(cfg, project_root=project_root)
     run_dir = Path(run_dir)
-    last = run_dir / "last.pt"
-    if last.exists() and not cfg.resume:
-        raise FileExistsError(f"{last} exists: pass resume=true to continue that run, or name=<new> to start another")
-    if cfg.resume and not last.exists():
-        raise FileNotFoundError(f"resume=true but {last} does not exist; drop resume or fix name=")
-    trainer = Trainer(cfg, run_dir=run_dir, project_root=project_root)
-    if cfg.resume:
-        trainer.resume(last)
-    return trainer.fit()
+    held = acquire_run_lock(run_dir)  # a second training into the same folder refuses here, before touching it
+    try:
+        for stale in remove_stale_temporaries(run_dir):
+            log.warning("removed %s, left by a writer that was killed mid-write", stale.name)
+        last = run_dir / "last.pt"
+        if last.exists() and not cfg.resume:
+            raise FileExistsError(f"{last} exists: pass resume=true to continue that run, or name=<new> to start "
+                                  "another")  # fmt: skip
+        if cfg.resume and not last.exists():
+            raise FileNotFoundError(f"resume=true but {last} does not exist; drop resume or fix name=")
+        trainer = Trainer(cfg, run_dir=run_dir, project_root=project_root)
+        if cfg.resume:
+            trainer.resume(last)
+        return trainer.fit()
+    finally:
+        release_run_lock(held)

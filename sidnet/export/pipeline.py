@@ -18,6 +18,7 @@ from sidnet.export.parity import ParityResult, check_parity
 from sidnet.export.report import sha256_file, write_report
 from sidnet.export.surgery import op_counts, rewrite
 from sidnet.export.wrapper import DeployModel
+from sidnet.io import ensure_writable_dir
 from sidnet.models import Reorg, YOLOv2, build_model
 
 log = logging.getLogger("sidnet.export")
@@ -292,7 +293,7 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
     model, name, source, ckpt_names = load_model(cfg, project_root=project_root)
     class_names = _class_names(cfg, ckpt_names, model.num_classes)
     out_dir = default_out_dir(cfg, project_root=project_root)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(out_dir, fix="pass --out a folder you can write to")
     log.info("export: %s, %s, target %s, backend %s -> %s", source, opts.precision, opts.target, opts.backend, out_dir)
 
     deploy = DeployModel(model, conf_thresh=cfg.conf_thresh, topk=cfg.topk).eval()

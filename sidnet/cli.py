@@ -1,0 +1,73 @@
+"""What every entry point (``train``, ``train.evaluate``, ``train.anchors``, ``export``, ``deploy``) does with an
+exception: one ``error: ...`` line on stderr and a non-zero exit, never a traceback; ``-v`` re-raises instead.
+
+Bad input surfaces as ``ValueError`` (``DataError``, ``CheckpointError``, ``ExportError``, ``ConfigError`` derive from
+it) or ``OSError`` (missing, unwritable, full disk): their message is the line. Anything else is a bug of ours and is
+named as one, with the hint to rerun with ``-v``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def error_line(e: BaseException) -> str:
+    """The ``error: ...`` line for ``e``."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        where = f" writing {e.filename}" if e.filename else ""
+        return f"error: no space left on device{where}; free space (files already written are intact) and rerun"
+    if isinstance(e, PermissionError):
+        return f"error: permission denied: {e.filename or e}; choose a folder you can write to"
+    if isinstance(e, OSError) and e.filename and not str(e).startswith(str(e.filename)):
+        return f"error: {e.strerror or e}: {e.filename}"
+    if isinstance(e, (ValueError, OSError)):
+        return f"error: {one_line(e)}"
+    return f"error: internal error ({type(e).__name__}: {one_line(e)[:300]}); rerun with -v for the traceback"
+
+
+def run_guarded(fn: Callable[[], T], *, verbose: bool) -> T:
+    """Call ``fn()``; on an exception print one line and exit non-zero (``verbose``: let the traceback through)."""
+    try:
+        return fn()
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        if verbose:
+            raise
+        print("error: interrupted (a training run continues from its last complete epoch with resume=true)",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except Exception as e:  # noqa: BLE001  (the one place that turns every failure into one line)
+        if verbose:
+            raise
+        print(error_line(e), file=sys.stderr)
+        raise SystemExit(EXIT_ERROR) from None
+
+
+def pop_verbose(argv: list[str]) -> tuple[list[str], bool]:
+    """Remove ``-v``/``--verbose`` from ``argv`` (for entry points whose other arguments are Hydra overrides)."""
+    rest = [a for a in argv if a not in ("-v", "--verbose")]
+    return rest, len(rest) != len(argv)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``error: ...`` line (exit 2) instead of usage text plus a message."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise SystemExit(f"error: {message} (see {self.prog} --help)")
+
+    def add_verbose(self) -> OneLineParser:
+        self.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error")
+        return self

@@ -20,13 +20,10 @@ import sys
 from pathlib import Path
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise SystemExit(f"error: {message} (see python -m deploy --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m deploy", description=__doc__.split("\n\n")[0])
+    from sidnet.cli import OneLineParser
+
+    p = OneLineParser(prog="python -m deploy", description=__doc__.split("\n\n")[0])
     p.add_argument("artifact", help=".engine | .onnx | .pt | .pt2")
     p.add_argument("sources", nargs="+", help="[name=]folder | video file | rtsp://… | http://… | webcam index")
     p.add_argument("--backend", help="tensorrt | onnxruntime | torch | compiled (must match the artifact)")
@@ -43,8 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="live streams: failed reconnects in a row before a stream is given up (default 10)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--force", action="store_true", help="overwrite outputs of an earlier run in --out")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
-    return p
+    return p.add_verbose()
 
 
 def _backend_options(args, backend: str) -> dict:
@@ -59,6 +55,7 @@ def _backend_options(args, backend: str) -> dict:
 def run(args) -> dict:
     from sidnet.runtime.artifact import backend_for
     from sidnet.runtime.detector import Detector
+    from sidnet.runtime.errors import DeployError
     from sidnet.runtime.pipeline import PipelineOptions, check_out_dir, run_pipeline
     from sidnet.runtime.sources import open_source, parse_source
     from sidnet.runtime.zones import load_zones
@@ -66,7 +63,7 @@ def run(args) -> dict:
     named = [parse_source(s, i) for i, s in enumerate(args.sources)]
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
-        raise SystemExit(f"error: two sources share a name ({', '.join(names)}): name them name=SOURCE")
+        raise DeployError(f"two sources share a name ({', '.join(names)}): name them name=SOURCE")
     backend = backend_for(args.artifact, args.backend)
     zones = load_zones(args.zones, streams=names) if args.zones else None
     check_out_dir(args.out, names, force=args.force)
@@ -91,14 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.verbose:  # FFmpeg's own lines ("moov atom not found") would precede our one-line error
         os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
-    from sidnet.runtime.errors import DeployError
+    from sidnet.cli import run_guarded
 
-    try:
-        summary = run(args)
-    except DeployError as e:
-        if args.verbose:
-            raise
-        raise SystemExit(f"error: {e}") from None
+    summary = run_guarded(lambda: run(args), verbose=args.verbose)  # one error line; -v shows the traceback
     alarms = sum(n for zs in summary["alarms"].values() for n in zs.values())
     print(json.dumps({k: summary[k] for k in ("frames", "frames_per_s", "alarms")}))
     frames = sum(summary["frames"].values())

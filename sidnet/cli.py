@@ -1,5 +1,5 @@
 """What every entry point (``train``, ``train.evaluate``, ``train.anchors``, ``export``, ``deploy``) does with an
-exception: one ``error: ...`` line on stderr and a non-zero exit, never a traceback; ``-v`` re-raises instead.
+exception: one ``error: ...`` line on stderr and exit status 1, never a traceback; ``-v`` re-raises instead.
 
 Bad input surfaces as ``ValueError`` (``DataError``, ``CheckpointError``, ``ExportError``, ``ConfigError`` derive from
 it) or ``OSError`` (missing, unwritable, full disk): their message is the line. Anything else is a bug of ours and is
@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
-EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
@@ -52,8 +51,7 @@ def run_guarded(fn: Callable[[], T], *, verbose: bool) -> T:
     except Exception as e:  # noqa: BLE001  (the one place that turns every failure into one line)
         if verbose:
             raise
-        print(error_line(e), file=sys.stderr)
-        raise SystemExit(EXIT_ERROR) from None
+        raise SystemExit(error_line(e)) from None  # Python prints it to stderr and exits with status 1
 
 
 def pop_verbose(argv: list[str]) -> tuple[list[str], bool]:

@@ -5,7 +5,7 @@ error or behaviour). Data rows run the readers in-process (strict: one-line ``Da
 ``data.lenient=true``: counted under a reason and skipped, the good images kept). Config and artifact rows run the
 real entry points' ``main(argv)``. The crash rows run real ``python -m train`` subprocesses, SIGKILL them at random
 points (several seeds) or inside the checkpoint write, resume, and compare the final weights bit for bit with an
-uninterrupted run. ``tests/test_faults.md`` is the table in words.
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -292,6 +292,24 @@ def test_config_fault_one_line(tmp_path, capsys, fault, overrides, message):
     line = _one_error_line(*_run_main(main, [*TINY, "epochs=1", f"hydra.run.dir={run_dir}", *extra], capsys))
     assert __import__("re").search(message, line), line
     assert not (run_dir / "last.pt").exists() and not (run_dir / "config.yaml").exists()
+
+
+ANCHOR_FAULTS = [
+    ("data YAML missing", ["--data", "nope.yaml"], r"data config nope\.yaml not found"),
+    ("k=0", ["--data", "conf/data/sample.yaml", "-k", "0"], r"k must be >= 1, got 0"),
+    ("more anchors than boxes", ["--data", "conf/data/sample.yaml", "-k", "50", "--evolve", "0"],
+     r"k=50 anchors requested but only 17 boxes"),
+    ("size not a number", ["--data", "conf/data/sample.yaml", "--size", "x"], r"argument --size: invalid int"),
+]
+
+
+@pytest.mark.parametrize("fault,argv,message", ANCHOR_FAULTS, ids=[r[0] for r in ANCHOR_FAULTS])
+def test_anchor_tuner_fault_one_line(capsys, monkeypatch, fault, argv, message):
+    from train.anchors import main
+
+    monkeypatch.chdir(ROOT)
+    line = _one_error_line(*_run_main(main, argv, capsys))
+    assert __import__("re").search(message, line), line
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -299,10 +299,9 @@ def run_benchmark(*, parts: set[str], models: list[str], batches: list[int], com
         if "torch" in parts:
             # The backend as shipped, and without its two csrc/layout steps (the previous best), in the same run.
             for full in (True, False):
-                variant = ("torch backend (cudnn conv+bias+relu, csrc pool, 8-ch input)" if full else
+                variant = ("torch backend (cudnn conv+bias+relu, csrc pool)" if full else
                            "torch backend (cudnn conv+bias+relu only)")  # fmt: skip
-                be = TorchBackend(model, info, device="cuda", conf_thresh=0.3, kernel_pool=None if full else False,
-                                  pad_input=full)  # fmt: skip
+                be = TorchBackend(model, info, device="cuda", conf_thresh=0.3, kernel_pool=None if full else False)
                 res["notes"][f"{name} decode"] = be.decode
                 for bs in batches:
                     be.slot(bs)

@@ -1,6 +1,7 @@
 """``torch`` backend: a checkpoint run the fastest way this project knows on an NVIDIA GPU.
 
 - BatchNorm folded into the convs, conv + bias + ReLU as one cuDNN call (:mod:`sidnet.models.fuse`);
+- 2x2 max pooling by the ``csrc/maxpool`` NHWC kernel (PyTorch's NHWC half pooling was 39% of the batch-64 time);
 - FP16 weights and activations, channels_last (NHWC: the layout the tensor-core conv kernels read natively);
 - one CUDA graph per batch size (captured on first use), holding the network *and* the decode tail: the fused
   ``csrc/`` region decode + threshold + top-K kernel (:func:`sidnet.kernels.region_topk`) when the kernels library
@@ -90,8 +91,7 @@ class GpuLetterbox:
             if (nh, nw) != (h, w):
                 x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
             rows = torch.as_tensor(idx, device=out.device)
-            # [:3]: a buffer padded to more input channels (see TorchBackend) keeps RGB in the first three
-            out[rows, :3, info.pad_y : info.pad_y + nh, info.pad_x : info.pad_x + nw] = (x * (1 / 255.0)).to(out.dtype)
+            out[rows, :, info.pad_y : info.pad_y + nh, info.pad_x : info.pad_x + nw] = (x * (1 / 255.0)).to(out.dtype)
             for i in idx:
                 infos[i] = info
         return infos  # type: ignore[return-value]
@@ -110,10 +110,8 @@ class GraphRunner:
     per batch size, plus GPU letterbox and pinned output buffers. On CPU: eager, no graphs."""
 
     def __init__(self, forward: Forward, *, info: ArtifactInfo, device: torch.device, dtype: torch.dtype,
-                 channels_last: bool, graphs: bool = True, max_batch: int | None = None,
-                 in_channels: int = 3) -> None:  # fmt: skip
+                 channels_last: bool, graphs: bool = True, max_batch: int | None = None) -> None:  # fmt: skip
         self.forward, self.info, self.device, self.dtype = forward, info, device, dtype
-        self.in_channels = in_channels
         self.channels_last = channels_last
         self.graphs = graphs and device.type == "cuda"
         # On a CPU the Detector letterboxes with OpenCV (the training/evaluation code path) and calls ``infer``.
@@ -126,7 +124,7 @@ class GraphRunner:
 
     def new_input(self, n: int) -> torch.Tensor:
         s = self.info.input_size
-        x = torch.empty((n, self.in_channels, s, s), dtype=self.dtype, device=self.device)
+        x = torch.empty((n, 3, s, s), dtype=self.dtype, device=self.device)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def bucket(self, n: int) -> int:
@@ -203,7 +201,7 @@ class GraphRunner:
         slot = self.slot(b)
         with self._stream_ctx():
             images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
-            slot["input"][:n, :3].copy_(images)
+            slot["input"][:n].copy_(images)
             dets, num = self.run(b)
             d, k = self._to_host(b, dets, num)
         return d[:n], k[:n]
@@ -261,38 +259,6 @@ def _kernels_available() -> bool:
         return False
 
 
-def pad_first_conv(net, *, to: int) -> int:
-    """Give the network's first conv ``to`` input channels, the extra weights zero, so that cuDNN picks its
-    tensor-core NHWC kernels (3 channels fall back to a slow path: 0.70 ms of SIDNet's 6.3 ms at batch 64, floor
-    ~0.25). Exact: the extra input channels meet zero weights. Only when the input normalisation is the identity
-    (Darknet SIDNet / YOLOv2), since a mean/std step runs on the 3 RGB channels first. Returns the input channels."""
-    from torch import nn
-
-    from sidnet.models.fuse import ConvBiasAct
-
-    if not getattr(getattr(net, "normalize", None), "identity", False):
-        return 3
-    first = next((m for m in net.backbone.modules() if isinstance(m, (ConvBiasAct, nn.Conv2d))), None)
-    conv = first.conv if isinstance(first, ConvBiasAct) else first
-    if conv is None or conv.in_channels != 3 or conv.groups != 1:
-        return 3
-    padded = nn.Conv2d(to, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                       bias=conv.bias is not None).to(conv.weight.device, conv.weight.dtype)  # fmt: skip
-    with torch.no_grad():
-        padded.weight.zero_()
-        padded.weight[:, :3] = conv.weight
-        if conv.bias is not None:
-            padded.bias.copy_(conv.bias)
-    if isinstance(first, ConvBiasAct):
-        first.conv = padded
-    else:
-        for parent in net.backbone.modules():
-            for name, child in parent.named_children():
-                if child is conv:
-                    setattr(parent, name, padded)
-    return to
-
-
 def load_checkpoint_model(path: Path):
     """(YOLOv2 in eval mode, ArtifactInfo) from a training checkpoint."""
     from sidnet.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
@@ -319,8 +285,7 @@ class TorchBackend(GraphRunner):
 
     def __init__(self, model, info: ArtifactInfo, *, device: str = "auto", conf_thresh: float = 0.001,
                  topk: int = 100, precision: str | None = None, cudnn_relu: bool = True, graphs: bool = True,
-                 use_kernel: bool | None = None, kernel_pool: bool | None = None,
-                 pad_input: bool = True) -> None:  # fmt: skip
+                 use_kernel: bool | None = None, kernel_pool: bool | None = None) -> None:  # fmt: skip
         from sidnet.models.fuse import fuse_for_inference
 
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -338,11 +303,10 @@ class TorchBackend(GraphRunner):
         if kernel_pool is None:
             kernel_pool = cuda and _kernels_available()
         net = fuse_for_inference(model, cudnn_relu=cudnn_relu and cuda, kernel_pool=kernel_pool and cuda)
-        in_channels = pad_first_conv(net, to=8) if pad_input and cuda else 3
         net = net.to(dev, dtype)
         if cuda:
             net = net.to(memory_format=torch.channels_last)
-        self.kernel_pool, self.in_channels_padded = bool(kernel_pool and cuda), in_channels
+        self.kernel_pool = bool(kernel_pool and cuda)
         use_kernel = use_kernel if cuda else False
         tail, self.decode = decode_tail(net, conf_thresh=conf_thresh, topk=topk, use_kernel=use_kernel)
         self.net = net
@@ -350,8 +314,7 @@ class TorchBackend(GraphRunner):
         def forward(x):
             return tail(net(x))
 
-        super().__init__(forward, info=info, device=dev, dtype=dtype, channels_last=cuda, graphs=graphs,
-                         in_channels=in_channels)
+        super().__init__(forward, info=info, device=dev, dtype=dtype, channels_last=cuda, graphs=graphs)
 
 
 def open_backend(path: Path, **options) -> TorchBackend:

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", help="checkpoint .pt written by python -m train")
     p.add_argument("--precision", help="fp32 | fp16 (int8: not built yet)")
-    p.add_argument("--backend", help="onnx | tensorrt | tensorrt-rtx")
+    p.add_argument("--backend", help="onnx | tensorrt | tensorrt-rtx | compiled (AOTInductor package)")
     p.add_argument("--target", help="plugins | native (default: plugins for tensorrt, native otherwise)")
     p.add_argument("--out", help="output folder (default: <checkpoint dir>/export)")
     p.add_argument("--random-init", action="store_true", help="export untrained weights (smoke tests only)")

@@ -415,3 +415,58 @@ def test_pyramid_roi_align_matches_torchvision(lib, dtype, n, c, size, r, pooled
     tol = 1e-4 if dtype == torch.float32 else 2e-2  # fp16 output rounding of values of magnitude ~1
     torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
     assert torch.isfinite(got).all()
+
+
+# --------------------------------------------------------------------------------------------- maxpool (NHWC 2x2)
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "n,c,h,w",
+    # SIDNet's pools (vector path), odd spatial sizes (floor), channel counts off the 16-byte vector (scalar path)
+    [(2, 32, 416, 416), (64, 64, 26, 26), (1, 512, 26, 26), (3, 8, 13, 13), (2, 3, 9, 7), (1, 5, 2, 2), (2, 12, 5, 8)],
+)
+def test_maxpool_nhwc_matches_torch(lib, dtype, n, c, h, w):
+    x = _nhwc(torch.randn(n, c, h, w, generator=_gen(n + c + h * w), device="cuda").to(dtype))
+    out = _nhwc(_poison((n, c, h // 2, w // 2), dtype))
+    got = kernels.maxpool2x2_nhwc(x, out=out)
+    torch.cuda.synchronize()
+    assert got is out and not torch.isnan(out).any(), "unwritten output elements"
+    assert torch.equal(out, torch.nn.functional.max_pool2d(x, 2, 2))
+
+
+@pytest.mark.gpu
+def test_maxpool_nhwc_unaligned_empty_and_bad_layout(lib):
+    flat = torch.randn(2 * 5 * 8 * 16 + 1, generator=_gen(3), device="cuda").half()
+    x = flat[1:].view(2, 5, 8, 16).permute(0, 3, 1, 2)  # channels-last view, data pointer off 16-byte alignment
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.data_ptr() % 16 != 0
+    assert torch.equal(kernels.maxpool2x2_nhwc(x), torch.nn.functional.max_pool2d(x, 2, 2))
+    empty = _nhwc(torch.randn(0, 8, 4, 4, device="cuda"))
+    assert kernels.maxpool2x2_nhwc(empty).shape == (0, 8, 2, 2)
+    assert kernels.maxpool2x2_nhwc(_nhwc(torch.randn(1, 8, 1, 1, device="cuda"))).shape == (1, 8, 0, 0)
+    with pytest.raises(ValueError, match="channels-last"):
+        kernels.maxpool2x2_nhwc(torch.randn(1, 8, 4, 4, device="cuda"))  # NCHW contiguous, C > 1
+
+
+@pytest.mark.gpu
+def test_maxpool_module_inside_a_cuda_graph(lib):
+    from sidnet.models.fuse import MaxPool2x2
+
+    pool = MaxPool2x2()
+    x = _nhwc(torch.randn(4, 64, 26, 26, generator=_gen(11), device="cuda").half())
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        pool(x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = pool(x)
+    x.copy_(_nhwc(torch.randn(4, 64, 26, 26, generator=_gen(12), device="cuda").half()))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, torch.nn.functional.max_pool2d(x, 2, 2))

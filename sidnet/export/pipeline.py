@@ -58,12 +58,14 @@ def resolve_options(cfg: ExportConfig) -> Options:
     target = str(cfg.target).lower() if cfg.target else ("plugins" if backend == "tensorrt" else "native")
     if target not in TARGETS:
         raise ExportError(f"unsupported target {cfg.target!r}: use plugins (TensorRT) or native (any backend)")
+    if backend == "compiled" and target == "plugins":
+        raise ExportError("--backend compiled packages the PyTorch network: use --target native (the default)")
     if backend == "tensorrt-rtx" and target == "plugins":
         raise ExportError("TensorRT-RTX has no plugin layer: use --target native, or --backend tensorrt for plugins")
     b = cfg.batch
     if not 1 <= b.min <= b.opt <= b.max:
         raise ExportError(f"batch profile min={b.min} opt={b.opt} max={b.max} must satisfy 1 <= min <= opt <= max")
-    if cfg.topk < 1 or (backend != "onnx" and cfg.topk > TRT_TOPK_MAX):
+    if cfg.topk < 1 or (backend not in ("onnx", "compiled") and cfg.topk > TRT_TOPK_MAX):
         raise ExportError(f"topk={cfg.topk} must be in 1..{TRT_TOPK_MAX} (TensorRT's TopK limit)")
     if not 0.0 <= cfg.conf_thresh < 1.0:
         raise ExportError(f"conf_thresh={cfg.conf_thresh} must be in [0, 1)")
@@ -72,7 +74,7 @@ def resolve_options(cfg: ExportConfig) -> Options:
 
 def preflight(opts: Options, cfg: ExportConfig) -> None:
     """Fail before the (slow) export when the engine backend or the plugins' kernels library is missing."""
-    if opts.backend == "onnx":
+    if opts.backend in ("onnx", "compiled"):
         return
     from sidnet.export.engine import import_backend
 
@@ -335,7 +337,15 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
         raise ParityError(f"exported graph does not match PyTorch: {parity.summary()}; see {out_dir / 'report.md'}")
 
     engine = None
-    if opts.backend != "onnx":
+    if opts.backend == "compiled":
+        from sidnet.export.compiled import export_compiled
+
+        package, sidecar = export_compiled(model, out_dir, precision=opts.precision, conf_thresh=cfg.conf_thresh,
+                                           topk=cfg.topk, max_batch=cfg.batch.max, meta=meta,
+                                           device=cfg.compiled_device, mode=cfg.compiled_mode)  # fmt: skip
+        report["compiled"] = sidecar
+        report["files"][package.name] = sidecar["package_sha256"]
+    elif opts.backend != "onnx":
         from sidnet.export.engine import build_engine
 
         b = cfg.batch

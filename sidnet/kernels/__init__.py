@@ -295,4 +295,33 @@ def pyramid_roi_align(
             float(canonical_level), float(canonical_size), out.data_ptr(), _stream(rois),
         )  # fmt: skip
     _check(lib, err, "pyramidRoiAlign")
+
+
+def maxpool2x2_nhwc(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``nn.MaxPool2d(2, 2)`` of a channels-last (N, C, H, W) float16/float32 CUDA tensor, output channels-last.
+
+    Equal to ``F.max_pool2d(x, 2, 2)`` for NaN-free input (see ``csrc/maxpool/maxpoolKernel.h``).
+    """
+    import torch
+
+    code = _dtype_code(x, "maxpool2x2_nhwc: x")
+    if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(f"maxpool2x2_nhwc: x must be a channels-last (N, C, H, W) tensor, got {tuple(x.shape)} "
+                         f"strides {x.stride()}")  # fmt: skip
+    n, c, h, w = x.shape
+    shape = (n, c, h // 2, w // 2)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    elif (tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device
+          or not out.is_contiguous(memory_format=torch.channels_last)):  # fmt: skip
+        raise ValueError(f"maxpool2x2_nhwc: out must be a channels-last {x.dtype} tensor of shape {shape} on "
+                         f"{x.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")  # fmt: skip
+    lib = _lib()
+    fn = getattr(lib, "maxPool2x2Nhwc", None)
+    if fn is None:
+        raise RuntimeError(f"the kernels library predates maxPool2x2Nhwc: {_BUILD_HINT}")
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 5 + [ctypes.c_void_p], ctypes.c_int
+    with _on_device(x):
+        err = fn(x.data_ptr(), out.data_ptr(), code, n, h, w, c, _stream(x))
+    _check(lib, err, "maxPool2x2Nhwc")
     return out

@@ -71,7 +71,10 @@ def main() -> None:
     state = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(state)
     size = model.input_size
-    preds = predict_dataset(model, DetectionDataset(val, size=size), device=torch.device("cpu"), batch_size=8)
+    from sidnet.engine.tasks import build_task
+
+    preds, _ = predict_dataset(model, DetectionDataset(val, size=size), task=build_task(model), device=torch.device("cpu"),
+                               batch_size=8)  # fmt: skip
     rep = evaluate_detections(val, preds, operating_conf=0.3)
     rows["PyTorch FP32"] = {k: float(rep[k]) for k in ("AP", "AP50", "recall")}
 

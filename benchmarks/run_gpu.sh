@@ -6,8 +6,13 @@
 #     kernels   build, the kernel GPU tests, the kernel benchmark, sanitize
 #     sanitize  csrc/tests/kernelsSmoke under compute-sanitizer (memcheck, racecheck, synccheck, initcheck)
 #     tests     build, every GPU test under tests/ (pytest -m gpu)
-#     bench     every benchmark (kernels; others add theirs here)
+#     bench     every benchmark (kernels, training throughput, Mask R-CNN)
+#     bench-maskrcnn  Mask R-CNN img/s + pyramid RoIAlign vs torchvision (benchmarks/maskrcnn.py)
 #     all       build, tests, bench, sanitize
+#     deploy    build, the runtime GPU tests (tests/test_runtime_gpu.py)
+#     bench-deploy   python -m deploy.benchmark (eager baseline, torch and compiled backends, end to end, onnxruntime
+#                    CPU; SIDNet and YOLOv2) and python -m deploy on the shared clip (two streams, zones)
+#     bench-compile  the torch backend vs torch.compile(max-autotune) in one run, SIDNet at batch 1 and 64 (minutes)
 #
 # Logs and result files go to $OUT (the device tool sets it) or ./outputs/gpu. On this machine a GPU test that
 # skips is a failure (SIDNET_REQUIRE_GPU=1, and any "skipped" in a pytest summary fails the part).
@@ -74,7 +79,32 @@ part_sanitize() {
 bench_kernels() { step bench-kernels bench_kernels.log python3 benchmarks/kernels.py --out "$OUT"; }
 # Other benchmarks: add a function here and a call in part_bench.
 bench_train() { step bench-train train_throughput.log python3 benchmarks/train_throughput.py --out "$OUT/train_throughput_h100.md"; }
-part_bench() { bench_kernels; bench_train; }
+# Mask R-CNN img/s (eager FP32, FP16 + channels_last, compiled trunk) and the pyramid RoIAlign kernel vs torchvision;
+# MASKRCNN_CHECKPOINT: a trained best.pt (benchmarks/train_maskrcnn_coco128.sh), else untrained weights.
+bench_maskrcnn() {
+    step bench-maskrcnn maskrcnn.log python3 benchmarks/maskrcnn.py --out "$OUT" \
+        --images "${SIDNET_COCO128:-../shared/data/coco128}/images/val2017" ${MASKRCNN_CHECKPOINT:+--checkpoint "$MASKRCNN_CHECKPOINT"}
+}
+VIDEO=${SIDNET_VIDEO:-../shared/data/video/pedestrians_200.mp4}
+bench_deploy() {
+    step bench-deploy bench_deploy.log python3 -m deploy.benchmark --parts eager torch compiled e2e \
+        --compiled-models sidnet --video "$VIDEO" --out "$OUT" --stem deploy_h100 --work-dir "${TMPDIR:-/tmp}/sidnet_bench"
+    local ckpt=${SIDNET_DEPLOY_CHECKPOINT:-${TMPDIR:-/tmp}/sidnet_bench/sidnet.pt}
+    [[ -f $ckpt ]] || { echo "no checkpoint $ckpt for the pipeline run"; failed+=(deploy-e2e); return 1; }
+    step deploy-e2e deploy_e2e.log python3 -m deploy "$ckpt" "cam0=$VIDEO" "cam1=$VIDEO" --batch 16 --force \
+        --zones benchmarks/zones_pedestrians.yaml --out "$OUT/deploy_e2e" --no-progress
+    python3 -c "import cv2,sys; c=cv2.VideoCapture(sys.argv[1]); c.set(cv2.CAP_PROP_POS_FRAMES, 60); ok,f=c.read(); \
+ok and cv2.imwrite(sys.argv[2], cv2.resize(f, (384, 288)), [cv2.IMWRITE_JPEG_QUALITY, 70])" \
+        "$OUT/deploy_e2e/cam0.mp4" "$OUT/deploy_frame.jpg"
+}
+bench_compile() {
+    # max-autotune takes minutes per batch size: the two sizes of the goal, 64 first (add compile-ours to --parts
+    # for the BatchNorm-folded network compiled the same way with the csrc tail).
+    step bench-compile bench_compile.log python3 -m deploy.benchmark --parts torch compile \
+        --models sidnet --batches 64 1 --compile-batches 64 1 --out "$OUT" --stem deploy_vs_compile_h100 \
+        --work-dir "${TMPDIR:-/tmp}/sidnet_bench"
+}
+part_bench() { bench_kernels; bench_train; bench_deploy; bench_maskrcnn; }
 
 for part in "${@:-all}"; do
     case $part in
@@ -88,6 +118,10 @@ for part in "${@:-all}"; do
         tests) part_build; gpu_pytest tests-gpu tests_gpu.log tests/ ;;
         bench) part_build; part_bench ;;
         bench-train) bench_train ;;
+        bench-maskrcnn) bench_maskrcnn ;;  # needs the kernels library (part build)
+        deploy) part_build; gpu_pytest tests-deploy tests_deploy.log tests/test_runtime_gpu.py ;;
+        bench-deploy) part_build; bench_deploy ;;
+        bench-compile) part_build; bench_compile ;;
         all) part_build; gpu_pytest tests-gpu tests_gpu.log tests/; part_bench; part_sanitize ;;
         *) echo "run_gpu.sh: unknown part '$part' (build, kernels, sanitize, tests, bench, all)" >&2; exit 2 ;;
     esac

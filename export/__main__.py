@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", help="checkpoint .pt written by python -m train")
     p.add_argument("--precision", help="fp32 | fp16 | int8 (int8 needs --calib-images or --calib-data)")
-    p.add_argument("--backend", help="onnx | tensorrt | tensorrt-rtx")
+    p.add_argument("--backend", help="onnx | tensorrt | tensorrt-rtx | compiled (AOTInductor package)")
     p.add_argument("--target", help="plugins | native (default: plugins for tensorrt, native otherwise)")
     p.add_argument("--out", help="output folder (default: <checkpoint dir>/export)")
     p.add_argument("--calib-images", help="int8: a folder of calibration images")

@@ -12,8 +12,8 @@ from typing import Any
 @dataclass
 class ModelConfig:
     name: str = "sidnet"
-    # A list of [w, h] in input pixels, or a path (relative to the project root) to a YAML written by
-    # `python -m train.anchors` holding `anchors:`.
+    # null for models without an anchor list (maskrcnn). Otherwise a list of [w, h] in input pixels, or a path
+    # (relative to the project root) to a YAML written by `python -m train.anchors` holding `anchors:`.
     anchors: Any = "conf/anchors/coco128_person.yaml"
     num_classes: int = 1
     input_size: int = 416
@@ -27,6 +27,8 @@ class SplitConfig:
     images: str = "images"
     annotations: str | None = None
     labels: str | None = None
+    polygons: bool = False  # yolo: labels are 'cls x1 y1 x2 y2 ...' polygons (YOLO-seg)
+    skip_unlabeled: bool = False  # yolo: images without a label file are dropped, not negatives
 
 
 @dataclass

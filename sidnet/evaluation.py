@@ -12,6 +12,9 @@ Two views of the same detections:
   ``fp_per_negative_image`` (false positives on images with no person, divided by the number of such images).
   A ratio with a zero denominator is reported as 0.0 (e.g. precision with no detections); the counts are in the
   report so the reader can tell.
+- **COCO segm metrics** (instance segmentation, when ``masks`` are given): the same names prefixed ``segm_``
+  (``segm_AP``, ``segm_AP50``, ...), from pycocotools' mask IoU between the predicted masks (RLE, original pixels,
+  row for row with the detections) and the records' polygons / RLE masks.
 """
 
 from __future__ import annotations
@@ -121,9 +124,12 @@ def _person_predictions(image_id: int, predictions: Mapping[int, np.ndarray], pe
 
 
 def _coco_stats(
-    images: list[dict[str, Any]], gt_annotations: list[dict[str, Any]], detections: list[dict[str, Any]]
+    images: list[dict[str, Any]],
+    gt_annotations: list[dict[str, Any]],
+    detections: list[dict[str, Any]],
+    iou_type: str = "bbox",
 ) -> dict[str, float | None]:
-    """Run COCOeval (bbox) on in-memory ground truth and detections, with pycocotools' printing silenced."""
+    """Run COCOeval (``bbox`` or ``segm``) on in-memory ground truth and detections, printing silenced."""
     categories = [{"id": _PERSON_CATEGORY_ID, "name": "person"}]
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
@@ -136,7 +142,7 @@ def _coco_stats(
             coco_dt = COCO()
             coco_dt.dataset = {"images": list(images), "annotations": [], "categories": categories}
             coco_dt.createIndex()
-        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -154,6 +160,7 @@ def evaluate_detections(
     operating_conf: float = 0.3,
     iou_match: float = 0.5,
     person_label: int = 0,
+    masks: Mapping[int, list[dict]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate person detections against ground truth (see the module docstring for every metric).
 
@@ -166,6 +173,8 @@ def evaluate_detections(
         operating_conf: confidence at which the operating-point counts are taken (``score >= operating_conf``).
         iou_match: IoU needed for a true positive at the operating point.
         person_label: class index of person in ``labels`` and predictions.
+        masks: ``image_id -> [P COCO RLE dicts]`` row for row with ``predictions[image_id]`` (before the person
+            filter): adds the ``segm_*`` metrics, against the records' ``polygons`` / ``rles``.
 
     Returns:
         A flat JSON-ready dict: the COCO metrics (float or None), ``operating_conf``, ``iou_match``, ``tp``,
@@ -181,11 +190,15 @@ def evaluate_detections(
         raise ValueError(f"predictions for image ids not in records (first: {unknown[:5]}); evaluate matching splits")
 
     images, gt_annotations, detections = [], [], []
+    gt_segm, det_segm = [], []
     tp = fp = fn = fp_negative = num_negative = num_gt = num_at_conf = 0
     for record in records:
         image_id = int(record.image_id)
         gt = _person_gt(record, person_label)
         pred = _person_predictions(image_id, predictions, person_label)
+        if masks is not None:
+            gt_segm.extend(_gt_segmentations(record, person_label, first_id=len(gt_segm) + 1))
+            det_segm.extend(_det_segmentations(image_id, predictions, masks, person_label))
         images.append({"id": image_id, "width": int(record.width), "height": int(record.height)})
         for box in _xyxy_to_xywh(gt):
             # Annotation ids must start at 1: COCOeval uses id 0 to mean "unmatched".
@@ -219,6 +232,9 @@ def evaluate_detections(
             fp_negative += image_fp
 
     report: dict[str, Any] = _coco_stats(images, gt_annotations, detections)
+    if masks is not None:
+        segm = _coco_stats(images, gt_segm, det_segm, iou_type="segm")
+        report.update({f"segm_{k}": v for k, v in segm.items()})
     report.update(
         operating_conf=float(operating_conf),
         iou_match=float(iou_match),
@@ -236,6 +252,38 @@ def evaluate_detections(
         num_predictions_at_conf=num_at_conf,
     )
     return report
+
+
+def _gt_segmentations(record: GroundTruthRecord, person_label: int, *, first_id: int) -> list[dict[str, Any]]:
+    """COCO annotations with ``segmentation`` (polygons or RLE) for a record's person boxes."""
+    labels = getattr(record, "labels", None)
+    polys, rles = getattr(record, "polygons", ()), getattr(record, "rles", ())
+    out = []
+    for k, box in enumerate(_xyxy_to_xywh(np.asarray(record.boxes).reshape(-1, 4))):
+        if labels is not None and int(np.asarray(labels).reshape(-1)[k]) != person_label:
+            continue
+        poly = polys[k] if k < len(polys) else ()
+        rle = rles[k] if k < len(rles) else None
+        if len(poly):
+            segmentation = [np.asarray(p, dtype=np.float64).reshape(-1).tolist() for p in poly]
+        elif rle is not None:
+            segmentation = rle
+        else:
+            raise ValueError(f"image {record.image_id}: box {k} has no mask; load the split with masks=True")
+        out.append({"id": first_id + len(out), "image_id": int(record.image_id), "category_id": _PERSON_CATEGORY_ID,
+                    "segmentation": segmentation, "area": float(box[2] * box[3]), "bbox": [float(v) for v in box],
+                    "iscrowd": 0})  # fmt: skip
+    return out
+
+
+def _det_segmentations(image_id: int, predictions: Mapping[int, np.ndarray], masks: Mapping[int, list[dict]],
+                       person_label: int) -> list[dict[str, Any]]:  # fmt: skip
+    pred = np.asarray(predictions.get(image_id, np.zeros((0, 6))), dtype=np.float64).reshape(-1, 6)
+    rles = list(masks.get(image_id, []))
+    if len(rles) != len(pred):
+        raise ValueError(f"image {image_id}: {len(rles)} masks for {len(pred)} detections; they must be row for row")
+    return [{"image_id": int(image_id), "category_id": _PERSON_CATEGORY_ID, "segmentation": rle, "score": float(p[4])}
+            for p, rle in zip(pred, rles, strict=True) if int(p[5]) == person_label]  # fmt: skip
 
 
 def _json_ready(value: Any) -> Any:

@@ -75,3 +75,50 @@ def coco_dataset(tmp_path: Path) -> Callable[..., tuple[Path, Path]]:
         return json_path, images_dir
 
     return make
+
+
+TINY_ANCHORS = [[12.0, 24.0], [30.0, 60.0], [70.0, 110.0]]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny 1-class SIDNet checkpoint (width 0.125, 128², BatchNorm calibrated on random images): fast on a CPU,
+    varied untrained outputs. Saved the way ``python -m train`` saves (``save_checkpoint``)."""
+    import torch
+
+    from sidnet.engine.checkpoint import save_checkpoint
+    from sidnet.export.pipeline import calibrate_batchnorm
+    from sidnet.models import build_model
+
+    torch.manual_seed(0)
+    model = calibrate_batchnorm(build_model("sidnet", anchors=TINY_ANCHORS, num_classes=1, input_size=128, width=0.125))
+    spec = {"name": "sidnet", "anchors": TINY_ANCHORS, "num_classes": 1, "input_size": 128, "kwargs": {"width": 0.125}}
+    path = tmp_path_factory.mktemp("tiny") / "best.pt"
+    save_checkpoint({"model": spec, "model_state": model.state_dict(), "ema": None, "epoch": 0,
+                     "config": {"data": {"class_names": ["person"]}}}, path)  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_checkpoint, tmp_path_factory) -> Path:
+    """``python -m export``'s ONNX (native target, fp32, conf_thresh 0.001) of :func:`tiny_checkpoint`."""
+    from sidnet.export.config import ExportConfig
+    from sidnet.export.pipeline import run_export
+
+    out = tmp_path_factory.mktemp("tiny_export")
+    cfg = ExportConfig(checkpoint=str(tiny_checkpoint), out=str(out))
+    return run_export(cfg, project_root=Path(__file__).resolve().parents[1]).onnx_path
+
+
+def video_frames(shared: Path, n: int) -> list:
+    """The first ``n`` frames of the shared pedestrian clip, RGB uint8."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(shared / "video" / "pedestrians_200.mp4"))
+    frames = []
+    for _ in range(n):
+        ok, bgr = cap.read()
+        assert ok, "pedestrians_200.mp4 ended early"
+        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    cap.release()
+    return frames

@@ -155,3 +155,23 @@ def test_write_report_round_trip(tmp_path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["report.json"]  # no temporary file left behind
     with pytest.raises(ValueError, match="clash"):
         write_report(report, path, extra={"AP": 1.0})
+
+
+def test_segm_metrics_from_polygons_and_predicted_rle():
+    from sidnet.data.masks import encode_masks
+    from sidnet.data.records import make_record
+
+    square = np.array([[10, 10], [40, 10], [40, 50], [10, 50]], dtype=np.float32)
+    record = make_record(path="x.jpg", width=64, height=64, boxes=[[10, 10, 40, 50]], labels=[0], image_id=1,
+                         polygons=[(square,)])  # fmt: skip
+    perfect = np.zeros((1, 64, 64), dtype=bool)
+    perfect[0, 10:50, 10:40] = True
+    half = perfect.copy()
+    half[0, 30:50] = False
+    preds = {1: np.array([[10, 10, 40, 50, 0.9, 0]], dtype=np.float32)}
+    report = evaluate_detections([record], preds, masks={1: encode_masks(perfect)})
+    assert report["AP50"] == pytest.approx(1.0) and report["segm_AP50"] == pytest.approx(1.0)
+    report = evaluate_detections([record], preds, masks={1: encode_masks(half)})  # mask IoU 0.5: boxes still perfect
+    assert report["AP"] == pytest.approx(1.0) and report["segm_AP75"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="row for row"):
+        evaluate_detections([record], preds, masks={1: []})

@@ -162,7 +162,7 @@ def test_plugin_creators_parse_and_serialise_fields():
 
     from sidnet.export.trt_plugins import NAMESPACE, plugin_classes
 
-    reorg_cls, region_cls, creator_cls = plugin_classes(trt)
+    reorg_cls, region_cls, creator_cls, _ = plugin_classes(trt)
     creator = creator_cls(region_cls, None)
     assert (creator.name, creator.plugin_namespace, creator.plugin_version) == ("RegionDecode", NAMESPACE, "1")
     assert [f.name for f in creator.field_names] == [*REGION_ATTRS, "version"]

@@ -44,7 +44,7 @@ def classes():
         pytest.skip("needs CUDA; run benchmarks/run_gpu.sh on the GPU machine")
     _, lib = load_kernels()
     trt = _stand_in_tensorrt()
-    reorg_cls, region_cls, _ = plugin_classes(trt)
+    reorg_cls, region_cls, _, _ = plugin_classes(trt)
     return trt, lib, reorg_cls, region_cls
 
 

@@ -635,3 +635,28 @@ def test_verbose_flag_shows_the_traceback(tmp_path):
                           capture_output=True, text=True)  # fmt: skip
     assert quiet.returncode != 0 and "Traceback" not in quiet.stderr and quiet.stderr.count("\n") == 1
     assert loud.returncode != 0 and "Traceback" in loud.stderr and "CheckpointError" in loud.stderr
+
+
+def _foreign_onnx(tmp: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 64, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 64, 64])
+    path = tmp / "classifier.onnx"
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])), path)
+    return path
+
+
+def test_onnx_from_another_model_is_refused_by_the_runtime(tmp_path, capsys, shared_data):
+    """An ONNX that `python -m export` did not write (no SIDNet metadata): one line, nothing run or written.
+    Engine sidecars that do not match are rows of tests/test_runtime.py::test_tensorrt_sidecar_checks_run_before_\
+deserialising (TensorRT version, compute capability, engine hash, plugin library, INT8 manifest)."""
+    from deploy.__main__ import main
+
+    video = shared_data / "video" / "pedestrians_200.mp4"
+    out = tmp_path / "out"
+    argv = [str(_foreign_onnx(tmp_path)), str(video), "--max-frames", "2", "--out", str(out)]
+    line = _one_error_line(*_run_main(main, argv, capsys))
+    assert "classifier.onnx has no SIDNet metadata" in line and "python -m export" in line, line
+    assert not (out / "summary.json").exists()

@@ -357,3 +357,116 @@ def test_launch_error_is_reported(lib):
     with pytest.raises(RuntimeError, match="invalid argument"):
         kernels._check(lib, INVALID, "regionTopK")
     assert isinstance(lib, ctypes.CDLL)
+
+
+# ------------------------------------------------------------------------------------------ pyramid RoIAlign
+
+
+def test_pyramid_roi_align_validates_without_gpu(built_lib):
+    lib = kernels.load_library(built_lib)
+    fake = 4096
+    levels = (ctypes.c_void_p * 3)(fake, fake, fake)
+    hs, ws = (ctypes.c_int * 3)(8, 4, 2), (ctypes.c_int * 3)(8, 4, 2)
+    sc = (ctypes.c_float * 3)(1 / 8, 1 / 16, 1 / 32)
+    # pyramidRoiAlign(features, L, h, w, scale, dtype, n, c, rois, r, ph, pw, sampling, minLevel, k0, s0, out, s)
+    call = lambda *a: lib.pyramidRoiAlign(*a)  # noqa: E731
+    assert call(levels, 0, hs, ws, sc, 0, 1, 4, fake, 3, 7, 7, 2, 3, 4.0, 224.0, fake, None) == INVALID  # no level
+    assert call(levels, 9, hs, ws, sc, 0, 1, 4, fake, 3, 7, 7, 2, 3, 4.0, 224.0, fake, None) == INVALID  # > 8
+    assert call(levels, 3, hs, ws, sc, 2, 1, 4, fake, 3, 7, 7, 2, 3, 4.0, 224.0, fake, None) == INVALID  # dtype
+    assert call(levels, 3, hs, ws, sc, 0, 1, 4, fake, 3, 7, 7, 0, 3, 4.0, 224.0, fake, None) == INVALID  # sampling
+    assert call(levels, 3, hs, ws, sc, 0, 1, 4, None, 3, 7, 7, 2, 3, 4.0, 224.0, fake, None) == INVALID  # null rois
+    assert call(levels, 3, hs, ws, sc, 0, 1, 4, None, 0, 7, 7, 2, 3, 4.0, 224.0, None, None) == 0  # no RoIs
+
+
+def _pyramid_reference(features, rois, *, output_size, scales):
+    """torchvision's own MultiScaleRoIAlign (LevelMapper + roi_align) on (N, R, 4) RoIs → (N, R, C, PH, PW)."""
+    from torchvision.ops import MultiScaleRoIAlign
+
+    n, r = rois.shape[:2]
+    size = round(features[0].shape[-1] / scales[0])
+    pool = MultiScaleRoIAlign([str(i) for i in range(len(features))], output_size=output_size, sampling_ratio=2)
+    maps = {str(i): f.float() for i, f in enumerate(features)}
+    out = pool(maps, list(rois.float()), [(size, size)] * n)
+    return out.view(n, r, *out.shape[1:])
+
+
+def _pyramid_inputs(seed, *, n, c, size, r, dtype):
+    g = _gen(seed)
+    strides = (8, 16, 32)
+    features = [torch.randn(n, c, size // s, size // s, generator=g, device="cuda").to(dtype) for s in strides]
+    xy = torch.rand(n, r, 2, generator=g, device="cuda") * size * 0.9
+    wh = torch.rand(n, r, 2, generator=g, device="cuda") ** 2 * size * 0.9 + 0.5  # tiny to image-sized: every level
+    boxes = torch.cat([xy, (xy + wh).clamp(max=size)], dim=-1)
+    return features, boxes, [1 / s for s in strides]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("n", "c", "size", "r", "pooled"), [(1, 256, 512, 1000, 7), (2, 37, 224, 33, 14),
+                                                             (3, 5, 96, 7, (5, 3)), (2, 16, 128, 0, 7)])  # fmt: skip
+def test_pyramid_roi_align_matches_torchvision(lib, dtype, n, c, size, r, pooled):
+    pooled = pooled if isinstance(pooled, tuple) else (pooled, pooled)
+    features, rois, scales = _pyramid_inputs(n * 1000 + r, n=n, c=c, size=size, r=r, dtype=dtype)
+    got = kernels.pyramid_roi_align(features, rois, output_size=pooled, sampling_ratio=2, scales=scales)
+    assert got.shape == (n, r, c, *pooled) and got.dtype == dtype
+    if r == 0:
+        return
+    ref = _pyramid_reference(features, rois, output_size=pooled, scales=scales)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2  # fp16 output rounding of values of magnitude ~1
+    torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
+    assert torch.isfinite(got).all()
+
+
+# --------------------------------------------------------------------------------------------- maxpool (NHWC 2x2)
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "n,c,h,w",
+    # SIDNet's pools (vector path), odd spatial sizes (floor), channel counts off the 16-byte vector (scalar path)
+    [(2, 32, 416, 416), (64, 64, 26, 26), (1, 512, 26, 26), (3, 8, 13, 13), (2, 3, 9, 7), (1, 5, 2, 2), (2, 12, 5, 8)],
+)
+def test_maxpool_nhwc_matches_torch(lib, dtype, n, c, h, w):
+    x = _nhwc(torch.randn(n, c, h, w, generator=_gen(n + c + h * w), device="cuda").to(dtype))
+    out = _nhwc(_poison((n, c, h // 2, w // 2), dtype))
+    got = kernels.maxpool2x2_nhwc(x, out=out)
+    torch.cuda.synchronize()
+    assert got is out and not torch.isnan(out).any(), "unwritten output elements"
+    assert torch.equal(out, torch.nn.functional.max_pool2d(x, 2, 2))
+
+
+@pytest.mark.gpu
+def test_maxpool_nhwc_unaligned_empty_and_bad_layout(lib):
+    flat = torch.randn(2 * 5 * 8 * 16 + 1, generator=_gen(3), device="cuda").half()
+    x = flat[1:].view(2, 5, 8, 16).permute(0, 3, 1, 2)  # channels-last view, data pointer off 16-byte alignment
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.data_ptr() % 16 != 0
+    assert torch.equal(kernels.maxpool2x2_nhwc(x), torch.nn.functional.max_pool2d(x, 2, 2))
+    empty = _nhwc(torch.randn(0, 8, 4, 4, device="cuda"))
+    assert kernels.maxpool2x2_nhwc(empty).shape == (0, 8, 2, 2)
+    assert kernels.maxpool2x2_nhwc(_nhwc(torch.randn(1, 8, 1, 1, device="cuda"))).shape == (1, 8, 0, 0)
+    with pytest.raises(ValueError, match="channels-last"):
+        kernels.maxpool2x2_nhwc(torch.randn(1, 8, 4, 4, device="cuda"))  # NCHW contiguous, C > 1
+
+
+@pytest.mark.gpu
+def test_maxpool_module_inside_a_cuda_graph(lib):
+    from sidnet.models.fuse import MaxPool2x2
+
+    pool = MaxPool2x2()
+    x = _nhwc(torch.randn(4, 64, 26, 26, generator=_gen(11), device="cuda").half())
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        pool(x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = pool(x)
+    x.copy_(_nhwc(torch.randn(4, 64, 26, 26, generator=_gen(12), device="cuda").half()))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, torch.nn.functional.max_pool2d(x, 2, 2))

@@ -133,7 +133,7 @@ def test_overfit_sample_scores_perfect_ap_on_its_own_images(tmp_path):
     trainer = Trainer(cfg, run_dir=tmp_path, project_root=ROOT)
     trainer.fit()
     train_eval = type(trainer.val_set)(trainer.train_set.records, size=160)
-    preds = predict_dataset(trainer.ema.module, train_eval, device=torch.device("cpu"))
+    preds, _ = predict_dataset(trainer.ema.module, train_eval, task=trainer.task, device=torch.device("cpu"))
     report = evaluate_detections(train_eval.records, preds, operating_conf=0.3)
     assert report["AP50"] > 0.95 and report["recall"] > 0.9, report
 

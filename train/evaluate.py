@@ -1,5 +1,6 @@
 """``python -m train.evaluate --checkpoint runs/<name>/best.pt``: COCO AP/AP50/AP75/AP_small for persons, recall and
-precision at confidence 0.3, false positives per person-free image; writes a JSON report.
+precision at confidence 0.3, false positives per person-free image (and COCO segm AP for Mask R-CNN when the data
+has masks); writes a JSON report.
 
 The data defaults to the checkpoint's own validation split; ``--data conf/data/<x>.yaml`` evaluates elsewhere.
 ``--onnx model.onnx --data conf/data/<x>.yaml`` evaluates an exported ONNX (FP32, FP16 or INT8 Q/DQ, native target)
@@ -21,13 +22,14 @@ from sidnet.data import DetectionDataset
 from sidnet.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from sidnet.engine.data import load_records
 from sidnet.engine.predict import predict_dataset
+from sidnet.engine.tasks import build_task
 from sidnet.engine.trainer import resolve_device
 from sidnet.environment import environment
 from sidnet.evaluation import evaluate_detections, write_report
 from sidnet.resolvers import register_resolvers
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-KEYS = ("AP", "AP50", "AP75", "AP_small", "recall", "precision", "fp_per_negative_image")
+KEYS = ("AP", "AP50", "AP75", "AP_small", "recall", "precision", "fp_per_negative_image", "segm_AP", "segm_AP50")
 
 
 def data_config(d: dict) -> DataConfig:
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
+    p.add_argument("--boxes-only", action="store_true", help="Mask R-CNN: box metrics only (data without masks)")
     p.add_argument("--out", type=Path, help="JSON report (default: next to the checkpoint)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -74,14 +77,16 @@ def evaluate(args: argparse.Namespace) -> dict:
         if not isinstance(state.get("config"), dict) or "data" not in state["config"]:
             raise CheckpointError(f"{args.checkpoint} records no data config; pass --data conf/data/<x>.yaml")
         data = data_config(state["config"]["data"])
-    records = load_records(data, args.split, project_root=PROJECT_ROOT)
+    task = build_task(model)
+    masks = "segm" in task.iou_types and not args.boxes_only
+    records = load_records(data, args.split, project_root=PROJECT_ROOT, masks=masks)
     device = resolve_device(args.device)
     model = model.to(device)
     extra = {"checkpoint": str(args.checkpoint), "model": state["model"]["name"], "epoch": state.get("epoch"),
              "input_size": state["model"]["input_size"], "split": args.split, **environment(device),
              "versions": {"torch": torch.__version__}}  # fmt: skip
     return _evaluate(model, records, args, size=state["model"]["input_size"], device=device, source=args.checkpoint,
-                     extra=extra)  # fmt: skip
+                     extra=extra, task=task, masks=masks)  # fmt: skip
 
 
 def evaluate_onnx(args: argparse.Namespace) -> dict:
@@ -107,10 +112,11 @@ def evaluate_onnx(args: argparse.Namespace) -> dict:
                      extra=extra)  # fmt: skip
 
 
-def _evaluate(model, records, args, *, size: int, device: torch.device, source: Path, extra: dict) -> dict:
+def _evaluate(model, records, args, *, size: int, device: torch.device, source: Path, extra: dict, task=None,
+              masks: bool = False) -> dict:  # fmt: skip
     dataset = DetectionDataset(records, size=size)
-    preds = predict_dataset(model, dataset, device=device, batch_size=args.batch_size, amp=False)
-    report = evaluate_detections(records, preds, operating_conf=args.conf)
+    preds, pred_masks = predict_dataset(model, dataset, task=task, device=device, batch_size=args.batch_size)
+    report = evaluate_detections(records, preds, operating_conf=args.conf, masks=pred_masks if masks else None)
     out = args.out or source.with_name(f"{source.stem}_{args.split}_report.json")
     extra = {k: v for k, v in extra.items() if k not in report}
     write_report(report, out, extra=extra)

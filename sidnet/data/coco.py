@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DUPLICATE_ID, LENIENT_HINT, MALFORMED_LABEL, SIZE_MISMATCH, UNKNOWN_CLASS, DataError, SkipReport
+from .masks import check_polygons, check_rle
 from .records import ImageRecord, make_record
 from .validate import Checker, check_box, check_image, require_dir
 
@@ -49,13 +50,16 @@ def read_coco(
     annotations: Path,
     images: Path,
     class_names: Sequence[str] = ("person",),
+    masks: bool = False,
     lenient: bool = False,
 ) -> tuple[list[ImageRecord], SkipReport]:
     """Read a COCO instances JSON into records, keeping only the categories named in ``class_names``.
 
     Every image in the JSON becomes a record (images with no kept box are negatives). ``iscrowd=1`` annotations
     are dropped; other categories are not errors, just not kept. Boxes are converted xywh -> xyxy absolute pixels
-    and clipped; ``polygons`` holds one entry per kept box (``()`` for RLE masks).
+    and clipped; ``polygons`` holds one entry per kept box (``()`` for RLE masks), ``rles`` the RLE dict of a box
+    whose mask is RLE-encoded (else ``None``). With ``masks`` every kept box must have a usable mask: polygons outside
+    the image or without area, and RLE masks of another size or empty, are errors (or skips when ``lenient``).
 
     Raises:
         DataError: on the first problem (missing/corrupt image, bad box, unknown category id, malformed
@@ -131,7 +135,7 @@ def read_coco(
                 f"{width}x{height}; fix the JSON entry or restore the original image, or {LENIENT_HINT}",
             )
             continue
-        boxes, labels, polys = [], [], []
+        boxes, labels, polys, rles = [], [], [], []
         for ann in anns_by_image.get(image_id, ()):
             if ann.get("iscrowd", 0) or ann["category_id"] not in cat_to_label:
                 continue
@@ -148,19 +152,29 @@ def read_coco(
             box = check_box([x, y, x + w, y + h], width=width, height=height, checker=checker, where=where)
             if box is None:
                 continue
+            seg = ann.get("segmentation")
             try:
-                poly = _polygons(ann.get("segmentation"), width, height)
+                poly = _polygons(seg, width, height)
+                raw = [np.asarray(f, dtype=np.float32).reshape(-1, 2) for f in seg] if isinstance(seg, list) else []
             except (TypeError, ValueError) as err:
                 checker.problem(
                     MALFORMED_LABEL, f"malformed segmentation in {where} ({err!r}); fix the JSON, or {LENIENT_HINT}"
                 )
                 continue
+            if masks and not (
+                check_rle(seg, width=width, height=height, checker=checker, where=where)
+                if isinstance(seg, dict)
+                else check_polygons(raw, width=width, height=height, checker=checker, where=where)
+            ):
+                continue
             boxes.append(box)
             labels.append(cat_to_label[ann["category_id"]])
             polys.append(poly)
+            rles.append(seg if isinstance(seg, dict) else None)
         records.append(
             make_record(
-                path=path, width=width, height=height, boxes=boxes, labels=labels, image_id=image_id, polygons=polys
+                path=path, width=width, height=height, boxes=boxes, labels=labels, image_id=image_id, polygons=polys,
+                rles=rles,
             )
         )
     return records, checker.report

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .errors import DataError
+from .masks import boxes_from_masks, letterbox_masks, record_masks
 from .records import ImageRecord
 from .transforms import LetterboxInfo, letterbox
 
@@ -109,6 +110,9 @@ class DetectionDataset(Dataset):
             raising :class:`DataError` (training only: evaluation must stay strict or images get counted twice).
         mosaic: probability of a 4-image mosaic (YOLOv4/v5) instead of one image, training only. With a few
             hundred boxes it multiplies the contexts and scales each person is seen in; it needs a transform.
+        masks: also return ``target["masks"]``, uint8 ``(K, size, size)`` instance masks in network pixels, row for
+            row with ``boxes``; the transform (built with ``masks=True``) moves them with the image, and the boxes
+            are then recomputed as the masks' tight extents (instances whose mask left the image are dropped).
     """
 
     def __init__(
@@ -119,8 +123,12 @@ class DetectionDataset(Dataset):
         transform: Any = None,
         lenient: bool = False,
         mosaic: float = 0.0,
+        masks: bool = False,
     ) -> None:
+        if masks and mosaic > 0:
+            raise ValueError("mosaic is box-only: use mosaic=0 with masks")
         self.records = list(records)
+        self.masks = masks
         self.size = size
         self.transform = transform
         self.lenient = lenient
@@ -198,7 +206,10 @@ class DetectionDataset(Dataset):
         labels = record.labels.copy()  # torch.from_numpy shares memory: never hand out the record's own array
         if self.transform is not None and self.mosaic > 0 and self._rng.random() < self.mosaic:
             image, boxes, labels = self._mosaic(index)
-        if self.transform is not None:
+        masks = letterbox_masks(record_masks(record), info, size=self.size) if self.masks else None
+        if self.transform is not None and masks is not None:
+            image, boxes, labels, masks = self._transform_with_masks(image, boxes, labels, masks)
+        elif self.transform is not None:
             out = self.transform(image=image, bboxes=boxes, labels=labels)
             image = out["image"]
             boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
@@ -211,7 +222,21 @@ class DetectionDataset(Dataset):
             "orig_size": (record.height, record.width),
             "letterbox": info,
         }
+        if masks is not None:
+            target["masks"] = torch.from_numpy(np.ascontiguousarray(masks))
         return tensor, target
+
+    def _transform_with_masks(self, image, boxes, labels, masks):
+        """Augment image, boxes and masks together; boxes come back as the augmented masks' extents."""
+        extra = {"masks": list(masks)} if len(masks) else {}
+        out = self.transform(image=image, bboxes=boxes, labels=labels, indices=np.arange(len(boxes)), **extra)
+        kept = np.asarray(out["indices"], dtype=np.int64).reshape(-1)
+        moved = np.stack(out["masks"]).astype(np.uint8) if len(masks) else masks
+        masks = moved[kept] if len(kept) else np.zeros((0, self.size, self.size), dtype=np.uint8)
+        present = masks.any(axis=(1, 2))
+        masks = masks[present]
+        labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)[present]
+        return out["image"], boxes_from_masks(masks), labels, masks
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[torch.Tensor, list[dict[str, Any]]]:

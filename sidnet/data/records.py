@@ -21,6 +21,7 @@ class ImageRecord:
         image_id: stable int id (COCO id, or from the file stem digits / enumeration for YOLO).
         polygons: empty when unknown; otherwise one entry per box, each a tuple of ``(P_i, 2)`` float32 arrays
             in absolute pixels (an empty tuple for a box whose mask is RLE-encoded).
+        rles: empty, or one entry per box: the box's COCO RLE dict when its mask is RLE-encoded, else ``None``.
     """
 
     path: Path
@@ -30,6 +31,7 @@ class ImageRecord:
     labels: np.ndarray
     image_id: int
     polygons: tuple = ()
+    rles: tuple = ()
 
     @property
     def is_negative(self) -> bool:
@@ -46,6 +48,7 @@ def make_record(
     labels: list[int],
     image_id: int,
     polygons: list[tuple] | None = None,
+    rles: list | None = None,
 ) -> ImageRecord:
     """Build an :class:`ImageRecord` from Python lists, fixing dtypes and the empty ``(0, 4)`` shape."""
     return ImageRecord(
@@ -56,4 +59,5 @@ def make_record(
         labels=np.asarray(labels, dtype=np.int64).reshape(-1),
         image_id=int(image_id),
         polygons=tuple(polygons) if polygons is not None else (),
+        rles=tuple(rles) if rles is not None else (),
     )

@@ -25,13 +25,14 @@ def load_split(
     num_label_classes: int = 80,
     polygons: bool = False,
     skip_unlabeled: bool = False,
+    masks: bool = False,
     lenient: bool = False,
 ) -> tuple[list[ImageRecord], SkipReport]:
     """Read one split described by a ``conf/data/*.yaml`` entry; paths are relative to ``root``.
 
     ``format="coco"`` needs ``annotations`` (``class_names`` picks the categories; ``class_map`` is unused);
     ``format="yolo"`` needs ``labels`` (``class_map`` maps label ids to class indices, default ``{0: 0}``;
-    ``polygons`` / ``skip_unlabeled`` as in :func:`read_yolo`).
+    ``polygons`` / ``skip_unlabeled`` as in :func:`read_yolo`). ``masks``: every kept box needs a valid mask.
     Accepts OmegaConf containers for ``class_names`` / ``class_map``.
 
     Raises:
@@ -44,7 +45,8 @@ def load_split(
         if not annotations:
             raise DataError(f"format 'coco' needs an annotations path (images: {images}); set data.<split>.annotations")
         return read_coco(
-            annotations=root / annotations, images=root / images, class_names=tuple(class_names), lenient=lenient
+            annotations=root / annotations, images=root / images, class_names=tuple(class_names), masks=masks,
+            lenient=lenient,
         )
     if format == "yolo":
         if not labels:
@@ -55,6 +57,7 @@ def load_split(
             class_map=None if class_map is None else dict(class_map),
             num_label_classes=num_label_classes,
             polygons=polygons,
+            masks=masks,
             skip_unlabeled=skip_unlabeled,
             lenient=lenient,
         )

@@ -8,71 +8,16 @@ and ``LetterboxInfo`` stays exact for mapping eval detections back to the origin
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 # albumentations phones home for a version check on import unless told not to; training machines are offline.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import albumentations as A  # noqa: E402
 import cv2  # noqa: E402  (albumentations depends on opencv-python-headless, so cv2 is always there)
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
-LETTERBOX_FILL = 114  # YOLO convention: mid-grey padding keeps padded borders near the data mean
+from sidnet.letterbox import LETTERBOX_FILL, LetterboxInfo, letterbox, unletterbox_boxes  # noqa: E402
 
-
-@dataclass(frozen=True)
-class LetterboxInfo:
-    """How an ``orig_h x orig_w`` image was placed into the square network input.
-
-    network_xy = original_xy * scale + (pad_x, pad_y); the resized content is ``round(orig * scale)`` pixels.
-    """
-
-    scale: float
-    pad_x: int
-    pad_y: int
-    orig_h: int
-    orig_w: int
-
-
-def letterbox(
-    image: np.ndarray, boxes: np.ndarray, *, size: int, fill: int = LETTERBOX_FILL
-) -> tuple[np.ndarray, np.ndarray, LetterboxInfo]:
-    """Resize keeping the aspect ratio (``scale = size / max(h, w)``, bilinear) and pad centred to a square.
-
-    Args:
-        image: ``(H, W, 3)`` uint8.
-        boxes: ``(K, 4)`` xyxy in original pixels (any float dtype).
-
-    Returns:
-        ``(size, size, 3)`` uint8 image, ``(K, 4)`` float32 boxes in network-input pixels, and the
-        :class:`LetterboxInfo` that :func:`unletterbox_boxes` inverts.
-    """
-    h, w = image.shape[:2]
-    scale = size / max(h, w)
-    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    pad_x, pad_y = (size - new_w) // 2, (size - new_h) // 2
-    out = np.full((size, size, image.shape[2]), fill, dtype=np.uint8)
-    out[pad_y : pad_y + new_h, pad_x : pad_x + new_w] = image
-    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * scale
-    boxes += np.array([pad_x, pad_y, pad_x, pad_y], dtype=np.float32)
-    return out, boxes, LetterboxInfo(scale=scale, pad_x=pad_x, pad_y=pad_y, orig_h=h, orig_w=w)
-
-
-def unletterbox_boxes(boxes: np.ndarray | torch.Tensor, info: LetterboxInfo) -> np.ndarray | torch.Tensor:
-    """Map ``(K, 4)`` xyxy boxes from network-input pixels back to original pixels, clipped to the original image.
-
-    Works on numpy arrays and torch tensors (any device); returns the same type, a new object.
-    """
-    pad = [info.pad_x, info.pad_y, info.pad_x, info.pad_y]
-    hi = [info.orig_w, info.orig_h, info.orig_w, info.orig_h]
-    if isinstance(boxes, torch.Tensor):
-        out = (boxes - boxes.new_tensor(pad)) / info.scale
-        return torch.minimum(out.clamp(min=0), out.new_tensor(hi))
-    out = (np.asarray(boxes, dtype=np.float32) - np.float32(pad)) / np.float32(info.scale)
-    return np.minimum(np.maximum(out, 0), np.float32(hi)).astype(np.float32)
+__all__ = ["LETTERBOX_FILL", "LetterboxInfo", "build_train_transform", "letterbox", "unletterbox_boxes"]
 
 
 def build_train_transform(
@@ -92,6 +37,7 @@ def build_train_transform(
     gray_p: float = 0.05,
     lowlight_p: float = 0.1,
     min_visibility: float = 0.3,
+    masks: bool = False,
 ) -> A.Compose | None:
     """Bbox-aware train augmentation for images already letterboxed to ``size x size`` (see module docstring).
 
@@ -110,6 +56,8 @@ def build_train_transform(
         blur_p: Gaussian or motion blur; noise_p: Gaussian sensor noise; gray_p: grayscale (IR/CCTV footage).
         lowlight_p: darken with gamma 1.5..3 plus noise, a cheap stand-in for night/indoor surveillance frames.
         min_visibility: fraction of a box's area that must stay in the image for the box to be kept.
+        masks: also take ``masks=[(S, S) uint8, ...]`` and ``indices=(K,)`` (box k's row in ``masks``): masks move
+            with the image (nearest neighbour), ``indices`` says which boxes survived.
 
     Returns:
         The ``A.Compose``, or ``None`` when disabled or every augmentation is switched off.
@@ -159,5 +107,6 @@ def build_train_transform(
         ops.append(A.GaussNoise(std_range=(0.02, 0.08), p=noise_p))
     if not ops:
         return None
-    bbox_params = A.BboxParams(format="pascal_voc", label_fields=["labels"], min_visibility=min_visibility, clip=True)
+    fields = ["labels", "indices"] if masks else ["labels"]
+    bbox_params = A.BboxParams(format="pascal_voc", label_fields=fields, min_visibility=min_visibility, clip=True)
     return A.Compose(ops, bbox_params=bbox_params)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LENIENT_HINT, MALFORMED_LABEL, ORPHAN_LABEL, UNKNOWN_CLASS, DataError, SkipReport
+from .masks import check_polygons
 from .records import ImageRecord, make_record
 from .validate import Checker, check_box, check_image, list_images, require_dir
 
@@ -71,6 +72,7 @@ def _read_labels(
     class_map: dict[int, int],
     num_label_classes: int,
     polygons: bool,
+    masks: bool,
     checker: Checker,
 ) -> tuple[list, list, list] | None:
     """Parse one label file into kept (boxes, labels, polygons) in absolute pixels; None if the file is unreadable."""
@@ -103,6 +105,8 @@ def _read_labels(
         box = check_box(box, width=width, height=height, checker=checker, where=where)
         if box is None:
             continue
+        if masks and not check_polygons([pts], width=width, height=height, checker=checker, where=where):
+            continue
         boxes.append(box)
         labels.append(class_map[cls])
         if polygons:
@@ -117,6 +121,7 @@ def read_yolo(
     class_map: Mapping[int, int] | None = None,
     num_label_classes: int = 80,
     polygons: bool = False,
+    masks: bool = False,
     skip_unlabeled: bool = False,
     lenient: bool = False,
 ) -> tuple[list[ImageRecord], SkipReport]:
@@ -127,7 +132,8 @@ def read_yolo(
     ``[0, num_label_classes)`` but not in ``class_map`` (default ``{0: 0}``) are other classes and dropped; a label
     file without an image is ignored and counted as ``orphan_label``. Image sizes come from the file header.
     ``skip_unlabeled=True`` drops images without a label file instead (for label sets that cover only a subset of
-    the images, e.g. coco128's ``labels/segments`` with ``skip_if_label_file_missing: true``).
+    the images, e.g. coco128's ``labels/segments`` with ``skip_if_label_file_missing: true``). ``masks`` (needs
+    ``polygons``) also rejects polygons without area (degenerate) as one-line errors, or skips them when ``lenient``.
 
     Raises:
         DataError: on the first problem unless ``lenient`` (then the bad line or image is skipped and counted);
@@ -136,6 +142,8 @@ def read_yolo(
     images, labels = Path(images), Path(labels)
     require_dir(images, what="YOLO image folder", fix="fix data.root or data.<split>.images")
     require_dir(labels, what="YOLO label folder", fix="fix data.root or data.<split>.labels")
+    if masks and not polygons:
+        raise DataError(f"masks need polygon labels: set data.<split>.polygons=true for {labels}")
     class_map = _check_class_map({0: 0} if class_map is None else class_map, num_label_classes)
     checker = Checker(lenient=lenient)
 
@@ -171,6 +179,7 @@ def read_yolo(
                 class_map=class_map,
                 num_label_classes=num_label_classes,
                 polygons=polygons,
+                masks=masks,
                 checker=checker,
             )
             if parsed is None:  # unreadable labels: treating the image as background would teach a wrong lesson

@@ -187,17 +187,27 @@ def numpy_rng_from_plain(d: dict[str, Any]) -> tuple:
     return (d["name"], keys.astype(np.uint32), d["pos"], d["has_gauss"], d["cached_gaussian"])
 
 
-def model_from_checkpoint(state: dict[str, Any], *, ema: bool = True) -> torch.nn.Module:
-    """Rebuild the model a checkpoint describes and load its (EMA, when present and asked for) weights."""
+def build_model_from_spec(spec: dict[str, Any], *, initial_weights: bool = True) -> torch.nn.Module:
+    """Build the model a checkpoint's ``model`` spec (name, anchors or None, num_classes, input_size, kwargs)
+    describes. ``initial_weights=False`` skips the builder's weight files (``pretrained``, ``weights``): the caller
+    loads trained weights next."""
     from sidnet.models import build_model
 
-    spec = state["model"]
     kwargs = dict(spec["kwargs"])
-    if "pretrained" in kwargs:
-        kwargs["pretrained"] = None  # the checkpoint already holds the trained weights
+    if not initial_weights:
+        for key in ("pretrained", "weights"):
+            if key in kwargs:
+                kwargs[key] = None
+    if spec.get("anchors") is not None:
+        kwargs["anchors"] = spec["anchors"]
+    return build_model(spec["name"], num_classes=spec["num_classes"], input_size=spec["input_size"], **kwargs)
+
+
+def model_from_checkpoint(state: dict[str, Any], *, ema: bool = True) -> torch.nn.Module:
+    """Rebuild the model a checkpoint describes and load its (EMA, when present and asked for) weights."""
+    spec = state["model"]
     try:
-        model = build_model(spec["name"], anchors=spec["anchors"], num_classes=spec["num_classes"],
-                            input_size=spec["input_size"], **kwargs)  # fmt: skip
+        model = build_model_from_spec(spec, initial_weights=False)
     except KeyError as e:
         raise CheckpointError(f"checkpoint describes model {spec.get('name')!r}, which this sidnet does not know "
                               f"({e}); upgrade sidnet or use another checkpoint") from e  # fmt: skip

@@ -20,12 +20,14 @@ def data_root(data: DataConfig, *, project_root: Path) -> Path:
     return root if root.is_absolute() else (project_root / root).resolve()
 
 
-def load_records(data: DataConfig, split: str, *, project_root: Path) -> list:
-    """All records of ``split`` ('train' or 'val'), validated (one-line DataError on bad input)."""
+def load_records(data: DataConfig, split: str, *, project_root: Path, masks: bool = False) -> list:
+    """All records of ``split`` ('train' or 'val'), validated (one-line DataError on bad input); ``masks``: every
+    kept box must carry a valid instance mask (instance segmentation)."""
     s = getattr(data, split)
     records, report = load_split(format=s.format, root=data_root(data, project_root=project_root), images=s.images,
                                  annotations=s.annotations, labels=s.labels, class_names=tuple(data.class_names),
-                                 class_map=dict(data.class_map),
+                                 class_map=dict(data.class_map), polygons=s.polygons,
+                                 skip_unlabeled=s.skip_unlabeled, masks=masks,
                                  num_label_classes=data.num_label_classes, lenient=data.lenient)  # fmt: skip
     if report.total:
         log.warning("%s split: %s", split, report)
@@ -33,17 +35,20 @@ def load_records(data: DataConfig, split: str, *, project_root: Path) -> list:
 
 
 def build_datasets(
-    data: DataConfig, *, input_size: int, aug: dict, seed: int, project_root: Path
+    data: DataConfig, *, input_size: int, aug: dict, seed: int, project_root: Path, masks: bool = False
 ) -> tuple[DetectionDataset, DetectionDataset]:
-    """Train (augmented, negatives subsampled by ``negative_ratio``) and val (letterbox only, every image)."""
-    train = select_negatives(load_records(data, "train", project_root=project_root),
+    """Train (augmented, negatives subsampled by ``negative_ratio``) and val (letterbox only, every image); with
+    ``masks`` both carry instance masks."""
+    train = select_negatives(load_records(data, "train", project_root=project_root, masks=masks),
                              negative_ratio=data.negative_ratio, seed=seed)  # fmt: skip
-    val = load_records(data, "val", project_root=project_root)
+    val = load_records(data, "val", project_root=project_root, masks=masks)
     log.info("train: %s | val: %s", dataset_summary(train), dataset_summary(val))
     aug = dict(aug)
     mosaic = float(aug.pop("mosaic", 0.0))  # a dataset-level augmentation (it reads four images), not albumentations
-    transform = build_train_transform(size=input_size, **aug)
+    transform = build_train_transform(size=input_size, masks=masks, **aug)
     if mosaic > 0 and transform is None:
         raise ValueError("aug.mosaic > 0 needs the train transform; set aug.enabled=true or aug.mosaic=0")
-    return (DetectionDataset(train, size=input_size, transform=transform, mosaic=mosaic),
-            DetectionDataset(val, size=input_size))  # fmt: skip
+    if mosaic > 0 and masks:
+        raise ValueError("aug.mosaic is box-only: set aug.mosaic=0 for instance segmentation (or use aug=seg)")
+    return (DetectionDataset(train, size=input_size, transform=transform, mosaic=mosaic, masks=masks),
+            DetectionDataset(val, size=input_size, masks=masks))  # fmt: skip

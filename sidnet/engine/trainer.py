@@ -22,6 +22,7 @@ from sidnet.config import ConfigError, TrainConfig, validate_anchors, validate_t
 from sidnet.data import SeededSampler, collate
 from sidnet.engine.checkpoint import (
     CheckpointError,
+    build_model_from_spec,
     load_checkpoint,
     numpy_rng_from_plain,
     numpy_rng_to_plain,
@@ -31,10 +32,9 @@ from sidnet.engine.data import build_datasets
 from sidnet.engine.ema import ModelEMA
 from sidnet.engine.predict import predict_dataset
 from sidnet.engine.runlock import acquire_run_lock, release_run_lock
+from sidnet.engine.tasks import build_task
 from sidnet.evaluation import evaluate_detections
 from sidnet.io import remove_stale_temporaries
-from sidnet.models import build_model
-from sidnet.models.loss import RegionLoss
 
 log = logging.getLogger("sidnet.train")
 
@@ -98,15 +98,14 @@ class Trainer:
         self.amp = cfg.amp and self.device.type == "cuda"
         seed_everything(cfg.seed)
         m = cfg.model
-        self.anchors = load_anchors(m.anchors, project_root=self.project_root)
+        self.anchors = None if m.anchors is None else load_anchors(m.anchors, project_root=self.project_root)
         self.model_spec = {"name": m.name, "anchors": self.anchors, "num_classes": m.num_classes,
                            "input_size": m.input_size, "kwargs": dict(m.kwargs)}  # fmt: skip
-        self.model = build_model(m.name, anchors=self.anchors, num_classes=m.num_classes, input_size=m.input_size,
-                                 **m.kwargs).to(self.device)  # fmt: skip
-        self.loss = RegionLoss(self.model.anchors, num_classes=m.num_classes, input_size=m.input_size,
-                               **asdict(cfg.loss)).to(self.device)  # fmt: skip
+        self.model = build_model_from_spec(self.model_spec).to(self.device)
+        self.task = build_task(self.model, loss=asdict(cfg.loss)).to(self.device)
         self.train_set, self.val_set = build_datasets(cfg.data, input_size=m.input_size, aug=dict(cfg.aug),
-                                                      seed=cfg.seed, project_root=self.project_root)  # fmt: skip
+                                                      seed=cfg.seed, project_root=self.project_root,
+                                                      masks="segm" in self.task.iou_types)  # fmt: skip
         if len(self.train_set) == 0:
             raise ValueError("the training split has no images; check data.root and data.train")
         o = cfg.optim
@@ -208,9 +207,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             images = images.to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                raw = self.model(images)
-            loss, parts = self.loss(raw.float(), targets)
+            loss, parts = self.task.loss(self.model, images, targets, amp=self.amp)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {self.epoch + 1} step {self.step}; lower "
                                          "optim.lr or check the data (boxes, anchors)")  # fmt: skip
@@ -243,32 +240,35 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         model = self.ema.module if self.ema else self.model
         e = self.cfg.eval
-        preds = predict_dataset(model, self.val_set, device=self.device, batch_size=self.cfg.batch_size,
-                                conf_thresh=e.conf_thresh, nms_iou=e.nms_iou, max_det=e.max_det,
-                                amp=self.amp)  # fmt: skip
-        report = evaluate_detections(self.val_set.records, preds, operating_conf=e.operating_conf)
+        preds, masks = predict_dataset(model, self.val_set, task=self.task, device=self.device,
+                                       batch_size=self.cfg.batch_size, conf_thresh=e.conf_thresh, nms_iou=e.nms_iou,
+                                       max_det=e.max_det, amp=self.amp)  # fmt: skip
+        report = evaluate_detections(self.val_set.records, preds, operating_conf=e.operating_conf, masks=masks)
         if self.writer:
-            for k in ("AP", "AP50", "AP75", "recall", "precision", "fp_per_negative_image"):
+            for k in ("AP", "AP50", "AP75", "recall", "precision", "fp_per_negative_image", "segm_AP", "segm_AP50"):
                 if isinstance(report.get(k), (int, float)):
                     self.writer.add_scalar(f"val/{k}", report[k], self.epoch)
             self._log_sample_image(model)
         return report
 
     def _log_sample_image(self, model: torch.nn.Module) -> None:
-        from torchvision.utils import draw_bounding_boxes
-
-        from sidnet.postprocess import postprocess
+        from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
         idx = next((i for i, r in enumerate(self.val_set.records) if len(r.boxes)), 0)
         image, target = self.val_set[idx]
+        e = self.cfg.eval
         with torch.no_grad():
-            dets = postprocess(model.predict(image[None].to(self.device)).float(),
-                               conf_thresh=self.cfg.eval.operating_conf)[0].cpu()  # fmt: skip
+            model.eval()
+            det = self.task.predict(model, image[None].to(self.device), conf_thresh=e.operating_conf,
+                                    nms_iou=e.nms_iou, max_det=e.max_det, amp=False)[0]  # fmt: skip
+        det = {k: v.cpu() for k, v in det.items()}
         canvas = (image * 255).to(torch.uint8)
+        if "masks" in det and len(det["masks"]):
+            canvas = draw_segmentation_masks(canvas, det["masks"] >= 0.5, alpha=0.4, colors="red")
         if len(target["boxes"]):
             canvas = draw_bounding_boxes(canvas, target["boxes"], colors="lime", width=1)
-        if len(dets):
-            canvas = draw_bounding_boxes(canvas, dets[:, :4], labels=[f"{s:.2f}" for s in dets[:, 4].tolist()],
+        if len(det["boxes"]):
+            canvas = draw_bounding_boxes(canvas, det["boxes"], labels=[f"{s:.2f}" for s in det["scores"].tolist()],
                                          colors="red", width=2)  # fmt: skip
         self.writer.add_image("val/sample (green: truth, red: predicted @0.3)", canvas, self.epoch)
 
@@ -310,8 +310,9 @@ def _to_container(cfg: TrainConfig) -> dict:
 def check_train_config(cfg: TrainConfig, *, project_root: Path) -> None:
     """Every check that needs no data: value ranges, the anchors (file, shape, count) and the device."""
     validate_train_config(cfg)
-    anchors = load_anchors(cfg.model.anchors, project_root=project_root)
-    validate_anchors(anchors, num_anchors=cfg.model.num_anchors, source=cfg.model.anchors)
+    if cfg.model.anchors is not None:  # null: the model has no anchor list (maskrcnn: RPN anchors per FPN level)
+        anchors = load_anchors(cfg.model.anchors, project_root=project_root)
+        validate_anchors(anchors, num_anchors=cfg.model.num_anchors, source=cfg.model.anchors)
     resolve_device(cfg.device)
 
 

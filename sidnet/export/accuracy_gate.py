@@ -35,8 +35,8 @@ def evaluate_ap50(model: onnx.ModelProto, records: Sequence, *, batch_size: int 
         path = Path(tmp) / "model.onnx"
         onnx.save(model, str(path))
         detector = OnnxDetector(path)
-        preds = predict_dataset(
-            detector, DetectionDataset(records, size=detector.input_size), device=torch.device("cpu"),
+        preds, _ = predict_dataset(
+            detector, DetectionDataset(records, size=detector.input_size), task=None, device=torch.device("cpu"),
             batch_size=batch_size,
         )  # fmt: skip
     report = evaluate_detections(records, preds, operating_conf=0.3)

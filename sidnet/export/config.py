@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from sidnet.config import ModelConfig
 
 PRECISIONS = ("fp32", "fp16", "int8")
-BACKENDS = ("onnx", "tensorrt", "tensorrt-rtx")
+BACKENDS = ("onnx", "tensorrt", "tensorrt-rtx", "compiled")
 TARGETS = ("plugins", "native")
 
 
@@ -63,7 +63,7 @@ class ExportConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # only read with random_init; a checkpoint has its own
     ema: bool = True  # export the EMA weights when the checkpoint has them
     precision: str = "fp32"  # fp32 | fp16 (int8: the INT8 issue)
-    backend: str = "onnx"  # onnx | tensorrt | tensorrt-rtx
+    backend: str = "onnx"  # onnx | tensorrt | tensorrt-rtx | compiled (AOTInductor package)
     target: str | None = None  # plugins | native; null: plugins for tensorrt, native otherwise
     out: str | None = None  # null: <checkpoint dir>/export, or outputs/export/<model>-random
     opset: int = 18
@@ -78,3 +78,5 @@ class ExportConfig:
     seed: int = 0  # random_init weights and parity images
     int8: Int8Config = field(default_factory=Int8Config)
     force: bool = False  # overwrite INT8 artifacts already in `out`
+    compiled_device: str = "auto"  # --backend compiled: cuda | cpu | auto (cuda when torch sees a GPU)
+    compiled_mode: str = "default"  # --backend compiled: default | max-autotune (minutes longer)

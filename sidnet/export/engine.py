@@ -33,7 +33,7 @@ INSTALL_HINTS = {
     "tensorrt": "pip install tensorrt-cu12 (needs NVIDIA's index; not installable on the project's machines)",
     "tensorrt-rtx": "pip install 'sidnet[tensorrt-rtx]' (tensorrt-rtx-cu13==1.7.1.116)",
 }
-PLUGIN_OPS = ("Reorg", "RegionDecode")
+PLUGIN_OPS = ("Reorg", "RegionDecode", "PyramidRoIAlign")
 
 
 @dataclass

@@ -99,7 +99,50 @@ def _torch_ops() -> list[type]:
                                                ceil_mode=bool(ceil_mode))  # fmt: skip
             return (y.numpy().astype(x.dtype),)
 
-    return [Conv, MaxPool]
+    class ConvTranspose(OpRun):
+        def _run(self, x, w, b=None, auto_pad=None, dilations=None, group=None, kernel_shape=None, output_padding=None,
+                 output_shape=None, pads=None, strides=None):  # fmt: skip
+            if x.ndim != 4 or output_shape is not None or auto_pad not in (None, "NOTSET", b"NOTSET"):
+                raise NotImplementedError("parity ops: 2-D ConvTranspose with explicit pads only")
+            top, left, bottom, right = pads or (0, 0, 0, 0)
+            if (top, left) != (bottom, right):
+                raise NotImplementedError(f"parity ops: asymmetric ConvTranspose pads {pads}")
+            y = torch.nn.functional.conv_transpose2d(tensor(x), tensor(w), None if b is None else tensor(b),
+                                                     stride=tuple(strides or (1, 1)), padding=(top, left),
+                                                     output_padding=tuple(output_padding or (0, 0)),
+                                                     groups=group or 1,
+                                                     dilation=tuple(dilations or (1, 1)))  # fmt: skip
+            return (y.numpy().astype(x.dtype),)
+
+    class GatherElements(OpRun):  # onnx.reference's np.choose version takes at most 64 entries along the axis
+        def _run(self, data, indices, axis=None):
+            idx = torch.from_numpy(np.array(indices, dtype=np.int64))
+            axis = axis or 0
+            idx = torch.where(idx < 0, idx + data.shape[axis], idx)
+            return (torch.gather(torch.from_numpy(np.array(data)), axis, idx).numpy(),)
+
+    class NonMaxSuppression(OpRun):  # onnx.reference's indexes a scalar max_output_boxes_per_class and fails
+        def _run(self, boxes, scores, max_out=None, iou=None, score_thresh=None, center_point_box=0):
+            import torchvision
+
+            if center_point_box:
+                raise NotImplementedError("parity ops: NonMaxSuppression with center_point_box=1")
+            limit = int(np.asarray(max_out).reshape(-1)[0]) if max_out is not None and np.size(max_out) else 0
+            thr = float(np.asarray(iou).reshape(-1)[0]) if iou is not None and np.size(iou) else 0.0
+            rows = []
+            for b in range(boxes.shape[0]):
+                bx = torch.from_numpy(np.array(boxes[b], dtype=np.float32))
+                bx = torch.cat([bx[:, :2].minimum(bx[:, 2:]), bx[:, :2].maximum(bx[:, 2:])], 1)  # corners any order
+                for c in range(scores.shape[1]):
+                    sc = torch.from_numpy(np.array(scores[b, c], dtype=np.float32))
+                    idx = torch.arange(len(sc))
+                    if score_thresh is not None and np.size(score_thresh):
+                        idx = idx[sc > float(np.asarray(score_thresh).reshape(-1)[0])]
+                    keep = idx[torchvision.ops.nms(bx[idx], sc[idx], thr)][:limit]
+                    rows += [[b, c, int(k)] for k in keep]
+            return (np.asarray(rows, dtype=np.int64).reshape(-1, 3),)
+
+    return [Conv, MaxPool, ConvTranspose, GatherElements, NonMaxSuppression]
 
 
 def run_onnx(model: onnx.ModelProto, images: np.ndarray, names: list[str]) -> tuple[list[np.ndarray], str]:
@@ -110,7 +153,8 @@ def run_onnx(model: onnx.ModelProto, images: np.ndarray, names: list[str]) -> tu
         from sidnet.export.reference_ops import REFERENCE_OPS
 
         evaluator = ReferenceEvaluator(model, new_ops=[*REFERENCE_OPS, *_torch_ops()])
-        return evaluator.run(names, {INPUT_NAME: images}), "onnx.reference (Conv, MaxPool by torch)"
+        by_torch = "Conv, ConvTranspose, MaxPool, GatherElements, NonMaxSuppression by torch"
+        return evaluator.run(names, {INPUT_NAME: images}), f"onnx.reference ({by_torch})"
     import onnxruntime as ort
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -19,7 +19,7 @@ from sidnet.export.report import sha256_file, write_report
 from sidnet.export.surgery import op_counts, rewrite
 from sidnet.export.wrapper import DeployModel
 from sidnet.io import ensure_writable_dir
-from sidnet.models import Reorg, YOLOv2, build_model
+from sidnet.models import PersonMaskRCNN, Reorg, YOLOv2, build_model
 
 log = logging.getLogger("sidnet.export")
 
@@ -65,12 +65,14 @@ def resolve_options(cfg: ExportConfig) -> Options:
             raise ExportError("INT8 needs a calibration set: pass exactly one of --calib-images FOLDER or "
                               "--calib-data conf/data/X.yaml")  # fmt: skip
         import_modelopt()
+    if backend == "compiled" and target == "plugins":
+        raise ExportError("--backend compiled packages the PyTorch network: use --target native (the default)")
     if backend == "tensorrt-rtx" and target == "plugins":
         raise ExportError("TensorRT-RTX has no plugin layer: use --target native, or --backend tensorrt for plugins")
     b = cfg.batch
     if not 1 <= b.min <= b.opt <= b.max:
         raise ExportError(f"batch profile min={b.min} opt={b.opt} max={b.max} must satisfy 1 <= min <= opt <= max")
-    if cfg.topk < 1 or (backend != "onnx" and cfg.topk > TRT_TOPK_MAX):
+    if cfg.topk < 1 or (backend not in ("onnx", "compiled") and cfg.topk > TRT_TOPK_MAX):
         raise ExportError(f"topk={cfg.topk} must be in 1..{TRT_TOPK_MAX} (TensorRT's TopK limit)")
     if not 0.0 <= cfg.conf_thresh < 1.0:
         raise ExportError(f"conf_thresh={cfg.conf_thresh} must be in [0, 1)")
@@ -79,7 +81,7 @@ def resolve_options(cfg: ExportConfig) -> Options:
 
 def preflight(opts: Options, cfg: ExportConfig) -> None:
     """Fail before the (slow) export when the engine backend or the plugins' kernels library is missing."""
-    if opts.backend == "onnx":
+    if opts.backend in ("onnx", "compiled"):
         return
     from sidnet.export.engine import import_backend
 
@@ -123,8 +125,8 @@ def load_model(cfg: ExportConfig, *, project_root: Path) -> tuple[YOLOv2, str, s
             f"{path}: cannot rebuild {spec['name']!r} from it ({type(e).__name__}: {first[:200]}); "
             "use a checkpoint written by `python -m train` with this sidnet version"
         ) from e
-    if not isinstance(model, YOLOv2):
-        raise ExportError(f"{path} holds a {type(model).__name__}, not a YOLOv2-family detector")
+    if not isinstance(model, (YOLOv2, PersonMaskRCNN)):
+        raise ExportError(f"{path} holds a {type(model).__name__}, not a YOLOv2-family detector or Mask R-CNN")
     names = (state.get("config") or {}).get("data", {}).get("class_names")
     ema = " (EMA weights)" if cfg.ema and state.get("ema") is not None else ""
     return model, str(spec["name"]), f"checkpoint {path} sha256 {sha256_file(path)}{ema}", names
@@ -134,7 +136,7 @@ def _random_model(cfg: ExportConfig, *, project_root: Path) -> YOLOv2:
     m = cfg.model
     _check_input_size(int(m.input_size), "model.input_size")
     anchors = m.anchors
-    if not isinstance(anchors, (list, tuple)):
+    if anchors is not None and not isinstance(anchors, (list, tuple)):
         from sidnet.anchors import load_anchors
 
         try:
@@ -142,20 +144,17 @@ def _random_model(cfg: ExportConfig, *, project_root: Path) -> YOLOv2:
         except (FileNotFoundError, ValueError) as e:
             raise ExportError(str(e)) from e
     kwargs = dict(m.kwargs)
-    if "pretrained" in kwargs:
-        kwargs["pretrained"] = None  # random init means random: no ImageNet trunk
+    for key in ("pretrained", "weights"):
+        if key in kwargs:
+            kwargs[key] = None  # random init means random: no ImageNet trunk
+    if anchors is not None:
+        kwargs["anchors"] = [list(map(float, a)) for a in anchors]
     torch.manual_seed(cfg.seed)
     try:
-        model = build_model(
-            m.name,
-            anchors=[list(map(float, a)) for a in anchors],
-            num_classes=m.num_classes,
-            input_size=m.input_size,
-            **kwargs,
-        )
+        model = build_model(m.name, num_classes=m.num_classes, input_size=m.input_size, **kwargs)
     except (KeyError, ValueError, TypeError) as e:
         raise ExportError(f"cannot build model {m.name!r}: {e.args[0] if e.args else e}") from e
-    return calibrate_batchnorm(model, seed=cfg.seed)
+    return calibrate_batchnorm(model, seed=cfg.seed) if isinstance(model, YOLOv2) else model.eval()
 
 
 def calibrate_batchnorm(model: YOLOv2, *, seed: int = 0, batches: int = 2, batch_size: int = 2) -> YOLOv2:
@@ -215,14 +214,23 @@ def build_graph(
     return exported, final, slog.lines
 
 
-def _metadata(cfg: ExportConfig, opts: Options, model: YOLOv2, name: str, source: str, class_names: list[str]) -> dict:
+def _metadata_common(cfg: ExportConfig, opts: Options, name: str, source: str) -> dict:
     import sidnet
 
-    size = model.input_size
     return {
         "sidnet_version": sidnet.__version__,
         "model": name,
         "weights": source,
+        "target": opts.target,
+        "precision": opts.precision,
+        "exporter": f"torch {torch.__version__} torch.onnx.export(dynamo=True), opset {cfg.opset}",
+    }
+
+
+def _metadata(cfg: ExportConfig, opts: Options, model: YOLOv2, name: str, source: str, class_names: list[str]) -> dict:
+    size = model.input_size
+    return {
+        **_metadata_common(cfg, opts, name, source),
         "anchors": model.anchors.tolist(),
         "num_classes": model.num_classes,
         "class_names": class_names,
@@ -232,9 +240,6 @@ def _metadata(cfg: ExportConfig, opts: Options, model: YOLOv2, name: str, source
         "outputs": OUTPUTS,
         "conf_thresh": cfg.conf_thresh,
         "topk": cfg.topk,
-        "target": opts.target,
-        "precision": opts.precision,
-        "exporter": f"torch {torch.__version__} torch.onnx.export(dynamo=True), opset {cfg.opset}",
     }
 
 
@@ -325,15 +330,26 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
     ensure_writable_dir(out_dir, fix="pass --out a folder you can write to")
     log.info("export: %s, %s, target %s, backend %s -> %s", source, opts.precision, opts.target, opts.backend, out_dir)
 
-    deploy = DeployModel(model, conf_thresh=cfg.conf_thresh, topk=cfg.topk).eval()
     int8 = opts.precision == "int8"
     graph_precision, graph_target = ("fp32", "native") if int8 else (opts.precision, opts.target)
-    exported, final, surgery = build_graph(deploy, target=graph_target, precision=graph_precision, opset=cfg.opset)
-    meta = _metadata(cfg, opts, model, name, source, class_names)
-    final.producer_name, final.producer_version = "sidnet", sidnet.__version__
-    final.doc_string = f"SIDNet {model.num_classes}-class detector. {PREPROCESSING} {OUTPUTS}"
-    set_metadata(final, {**meta, "precision": "fp32", "target": "native"} if int8 else meta)
     int8_result = None
+    if isinstance(model, PersonMaskRCNN):
+        from sidnet.export import maskrcnn as mr
+
+        if opts.precision != "fp32":  # int8 too
+            raise ExportError("Mask R-CNN exports in fp32 only for now (the FP16 rewrite assumes the YOLOv2 head's "
+                              "'raw' boundary); use --precision fp32")  # fmt: skip
+        deploy = mr.maskrcnn_deploy(model, topk=cfg.topk, conf_thresh=cfg.conf_thresh, backend=opts.backend)
+        exported, final, surgery = mr.build_maskrcnn_graph(deploy, target=opts.target, opset=cfg.opset)
+        meta = {**_metadata_common(cfg, opts, name, source), **mr.metadata(model, deploy)}
+        final.doc_string = f"SIDNet person Mask R-CNN. {mr.PREPROCESSING} {mr.OUTPUTS}"
+    else:
+        deploy = DeployModel(model, conf_thresh=cfg.conf_thresh, topk=cfg.topk).eval()
+        exported, final, surgery = build_graph(deploy, target=graph_target, precision=graph_precision, opset=cfg.opset)
+        meta = _metadata(cfg, opts, model, name, source, class_names)
+        final.doc_string = f"SIDNet {model.num_classes}-class detector. {PREPROCESSING} {OUTPUTS}"
+    final.producer_name, final.producer_version = "sidnet", sidnet.__version__
+    set_metadata(final, {**meta, "precision": "fp32", "target": "native"} if int8 else meta)
     if int8:
         final, int8_result, surgery = _quantize(cfg, opts, final, meta, surgery, out_dir, model, project_root)
     try:
@@ -344,10 +360,13 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
     onnx_path = out_dir / "model.onnx"
     onnx.save(final, str(onnx_path))
 
-    # INT8: parity of the calibrated FP32 graph (the surgery); INT8 vs FP32 accuracy is the gate's job.
-    tolerance = dict(getattr(cfg.parity, graph_precision))
-    probe = onnx.load(str(int8_result.fp32_path)) if int8 else final
-    parity = check_parity(deploy, probe, batches=list(cfg.parity.batches), seed=cfg.seed, tolerance=tolerance)
+    if isinstance(model, PersonMaskRCNN):
+        parity = mr.check_maskrcnn_parity(deploy, final, images=mr.sample_images(model.input_size))
+    else:
+        # INT8: parity of the calibrated FP32 graph (the surgery); INT8 vs FP32 accuracy is the gate's job.
+        tolerance = dict(getattr(cfg.parity, graph_precision))
+        probe = onnx.load(str(int8_result.fp32_path)) if int8 else final
+        parity = check_parity(deploy, probe, batches=list(cfg.parity.batches), seed=cfg.seed, tolerance=tolerance)
     log.info("parity%s: %s", " (FP32 source of the INT8 graph)" if int8 else "", parity.summary())
     report = _report(opts, meta, exported, final, surgery, checker, parity)
     report["files"][onnx_path.name] = sha256_file(onnx_path)
@@ -363,16 +382,25 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
         raise ParityError(f"exported graph does not match PyTorch: {parity.summary()}; see {out_dir / 'report.md'}")
 
     engine = None
-    if opts.backend != "onnx":
+    if opts.backend == "compiled":
+        from sidnet.export.compiled import export_compiled
+
+        package, sidecar = export_compiled(model, out_dir, precision=opts.precision, conf_thresh=cfg.conf_thresh,
+                                           topk=cfg.topk, max_batch=cfg.batch.max, meta=meta,
+                                           device=cfg.compiled_device, mode=cfg.compiled_mode)  # fmt: skip
+        report["compiled"] = sidecar
+        report["files"][package.name] = sidecar["package_sha256"]
+    elif opts.backend != "onnx":
         from sidnet.export.engine import build_engine
 
         b = cfg.batch
+        batch = (1, 1, 1) if isinstance(model, PersonMaskRCNN) else (b.min, b.opt, b.max)  # its ONNX is static
         engine = build_engine(
             onnx_path,
             out_dir,
             backend=opts.backend,
             precision=opts.precision,
-            batch=(b.min, b.opt, b.max),
+            batch=batch,
             plugin_library=cfg.plugin_library,
             timing_cache=cfg.timing_cache,
             workspace_mib=cfg.workspace_mib,

@@ -10,6 +10,12 @@ kernels in ``csrc/`` and the PyTorch reference in :mod:`sidnet.models`:
   ``[x1, y1, x2, y2, score, class]`` by score descending (ties: lower flat index ``a·H·W + y·W + x`` first), zero rows
   after the valid ones, and ``num_detections`` int32 (N,). Attributes ``anchors`` (flat w, h pairs in input pixels),
   ``num_anchors``, ``num_classes``, ``stride_x``, ``stride_y``, ``conf_thresh``, ``topk``.
+- ``sidnet::PyramidRoIAlign(features..., rois)``: L maps (N, C, H_l, W_l) finest first and rois (N, R, 4) xyxy input
+  pixels → (N, R, C, P, P), torchvision ``MultiScaleRoIAlign`` (``aligned=False``): each RoI pooled from the level
+  ``clamp(floor(canonical_level + log2(sqrt(area) / canonical_size) + 1e-6), min_level, min_level + L - 1)``, the
+  mean of ``sampling_ratio``² bilinear samples per bin (torchvision's ``bilinear_interpolate``). Attributes
+  ``output_size``, ``sampling_ratio``, ``scales`` (1/stride per level), ``min_level``, ``canonical_level``,
+  ``canonical_size``.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from __future__ import annotations
 import numpy as np
 from onnx.reference.op_run import OpRun
 
-__all__ = ["REFERENCE_OPS", "RegionDecode", "Reorg", "region_topk_numpy", "reorg_numpy"]
+__all__ = ["REFERENCE_OPS", "PyramidRoIAlign", "RegionDecode", "Reorg", "pyramid_roi_align_numpy", "region_topk_numpy",
+           "reorg_numpy"]  # fmt: skip
 
 
 def reorg_numpy(x: np.ndarray, stride: int) -> np.ndarray:
@@ -99,4 +106,62 @@ class RegionDecode(OpRun):
         return region_topk_numpy(raw, anchors, stride=(stride_x, stride_y), conf_thresh=conf_thresh, topk=int(topk))
 
 
-REFERENCE_OPS = [Reorg, RegionDecode]
+def _bilinear(plane: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """torchvision's ``bilinear_interpolate`` at sample points ``y``, ``x`` (same shape) of one (C, H, W) map →
+    (C, *y.shape)."""
+    _, h, w = plane.shape
+    out_of_map = (y < -1.0) | (y > h) | (x < -1.0) | (x > w)
+    y, x = np.maximum(y, 0.0), np.maximum(x, 0.0)
+    yl, xl = np.floor(y).astype(np.int64), np.floor(x).astype(np.int64)
+    y = np.where(yl >= h - 1, h - 1, y)
+    x = np.where(xl >= w - 1, w - 1, x)
+    yl, xl = np.minimum(yl, h - 1), np.minimum(xl, w - 1)
+    yh, xh = np.minimum(yl + 1, h - 1), np.minimum(xl + 1, w - 1)
+    ly, lx = (y - yl).astype(np.float32), (x - xl).astype(np.float32)
+    hy, hx = 1.0 - ly, 1.0 - lx
+    v = hy * hx * plane[:, yl, xl] + hy * lx * plane[:, yl, xh]
+    v = v + ly * hx * plane[:, yh, xl] + ly * lx * plane[:, yh, xh]
+    return np.where(out_of_map, np.float32(0.0), v)
+
+
+def pyramid_roi_align_numpy(features: list[np.ndarray], rois: np.ndarray, *, output_size: int, sampling_ratio: int,
+                            scales: list[float], min_level: int, canonical_level: float = 4.0,
+                            canonical_size: float = 224.0) -> np.ndarray:  # fmt: skip
+    """The NumPy twin of torchvision's ``MultiScaleRoIAlign`` on (N, R, 4) RoIs, computed in float32."""
+    n, r = rois.shape[:2]
+    c = features[0].shape[1]
+    p, sr = int(output_size), int(sampling_ratio)
+    boxes = rois.astype(np.float32)
+    size = np.sqrt((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]))
+    with np.errstate(divide="ignore"):
+        lvl = np.floor(np.float32(canonical_level) + np.log2(size / np.float32(canonical_size)) + np.float32(1e-6))
+    lvl = (np.clip(lvl, min_level, min_level + len(features) - 1) - min_level).astype(np.int64)
+    out = np.zeros((n, r, c, p, p), dtype=np.float32)
+    steps = (np.arange(p * sr, dtype=np.float32) + 0.5) / sr  # sample positions in bins
+    for i in range(n):
+        for j in range(r):
+            level = lvl[i, j]
+            scale = np.float32(scales[level])
+            x0, y0, x1, y1 = boxes[i, j] * scale
+            bw, bh = max(x1 - x0, 1.0) / p, max(y1 - y0, 1.0) / p
+            ys, xs = np.meshgrid(y0 + steps * bh, x0 + steps * bw, indexing="ij")
+            samples = _bilinear(features[level][i].astype(np.float32), ys, xs)  # (C, P·sr, P·sr)
+            out[i, j] = samples.reshape(c, p, sr, p, sr).mean(axis=(2, 4))
+    return out
+
+
+class PyramidRoIAlign(OpRun):
+    op_domain = "sidnet"
+
+    def _run(self, *inputs, output_size=None, sampling_ratio=None, scales=None, min_level=None, canonical_level=None,
+             canonical_size=None, version=None, plugin_namespace=None, plugin_version=None):  # noqa: ARG002  # fmt: skip
+        *features, rois = inputs
+        if len(features) != len(scales):
+            raise ValueError(f"PyramidRoIAlign: {len(features)} feature maps for {len(scales)} scales")
+        out = pyramid_roi_align_numpy(list(features), rois, output_size=output_size, sampling_ratio=sampling_ratio,
+                                      scales=list(scales), min_level=int(min_level), canonical_level=canonical_level,
+                                      canonical_size=canonical_size)  # fmt: skip
+        return (out.astype(features[0].dtype),)
+
+
+REFERENCE_OPS = [Reorg, RegionDecode, PyramidRoIAlign]

@@ -10,6 +10,11 @@ the Mask R-CNN report's "identity" problem) → fold any BatchNormalization left
   :mod:`sidnet.export.trt_plugins`, NumPy references in :mod:`sidnet.export.reference_ops`);
 - ``native``: each reorg subgraph → one standard ``SpaceToDepth`` (same channel order); the decode stays standard ops.
 
+Mask R-CNN (:mod:`sidnet.export.maskrcnn_deploy`): each ``PyramidRoIAlign`` module's subgraph (per-level
+``GridSample`` + level select) → one ``sidnet::PyramidRoIAlign`` node (plugins target; NumPy reference in
+:mod:`sidnet.export.reference_ops`, TensorRT plugin in :mod:`sidnet.export.trt_plugins`), or kept as standard ops
+(native). NMS is already ONNX ``NonMaxSuppression`` (or a ``Scan`` loop) as traced.
+
 Subgraphs are found by the module path that traced them (:func:`sidnet.export.onnx_export.module_scopes`), then
 checked: exactly the expected loose ends (one input; one output, or the two graph outputs), else :class:`SurgeryError`.
 The decode's input is renamed ``raw`` so that checks and the FP16 rewrite (:func:`to_fp16`) can find the head output.
@@ -299,6 +304,36 @@ def rewrite_decode(graph: gs.Graph, scopes, path: str, attrs: dict | None, targe
     return graph
 
 
+def rewrite_roi_aligns(graph: gs.Graph, scopes, roi_aligns: dict[str, dict], target: str, slog: SurgeryLog) -> gs.Graph:
+    """Each PyramidRoIAlign module path (→ its attributes) becomes one ``sidnet::PyramidRoIAlign`` node (plugins)
+    taking ``(features finest first..., rois)``; the native target keeps the standard ops and logs what they are."""
+    before = len(graph.nodes)
+    for path, attrs in roi_aligns.items():
+        region = find_region(graph, scopes, path)
+        levels = len(attrs["scales"])
+        _expect(region, levels + 1, 1)
+        ops = Counter(n.op for n in region.nodes)
+        detail = ", ".join(f"{k} x{v}" for k, v in sorted(ops.items()))
+        if target != "plugins":
+            slog.lines.append(f"  {path}: {len(region.nodes)} standard nodes kept ({detail})")
+            continue
+        rois = [t for t in region.inputs if t.shape is not None and len(t.shape) == 3 and t.shape[-1] == 4]
+        feats = [t for t in region.inputs if t not in rois]
+        if len(rois) != 1 or any(t.shape is None or len(t.shape) != 4 for t in feats):
+            raise SurgeryError(f"module '{path}': cannot tell the RoIs (N, R, 4) from the {levels} feature maps among "
+                               f"its inputs {[(t.name, t.shape) for t in region.inputs]}")  # fmt: skip
+        feats.sort(key=lambda t: -int(t.shape[-1]))  # finest (largest) map first, as the scales
+        (y,) = region.outputs
+        graph.replace_subgraph(region.nodes, [*feats, rois[0]], [y], op="PyramidRoIAlign", domain=DOMAIN,
+                               name=f"{path}.PyramidRoIAlign", attrs=_plugin_attrs(**attrs))  # fmt: skip
+        y.dtype = feats[0].dtype
+        slog.lines.append(f"  {path}: {len(region.nodes)} nodes ({detail}) -> 1 PyramidRoIAlign")
+        graph.cleanup().toposort()
+    name = "multi-level RoIAlign -> sidnet::PyramidRoIAlign" if target == "plugins" else "multi-level RoIAlign kept"
+    slog.step(name, before, len(graph.nodes), f"{len(roi_aligns)} pooler(s)")
+    return graph
+
+
 # -- FP16 --------------------------------------------------------------------------------------------------------------
 _FP32_INPUTS = {"Resize": {1, 2}}  # inputs that must stay float32 whatever the data type (roi, scales)
 
@@ -421,13 +456,15 @@ def rewrite(
     scopes: dict[str, tuple[str, ...]],
     *,
     target: str,
-    reorgs: dict[str, int],
-    decode_path: str,
-    decode_attrs: dict,
+    reorgs: dict[str, int] | None = None,
+    decode_path: str | None = None,
+    decode_attrs: dict | None = None,
+    roi_aligns: dict[str, dict] | None = None,
     fp16: bool = False,
 ) -> tuple[onnx.ModelProto, SurgeryLog]:
     """The whole surgery. ``scopes``: node name → module paths (read before anything renames nodes); ``reorgs``:
-    reorg module path → stride; ``decode_path``: the top-K decode module's path (``decode``)."""
+    reorg module path → stride; ``decode_path``: the top-K decode module's path (``decode``; YOLOv2 family);
+    ``roi_aligns``: PyramidRoIAlign module path → its attributes (Mask R-CNN)."""
     if target not in ("plugins", "native"):
         raise SurgeryError(f"unknown target {target!r}: use plugins or native")
     slog = SurgeryLog()
@@ -435,8 +472,12 @@ def rewrite(
     graph = sanitize(graph, slog)
     graph = remove_noops(graph, slog)
     graph = fold_batchnorm(graph, slog)
-    graph = rewrite_reorgs(graph, scopes, reorgs, target, slog)
-    graph = rewrite_decode(graph, scopes, decode_path, decode_attrs, target, slog)
+    if reorgs:
+        graph = rewrite_reorgs(graph, scopes, reorgs, target, slog)
+    if decode_path:
+        graph = rewrite_decode(graph, scopes, decode_path, decode_attrs, target, slog)
+    if roi_aligns:
+        graph = rewrite_roi_aligns(graph, scopes, roi_aligns, target, slog)
     if fp16:
         graph = to_fp16(graph, slog)
     graph = sanitize(graph, slog, "final sanitize")

@@ -1,4 +1,5 @@
-"""TensorRT plugins ``sidnet::Reorg`` and ``sidnet::RegionDecode`` in Python (``IPluginV3``), launching ``csrc/``.
+"""TensorRT plugins ``sidnet::Reorg``, ``sidnet::RegionDecode``, ``sidnet::PyramidRoIAlign`` in Python (``IPluginV3``),
+launching ``csrc/``.
 
 **Status: written against the TensorRT 10/11 Python plugin API and never run.** Full TensorRT cannot be installed on
 the project's machines and TensorRT-RTX has no plugin layer (``../shared/docs/platform.md``); the classes are only
@@ -48,6 +49,15 @@ REGION_FIELDS = {
     "topk": "i",
     "version": "i",
 }
+PYRAMID_FIELDS = {
+    "output_size": "i",
+    "sampling_ratio": "i",
+    "scales": "F",
+    "min_level": "i",
+    "canonical_level": "f",
+    "canonical_size": "f",
+    "version": "i",
+}
 
 
 def import_tensorrt() -> ModuleType:
@@ -85,8 +95,9 @@ def _read_fields(fc, spec: dict[str, str], op: str) -> dict[str, Any]:
 
 
 @functools.cache
-def plugin_classes(trt: ModuleType) -> tuple[type, type, type]:
-    """(ReorgPlugin, RegionDecodePlugin, Creator) bound to ``trt``; defined lazily because the base classes live in
+def plugin_classes(trt: ModuleType) -> tuple[type, type, type, type]:
+    """(ReorgPlugin, RegionDecodePlugin, Creator, PyramidRoIAlignPlugin) bound to ``trt``; defined lazily because the
+    base classes live in
     the ``tensorrt`` module, which must stay an optional import."""
     DT = trt.DataType
 
@@ -243,7 +254,50 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type, type]:
         def create_plugin(self, name, fc, phase):
             return self.plugin_cls(self.lib, _read_fields(fc, self.plugin_cls.spec, self.plugin_cls.op))
 
-    return ReorgPlugin, RegionDecodePlugin, Creator
+    class PyramidRoIAlignPlugin(SidnetPlugin):
+        """(features (N, C, H_l, W_l) finest first..., rois (N, R, 4) FP32) → (N, R, C, P, P), the features' type."""
+
+        op, spec = "PyramidRoIAlign", PYRAMID_FIELDS
+
+        def get_output_data_types(self, input_types):
+            return [input_types[0]]
+
+        def get_output_shapes(self, inputs, shape_inputs, expr_builder):
+            feat, rois, p = inputs[0], inputs[len(inputs) - 1], self.attrs["output_size"]
+            out = trt.DimsExprs(5)
+            out[0], out[1], out[2] = feat[0], rois[1], feat[1]
+            out[3] = out[4] = expr_builder.constant(p)
+            return [out]
+
+        def supports_format_combination(self, pos, in_out, num_inputs) -> bool:
+            desc = in_out[pos].desc
+            if desc.format != trt.TensorFormat.LINEAR:
+                return False
+            if pos == num_inputs - 1:  # rois
+                return desc.type == DT.FLOAT
+            if pos == 0:
+                return desc.type in (DT.FLOAT, DT.HALF)
+            return desc.type == in_out[0].desc.type  # other levels and the output follow features[0]
+
+        def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream) -> None:
+            import ctypes
+
+            levels = len(inputs) - 1
+            n, c = tuple(input_desc[0].dims)[:2]
+            r = tuple(input_desc[levels].dims)[1]
+            ptrs = (ctypes.c_void_p * levels)(*inputs[:levels])
+            hs = (ctypes.c_int * levels)(*[tuple(input_desc[i].dims)[2] for i in range(levels)])
+            ws = (ctypes.c_int * levels)(*[tuple(input_desc[i].dims)[3] for i in range(levels)])
+            scales = (ctypes.c_float * levels)(*self.attrs["scales"])
+            p = self.attrs["output_size"]
+            err = self.lib.pyramidRoiAlign(
+                ptrs, levels, hs, ws, scales, dtype_code(input_desc[0].type), n, c, inputs[levels], r, p, p,
+                self.attrs["sampling_ratio"], self.attrs["min_level"], self.attrs["canonical_level"],
+                self.attrs["canonical_size"], outputs[0], stream,
+            )  # fmt: skip
+            self.check(err, "pyramidRoiAlign")
+
+    return ReorgPlugin, RegionDecodePlugin, Creator, PyramidRoIAlignPlugin
 
 
 def load_kernels(library: str | Path | None = None) -> tuple[Path, Any]:
@@ -258,16 +312,16 @@ def load_kernels(library: str | Path | None = None) -> tuple[Path, Any]:
 
 
 def register_plugins(library: str | Path | None = None) -> dict[str, str]:
-    """Load the kernels library and register both creators with full TensorRT (idempotent).
+    """Load the kernels library and register the three creators with full TensorRT (idempotent).
 
     Returns ``{"library": path, "sha256": ..., "namespace": "sidnet"}`` for the engine's sidecar. Raises
     :class:`PluginError` when TensorRT or the library is missing.
     """
     trt = import_tensorrt()
     path, lib = load_kernels(library)
-    reorg_cls, region_cls, creator_cls = plugin_classes(trt)
+    reorg_cls, region_cls, creator_cls, pyramid_cls = plugin_classes(trt)
     registry = trt.get_plugin_registry()
-    for cls in (reorg_cls, region_cls):
+    for cls in (reorg_cls, region_cls, pyramid_cls):
         if registry.get_creator(cls.op, VERSION, NAMESPACE) is None:
             creator = creator_cls(cls, lib)
             if not registry.register_creator(creator, NAMESPACE):

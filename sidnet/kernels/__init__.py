@@ -8,6 +8,7 @@ Wrappers (CUDA tensors in, outputs allocated on the same device, launched on the
 - :func:`reorg` — same contract as :func:`sidnet.models.layers.reorg`.
 - :func:`region_decode` — same contract as :func:`sidnet.models.region.region_decode`.
 - :func:`region_topk` — same contract as :func:`sidnet.models.region.region_topk`, fused in one kernel.
+- :func:`pyramid_roi_align` — torchvision ``MultiScaleRoIAlign`` (level choice + ``roi_align``) in one kernel.
 
 Importing this module imports neither torch nor the library; both are loaded on first use.
 """
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REGION_TOPK_MAX_K",
+    "pyramid_roi_align",
     "library_path",
     "load_library",
     "region_decode",
@@ -75,7 +77,8 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
     lib.regionDecode.argtypes = [vp, i, vp, i, i, i, i, i, f, f, vp, vp]
     lib.regionTopKWorkspaceSize.argtypes, lib.regionTopKWorkspaceSize.restype = [i, i, i, i, i], sz
     lib.regionTopK.argtypes = [vp, i, vp, i, i, i, i, i, f, f, f, i, vp, vp, vp, sz, vp]
-    for name in ("reorgForward", "regionDecode", "regionTopK"):
+    lib.pyramidRoiAlign.argtypes = [vp, i, vp, vp, vp, i, i, i, vp, i, i, i, i, i, f, f, vp, vp]
+    for name in ("reorgForward", "regionDecode", "regionTopK", "pyramidRoiAlign"):
         getattr(lib, name).restype = i
     version = lib.sidnetKernelsAbiVersion()
     if version != ABI_VERSION:
@@ -243,3 +246,82 @@ def region_topk(
         )  # fmt: skip
     _check(lib, err, "regionTopK")
     return dets, num
+
+
+def pyramid_roi_align(
+    features: list[torch.Tensor],
+    rois: torch.Tensor,
+    *,
+    output_size: tuple[int, int],
+    sampling_ratio: int,
+    scales: list[float],
+    canonical_level: float = 4.0,
+    canonical_size: float = 224.0,
+) -> torch.Tensor:
+    """Multi-level RoIAlign (torchvision ``MultiScaleRoIAlign``, ``aligned=False``) in one kernel.
+
+    ``features``: L maps (N, C, H_l, W_l), one dtype (float32 or float16), finest first; ``rois``: (N, R, 4) xyxy input
+    pixels (float32 or castable); ``scales``: 1/stride of each level, e.g. [1/8, 1/16, 1/32]. Returns
+    (N, R, C, PH, PW) in the features' dtype.
+    """
+    import math
+
+    import torch
+
+    if not features or len(features) != len(scales):
+        raise ValueError(f"pyramid_roi_align: {len(features)} feature maps for {len(scales)} scales")
+    code = _dtype_code(features[0], "pyramid_roi_align: features[0]")
+    n, c = features[0].shape[:2]
+    for i, f in enumerate(features):
+        if f.dim() != 4 or f.shape[:2] != (n, c) or f.dtype != features[0].dtype or f.device != features[0].device:
+            raise ValueError(f"pyramid_roi_align: features[{i}] {tuple(f.shape)} {f.dtype} does not match features[0]")
+    if rois.dim() != 3 or rois.shape[0] != n or rois.shape[2] != 4:
+        raise ValueError(f"pyramid_roi_align: rois must be (N={n}, R, 4), got {tuple(rois.shape)}")
+    ph, pw = output_size
+    features = [f.contiguous() for f in features]
+    rois = rois.to(device=features[0].device, dtype=torch.float32).contiguous()
+    r = rois.shape[1]
+    out = torch.empty((n, r, c, ph, pw), dtype=features[0].dtype, device=features[0].device)
+    levels = len(features)
+    ptrs = (ctypes.c_void_p * levels)(*[f.data_ptr() for f in features])
+    hs = (ctypes.c_int * levels)(*[f.shape[2] for f in features])
+    ws = (ctypes.c_int * levels)(*[f.shape[3] for f in features])
+    sc = (ctypes.c_float * levels)(*[float(v) for v in scales])
+    min_level = round(-math.log2(scales[0]))
+    lib = _lib()
+    with _on_device(rois):
+        err = lib.pyramidRoiAlign(
+            ptrs, levels, hs, ws, sc, code, n, c, rois.data_ptr(), r, ph, pw, sampling_ratio, min_level,
+            float(canonical_level), float(canonical_size), out.data_ptr(), _stream(rois),
+        )  # fmt: skip
+    _check(lib, err, "pyramidRoiAlign")
+
+
+def maxpool2x2_nhwc(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``nn.MaxPool2d(2, 2)`` of a channels-last (N, C, H, W) float16/float32 CUDA tensor, output channels-last.
+
+    Equal to ``F.max_pool2d(x, 2, 2)`` for NaN-free input (see ``csrc/maxpool/maxpoolKernel.h``).
+    """
+    import torch
+
+    code = _dtype_code(x, "maxpool2x2_nhwc: x")
+    if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(f"maxpool2x2_nhwc: x must be a channels-last (N, C, H, W) tensor, got {tuple(x.shape)} "
+                         f"strides {x.stride()}")  # fmt: skip
+    n, c, h, w = x.shape
+    shape = (n, c, h // 2, w // 2)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    elif (tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device
+          or not out.is_contiguous(memory_format=torch.channels_last)):  # fmt: skip
+        raise ValueError(f"maxpool2x2_nhwc: out must be a channels-last {x.dtype} tensor of shape {shape} on "
+                         f"{x.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")  # fmt: skip
+    lib = _lib()
+    fn = getattr(lib, "maxPool2x2Nhwc", None)
+    if fn is None:
+        raise RuntimeError(f"the kernels library predates maxPool2x2Nhwc: {_BUILD_HINT}")
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 5 + [ctypes.c_void_p], ctypes.c_int
+    with _on_device(x):
+        err = fn(x.data_ptr(), out.data_ptr(), code, n, h, w, c, _stream(x))
+    _check(lib, err, "maxPool2x2Nhwc")
+    return out

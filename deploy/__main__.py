@@ -1,0 +1,102 @@
+"""``python -m deploy ARTIFACT SOURCE [SOURCE ...]``: detect people in several streams at once, raise zone alarms.
+
+    python -m deploy runs/sidnet/export/model.onnx cam0=../shared/data/video/pedestrians_200.mp4 \\
+        cam1=rtsp://10.0.0.5/stream --zones zones.yaml --out outputs/deploy --batch 16
+
+ARTIFACT: ``.engine`` (TensorRT, sidecar beside it), ``.onnx`` (onnxruntime), ``.pt`` checkpoint (torch) or ``.pt2``
+(AOTInductor package, ``python -m export --backend compiled``); the backend follows from the file. SOURCE: an image
+folder, a video file, an RTSP/HTTP URL or a webcam index, optionally named ``name=SOURCE`` (zones refer to names).
+Outputs per stream in ``--out``: ``<name>.jsonl``, ``<name>.mp4`` (folders: ``<name>/`` images), plus
+``events.jsonl`` and ``summary.json``. Bad input ends with one ``error: ...`` line (``-v`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sidnet.cli import OneLineParser
+
+    p = OneLineParser(prog="python -m deploy", description=__doc__.split("\n\n")[0])
+    p.add_argument("artifact", help=".engine | .onnx | .pt | .pt2")
+    p.add_argument("sources", nargs="+", help="[name=]folder | video file | rtsp://… | http://… | webcam index")
+    p.add_argument("--backend", help="tensorrt | onnxruntime | torch | compiled (must match the artifact)")
+    p.add_argument("--zones", type=Path, help="intrusion zones YAML (see sidnet/runtime/zones.py)")
+    p.add_argument("--out", type=Path, default=Path("outputs/deploy"), help="output folder (default outputs/deploy)")
+    p.add_argument("--conf", type=float, default=0.3, help="score threshold (default 0.3, the SIDNet report's)")
+    p.add_argument("--nms-iou", type=float, default=0.45)
+    p.add_argument("--batch", type=int, default=8, help="frames per inference batch, across streams (default 8)")
+    p.add_argument("--max-frames", type=int, help="stop each stream after this many frames")
+    p.add_argument("--device", help="torch/onnxruntime device: cuda | cpu (default: cuda when available for torch)")
+    p.add_argument("--plugin-library", help="tensorrt: libsidnet_kernels.so the engine's plugins were built with")
+    p.add_argument("--no-video", action="store_true", help="write JSON-lines and events only")
+    p.add_argument("--reconnect-retries", type=int, default=10,
+                   help="live streams: failed reconnects in a row before a stream is given up (default 10)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--force", action="store_true", help="overwrite outputs of an earlier run in --out")
+    return p.add_verbose()
+
+
+def _backend_options(args, backend: str) -> dict:
+    opts = {}
+    if args.device and backend in ("torch", "onnxruntime"):
+        opts["device"] = args.device
+    if args.plugin_library and backend == "tensorrt":
+        opts["plugin_library"] = args.plugin_library
+    return opts
+
+
+def run(args) -> dict:
+    from sidnet.runtime.artifact import backend_for
+    from sidnet.runtime.detector import Detector
+    from sidnet.runtime.errors import DeployError
+    from sidnet.runtime.pipeline import PipelineOptions, check_out_dir, run_pipeline
+    from sidnet.runtime.sources import open_source, parse_source
+    from sidnet.runtime.zones import load_zones
+
+    named = [parse_source(s, i) for i, s in enumerate(args.sources)]
+    names = [n for n, _ in named]
+    if len(set(names)) != len(names):
+        raise DeployError(f"two sources share a name ({', '.join(names)}): name them name=SOURCE")
+    backend = backend_for(args.artifact, args.backend)
+    zones = load_zones(args.zones, streams=names) if args.zones else None
+    check_out_dir(args.out, names, force=args.force)
+    sources = {}
+    try:
+        for name, target in named:
+            sources[name] = open_source(name, target, max_retries=args.reconnect_retries, max_frames=args.max_frames)
+        detector = Detector(args.artifact, backend=backend, conf_thresh=args.conf, nms_iou=args.nms_iou,
+                            **_backend_options(args, backend))  # fmt: skip
+    except BaseException:
+        for src in sources.values():
+            src.close()
+        raise
+    with detector:
+        opts = PipelineOptions(out_dir=args.out, batch_size=args.batch, write_video=not args.no_video,
+                               max_frames=args.max_frames, progress=not args.no_progress)  # fmt: skip
+        return run_pipeline(detector, sources, zones=zones, opts=opts)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.verbose:  # FFmpeg's own lines ("moov atom not found") would precede our one-line error
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    from sidnet.cli import run_guarded
+
+    summary = run_guarded(lambda: run(args), verbose=args.verbose)  # one error line; -v shows the traceback
+    alarms = sum(n for zs in summary["alarms"].values() for n in zs.values())
+    print(json.dumps({k: summary[k] for k in ("frames", "frames_per_s", "alarms")}))
+    frames = sum(summary["frames"].values())
+    print(f"{frames} frames, {alarms} alarms, {summary['frames_per_s']} frames/s -> {args.out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""Static-shape Mask R-CNN inference for export: torchvision's eval path rewritten with fixed tensor sizes only.
+
+torchvision's ``MaskRCNN`` inference is a chain of data-dependent shapes (per-level ``nonzero`` in the pooler, NMS
+outputs, score filtering). :class:`MaskRCNNDeploy` computes the same thing with every intermediate of fixed size, so
+the ONNX has static shapes throughout and TensorRT can plan it:
+
+- RPN: per level top-``pre_nms`` proposals by objectness, box decode, clip; invalid ones (torchvision's
+  ``remove_small_boxes``) become empty boxes that suppress nothing; NMS per level (coordinate offsets, as
+  ``batched_nms``); the kept ones sorted by score into ``post_nms`` rows (+ a validity mask).
+- box head on every row, person score and box decode, ``score > box_score_thresh`` and non-small, NMS 0.5, top
+  ``topk`` rows → ``detections``; mask head on those rows → ``masks`` (28×28 probabilities per row).
+- pooling: :class:`PyramidRoIAlign`, the FPN's multi-level RoIAlign in standard ops (``GridSample`` per level +
+  select), which graph surgery turns into one ``sidnet::PyramidRoIAlign`` node for the plugins target.
+- NMS: ``nms="onnx"`` traces ``torchvision.ops.nms`` → ONNX ``NonMaxSuppression`` (TensorRT's INMSLayer);
+  ``nms="scan"`` is the same greedy NMS as an ONNX ``Scan`` over the score-sorted IoU matrix, for runtimes without an
+  NMS layer (TensorRT-RTX 1.7 parses NonMaxSuppression but has no kernel for it).
+
+Outputs (batch N fixed at export): ``detections`` float32 (N, K, 6) ``[x1, y1, x2, y2, score, class]`` in input
+pixels, score-descending, zero rows after ``num_detections`` int32 (N,); ``masks`` float32 (N, K, 28, 28), each row's
+mask probabilities inside its box (paste with ``torchvision.models.detection.roi_heads.paste_masks_in_image``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models.detection.image_list import ImageList
+
+from sidnet.models.maskrcnn import PersonMaskRCNN, backbone_features, feature_names
+
+OUTPUT_NAMES = ("detections", "num_detections", "masks")
+NMS_MODES = ("onnx", "scan")
+
+
+class PyramidRoIAlign(nn.Module):
+    """torchvision ``MultiScaleRoIAlign`` (``aligned=False``) with static shapes: ``(features..., rois)`` →
+    (N, R, C, P, P); ``features`` finest first, ``rois`` (N, R, 4) xyxy input pixels inside the image.
+
+    Every level samples every RoI with ``grid_sample`` (bilinear, border, align_corners: torchvision's sampling for
+    points inside the map), then each RoI keeps the level its size selects (``LevelMapper``). Graph surgery finds this
+    module by path and makes it one ``sidnet::PyramidRoIAlign`` node; its attributes are :meth:`attrs`.
+    """
+
+    def __init__(self, *, output_size: int, sampling_ratio: int, scales: list[float], canonical_level: float = 4.0,
+                 canonical_size: float = 224.0) -> None:  # fmt: skip
+        super().__init__()
+        self.output_size, self.sampling_ratio, self.scales = output_size, sampling_ratio, [float(s) for s in scales]
+        self.canonical_level, self.canonical_size = canonical_level, canonical_size
+        self.min_level = round(-math.log2(self.scales[0]))
+
+    def attrs(self) -> dict:
+        return {"output_size": int(self.output_size), "sampling_ratio": int(self.sampling_ratio),
+                "scales": self.scales, "min_level": int(self.min_level),
+                "canonical_level": float(self.canonical_level),
+                "canonical_size": float(self.canonical_size)}  # fmt: skip
+
+    def levels(self, rois: torch.Tensor) -> torch.Tensor:
+        size = ((rois[..., 2] - rois[..., 0]) * (rois[..., 3] - rois[..., 1])).sqrt()
+        lvl = torch.floor(self.canonical_level + torch.log2(size / self.canonical_size) + 1e-6)
+        return lvl.clamp(self.min_level, self.min_level + len(self.scales) - 1) - self.min_level
+
+    def _pool(self, feature: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
+        n, r = rois.shape[:2]
+        c, h, w = feature.shape[1:]
+        p, sr = self.output_size, self.sampling_ratio
+        q = p * sr
+        steps = (torch.arange(q, dtype=rois.dtype, device=rois.device) + 0.5) / sr  # (Q,) in bins
+        x0, y0 = rois[..., 0] * scale, rois[..., 1] * scale
+        bw = (rois[..., 2] * scale - x0).clamp(min=1.0) / p
+        bh = (rois[..., 3] * scale - y0).clamp(min=1.0) / p
+        gx = (x0[..., None] + steps * bw[..., None]) / (w - 1) * 2 - 1  # (N, R, Q)
+        gy = (y0[..., None] + steps * bh[..., None]) / (h - 1) * 2 - 1
+        grid = torch.stack([gx[:, :, None, :].expand(n, r, q, q), gy[:, :, :, None].expand(n, r, q, q)], dim=-1)
+        out = F.grid_sample(feature, grid.reshape(n, r * q, q, 2), mode="bilinear", padding_mode="border",
+                            align_corners=True)  # fmt: skip
+        out = F.avg_pool2d(out, sr) if sr > 1 else out  # (N, C, R·P, P): each bin's sr×sr samples averaged
+        return out.reshape(n, c, r, p, p).permute(0, 2, 1, 3, 4)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        *features, rois = inputs
+        levels = self.levels(rois)[..., None, None, None]
+        out = None
+        for i, (feature, scale) in enumerate(zip(features, self.scales, strict=True)):
+            pooled = self._pool(feature, rois, scale)
+            out = pooled if out is None else torch.where(levels == i, pooled, out)
+        return out
+
+
+def _iou_matrix(boxes: torch.Tensor) -> torch.Tensor:
+    lt = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
+    rb = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(-1)
+    union = area[:, None] + area[None, :] - inter
+    return inter / union.clamp(min=1e-9)
+
+
+def _greedy_scan(over: torch.Tensor) -> torch.Tensor:
+    """Greedy NMS over score-sorted boxes as one ``scan``: ``over[i, j]`` = box i suppresses j (j after i)."""
+    from torch._higher_order_ops.scan import scan
+
+    def step(suppressed, xs):
+        row, onehot = xs
+        alive = ~(suppressed & onehot).any()
+        return suppressed | (row & alive), alive
+
+    n = over.shape[0]
+    _, keep = scan(step, torch.zeros(n, dtype=torch.bool), (over, torch.eye(n, dtype=torch.bool)))
+    return keep
+
+
+def nms_mask(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor, iou: float, mode: str) -> torch.Tensor:
+    """Keep mask (P,) of greedy NMS over the ``valid`` boxes of one image (invalid ones neither kept nor
+    suppressing). Ties in score resolve like torchvision's (stable order)."""
+    boxes = torch.where(valid[:, None], boxes, torch.zeros_like(boxes))  # empty boxes overlap nothing
+    if mode == "onnx":
+        keep = torchvision.ops.nms(boxes, scores, iou)
+        return torch.zeros_like(valid).index_fill(0, keep, True) & valid
+    order = torch.topk(torch.where(valid, scores, torch.full_like(scores, -1.0)), scores.shape[0]).indices
+    sorted_boxes = boxes[order]
+    over = torch.triu(_iou_matrix(sorted_boxes) > iou, diagonal=1)
+    keep_sorted = _greedy_scan(over)
+    return torch.zeros_like(valid).scatter(0, order, keep_sorted) & valid
+
+
+def _topk_rows(scores: torch.Tensor, keep: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k best kept scores per row; unkept rows sort last with value -1."""
+    masked = torch.where(keep, scores, torch.full_like(scores, -1.0))
+    if masked.shape[1] < k:
+        masked = F.pad(masked, (0, k - masked.shape[1]), value=-1.0)
+    return torch.topk(masked, k, dim=1)
+
+
+class MaskRCNNDeploy(nn.Module):
+    """``forward(images)`` → (detections, num_detections, masks); see the module docstring."""
+
+    def __init__(self, model: PersonMaskRCNN, *, topk: int, conf_thresh: float, nms: str = "onnx") -> None:
+        super().__init__()
+        if nms not in NMS_MODES:
+            raise ValueError(f"nms must be one of {NMS_MODES}, got {nms!r}")
+        net = model.net
+        self.model, self.topk, self.nms = model, int(topk), nms
+        self.conf_thresh = max(float(conf_thresh), float(net.roi_heads.score_thresh))
+        rpn = net.rpn
+        self.pre_nms, self.post_nms = rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"]
+        self.rpn_nms, self.box_nms = rpn.nms_thresh, net.roi_heads.nms_thresh
+        self.rpn_coder, self.box_coder = rpn.box_coder, net.roi_heads.box_coder
+        size = model.input_size
+        with torch.no_grad():
+            feats = backbone_features(model, torch.zeros(1, 3, size, size))
+        # torchvision's MultiScaleRoIAlign infers each level's scale as the nearest power of 2 of map / image size.
+        scales = [2.0 ** round(math.log2(feats[k].shape[-1] / size)) for k in feature_names(model)]
+        self.box_pool = PyramidRoIAlign(output_size=7, sampling_ratio=2, scales=scales)
+        self.mask_pool = PyramidRoIAlign(output_size=14, sampling_ratio=2, scales=scales)
+        with torch.no_grad():
+            blank = ImageList(torch.zeros(1, 3, size, size), [(size, size)])
+            anchors = rpn.anchor_generator(blank, list(feats.values()))
+        counts = [f.shape[2] * f.shape[3] * rpn.anchor_generator.num_anchors_per_location()[0] for f in feats.values()]
+        self.register_buffer("anchors", anchors[0], persistent=False)  # (sum_l H_l·W_l·A, 4), torchvision's order
+        self.level_counts = counts
+
+    def proposals(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, post_nms, 4) proposals by score, (N, post_nms) validity."""
+        rpn, size = self.model.net.rpn, float(self.model.input_size)
+        obj, deltas = rpn.head(feats)
+        n = feats[0].shape[0]
+        boxes, scores, level_ids = [], [], []
+        start = 0
+        for lvl, (o, d, count) in enumerate(zip(obj, deltas, self.level_counts, strict=True)):
+            o = o.permute(0, 2, 3, 1).reshape(n, -1)  # torchvision's permute_and_flatten: (N, H·W·A)
+            a = o.shape[1] // (d.shape[2] * d.shape[3])
+            d = d.view(n, a, 4, d.shape[2], d.shape[3]).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
+            k = min(self.pre_nms, count)
+            top, idx = o.topk(k, dim=1)
+            anchors = self.anchors[start : start + count][idx]  # (N, k, 4)
+            dd = torch.gather(d, 1, idx[..., None].expand(n, k, 4))
+            b = self.rpn_coder.decode_single(dd.reshape(-1, 4), anchors.reshape(-1, 4)).reshape(n, k, 4)
+            boxes.append(b.clamp(0.0, size))
+            scores.append(torch.sigmoid(top))
+            level_ids.append(torch.full((k,), float(lvl)))
+            start += count
+        boxes, scores, lvl = torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(level_ids)
+        wh = boxes[..., 2:] - boxes[..., :2]
+        valid = (wh >= 1e-3).all(-1) & (scores >= 0.0)
+        offset = (lvl * (size + 1))[:, None]
+        keep = torch.stack([nms_mask(boxes[i] + offset, scores[i], valid[i], self.rpn_nms, self.nms) for i in range(n)])
+        top, idx = _topk_rows(scores, keep, self.post_nms)
+        props = torch.gather(F.pad(boxes, (0, 0, 0, max(0, self.post_nms - boxes.shape[1]))), 1,
+                             idx[..., None].expand(n, self.post_nms, 4))  # fmt: skip
+        return props, top >= 0.0
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        net, size = self.model.net, float(self.model.input_size)
+        fmap = backbone_features(self.model, images)
+        feats = list(fmap.values())
+        pooled_maps = feats[: len(self.box_pool.scales)]
+        props, prop_valid = self.proposals(feats)
+        n, r = props.shape[:2]
+        pooled = self.box_pool(*pooled_maps, props)
+        logits, regression = net.roi_heads.box_predictor(net.roi_heads.box_head(pooled.flatten(0, 1)))
+        scores = F.softmax(logits, -1)[:, 1].view(n, r)
+        boxes = self.box_coder.decode_single(regression[:, 4:8], props.reshape(-1, 4)).view(n, r, 4).clamp(0.0, size)
+        wh = boxes[..., 2:] - boxes[..., :2]
+        valid = prop_valid & (scores > net.roi_heads.score_thresh) & (wh >= 1e-2).all(-1)
+        keep = torch.stack([nms_mask(boxes[i], scores[i], valid[i], self.box_nms, self.nms) for i in range(n)])
+        top, idx = _topk_rows(scores, keep, self.topk)
+        det_boxes = torch.gather(F.pad(boxes, (0, 0, 0, max(0, self.topk - r))), 1,
+                                 idx[..., None].expand(n, self.topk, 4))  # fmt: skip
+        ok = top >= self.conf_thresh
+        det = torch.cat([det_boxes, top[..., None], torch.zeros_like(top)[..., None]], -1)
+        det = torch.where(ok[..., None], det, torch.zeros_like(det))
+        mask_feats = net.roi_heads.mask_head(self.mask_pool(*pooled_maps, det[..., :4]).flatten(0, 1))
+        mask_logits = net.roi_heads.mask_predictor(mask_feats)[:, 1]
+        masks = torch.sigmoid(mask_logits).view(n, self.topk, *mask_logits.shape[-2:])
+        masks = torch.where(ok[..., None, None], masks, torch.zeros_like(masks))
+        return det, ok.sum(1).to(torch.int32), masks

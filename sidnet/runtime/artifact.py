@@ -1,0 +1,132 @@
+"""What a deployable artifact is, and which backend runs it, decided from the file itself.
+
+| file | backend | description read from |
+|---|---|---|
+| ``*.engine`` / ``*.plan`` | ``tensorrt`` | the JSON sidecar ``<engine>.json`` written by ``python -m export`` |
+| ``*.onnx`` | ``onnxruntime`` | the ONNX metadata (``metadata_props``) |
+| ``*.pt`` | ``torch`` | the checkpoint (``sidnet.engine.checkpoint.load_checkpoint``), read by the backend |
+| ``*.pt2`` | ``compiled`` | the JSON sidecar ``<package>.json`` written by ``python -m export --backend compiled`` |
+
+Torch-free: the TensorRT path imports this module without torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sidnet.runtime.errors import DeployError
+
+BACKENDS = ("tensorrt", "onnxruntime", "torch", "compiled")
+BACKEND_BY_SUFFIX = {".engine": "tensorrt", ".plan": "tensorrt", ".onnx": "onnxruntime", ".pt": "torch",
+                     ".pt2": "compiled"}  # fmt: skip
+KIND = {"tensorrt": "a TensorRT engine", "onnxruntime": "an ONNX model", "torch": "a PyTorch checkpoint",
+        "compiled": "an AOTInductor package"}  # fmt: skip
+SUFFIX_HINT = {"tensorrt": ".engine", "onnxruntime": ".onnx", "torch": ".pt", "compiled": ".pt2"}
+
+
+@dataclass
+class ArtifactInfo:
+    """The detector an artifact holds. ``conf_thresh``/``topk`` are the artifact's own (rows under ``conf_thresh``
+    are already dropped by the exported graph, so a runtime threshold must not be lower)."""
+
+    path: Path
+    backend: str
+    input_size: int
+    class_names: list[str]
+    anchors: list[list[float]]
+    conf_thresh: float
+    topk: int
+    model: str = "?"
+    precision: str = "fp32"
+    sidecar: dict[str, Any] = field(default_factory=dict)
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def backend_for(path: str | Path, backend: str | None = None) -> str:
+    """The backend that runs ``path``; a ``backend`` that does not fit the file is an error, never a conversion."""
+    path = Path(path)
+    if not path.exists():
+        raise DeployError(f"artifact not found: {path}; pass a .engine, .onnx, .pt or .pt2 written by python -m "
+                          "train / python -m export")  # fmt: skip
+    if path.is_dir():
+        raise DeployError(f"artifact {path} is a folder: pass the model file inside it (e.g. {path}/model.onnx)")
+    found = BACKEND_BY_SUFFIX.get(path.suffix.lower())
+    if found is None:
+        raise DeployError(f"artifact {path}: unknown suffix {path.suffix!r}; use .engine (tensorrt), .onnx "
+                          "(onnxruntime), .pt (torch) or .pt2 (compiled)")  # fmt: skip
+    if backend is not None and backend != found:
+        if backend not in BACKENDS:
+            raise DeployError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+        raise DeployError(f"artifact {path} is {KIND[found]}, which runs on backend {found}, not {backend}: drop "
+                          f"--backend, or pass a {SUFFIX_HINT[backend]} file for {backend}")  # fmt: skip
+    return found
+
+
+def read_sidecar(path: Path) -> dict[str, Any]:
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise DeployError(f"{path} has no sidecar {side.name}: the runtime checks it before loading; re-export "
+                          "with python -m export, which writes both")  # fmt: skip
+    try:
+        data = json.loads(side.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DeployError(f"sidecar {side} is not valid JSON ({e}); re-export with python -m export") from e
+    if not isinstance(data, dict):
+        raise DeployError(f"sidecar {side} is not a JSON object; re-export with python -m export")
+    return data
+
+
+def _from_fields(path: Path, backend: str, d: dict[str, Any], source: str, **extra: Any) -> ArtifactInfo:
+    try:
+        size = int(d["input_size"])
+        names = list(d.get("class_names") or [])
+        anchors = [list(map(float, a)) for a in d["anchors"]]
+        num_classes = int(d.get("num_classes", len(names)))
+        conf, topk = float(d["conf_thresh"]), int(d["topk"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DeployError(f"{path}: {source} lacks or garbles {e}; re-export with python -m export") from e
+    names = names or (["person"] if num_classes == 1 else [f"class{i}" for i in range(num_classes)])
+    return ArtifactInfo(path=path, backend=backend, input_size=size, class_names=names, anchors=anchors,
+                        conf_thresh=conf, topk=topk, model=str(d.get("model", "?")),
+                        precision=str(d.get("precision", "fp32")), **extra)  # fmt: skip
+
+
+def onnx_info(path: Path) -> ArtifactInfo:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001  (protobuf raises several types for a corrupt file)
+        raise DeployError(f"{path} is not a readable ONNX model ({type(e).__name__}); re-export it") from e
+    meta = {p.key: p.value for p in model.metadata_props}
+    fields = {}
+    for key, value in meta.items():
+        try:
+            fields[key] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[key] = value
+    if "input_size" not in fields:
+        raise DeployError(f"{path} has no SIDNet metadata (input_size, anchors, ...): export it with python -m export")
+    return _from_fields(path, "onnxruntime", fields, "ONNX metadata")
+
+
+def sidecar_info(path: Path, backend: str) -> ArtifactInfo:
+    side = read_sidecar(path)
+    return _from_fields(path, backend, side, f"sidecar {sidecar_path(path).name}", sidecar=side)
+
+
+def inspect_artifact(path: str | Path, backend: str | None = None) -> ArtifactInfo | None:
+    """ArtifactInfo for ONNX / engine / compiled package; ``None`` for a checkpoint (the torch backend reads it)."""
+    path = Path(path)
+    backend = backend_for(path, backend)
+    if backend == "onnxruntime":
+        return onnx_info(path)
+    if backend in ("tensorrt", "compiled"):
+        return sidecar_info(path, backend)
+    return None

@@ -1,0 +1,322 @@
+"""``torch`` backend: a checkpoint run the fastest way this project knows on an NVIDIA GPU.
+
+- BatchNorm folded into the convs, conv + bias + ReLU as one cuDNN call (:mod:`sidnet.models.fuse`);
+- 2x2 max pooling by the ``csrc/maxpool`` NHWC kernel (PyTorch's NHWC half pooling was 39% of the batch-64 time);
+- FP16 weights and activations, channels_last (NHWC: the layout the tensor-core conv kernels read natively);
+- one CUDA graph per batch size (captured on first use), holding the network *and* the decode tail: the fused
+  ``csrc/`` region decode + threshold + top-K kernel (:func:`sidnet.kernels.region_topk`) when the kernels library
+  is built, else the same computation in PyTorch (:class:`sidnet.export.wrapper.TopKDecode`; ``decode`` says which);
+- letterbox and normalisation on the GPU (:class:`GpuLetterbox`): uint8 frames go up as they were decoded (a third
+  of the bytes of float, and no CPU resize), through pinned host buffers on a copy stream, while the compute stream
+  works; results come back through pinned buffers too.
+
+:class:`GraphRunner` is the part shared with the ``compiled`` backend, which passes its AOTInductor module instead.
+On a CPU (CI) the same code runs eagerly in FP32 without graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sidnet.letterbox import LETTERBOX_FILL, LetterboxInfo
+from sidnet.runtime.artifact import ArtifactInfo
+from sidnet.runtime.errors import DeployError
+
+log = logging.getLogger("sidnet.runtime")
+Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def letterbox_geometry(h: int, w: int, size: int) -> LetterboxInfo:
+    """The placement :func:`sidnet.letterbox.letterbox` uses (same rounding), without touching pixels."""
+    scale = size / max(h, w)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    return LetterboxInfo(scale=scale, pad_x=(size - new_w) // 2, pad_y=(size - new_h) // 2, orig_h=h, orig_w=w)
+
+
+class GpuLetterbox:
+    """RGB uint8 frames (any sizes) → the network input ``out`` (N, 3, S, S), [0, 1], grey-114 padded.
+
+    Frames of one size are resized in one ``F.interpolate`` call (bilinear, half-pixel centres like
+    ``cv2.INTER_LINEAR``; cv2 rounds to uint8 in between, this does not: values differ by at most ~1/255).
+    """
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.size, self.device = size, device
+        self._pinned: dict[tuple, torch.Tensor] = {}
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def _staging(self, shape: tuple[int, ...]) -> torch.Tensor:
+        buf = self._pinned.get(shape)
+        if buf is None:
+            buf = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            self._pinned[shape] = buf
+        return buf
+
+    def upload(self, frames: Sequence[np.ndarray]) -> list[tuple[list[int], torch.Tensor]]:
+        """Copy frames to the device grouped by size (on the copy stream); returns [(indices, (k, H, W, 3) uint8)]."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, f in enumerate(frames):
+            if f.ndim != 3 or f.shape[2] != 3 or f.dtype != np.uint8:
+                raise DeployError(f"frame {i}: expected (H, W, 3) uint8 RGB, got {f.dtype} {f.shape}")
+            groups.setdefault(f.shape, []).append(i)
+        out = []
+        ctx = torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else _null()
+        with ctx:
+            for shape, idx in groups.items():
+                host = self._staging((len(idx), *shape))
+                for j, i in enumerate(idx):
+                    host[j].numpy()[...] = frames[i]
+                out.append((idx, host.to(self.device, non_blocking=True)))
+        return out
+
+    def __call__(self, uploaded: list[tuple[list[int], torch.Tensor]], out: torch.Tensor) -> list[LetterboxInfo]:
+        """Letterbox into ``out`` (on the current stream, after the uploads); returns one info per frame."""
+        if self.copy_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        n = sum(len(idx) for idx, _ in uploaded)
+        infos: list[LetterboxInfo | None] = [None] * n
+        out[:n].fill_(LETTERBOX_FILL / 255.0)
+        work = out.dtype if out.is_cuda else torch.float32  # half-precision resize on the GPU: half the bytes
+        for idx, x in uploaded:
+            h, w = x.shape[1:3]
+            info = letterbox_geometry(h, w, self.size)
+            nh, nw = max(1, round(h * info.scale)), max(1, round(w * info.scale))
+            x = x.permute(0, 3, 1, 2).to(work)
+            if (nh, nw) != (h, w):
+                x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
+            rows = torch.as_tensor(idx, device=out.device)
+            out[rows, :, info.pad_y : info.pad_y + nh, info.pad_x : info.pad_x + nw] = (x * (1 / 255.0)).to(out.dtype)
+            for i in idx:
+                infos[i] = info
+        return infos  # type: ignore[return-value]
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class GraphRunner:
+    """``forward`` (static-shape friendly: (N, 3, S, S) → (dets (N, K, 6) fp32, num (N,))) captured in one CUDA graph
+    per batch size, plus GPU letterbox and pinned output buffers. On CPU: eager, no graphs."""
+
+    def __init__(self, forward: Forward, *, info: ArtifactInfo, device: torch.device, dtype: torch.dtype,
+                 channels_last: bool, graphs: bool = True, max_batch: int | None = None) -> None:  # fmt: skip
+        self.forward, self.info, self.device, self.dtype = forward, info, device, dtype
+        self.channels_last = channels_last
+        self.graphs = graphs and device.type == "cuda"
+        # On a CPU the Detector letterboxes with OpenCV (the training/evaluation code path) and calls ``infer``.
+        self.gpu_preprocess = device.type == "cuda"
+        self.max_batch = max_batch
+        self.letterbox = GpuLetterbox(info.input_size, device)
+        self._static: dict[int, dict] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def new_input(self, n: int) -> torch.Tensor:
+        s = self.info.input_size
+        x = torch.empty((n, 3, s, s), dtype=self.dtype, device=self.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def bucket(self, n: int) -> int:
+        """The batch size actually run for ``n`` frames: the next power of two (capped at ``max_batch``), so a
+        multi-stream batcher that hands over 5, 7, 12 … frames reuses a few captured graphs instead of capturing
+        (and cuDNN-autotuning) one per size. The extra rows compute on stale input and are dropped."""
+        if not self.graphs:
+            return n
+        b = 1 << max(0, n - 1).bit_length()
+        return min(b, self.max_batch) if self.max_batch is not None and n <= self.max_batch else b
+
+    def warmup(self, max_batch: int) -> None:
+        """Capture every bucket up to ``max_batch`` now, so the first frames do not pay for it."""
+        b = 1
+        while b < max_batch:
+            self.slot(b)
+            b *= 2
+        self.slot(self.bucket(max_batch))
+
+    def slot(self, n: int) -> dict:
+        """The static buffers (and graph) for batch ``n``; captured on first use."""
+        if self.max_batch is not None and n > self.max_batch:
+            raise DeployError(f"batch {n} is larger than this artifact's maximum {self.max_batch}: lower --batch")
+        slot = self._static.get(n)
+        if slot is not None:
+            return slot
+        x = self.new_input(n)
+        x.copy_(torch.rand(x.shape, generator=torch.Generator().manual_seed(n)).to(x))
+        slot = {"input": x}
+        if not self.graphs:
+            self._static[n] = slot
+            return slot
+        with torch.cuda.stream(self.stream):
+            for _ in range(3):  # warm-up outside the graph: cuDNN algorithm choice, lazy inits
+                self.forward(x)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, stream=self.stream):
+            dets, num = self.forward(x)
+        slot.update(graph=graph, dets=dets, num=num,
+                    host_dets=torch.empty(dets.shape, dtype=dets.dtype, pin_memory=True),
+                    host_num=torch.empty(num.shape, dtype=num.dtype, pin_memory=True),
+                    done=torch.cuda.Event())  # fmt: skip
+        self._static[n] = slot
+        log.debug("captured a CUDA graph for batch %d", n)
+        return slot
+
+    def run(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the network on ``slot(n)['input']`` (already filled); device tensors."""
+        slot = self.slot(n)
+        if not self.graphs:
+            with torch.no_grad():
+                return self.forward(slot["input"])
+        slot["graph"].replay()
+        return slot["dets"], slot["num"]
+
+    def _to_host(self, n: int, dets: torch.Tensor, num: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        slot = self._static[n]
+        if "host_dets" not in slot:  # eager (CPU, or a forward that cannot be captured)
+            return dets.float().cpu().numpy(), num.cpu().numpy()
+        slot["host_dets"].copy_(dets, non_blocking=True)
+        slot["host_num"].copy_(num, non_blocking=True)
+        slot["done"].record()
+        slot["done"].synchronize()
+        return slot["host_dets"].numpy().copy(), slot["host_num"].numpy().copy()
+
+    def _stream_ctx(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else _null()
+
+    @torch.no_grad()
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = images.shape[0]
+        b = self.bucket(n)
+        slot = self.slot(b)
+        with self._stream_ctx():
+            images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+            slot["input"][:n].copy_(images)
+            dets, num = self.run(b)
+            d, k = self._to_host(b, dets, num)
+        return d[:n], k[:n]
+
+    @torch.no_grad()
+    def infer_frames(self, frames: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[LetterboxInfo]]:
+        n = len(frames)
+        b = self.bucket(n)
+        slot = self.slot(b)
+        uploaded = self.letterbox.upload(frames)
+        with self._stream_ctx():
+            infos = self.letterbox(uploaded, slot["input"])
+            dets, num = self.run(b)
+            d, k = self._to_host(b, dets, num)
+        return d[:n], k[:n], infos
+
+    def close(self) -> None:
+        self._static.clear()
+
+
+def decode_tail(model, *, conf_thresh: float, topk: int, use_kernel: bool | None) -> tuple[Callable, str]:
+    """raw (N, A·(5+C), H, W) → (dets, num): the fused csrc kernel, or TopKDecode in PyTorch. ``use_kernel=None``:
+    the kernel when its library loads. Returns (callable, description)."""
+    from sidnet.export.wrapper import TopKDecode
+
+    s = model.input_size
+    if use_kernel is not False:
+        try:
+            import sidnet.kernels as K
+
+            K.load_library()
+            anchors = model.anchors.detach().float().cuda()
+
+            def kernel(raw):
+                h, w = raw.shape[-2:]
+                return K.region_topk(raw, anchors, stride=(s / w, s / h), conf_thresh=conf_thresh, topk=topk)
+
+            return kernel, "csrc regionTopK (fused decode + threshold + top-K)"
+        except (OSError, FileNotFoundError, RuntimeError) as e:
+            if use_kernel:
+                raise DeployError(f"the fused region kernel was asked for but cannot load: {e}") from e
+            log.info("decode: kernels library not available (%s); using TopKDecode in PyTorch", e)
+    dec = TopKDecode(model.anchors, input_size=s, conf_thresh=conf_thresh, topk=topk).to(model.anchors.device)
+    return dec, "TopKDecode (PyTorch)"
+
+
+def _kernels_available() -> bool:
+    try:
+        import sidnet.kernels as K
+
+        K.load_library()
+        return True
+    except (OSError, FileNotFoundError, RuntimeError) as e:
+        log.info("pooling: kernels library not available (%s); using PyTorch's max_pool2d", e)
+        return False
+
+
+def load_checkpoint_model(path: Path):
+    """(YOLOv2 in eval mode, ArtifactInfo) from a training checkpoint."""
+    from sidnet.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+
+    try:
+        state = load_checkpoint(path)
+        model = model_from_checkpoint(state)
+    except CheckpointError as e:
+        raise DeployError(str(e)) from e
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        raise DeployError(f"{path}: cannot rebuild the model ({type(e).__name__}); use a checkpoint written by "
+                          "python -m train with this sidnet version") from e  # fmt: skip
+    names = (state.get("config") or {}).get("data", {}).get("class_names") or None
+    num_classes = model.num_classes
+    names = names or (["person"] if num_classes == 1 else [f"class{i}" for i in range(num_classes)])
+    info = ArtifactInfo(path=path, backend="torch", input_size=model.input_size, class_names=list(names),
+                        anchors=model.anchors.tolist(), conf_thresh=0.0, topk=100,
+                        model=state["model"]["name"])  # fmt: skip
+    return model, info
+
+
+class TorchBackend(GraphRunner):
+    name = "torch"
+
+    def __init__(self, model, info: ArtifactInfo, *, device: str = "auto", conf_thresh: float = 0.001,
+                 topk: int = 100, precision: str | None = None, cudnn_relu: bool = True, graphs: bool = True,
+                 use_kernel: bool | None = None, kernel_pool: bool | None = None) -> None:  # fmt: skip
+        from sidnet.models.fuse import fuse_for_inference
+
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                           ("cpu" if device == "auto" else device))  # fmt: skip
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise DeployError("--device cuda but torch sees no CUDA GPU: use --device cpu")
+        precision = precision or ("fp16" if dev.type == "cuda" else "fp32")
+        if precision not in ("fp16", "fp32"):
+            raise DeployError(f"torch backend precision {precision!r}: use fp16 or fp32")
+        dtype = torch.float16 if precision == "fp16" else torch.float32
+        info.precision, info.topk, info.conf_thresh = precision, topk, conf_thresh
+        cuda = dev.type == "cuda"
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+        if kernel_pool is None:
+            kernel_pool = cuda and _kernels_available()
+        net = fuse_for_inference(model, cudnn_relu=cudnn_relu and cuda, kernel_pool=kernel_pool and cuda)
+        net = net.to(dev, dtype)
+        if cuda:
+            net = net.to(memory_format=torch.channels_last)
+        self.kernel_pool = bool(kernel_pool and cuda)
+        use_kernel = use_kernel if cuda else False
+        tail, self.decode = decode_tail(net, conf_thresh=conf_thresh, topk=topk, use_kernel=use_kernel)
+        self.net = net
+
+        def forward(x):
+            return tail(net(x))
+
+        super().__init__(forward, info=info, device=dev, dtype=dtype, channels_last=cuda, graphs=graphs)
+
+
+def open_backend(path: Path, **options) -> TorchBackend:
+    model, info = load_checkpoint_model(Path(path))
+    return TorchBackend(model, info, **options)

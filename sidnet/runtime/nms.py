@@ -1,0 +1,74 @@
+"""Top-K detections from any backend → final per-image detections in original-image pixels (NumPy, no torch).
+
+Every backend returns the exported contract: ``dets`` float32 (N, K, 6) rows ``[x1, y1, x2, y2, score, class]`` in
+letterboxed input pixels, score-descending, and ``num`` int (N,) valid rows. :func:`finalize` applies the caller's
+threshold, class-wise greedy NMS (the semantics of ``torchvision.ops.batched_nms``: a box is dropped when its IoU
+with a kept, higher-scoring box of the same class is > ``iou``) and maps boxes back through the letterbox.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from sidnet.letterbox import LetterboxInfo, unletterbox_boxes
+
+
+@dataclass
+class Detections:
+    """One image's detections in original pixels: ``boxes`` (P, 4) float32 xyxy, ``scores`` (P,), ``classes`` (P,)
+    int64, score-descending."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    classes: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def as_array(self) -> np.ndarray:
+        """(P, 6) float32 ``[x1, y1, x2, y2, score, class]``, the layout ``predict_dataset`` returns."""
+        return np.concatenate([self.boxes, self.scores[:, None], self.classes[:, None].astype(np.float32)], 1)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, *, iou: float) -> np.ndarray:
+    """Indices kept by class-wise greedy NMS, score-descending (stable: equal scores keep input order)."""
+    order = np.argsort(-scores, kind="stable")
+    # Offsetting each class by more than the largest coordinate keeps classes apart (batched_nms's trick).
+    offset = classes.astype(np.float32)[:, None] * (float(np.abs(boxes).max(initial=0.0)) + 1.0)
+    b = boxes + offset
+    area = (b[:, 2] - b[:, 0]).clip(min=0) * (b[:, 3] - b[:, 1]).clip(min=0)
+    keep: list[int] = []
+    while order.size:
+        i = order[0]
+        keep.append(int(i))
+        rest = order[1:]
+        w = (np.minimum(b[i, 2], b[rest, 2]) - np.maximum(b[i, 0], b[rest, 0])).clip(min=0)
+        h = (np.minimum(b[i, 3], b[rest, 3]) - np.maximum(b[i, 1], b[rest, 1])).clip(min=0)
+        inter = w * h
+        overlap = inter / np.maximum(area[i] + area[rest] - inter, 1e-12)
+        order = rest[overlap <= iou]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def finalize(
+    dets: np.ndarray,
+    num: np.ndarray,
+    infos: Sequence[LetterboxInfo],
+    *,
+    conf_thresh: float,
+    nms_iou: float = 0.45,
+    max_det: int = 100,
+) -> list[Detections]:
+    """(N, K, 6) + (N,) in input pixels → N :class:`Detections` in original pixels (threshold, NMS, unletterbox)."""
+    out = []
+    for d, n, info in zip(dets, num, infos, strict=True):
+        d = np.asarray(d[: int(n)], dtype=np.float32)
+        d = d[d[:, 4] >= conf_thresh]
+        keep = nms(d[:, :4], d[:, 4], d[:, 5], iou=nms_iou)[:max_det]
+        d = d[keep]
+        boxes = unletterbox_boxes(d[:, :4], info) if len(d) else np.zeros((0, 4), np.float32)
+        out.append(Detections(boxes=boxes, scores=d[:, 4].copy(), classes=d[:, 5].astype(np.int64)))
+    return out

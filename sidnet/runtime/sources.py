@@ -1,0 +1,177 @@
+"""Frame sources for ``python -m deploy``: image folders, video files, and live streams (RTSP/HTTP URLs, webcams).
+
+Every source yields :class:`Frame` objects (RGB uint8) from ``read()`` until it returns ``None``. Opening checks
+the input at once (an empty folder, a video OpenCV cannot decode → :class:`DeployError`), so that bad input stops
+the run before anything starts. A live source that drops reconnects with exponential back-off and reports each
+attempt through ``on_event``; only after ``max_retries`` failed attempts in a row does it give up, and then only
+that stream ends.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from sidnet.runtime.errors import DeployError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+LIVE_PREFIXES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
+
+
+@dataclass
+class Frame:
+    stream: str
+    index: int  # 0, 1, … per stream
+    time: float  # seconds: stream position for files (index / fps), wall clock since open for live streams
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    name: str = ""  # file name for image folders
+
+
+class ImageFolderSource:
+    live = False
+
+    def __init__(self, name: str, folder: Path, *, fps: float = 1.0) -> None:
+        self.name, self.fps = name, fps
+        self.files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise DeployError(f"image folder {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}): "
+                              "point the source at a folder of frames, a video file or a stream URL")  # fmt: skip
+        self.pos = 0
+
+    def read(self) -> Frame | None:
+        if self.pos >= len(self.files):
+            return None
+        path = self.files[self.pos]
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise DeployError(f"cannot decode image {path}: remove it or replace it with a readable image")
+        frame = Frame(self.name, self.pos, self.pos / self.fps, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), path.name)
+        self.pos += 1
+        return frame
+
+    def close(self) -> None:
+        pass
+
+
+class VideoFileSource:
+    live = False
+
+    def __init__(self, name: str, path: Path) -> None:
+        self.name, self.path = name, path
+        self.cap = cv2.VideoCapture(str(path))
+        ok, bgr = self.cap.read() if self.cap.isOpened() else (False, None)
+        if not ok:
+            self.cap.release()
+            raise DeployError(f"cannot read video {path}: OpenCV decodes no frame from it (corrupt, or a codec "
+                              "this OpenCV lacks); re-encode it, e.g. ffmpeg -i in -c:v libx264 out.mp4")  # fmt: skip
+        self.fps = self.cap.get(cv2.CAP_PROP_FPS) or 25.0
+        self.size = (bgr.shape[1], bgr.shape[0])
+        self._first, self.pos = bgr, 0
+
+    def read(self) -> Frame | None:
+        if self._first is not None:
+            bgr, self._first = self._first, None
+        else:
+            ok, bgr = self.cap.read()
+            if not ok:
+                return None
+        frame = Frame(self.name, self.pos, self.pos / self.fps, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        self.pos += 1
+        return frame
+
+    def close(self) -> None:
+        self.cap.release()
+
+
+class LiveSource:
+    """A camera or stream URL; reconnects with back-off ``min(backoff[0]·2^k, backoff[1])`` seconds.
+
+    ``max_retries``: failed reconnect attempts in a row before the stream is given up (``None``: never).
+    ``max_frames``: stop after this many frames (live streams have no end of their own).
+    """
+
+    live = True
+
+    def __init__(self, name: str, url: str | int, *, backoff: tuple[float, float] = (0.5, 30.0),
+                 max_retries: int | None = None, max_frames: int | None = None,
+                 on_event: Callable[[dict], None] | None = None, opener=cv2.VideoCapture) -> None:  # fmt: skip
+        self.name, self.url, self.backoff, self.max_retries = name, url, backoff, max_retries
+        self.max_frames, self.on_event, self.opener = max_frames, on_event or (lambda e: None), opener
+        self.pos, self.reconnects, self.t0 = 0, 0, time.monotonic()
+        self.cap = None
+        self._stop = False
+
+    def _open(self) -> bool:
+        cap = self.opener(self.url)
+        if cap.isOpened():
+            self.cap = cap
+            return True
+        cap.release()
+        return False
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def read(self) -> Frame | None:
+        if self.max_frames is not None and self.pos >= self.max_frames:
+            return None
+        failures = 0
+        while not self._stop:
+            if self.cap is not None:
+                ok, bgr = self.cap.read()
+                if ok:
+                    frame = Frame(self.name, self.pos, time.monotonic() - self.t0, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+                    self.pos += 1
+                    return frame
+                self.cap.release()
+                self.cap = None
+                self.on_event({"type": "stream_lost", "stream": self.name, "frame": self.pos})
+            elif self.pos == 0 and failures == 0 and self._open():
+                continue
+            if self.max_retries is not None and failures >= self.max_retries:
+                self.on_event({"type": "stream_gave_up", "stream": self.name, "attempts": failures})
+                return None
+            delay = min(self.backoff[0] * 2**failures, self.backoff[1])
+            time.sleep(delay)
+            failures += 1
+            self.reconnects += 1
+            ok = self._open()
+            self.on_event({"type": "reconnect", "stream": self.name, "attempt": failures, "delay_s": delay,
+                           "ok": ok})  # fmt: skip
+            if ok:
+                failures = 0
+        return None
+
+    def close(self) -> None:
+        if self.cap is not None:
+            self.cap.release()
+
+
+def parse_source(spec: str, index: int) -> tuple[str, str]:
+    """``name=target`` or ``target`` (named ``stream<index>``)."""
+    if "=" in spec and not spec.startswith(LIVE_PREFIXES):
+        name, target = spec.split("=", 1)
+        if not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise DeployError(f"source name {name!r} in {spec!r}: use letters, digits, - and _ (name=path)")
+        return name, target
+    return f"stream{index}", spec
+
+
+def open_source(name: str, target: str, **live_options):
+    """An image folder, a video file, a URL (``rtsp://``, ``http://`` …) or a webcam index (``0``)."""
+    if target.startswith(LIVE_PREFIXES):
+        return LiveSource(name, target, **live_options)
+    if target.isdigit():
+        return LiveSource(name, int(target), **live_options)
+    path = Path(target)
+    if path.is_dir():
+        return ImageFolderSource(name, path)
+    if path.is_file():
+        return VideoFileSource(name, path)
+    raise DeployError(f"source {target!r} is not a folder, a file, a stream URL (rtsp://, http://…) or a webcam "
+                      "index: check the path")  # fmt: skip

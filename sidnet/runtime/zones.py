@@ -1,0 +1,116 @@
+"""Intrusion zones: polygons per stream, alarms with debounce, cooldown and per-zone counts.
+
+Zones YAML::
+
+    debounce_frames: 3        # a zone alarms after this many consecutive frames with someone inside
+    cooldown_s: 10.0          # then stays quiet this long (stream time) before it may alarm again
+    classes: [person]         # optional: class names that count (default: all)
+    streams:
+      cam0:                   # the stream name given as name=source on the command line (or stream0, …)
+        - name: gate
+          polygon: [[100, 200], [400, 200], [400, 570], [100, 570]]   # frame pixels, >= 3 points
+
+A detection is inside a zone when its foot point (bottom centre of the box: where a person stands) is inside the
+polygon. Every frame gets a count per zone; an alarm event carries the zone, the frame, the time and the count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+from sidnet.runtime.errors import DeployError
+from sidnet.runtime.nms import Detections
+
+
+@dataclass
+class Zone:
+    name: str
+    polygon: np.ndarray  # (P, 2) float32 frame pixels
+    # state
+    streak: int = 0
+    last_alarm: float | None = None
+    alarms: int = 0
+
+    def contains(self, points: np.ndarray) -> np.ndarray:
+        contour = self.polygon.reshape(-1, 1, 2)
+        return np.array([cv2.pointPolygonTest(contour, (float(x), float(y)), False) >= 0 for x, y in points], bool)
+
+
+@dataclass
+class ZoneConfig:
+    debounce_frames: int = 3
+    cooldown_s: float = 10.0
+    classes: list[str] | None = None
+    streams: dict[str, list[Zone]] = field(default_factory=dict)
+
+
+def load_zones(path: str | Path, *, streams: list[str]) -> ZoneConfig:
+    """Parse and check a zones YAML against the stream names of this run (an unknown stream is an error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DeployError(f"zones file not found: {path}; pass a YAML as documented in sidnet/runtime/zones.py")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DeployError(f"zones file {path} is not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(raw, dict) or not isinstance(raw.get("streams"), dict):
+        raise DeployError(f"zones file {path} needs a `streams:` mapping of stream name → list of zones")
+    unknown = set(raw) - {"debounce_frames", "cooldown_s", "classes", "streams"}
+    if unknown:
+        raise DeployError(f"zones file {path}: unknown key(s) {sorted(unknown)}; allowed: debounce_frames, "
+                          "cooldown_s, classes, streams")  # fmt: skip
+    cfg = ZoneConfig(debounce_frames=int(raw.get("debounce_frames", 3)), cooldown_s=float(raw.get("cooldown_s", 10.0)),
+                     classes=raw.get("classes"))  # fmt: skip
+    if cfg.debounce_frames < 1 or cfg.cooldown_s < 0:
+        raise DeployError(f"zones file {path}: debounce_frames must be >= 1 and cooldown_s >= 0")
+    for stream, zones in raw["streams"].items():
+        if stream not in streams:
+            raise DeployError(f"zones file {path} names stream {stream!r}, which is not a source of this run "
+                              f"({', '.join(streams)}): name sources as {stream}=PATH")  # fmt: skip
+        parsed = []
+        for i, z in enumerate(zones or []):
+            name = str(z.get("name", f"zone{i}")) if isinstance(z, dict) else f"zone{i}"
+            pts = np.asarray(z.get("polygon") if isinstance(z, dict) else None, dtype=np.float32)
+            if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) < 3:
+                raise DeployError(f"zones file {path}: zone {name!r} of stream {stream!r} needs a polygon of >= 3 "
+                                  "[x, y] points")  # fmt: skip
+            parsed.append(Zone(name, pts))
+        cfg.streams[str(stream)] = parsed
+    return cfg
+
+
+def check_zones_fit(zones: list[Zone], *, stream: str, width: int, height: int) -> None:
+    """Every polygon point must lie inside the frame (a zone drawn for another resolution is caught here)."""
+    for z in zones:
+        bad = [(float(x), float(y)) for x, y in z.polygon if not (0 <= x <= width and 0 <= y <= height)]
+        if bad:
+            raise DeployError(f"zone {z.name!r} of stream {stream!r} has point {bad[0]} outside the {width}x{height} "
+                              "frame: redraw it in this stream's pixel coordinates")  # fmt: skip
+
+
+def update_zones(zones: list[Zone], dets: Detections, *, time: float, frame: int, stream: str, cfg: ZoneConfig,
+                 class_names: list[str]) -> tuple[dict[str, int], list[dict]]:  # fmt: skip
+    """Count detections per zone for one frame and advance each zone's alarm state; returns (counts, alarm events)."""
+    keep = np.ones(len(dets), bool)
+    if cfg.classes is not None:
+        keep = np.array([class_names[c] in cfg.classes for c in dets.classes], bool)
+    boxes = dets.boxes[keep]
+    feet = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, boxes[:, 3]], 1) if len(boxes) else np.zeros((0, 2))
+    counts, events = {}, []
+    for z in zones:
+        inside = z.contains(feet) if len(feet) else np.zeros(0, bool)
+        n = int(inside.sum())
+        counts[z.name] = n
+        z.streak = z.streak + 1 if n else 0
+        cooled = z.last_alarm is None or time - z.last_alarm >= cfg.cooldown_s
+        if z.streak >= cfg.debounce_frames and cooled:
+            z.last_alarm, z.alarms = time, z.alarms + 1
+            events.append({"type": "alarm", "stream": stream, "zone": z.name, "frame": frame, "time": round(time, 3),
+                           "count": n, "alarm_index": z.alarms,
+                           "boxes": np.round(boxes[inside].astype(np.float64), 1).tolist()})  # fmt: skip
+    return counts, events

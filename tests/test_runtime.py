@@ -1,0 +1,325 @@
+"""The runtime on the CPU: NMS, artifact/backend choice, the onnxruntime Detector against ``python -m train.evaluate``'s
+prediction path, the TensorRT sidecar checks (host side; TensorRT itself is not installable here), zones, sources,
+and ``python -m deploy`` end to end on the shared clip (two streams, a zone, outputs re-read) plus its bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.ops import batched_nms
+
+from sidnet.runtime.artifact import backend_for
+from sidnet.runtime.detector import Detector
+from sidnet.runtime.errors import DeployError
+from sidnet.runtime.nms import Detections, nms
+from tests.conftest import video_frames
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = 0.01  # the tiny untrained model scores ~0.02: this keeps a few dozen boxes per image
+
+
+def test_nms_equals_torchvision_batched_nms():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        n = int(rng.integers(0, 60))
+        xy = rng.uniform(0, 100, (n, 2)).astype(np.float32)
+        boxes = np.concatenate([xy, xy + rng.uniform(5, 40, (n, 2)).astype(np.float32)], 1)
+        scores = rng.random(n).astype(np.float32)
+        classes = rng.integers(0, 3, n)
+        ref = batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(classes), 0.45)
+        np.testing.assert_array_equal(nms(boxes, scores, classes, iou=0.45), ref.numpy(), err_msg=f"trial {trial}")
+
+
+def test_backend_follows_the_artifact(tiny_onnx, tmp_path):
+    assert backend_for(tiny_onnx) == "onnxruntime"
+    with pytest.raises(DeployError, match="runs on backend onnxruntime, not torch"):
+        backend_for(tiny_onnx, "torch")
+    (tmp_path / "m.bin").write_bytes(b"x")
+    with pytest.raises(DeployError, match="unknown suffix"):
+        backend_for(tmp_path / "m.bin")
+    with pytest.raises(DeployError, match="artifact not found"):
+        backend_for(tmp_path / "missing.onnx")
+    with pytest.raises(DeployError, match="below"):
+        Detector(tiny_onnx, conf_thresh=0.0001)
+
+
+def test_onnxruntime_detector_matches_the_evaluate_prediction_path(tiny_checkpoint, tiny_onnx, shared_data):
+    """Same images, same checkpoint: ``predict_dataset`` (what ``python -m train.evaluate`` runs, PyTorch) and the
+    Detector over the exported ONNX give the same detections in original-image pixels."""
+    from sidnet.data import DetectionDataset, ImageRecord
+    from sidnet.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from sidnet.engine.predict import predict_dataset
+
+    paths = sorted((shared_data / "coco128" / "images" / "val2017").glob("*.jpg"))[:6]
+    records = []
+    for i, p in enumerate(paths):
+        w, h = Image.open(p).size
+        records.append(ImageRecord(path=p, width=w, height=h, boxes=np.zeros((0, 4), np.float32),
+                                   labels=np.zeros(0, np.int64), image_id=i))  # fmt: skip
+    model = model_from_checkpoint(load_checkpoint(tiny_checkpoint))
+    ref = predict_dataset(model, DetectionDataset(records, size=128), device=torch.device("cpu"), batch_size=4,
+                          conf_thresh=CONF)  # fmt: skip
+    det = Detector(tiny_onnx, conf_thresh=CONF)
+    frames = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in paths]
+    got = det(frames)
+    for i, d in enumerate(got):
+        assert len(d) == len(ref[i]) > 0
+        np.testing.assert_allclose(d.as_array(), ref[i], atol=0.05, rtol=1e-4)
+
+
+def test_torch_backend_on_cpu_matches_onnxruntime(tiny_checkpoint, tiny_onnx, shared_data):
+    frames = video_frames(shared_data, 3)
+    a = Detector(tiny_checkpoint, conf_thresh=CONF, device="cpu")
+    assert a.backend_name == "torch" and not a.gpu_preprocess
+    for x, y in zip(a(frames), Detector(tiny_onnx, conf_thresh=CONF)(frames), strict=True):
+        assert len(x) == len(y) > 0
+        np.testing.assert_allclose(x.as_array(), y.as_array(), atol=0.05, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------- TensorRT (host)
+
+
+def _sidecar(engine: Path, **over) -> dict:
+    from sidnet.runtime.backends.tensorrt import _sha256
+
+    side = {"backend": "tensorrt", "backend_version": "10.13.0.35", "compute_capability": "9.0", "gpu": "H100",
+            "precision": "fp16", "engine_sha256": _sha256(engine), "plugins": None}  # fmt: skip
+    side.update(over)
+    return side
+
+
+@pytest.fixture
+def engine_file(tmp_path) -> Path:
+    path = tmp_path / "model.engine"
+    path.write_bytes(np.random.default_rng(0).bytes(256))
+    return path
+
+
+def test_tensorrt_sidecar_checks_run_before_deserialising(engine_file, tmp_path):
+    from sidnet.runtime.backends.tensorrt import check_sidecar
+
+    def check(side, **kw):
+        args = {"engine": engine_file, "runtime": "tensorrt", "runtime_version": "10.13.0.35",
+                "compute_capability": "9.0", **kw}  # fmt: skip
+        return check_sidecar(side, **args)
+
+    assert check(_sidecar(engine_file)) is None
+    cases = [
+        (_sidecar(engine_file, backend="tensorrt-rtx"), {}, "built by tensorrt-rtx"),
+        (_sidecar(engine_file), {"runtime_version": "10.12.0"}, "only load in the version"),
+        (_sidecar(engine_file), {"compute_capability": "8.6"}, "compute capability 9.0"),
+        (_sidecar(engine_file), {"compute_capability": None}, "no CUDA GPU"),
+        (_sidecar(engine_file, engine_sha256="0" * 64), {}, "does not match its sidecar"),
+        (_sidecar(engine_file, precision="int4"), {}, "precision 'int4'"),
+        (_sidecar(engine_file, precision="int8"), {}, "no `int8` manifest"),
+        (_sidecar(engine_file, plugins={"library": str(tmp_path / "nope.so"), "sha256": "x"}), {}, "is missing"),
+    ]
+    for side, kw, msg in cases:
+        with pytest.raises(DeployError, match=msg):
+            check(side, **kw)
+    assert check(_sidecar(engine_file, precision="int8", int8={"calibration": "entropy, 512 images"})) is None
+    lib = tmp_path / "libsidnet_kernels.so"
+    lib.write_bytes(b"built library")
+    with pytest.raises(DeployError, match="different libsidnet_kernels.so"):
+        check(_sidecar(engine_file, plugins={"library": str(lib), "sha256": "0" * 64}))
+    from sidnet.runtime.backends.tensorrt import _sha256
+
+    ok = check(_sidecar(engine_file, plugins={"library": "/elsewhere/lib.so", "sha256": _sha256(lib)}),
+               plugin_library=lib)  # fmt: skip
+    assert ok == {"library": str(lib)}
+
+
+def test_tensorrt_binding_plan():
+    from sidnet.runtime.backends.tensorrt import plan_bindings
+
+    plan = plan_bindings([("images", True, "FLOAT", (-1, 3, 416, 416)), ("detections", False, "FLOAT", (-1, 100, 6)),
+                          ("num_detections", False, "INT32", (-1,))], max_batch=32)  # fmt: skip
+    assert [(b.name, b.shape, b.nbytes) for b in plan] == [
+        ("images", (32, 3, 416, 416), 32 * 3 * 416 * 416 * 4), ("detections", (32, 100, 6), 32 * 600 * 4),
+        ("num_detections", (32,), 128)]  # fmt: skip
+    with pytest.raises(DeployError, match="only the batch axis"):
+        plan_bindings([("images", True, "FLOAT", (-1, 3, -1, 416))], max_batch=4)
+    with pytest.raises(DeployError, match="not the exported contract"):
+        plan_bindings([("input", True, "FLOAT", (-1, 3, 4, 4))], max_batch=4)
+
+
+def test_tensorrt_and_onnxruntime_paths_do_not_import_torch(tiny_onnx, engine_file, shared_data):
+    code = f"""
+import json, sys
+from pathlib import Path
+from sidnet.runtime.detector import Detector
+from sidnet.runtime.backends.tensorrt import check_sidecar, TensorRTBackend
+from tests.conftest import video_frames
+det = Detector({str(tiny_onnx)!r}, conf_thresh=0.01)
+assert len(det(video_frames(Path({str(shared_data)!r}), 2))) == 2
+assert 'torch' not in sys.modules, 'torch was imported'
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# --------------------------------------------------------------------------------------------- zones, sources
+
+
+def test_zone_debounce_cooldown_and_counts(tmp_path):
+    from sidnet.runtime.zones import check_zones_fit, load_zones, update_zones
+
+    path = tmp_path / "zones.yaml"
+    path.write_text("debounce_frames: 2\ncooldown_s: 1.0\nstreams:\n  cam:\n    - name: door\n"
+                    "      polygon: [[0, 0], [100, 0], [100, 100], [0, 100]]\n")  # fmt: skip
+    cfg = load_zones(path, streams=["cam"])
+    zones = cfg.streams["cam"]
+    inside = Detections(np.array([[10, 10, 30, 50], [40, 40, 60, 90]], np.float32), np.array([0.9, 0.8]),
+                        np.array([0, 0]))  # fmt: skip
+    outside = Detections(np.array([[10, 150, 30, 190]], np.float32), np.array([0.9]), np.array([0]))
+    seq = [inside, inside, inside, outside, inside, inside, inside, inside, inside, inside, inside, inside]
+    alarms, counts = [], []
+    for i, d in enumerate(seq):  # 10 frames per second
+        c, ev = update_zones(zones, d, time=i / 10, frame=i, stream="cam", cfg=cfg, class_names=["person"])
+        counts.append(c["door"])
+        alarms += [e["frame"] for e in ev]
+    assert counts[:4] == [2, 2, 2, 0]
+    assert alarms == [1, 11]  # debounce: 2nd consecutive frame; frame 5 would re-arm but 1.0 s cooldown holds
+    assert zones[0].alarms == 2
+    with pytest.raises(DeployError, match="outside the 80x80 frame"):
+        check_zones_fit(zones, stream="cam", width=80, height=80)
+    with pytest.raises(DeployError, match="not a source of this run"):
+        load_zones(path, streams=["other"])
+
+
+def test_live_source_reconnects_after_the_stream_drops(shared_data):
+    from sidnet.runtime.sources import LiveSource
+
+    events = []
+    video = str(shared_data / "video" / "pedestrians_200.mp4")  # a "camera" that drops after 200 frames
+    src = LiveSource("cam", video, backoff=(0.01, 0.05), max_retries=3, max_frames=210, on_event=events.append)
+    n = 0
+    while src.read() is not None:
+        n += 1
+    assert n == 210
+    assert [e["type"] for e in events] == ["stream_lost", "reconnect"] and events[1]["ok"]
+    dead = LiveSource("dead", "rtsp://127.0.0.1:1/none", backoff=(0.01, 0.02), max_retries=2, on_event=events.append)
+    assert dead.read() is None
+    assert [e["type"] for e in events[2:]] == ["reconnect", "reconnect", "stream_gave_up"]
+
+
+# --------------------------------------------------------------------------------------------- python -m deploy
+
+
+ZONES = """debounce_frames: 2
+cooldown_s: 0.3
+streams:
+  a:
+    - name: all
+      polygon: [[0, 0], [767, 0], [767, 575], [0, 575]]
+"""
+
+
+def _deploy(*args: str) -> dict:
+    from deploy.__main__ import main
+
+    return main([*map(str, args), "--no-progress"])
+
+
+def test_deploy_two_streams_with_a_zone_end_to_end(tiny_onnx, shared_data, tmp_path):
+    video = shared_data / "video" / "pedestrians_200.mp4"
+    (tmp_path / "zones.yaml").write_text(ZONES)
+    out = tmp_path / "out"
+    summary = _deploy(tiny_onnx, f"a={video}", f"b={video}", "--zones", tmp_path / "zones.yaml", "--out", out,
+                      "--max-frames", 6, "--batch", 4, "--conf", CONF)  # fmt: skip
+    assert summary["frames"] == {"a": 6, "b": 6}
+    # outputs re-read: JSON-lines per frame, video with 6 frames, events = alarms counted in the summary
+    lines = [json.loads(x) for x in (out / "a.jsonl").read_text().splitlines()]
+    assert [r["frame"] for r in lines] == list(range(6)) and all("all" in r["zones"] for r in lines)
+    cap = cv2.VideoCapture(str(out / "b.mp4"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 6 and int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)) == 768
+    events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+    alarms = [e for e in events if e["type"] == "alarm"]
+    assert len(alarms) == summary["alarms"]["a"]["all"] >= 2 and alarms[0]["frame"] == 1
+    assert json.loads((out / "summary.json").read_text())["frames"] == {"a": 6, "b": 6}
+    # detections written equal the Detector's on the same frames
+    direct = Detector(tiny_onnx, conf_thresh=CONF)(video_frames(shared_data, 6))
+    for rec, d in zip(lines, direct, strict=True):
+        assert len(rec["detections"]) == len(d) == rec["zones"]["all"] + sum(
+            1 for b in d.boxes if not (0 <= (b[0] + b[2]) / 2 <= 767 and 0 <= b[3] <= 575))
+        np.testing.assert_allclose([x["box"] for x in rec["detections"]], d.boxes, atol=0.01)
+    with pytest.raises(SystemExit, match="already exists: pass --force"):
+        _deploy(tiny_onnx, f"a={video}", "--out", out, "--max-frames", 1)
+
+
+def test_deploy_bad_inputs_are_one_line_errors(tiny_onnx, tiny_checkpoint, shared_data, tmp_path):
+    video = shared_data / "video" / "pedestrians_200.mp4"
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(500))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "far.yaml").write_text(ZONES.replace("[767, 575]", "[900, 575]"))
+    out = tmp_path / "o"
+    cases = [
+        ([tiny_onnx, broken], "cannot read video"),
+        ([tiny_onnx, tmp_path / "empty"], "has no images"),
+        ([tiny_onnx, video, "--backend", "torch"], "runs on backend onnxruntime, not torch"),
+        ([tiny_checkpoint, video, "--backend", "tensorrt"], "runs on backend torch, not tensorrt"),
+        ([tiny_onnx, f"a={video}", "--zones", tmp_path / "far.yaml"], "outside the 768x576 frame"),
+        ([tiny_onnx, video, "--zones", tmp_path / "far.yaml"], "not a source of this run"),
+        ([tmp_path / "none.onnx", video], "artifact not found"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(SystemExit) as exc:
+            _deploy(*args, "--out", out)
+        err = str(exc.value.code)  # sidnet.cli.run_guarded: SystemExit("error: ..."), printed by Python, status 1
+        assert err.startswith("error: ") and "\n" not in err and msg in err, (msg, err)
+    assert not (out / "summary.json").exists()
+    # the real command line: one line on stderr, no traceback
+    r = subprocess.run([sys.executable, "-m", "deploy", str(tiny_onnx), str(broken), "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: cannot read video")
+
+
+@pytest.mark.slow
+def test_export_compiled_on_cpu_runs_in_the_detector(tiny_checkpoint, tiny_onnx, shared_data, tmp_path):
+    """``python -m export --backend compiled`` (AOTInductor, CPU here: ~90 s of C++ compilation) → ``.pt2`` + sidecar
+    → Detector; same detections as the ONNX."""
+    r = subprocess.run([sys.executable, "-m", "export", "--checkpoint", str(tiny_checkpoint), "--backend", "compiled",
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    side = json.loads((tmp_path / "model.pt2.json").read_text())
+    assert side["backend"] == "compiled" and side["device"] == "cpu" and side["torch"] == torch.__version__
+    frames = video_frames(shared_data, 3)
+    comp = Detector(tmp_path / "model.pt2", conf_thresh=CONF)
+    for x, y in zip(comp(frames), Detector(tiny_onnx, conf_thresh=CONF)(frames), strict=True):
+        assert len(x) == len(y) > 0
+        np.testing.assert_allclose(x.as_array(), y.as_array(), atol=0.05, rtol=1e-3)
+    side["torch"] = "0.0.1"
+    (tmp_path / "model.pt2.json").write_text(json.dumps(side))
+    with pytest.raises(DeployError, match="only load in the release that built them"):
+        Detector(tmp_path / "model.pt2")
+
+
+def test_pool_module_keeps_the_numbers():
+    """fuse_for_inference(kernel_pool=True) swaps every MaxPool2d(2, 2) for MaxPool2x2 (the csrc kernel on
+    channels-last CUDA tensors, max_pool2d elsewhere): checked on the CPU in FP32 with BatchNorm folded too."""
+    from torch import nn
+
+    from sidnet.models import build_model
+    from sidnet.models.fuse import MaxPool2x2, fuse_for_inference
+
+    torch.manual_seed(0)
+    model = build_model("sidnet", anchors=[[10, 20], [30, 60], [90, 120]], num_classes=1, input_size=128,
+                        width=0.25).eval()  # fmt: skip
+    for m in model.modules():  # non-trivial BatchNorm statistics, so folding is exercised
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    net = fuse_for_inference(model, kernel_pool=True)
+    assert sum(isinstance(m, MaxPool2x2) for m in net.modules()) == sum(
+        isinstance(m, nn.MaxPool2d) for m in model.modules()) > 0  # fmt: skip
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model(x), rtol=1e-4, atol=1e-4)

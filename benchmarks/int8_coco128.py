@@ -73,8 +73,8 @@ def main() -> None:
     size = model.input_size
     from sidnet.engine.tasks import build_task
 
-    preds, _ = predict_dataset(model, DetectionDataset(val, size=size), task=build_task(model), device=torch.device("cpu"),
-                               batch_size=8)  # fmt: skip
+    preds, _ = predict_dataset(model, DetectionDataset(val, size=size), task=build_task(model),
+                               device=torch.device("cpu"), batch_size=8)  # fmt: skip
     rep = evaluate_detections(val, preds, operating_conf=0.3)
     rows["PyTorch FP32"] = {k: float(rep[k]) for k in ("AP", "AP50", "recall")}
 

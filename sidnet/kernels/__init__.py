@@ -295,6 +295,7 @@ def pyramid_roi_align(
             float(canonical_level), float(canonical_size), out.data_ptr(), _stream(rois),
         )  # fmt: skip
     _check(lib, err, "pyramidRoiAlign")
+    return out
 
 
 def maxpool2x2_nhwc(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:

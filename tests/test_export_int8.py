@@ -30,7 +30,10 @@ from sidnet.export.manifest import check_artifact, check_cache
 from sidnet.export.pipeline import calibrate_batchnorm, run_export
 from sidnet.models import build_model
 
-pytest.importorskip("modelopt.onnx.quantization", reason="pip install -e '.[int8]' (nvidia-modelopt)")
+# A mark, not a module-level importorskip: on the GPU machine (`-m gpu`, no modelopt there) these CPU tests are
+# deselected instead of reported as a skipped module, which benchmarks/run_gpu.sh counts as a failure.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("modelopt") is None,
+                                reason="pip install -e '.[int8]' (nvidia-modelopt)")  # fmt: skip
 
 ROOT = Path(__file__).resolve().parents[1]
 ANCHORS = [[12.0, 24.0], [30.0, 60.0], [70.0, 110.0]]

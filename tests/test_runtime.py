@@ -57,6 +57,7 @@ def test_onnxruntime_detector_matches_the_evaluate_prediction_path(tiny_checkpoi
     from sidnet.data import DetectionDataset, ImageRecord
     from sidnet.engine.checkpoint import load_checkpoint, model_from_checkpoint
     from sidnet.engine.predict import predict_dataset
+    from sidnet.engine.tasks import build_task
 
     paths = sorted((shared_data / "coco128" / "images" / "val2017").glob("*.jpg"))[:6]
     records = []
@@ -65,8 +66,8 @@ def test_onnxruntime_detector_matches_the_evaluate_prediction_path(tiny_checkpoi
         records.append(ImageRecord(path=p, width=w, height=h, boxes=np.zeros((0, 4), np.float32),
                                    labels=np.zeros(0, np.int64), image_id=i))  # fmt: skip
     model = model_from_checkpoint(load_checkpoint(tiny_checkpoint))
-    ref = predict_dataset(model, DetectionDataset(records, size=128), device=torch.device("cpu"), batch_size=4,
-                          conf_thresh=CONF)  # fmt: skip
+    ref, _ = predict_dataset(model, DetectionDataset(records, size=128), task=build_task(model),
+                             device=torch.device("cpu"), batch_size=4, conf_thresh=CONF)  # fmt: skip
     det = Detector(tiny_onnx, conf_thresh=CONF)
     frames = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in paths]
     got = det(frames)

@@ -438,6 +438,21 @@ def test_damaged_last_checkpoint_is_refused_and_the_previous_generation_kept(tmp
     assert prev.read_bytes() == before and last.stat().st_size == (0 if damage == "zero-byte" else len(data) // 3)
 
 
+def test_restart_without_resume_refuses_and_keeps_the_run_config(tmp_path, capsys):
+    """Starting again into a finished run folder without resume=true: one line, and the run's config.yaml and
+    .hydra/ are not overwritten by the refused command's settings."""
+    from train.__main__ import main
+
+    run_dir = tmp_path / "run"
+    main([*TINY, "epochs=1", "max_steps_per_epoch=1", f"hydra.run.dir={run_dir}"])
+    kept = [run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml", run_dir / ".hydra" / "overrides.yaml"]
+    before = [p.read_bytes() for p in kept]
+    argv = [*TINY, "epochs=1", "optim.lr=0.5", f"hydra.run.dir={run_dir}"]
+    line = _one_error_line(*_run_main(main, argv, capsys))
+    assert "last.pt exists: pass resume=true" in line, line
+    assert [p.read_bytes() for p in kept] == before
+
+
 def test_second_training_into_the_same_run_folder_refuses(tmp_path):
     argv = [sys.executable, "-m", "train", *TINY, "epochs=200", f"hydra.run.dir={tmp_path}"]
     first = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -55,7 +55,7 @@ def run(overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
 
     from sidnet.engine.runlock import acquire_run_lock
-    from sidnet.engine.trainer import check_train_config, train
+    from sidnet.engine.trainer import check_run_dir, check_train_config, train
     from sidnet.io import atomic_write_text
 
     try:
@@ -64,6 +64,7 @@ def run(overrides: list[str]) -> dict:
         raise _bad_config(e) from e
     check_train_config(config, project_root=PROJECT_ROOT)  # nothing is written before the config is known good
     acquire_run_lock(run_dir)
+    check_run_dir(run_dir, resume=config.resume)  # a refused start must not overwrite the run's config.yaml
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     logging.getLogger().addHandler(handler)

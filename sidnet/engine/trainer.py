@@ -316,6 +316,16 @@ def check_train_config(cfg: TrainConfig, *, project_root: Path) -> None:
     resolve_device(cfg.device)
 
 
+def check_run_dir(run_dir: Path, *, resume: bool) -> Path:
+    """``run_dir/last.pt``, after refusing to start over an existing run without ``resume`` (or to resume none)."""
+    last = Path(run_dir) / "last.pt"
+    if last.exists() and not resume:
+        raise FileExistsError(f"{last} exists: pass resume=true to continue that run, or name=<new> to start another")
+    if resume and not last.exists():
+        raise FileNotFoundError(f"resume=true but {last} does not exist; drop resume or fix name=")
+    return last
+
+
 def train(cfg: TrainConfig, *, run_dir: Path, project_root: Path) -> dict[str, Any]:
     """Train one run in ``run_dir``. An existing ``last.pt`` there is continued with ``cfg.resume``, and is never
     overwritten without it."""
@@ -325,12 +335,7 @@ def train(cfg: TrainConfig, *, run_dir: Path, project_root: Path) -> dict[str, A
     try:
         for stale in remove_stale_temporaries(run_dir):
             log.warning("removed %s, left by a writer that was killed mid-write", stale.name)
-        last = run_dir / "last.pt"
-        if last.exists() and not cfg.resume:
-            raise FileExistsError(f"{last} exists: pass resume=true to continue that run, or name=<new> to start "
-                                  "another")  # fmt: skip
-        if cfg.resume and not last.exists():
-            raise FileNotFoundError(f"resume=true but {last} does not exist; drop resume or fix name=")
+        last = check_run_dir(run_dir, resume=cfg.resume)
         trainer = Trainer(cfg, run_dir=run_dir, project_root=project_root)
         if cfg.resume:
             trainer.resume(last)

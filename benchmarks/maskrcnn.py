@@ -25,6 +25,7 @@ from sidnet.data import letterbox
 from sidnet.data.validate import list_images
 from sidnet.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from sidnet.models import build_model
+from sidnet.runtime.benchmark import median_ms
 
 
 def load_images(folder: Path, size: int, count: int) -> torch.Tensor:
@@ -109,18 +110,7 @@ def roialign_rows(reps: int) -> list[dict]:
             }  # fmt: skip
             base = None
             for name, fn in calls.items():
-                for _ in range(3):
-                    fn()
-                torch.cuda.synchronize()
-                samples = []
-                for _ in range(reps):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    fn()
-                    end.record()
-                    end.synchronize()
-                    samples.append(start.elapsed_time(end) * 1000)
-                us = statistics.median(samples)
+                us = median_ms(fn, reps=reps) * 1000
                 base = base or us
                 rows.append({"dtype": str(dtype).removeprefix("torch."), "n": n, "rois": r, "pooled": pooled,
                              "variant": name, "us": us, "speedup_vs_torchvision": base / us})  # fmt: skip

@@ -91,9 +91,8 @@ def _unsafe_globals(path: Path) -> list[str]:
 
 
 def _numpy_safe_globals() -> list:
-    import numpy.core.multiarray as legacy  # noqa: F401  (numpy 2 keeps the alias the v1 pickles name)
-
-    multiarray = getattr(np, "_core", np.core).multiarray
+    # numpy 2 moved numpy.core to numpy._core; the tuples below register both names the v1 pickles may use.
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
     return [
         np.ndarray,
         np.dtype,

@@ -10,10 +10,7 @@ kept by one side only: that membership is ambiguous, not wrong, and is counted a
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
-import warnings
 from dataclasses import asdict, dataclass, field
 
 import onnx
@@ -21,7 +18,7 @@ import torch
 
 from sidnet.export.errors import ExportError
 from sidnet.export.maskrcnn_deploy import OUTPUT_NAMES, MaskRCNNDeploy, PyramidRoIAlign
-from sidnet.export.onnx_export import MIN_OPSET, module_scopes
+from sidnet.export.onnx_export import MIN_OPSET, module_scopes, quiet_exporter
 from sidnet.export.surgery import rewrite
 from sidnet.export.wrapper import INPUT_NAME
 from sidnet.models.maskrcnn import PersonMaskRCNN
@@ -51,19 +48,9 @@ def export_maskrcnn_onnx(deploy: MaskRCNNDeploy, *, opset: int) -> onnx.ModelPro
         raise ExportError(f"opset {opset} is too old: use opset >= {MIN_OPSET} (default 18)")
     size = deploy.model.input_size
     images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    quiet = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript")]
-    levels = [q.level for q in quiet]
-    try:
-        for q in quiet:
-            q.setLevel(max(q.getEffectiveLevel(), logging.WARNING))
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(deploy.eval(), (images,), dynamo=True, input_names=[INPUT_NAME],
-                                        output_names=list(OUTPUT_NAMES), opset_version=opset,
-                                        optimize=True)  # fmt: skip
-    finally:
-        for q, level in zip(quiet, levels, strict=True):
-            q.setLevel(level)
+    with quiet_exporter():
+        program = torch.onnx.export(deploy.eval(), (images,), dynamo=True, input_names=[INPUT_NAME],
+                                    output_names=list(OUTPUT_NAMES), opset_version=opset, optimize=True)  # fmt: skip
     return program.model_proto
 
 

@@ -40,6 +40,26 @@ OUTPUTS = (
 )
 
 
+@contextlib.contextmanager
+def quiet_exporter():
+    """Silence ``torch.onnx.export(dynamo=True)``'s chatter for the block: onnx_ir/onnxscript INFO lines (one per
+    deduplicated constant), progress prints and deprecation warnings; errors still raise. Loggers are restored.
+    A missing onnxscript becomes a one-line :class:`ExportError`."""
+    quiet = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript")]
+    levels = [logger.level for logger in quiet]
+    try:
+        for logger in quiet:
+            logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    except ImportError as e:
+        raise ExportError(f"torch.onnx.export(dynamo=True) needs onnxscript ({e}): pip install onnxscript") from e
+    finally:
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
+
+
 def export_onnx(deploy: DeployModel, *, opset: int = 18, example_batch: int = 2) -> onnx.ModelProto:
     """Trace ``deploy`` to an ONNX model: input ``images`` [batch, 3, S, S] float32, outputs ``detections``
     [batch, K, 6] float32 and ``num_detections`` [batch] int32; node metadata keeps the module paths."""
@@ -49,30 +69,18 @@ def export_onnx(deploy: DeployModel, *, opset: int = 18, example_batch: int = 2)
     images = torch.rand(example_batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     deploy = deploy.eval()
-    quiet = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript")]  # INFO lines per deduplicated constant
-    levels = [logger.level for logger in quiet]
-    try:
-        for logger in quiet:
-            logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
-        # The exporter prints progress lines and deprecation chatter; keep our log readable, keep errors.
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                deploy,
-                (images,),
-                dynamo=True,
-                input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
-                dynamic_shapes={"images": {0: batch}},
-                opset_version=opset,
-                optimize=True,
-                verbose=False,
-            )
-    except ImportError as e:
-        raise ExportError(f"torch.onnx.export(dynamo=True) needs onnxscript ({e}): pip install onnxscript") from e
-    finally:
-        for logger, level in zip(quiet, levels, strict=True):
-            logger.setLevel(level)
+    with quiet_exporter():
+        program = torch.onnx.export(
+            deploy,
+            (images,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes={"images": {0: batch}},
+            opset_version=opset,
+            optimize=True,
+            verbose=False,
+        )
     return program.model_proto
 
 

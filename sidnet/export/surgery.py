@@ -338,15 +338,18 @@ def rewrite_roi_aligns(graph: gs.Graph, scopes, roi_aligns: dict[str, dict], tar
 _FP32_INPUTS = {"Resize": {1, 2}}  # inputs that must stay float32 whatever the data type (roi, scales)
 
 
-def _ancestors(tensor: gs.Tensor) -> list[gs.Node]:
-    seen, stack, out = set(), list(tensor.inputs), []
+def _reachable(tensor: gs.Tensor, *, downstream: bool) -> list[gs.Node]:
+    """Every node that produces ``tensor`` (transitively), or with ``downstream`` every node that consumes it."""
+    step = (lambda n: (c for t in n.outputs for c in t.outputs)) if downstream else (
+        lambda n: (p for t in n.inputs for p in t.inputs))  # fmt: skip
+    seen, stack, out = set(), list(tensor.outputs if downstream else tensor.inputs), []
     while stack:
         node = stack.pop()
         if id(node) in seen:
             continue
         seen.add(id(node))
         out.append(node)
-        stack.extend(p for t in node.inputs for p in t.inputs)
+        stack.extend(step(node))
     return out
 
 
@@ -361,7 +364,7 @@ def to_fp16(graph: gs.Graph, slog: SurgeryLog) -> gs.Graph:
     raw = graph.tensors().get(RAW_NAME)
     if raw is None or not raw.inputs:
         raise SurgeryError(f"to_fp16: no tensor '{RAW_NAME}' with a producer; run rewrite_decode first")
-    body = _ancestors(raw)
+    body = _reachable(raw, downstream=False)
     halves: dict[str, gs.Constant] = {}
     converted = 0
     for node in body:
@@ -400,17 +403,6 @@ def to_fp16(graph: gs.Graph, slog: SurgeryLog) -> gs.Graph:
 
 
 # -- INT8 --------------------------------------------------------------------------------------------------------------
-def _descendants(tensor: gs.Tensor) -> list[gs.Node]:
-    seen, stack, out = set(), list(tensor.outputs), []
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        out.append(node)
-        stack.extend(c for t in node.outputs for c in t.outputs)
-    return out
-
 
 def native_to_plugins(model: onnx.ModelProto, *, decode_attrs: dict) -> tuple[onnx.ModelProto, list[str]]:
     """The plugins target of an already quantized native graph (INT8 quantizes the native graph, which onnxruntime
@@ -428,7 +420,7 @@ def native_to_plugins(model: onnx.ModelProto, *, decode_attrs: dict) -> tuple[on
     raw = graph.tensors().get(RAW_NAME)
     if raw is None:
         raise SurgeryError(f"native_to_plugins: no tensor '{RAW_NAME}' (the decode input) in the graph")
-    before, decode = len(graph.nodes), _descendants(raw)
+    before, decode = len(graph.nodes), _reachable(raw, downstream=True)
     graph.replace_subgraph(decode, [raw], list(graph.outputs), op="RegionDecode", domain=DOMAIN,
                            name="decode.RegionDecode", attrs=_plugin_attrs(**decode_attrs))  # fmt: skip
     graph.cleanup().toposort()

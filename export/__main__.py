@@ -23,7 +23,8 @@ from sidnet.cli import OneLineParser
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FLAGS = {"checkpoint": "checkpoint", "precision": "precision", "backend": "backend", "target": "target", "out": "out",
          "calib_images": "int8.images", "calib_data": "int8.data", "calib_method": "int8.method",
-         "calib_batches": "int8.batches", "calib_batch_size": "int8.batch_size"}  # fmt: skip
+         "calib_batches": "int8.batches", "calib_batch_size": "int8.batch_size", "gate_data": "int8.gate_data",
+         "gate_split": "int8.gate_split"}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Any key of conf/export.yaml can also be given as key=value, e.g. batch.max=32 topk=50.",
     )
     p.add_argument("--checkpoint", help="checkpoint .pt written by python -m train")
-    p.add_argument("--precision", help="fp32 | fp16 | int8 (int8 needs --calib-images or --calib-data)")
+    p.add_argument("--precision", help="fp32 | fp16 | int8 (int8 needs --calib-images or --calib-data, except for "
+                   "a QAT checkpoint)")
     p.add_argument("--backend", help="onnx | tensorrt | tensorrt-rtx | compiled (AOTInductor package)")
     p.add_argument("--target", help="plugins | native (default: plugins for tensorrt, native otherwise)")
     p.add_argument("--out", help="output folder (default: <checkpoint dir>/export)")
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-method", help="int8: entropy (default) | minmax | percentile (int8.percentile=99.99)")
     p.add_argument("--calib-batches", type=int, help="int8: at most this many batches (default 1000)")
     p.add_argument("--calib-batch-size", type=int, help="int8: images per batch (default 8)")
+    p.add_argument("--gate-data", help="int8: labelled data YAML for the accuracy gate (default: --calib-data)")
+    p.add_argument("--gate-split", help="int8: its held-out split: val (default), or part K of N by image id: val:0/2")
     p.add_argument("--force", action="store_true", help="overwrite INT8 artifacts already in the output folder")
     p.add_argument("--random-init", action="store_true", help="export untrained weights (smoke tests only)")
     p.add_argument("--model", help="with --random-init: a conf/model/*.yaml name, e.g. sidnet")

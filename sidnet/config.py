@@ -75,6 +75,23 @@ class EvalConfig:
 
 
 @dataclass
+class QuantConfig:
+    """Quantization-aware fine-tuning (``quant=qat``, :mod:`sidnet.engine.qat`): fake INT8 where the Q/DQ export puts
+    it, starting from ``init_from`` calibrated exactly as ``python -m export --precision int8`` would."""
+
+    enabled: bool = False
+    init_from: str | None = None  # the trained FP32 checkpoint to fine-tune (its EMA weights when present)
+    calib_data: str | None = None  # a data YAML to calibrate on (null: this run's data) ...
+    calib_split: str = "train"  # ... and its split (NAME or NAME:K/N)
+    calib_images: str | None = None  # or a folder of images (deployment-like frames)
+    calib_method: str = "entropy"  # entropy | minmax | percentile, as in python -m export --calib-method
+    percentile: float = 99.99
+    calib_batches: int = 1000
+    calib_batch_size: int = 8
+    freeze_bn: bool = True  # BatchNorm statistics stay those of init_from (small fine-tuning batches)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -82,6 +99,7 @@ class TrainConfig:
     aug: dict[str, Any] = field(default_factory=dict)  # keyword arguments of build_train_transform
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
     name: str = "sidnet"
     epochs: int = 100
     batch_size: int = 16
@@ -129,6 +147,17 @@ def validate_train_config(cfg: TrainConfig) -> None:
     for k in ("coord_scale", "obj_scale", "noobj_scale", "class_scale"):
         _check(getattr(loss, k) >= 0, f"loss.{k}", getattr(loss, k), "use 0 or more")
     _check(0 <= loss.ignore_thresh <= 1, "loss.ignore_thresh", loss.ignore_thresh, "use a value in [0, 1]")
+    q = cfg.quant
+    if q.enabled:
+        _check(bool(q.init_from), "quant.init_from", q.init_from,
+               "QAT fine-tunes a trained checkpoint: pass quant.init_from=runs/<name>/best.pt")  # fmt: skip
+        _check(q.calib_method in ("entropy", "minmax", "percentile"), "quant.calib_method", q.calib_method,
+               "use entropy, minmax or percentile")  # fmt: skip
+        _check(0 < q.percentile <= 100, "quant.percentile", q.percentile, "use a value in (0, 100], e.g. 99.99")
+        _check(q.calib_batches >= 1 and q.calib_batch_size >= 1, "quant.calib_batches/calib_batch_size",
+               (q.calib_batches, q.calib_batch_size), "use 1 or more")  # fmt: skip
+        _check(not (q.calib_data and q.calib_images), "quant.calib_images", q.calib_images,
+               "pass quant.calib_data or quant.calib_images, not both")  # fmt: skip
 
 
 def validate_anchors(anchors: list[list[float]], *, num_anchors: int, source: Any) -> None:

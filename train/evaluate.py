@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     what.add_argument("--checkpoint", type=Path, help="a .pt written by python -m train")
     what.add_argument("--onnx", type=Path, help="an exported .onnx (native target), run by onnxruntime (needs --data)")
     p.add_argument("--data", type=Path, help="data YAML (default: the checkpoint's data config)")
-    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--split", default="val", help="train | val, or part K of N of one by image id: val:1/2")
     p.add_argument("--conf", type=float, default=0.3, help="operating confidence for recall/precision/FP")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
@@ -117,7 +117,8 @@ def _evaluate(model, records, args, *, size: int, device: torch.device, source: 
     dataset = DetectionDataset(records, size=size)
     preds, pred_masks = predict_dataset(model, dataset, task=task, device=device, batch_size=args.batch_size)
     report = evaluate_detections(records, preds, operating_conf=args.conf, masks=pred_masks if masks else None)
-    out = args.out or source.with_name(f"{source.stem}_{args.split}_report.json")
+    tag = args.split.replace(":", "_").replace("/", "of")  # val:1/2 -> val_1of2
+    out = args.out or source.with_name(f"{source.stem}_{tag}_report.json")
     extra = {k: v for k, v in extra.items() if k not in report}
     write_report(report, out, extra=extra)
     print(json.dumps({k: report.get(k) for k in KEYS}, indent=None))

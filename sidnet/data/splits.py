@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -62,3 +63,24 @@ def load_split(
             lenient=lenient,
         )
     raise DataError(f"unknown data format {format!r}; set data.<split>.format to one of {list(FORMATS)}")
+
+
+def parse_split(spec: str) -> tuple[str, int, int]:
+    """``"val"`` → ("val", 0, 1); ``"val:1/2"`` → ("val", 1, 2): part K of N of a split (see :func:`split_part`)."""
+    name, sep, part = str(spec).partition(":")
+    if not sep:
+        return name, 0, 1
+    k, slash, n = part.partition("/")
+    if slash and k.isdigit() and n.isdigit() and 0 <= int(k) < int(n):
+        return name, int(k), int(n)
+    raise DataError(f"split {spec!r} is not NAME or NAME:K/N with 0 <= K < N (e.g. val:0/2 and val:1/2 halve val)")
+
+
+def split_part(records: Sequence[ImageRecord], part: int, parts: int) -> list[ImageRecord]:
+    """The records whose image id hashes to ``part`` of ``parts``: a deterministic partition that depends on each
+    image's id alone (not on order or on which other images exist), so ``val:0/2`` and ``val:1/2`` are disjoint,
+    cover ``val`` and stay put when images are added."""
+    if parts == 1:
+        return list(records)
+    pick = lambda r: int.from_bytes(hashlib.sha256(str(r.image_id).encode()).digest()[:8], "big") % parts  # noqa: E731
+    return [r for r in records if pick(r) == part]

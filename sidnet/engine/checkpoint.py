@@ -202,8 +202,11 @@ def build_model_from_spec(spec: dict[str, Any], *, initial_weights: bool = True)
     return build_model(spec["name"], num_classes=spec["num_classes"], input_size=spec["input_size"], **kwargs)
 
 
-def model_from_checkpoint(state: dict[str, Any], *, ema: bool = True) -> torch.nn.Module:
-    """Rebuild the model a checkpoint describes and load its (EMA, when present and asked for) weights."""
+def model_from_checkpoint(state: dict[str, Any], *, ema: bool = True, fake_quant: bool = False) -> torch.nn.Module:
+    """Rebuild the model a checkpoint describes and load its (EMA, when present and asked for) weights.
+
+    A QAT checkpoint (``state["quant"]``, :mod:`sidnet.engine.qat`) gives its trained weights with the fake
+    quantization removed, or with ``fake_quant`` the fake-quantized model it trained (needs modelopt)."""
     spec = state["model"]
     try:
         model = build_model_from_spec(spec, initial_weights=False)
@@ -211,6 +214,13 @@ def model_from_checkpoint(state: dict[str, Any], *, ema: bool = True) -> torch.n
         raise CheckpointError(f"checkpoint describes model {spec.get('name')!r}, which this sidnet does not know "
                               f"({e}); upgrade sidnet or use another checkpoint") from e  # fmt: skip
     weights = state.get("ema") if ema and state.get("ema") is not None else state["model_state"]
+    if state.get("quant"):
+        from sidnet.engine import qat
+
+        if fake_quant:
+            model = qat.insert_quantizers(model, state["quant"]["amax"])
+        else:
+            weights = qat.fp32_weights(weights)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

@@ -6,8 +6,9 @@ import logging
 from pathlib import Path
 
 from sidnet.config import DataConfig
-from sidnet.data import DetectionDataset, build_train_transform, load_split, sample_root, select_negatives
+from sidnet.data import DataError, DetectionDataset, build_train_transform, load_split, sample_root, select_negatives
 from sidnet.data.dataset import dataset_summary
+from sidnet.data.splits import parse_split, split_part
 
 log = logging.getLogger("sidnet.data")
 
@@ -21,9 +22,13 @@ def data_root(data: DataConfig, *, project_root: Path) -> Path:
 
 
 def load_records(data: DataConfig, split: str, *, project_root: Path, masks: bool = False) -> list:
-    """All records of ``split`` ('train' or 'val'), validated (one-line DataError on bad input); ``masks``: every
-    kept box must carry a valid instance mask (instance segmentation)."""
-    s = getattr(data, split)
+    """All records of ``split``, validated (one-line DataError on bad input): 'train' or 'val', or part K of N of one
+    ('val:0/2', by image id, :func:`sidnet.data.splits.split_part`); ``masks``: every kept box must carry a valid
+    instance mask (instance segmentation)."""
+    name, part, parts = parse_split(split)
+    if name not in ("train", "val"):
+        raise DataError(f"split {split!r}: the data config has splits 'train' and 'val' (optionally NAME:K/N)")
+    s = getattr(data, name)
     records, report = load_split(format=s.format, root=data_root(data, project_root=project_root), images=s.images,
                                  annotations=s.annotations, labels=s.labels, class_names=tuple(data.class_names),
                                  class_map=dict(data.class_map), polygons=s.polygons,
@@ -31,7 +36,7 @@ def load_records(data: DataConfig, split: str, *, project_root: Path, masks: boo
                                  num_label_classes=data.num_label_classes, lenient=data.lenient)  # fmt: skip
     if report.total:
         log.warning("%s split: %s", split, report)
-    return records
+    return split_part(records, part, parts)
 
 
 def build_datasets(

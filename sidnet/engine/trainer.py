@@ -28,7 +28,7 @@ from sidnet.engine.checkpoint import (
     numpy_rng_to_plain,
     save_checkpoint,
 )
-from sidnet.engine.data import build_datasets
+from sidnet.engine.data import build_datasets, load_records
 from sidnet.engine.ema import ModelEMA
 from sidnet.engine.predict import predict_dataset
 from sidnet.engine.runlock import acquire_run_lock, release_run_lock
@@ -108,6 +108,7 @@ class Trainer:
                                                       masks="segm" in self.task.iou_types)  # fmt: skip
         if len(self.train_set) == 0:
             raise ValueError("the training split has no images; check data.root and data.train")
+        self.quant = self._start_qat() if cfg.quant.enabled else None  # before the optimizer and the EMA copy
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
                                          momentum=o.momentum)  # fmt: skip
@@ -146,7 +147,41 @@ class Trainer:
                     "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},  # fmt: skip
             "config": _to_container(self.cfg),
+            "quant": self.quant,
         }
+
+    def _start_qat(self) -> dict[str, Any]:
+        """Fake quantization for a QAT run: on resume the run's own ranges (no recalibration), else ``init_from``'s
+        weights calibrated as the INT8 export would (:mod:`sidnet.engine.qat`)."""
+        from sidnet.engine import qat
+
+        q = self.cfg.quant
+        if self.cfg.resume:
+            last = self.run_dir / "last.pt"
+            quant = load_checkpoint(last).get("quant")
+            if not quant:
+                raise CheckpointError(f"{last} is not a QAT run (no quant ranges in it): drop quant=qat to continue "
+                                      "it, or pass a new name= for the QAT run")  # fmt: skip
+            qat.insert_quantizers(self.model, quant["amax"])
+            return quant
+        digest = qat.load_init_weights(self.model, path=q.init_from, spec=self.model_spec)
+        cset, source = self._calibration_set()
+        return qat.prepare(self.model, cset=cset, source=source, method=q.calib_method, percentile=q.percentile,
+                           init_from={"path": str(q.init_from), "sha256": digest})  # fmt: skip
+
+    def _calibration_set(self):
+        from sidnet.export.calibration import CalibrationSet
+        from sidnet.export.config import Int8Config
+        from sidnet.export.int8_export import calibration_set
+
+        q, size = self.cfg.quant, self.cfg.model.input_size
+        if q.calib_data or q.calib_images:
+            int8 = Int8Config(images=q.calib_images, data=q.calib_data, split=q.calib_split,
+                              batches=q.calib_batches, batch_size=q.calib_batch_size)  # fmt: skip
+            return calibration_set(int8, size=size, project_root=self.project_root)
+        records = load_records(self.cfg.data, q.calib_split, project_root=self.project_root)
+        return (CalibrationSet([r.path for r in records], size=size, batch_size=q.calib_batch_size,
+                               batches=q.calib_batches), f"this run's data split {q.calib_split}")  # fmt: skip
 
     def resume(self, path: Path) -> None:
         state = load_checkpoint(path)
@@ -154,6 +189,9 @@ class Trainer:
             raise CheckpointError(f"{path} was trained as {state['model']['name']} with anchors "
                                   f"{state['model']['anchors']}, not as configured now; use a new name= or the "
                                   "original model/anchors")  # fmt: skip
+        if bool(state.get("quant")) != (self.quant is not None):
+            kind = "a QAT run: resume it with quant=qat" if state.get("quant") else "not a QAT run: drop quant=qat"
+            raise CheckpointError(f"{path} is {kind} (or start a new name=)")
         self.model.load_state_dict(state["model_state"])
         if self.ema and state["ema"] is not None:
             self.ema.module.load_state_dict(state["ema"])
@@ -195,6 +233,10 @@ class Trainer:
     def train_one_epoch(self) -> dict[str, float]:
         cfg, o = self.cfg, self.cfg.optim
         self.model.train()
+        if self.quant is not None and cfg.quant.freeze_bn:
+            from sidnet.engine.qat import freeze_norm
+
+            freeze_norm(self.model)
         bar = tqdm(self._loader(self.epoch), total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                    dynamic_ncols=True, leave=False, disable=None)  # fmt: skip
         sums: dict[str, float] = {}

@@ -128,3 +128,38 @@ def check_cache_applied(qdq: onnx.ModelProto, scales: dict[str, float]) -> None:
             f"{len(bad)} activation scale(s) of the Q/DQ model differ from the calibration cache (first: {bad[0]}); "
             "the cache does not belong to this graph: recalibrate with --force"
         )
+
+
+def qat_tensor_amax(fp32: onnx.ModelProto, module_amax: dict[str, float], *, scopes: dict) -> dict[str, float]:
+    """QAT ranges ``{module path: input amax}`` → ``{ONNX tensor: amax}`` for ``fp32`` (the graph after surgery).
+
+    A Conv node is found by its weight initializer, named ``model.<path>.weight`` by the exporter (the network is
+    wrapped as ``model`` in :class:`~sidnet.export.wrapper.DeployModel`); any other node (MaxPool) by the module that
+    traced it (``scopes``: :func:`sidnet.export.onnx_export.module_scopes` of the graph before surgery, whose node
+    names surgery keeps). The node's activation input is the tensor its Q/DQ pair quantizes. A tensor read by several
+    quantized layers gets one scale: their ranges are equal from calibration (same tensor, same histogram), and the
+    largest is kept should fine-tuning have moved them apart.
+    """
+
+    def module(node) -> str | None:
+        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1].startswith("model."):
+            return node.input[1].removeprefix("model.").removesuffix(".weight")
+        inner = scopes.get(node.name) or ("",)
+        return inner[-1].removeprefix("model.") or None
+
+    by_tensor: dict[str, list[float]] = {}
+    found = set()
+    for node in fp32.graph.node:
+        path = module(node)
+        if path in module_amax:
+            found.add(path)
+            by_tensor.setdefault(node.input[0], []).append(float(module_amax[path]))
+    unmatched = sorted(set(module_amax) - found)
+    if unmatched:
+        raise ExportError(f"{len(unmatched)} QAT range(s) name layers absent from the exported graph (first: "
+                          f"{unmatched[0]}): the checkpoint does not belong to this model")  # fmt: skip
+    for tensor, values in by_tensor.items():
+        if max(values) > min(values) * (1 + 1e-6):
+            log.info("int8: %s read by %d QAT-quantized layers with ranges %s: keeping the largest", tensor,
+                     len(values), ", ".join(f"{v:.4g}" for v in values))  # fmt: skip
+    return {t: max(v) for t, v in by_tensor.items()}

@@ -75,24 +75,40 @@ def _records(data_yaml: str, split: str, *, project_root: Path) -> list:
 
 
 def quantize_export(
-    fp32: onnx.ModelProto, int8, out_dir: Path, *, size: int, project_root: Path, force: bool, qat_amax: dict | None
+    fp32: onnx.ModelProto,
+    int8,
+    out_dir: Path,
+    *,
+    size: int,
+    project_root: Path,
+    force: bool,
+    qat_amax: dict | None,
+    qat: dict | None = None,
 ) -> Int8Result:
+    """``qat_amax`` (``{ONNX tensor: amax}``, from a QAT checkpoint whose record is ``qat``): those ranges, no
+    calibration; a calibration set, when given, then only feeds modelopt's placement pass and the gate's default."""
     refuse_overwrite(out_dir, force=force)
-    cset, source = calibration_set(int8, size=size, project_root=project_root)
+    if qat_amax is not None and not (int8.images or int8.data):
+        cset, source = None, None
+    else:
+        cset, source = calibration_set(int8, size=size, project_root=project_root)
     with tempfile.TemporaryDirectory(prefix="sidnet-int8-") as tmp:  # nothing lands in out_dir unless all succeeds
         result = _quantize(fp32, int8, Path(tmp), cset, source, size=size, project_root=project_root,
-                           qat_amax=qat_amax)  # fmt: skip
+                           qat_amax=qat_amax, qat=qat)  # fmt: skip
         for path in (result.fp32_path, result.cache):
             shutil.move(str(path), out_dir / path.name)
         result.fp32_path, result.cache = out_dir / result.fp32_path.name, out_dir / result.cache.name
     return result
 
 
-def _quantize(fp32, int8, work: Path, cset, source: str, *, size: int, project_root: Path, qat_amax) -> Int8Result:
+def _quantize(fp32, int8, work: Path, cset, source, *, size: int, project_root: Path, qat_amax, qat) -> Int8Result:
     fp32_path = work / "model_fp32.onnx"
     onnx.save(fp32, str(fp32_path))
     exclude = [*q.head_and_decode_nodes(fp32), *int8.exclude]
-    first = next(iter(calib.CalibrationSet(cset.paths[: cset.batch_size], size=size, batch_size=cset.batch_size)))
+    if cset is not None:
+        first = next(iter(calib.CalibrationSet(cset.paths[: cset.batch_size], size=size, batch_size=cset.batch_size)))
+    else:  # modelopt's own ranges from this batch are replaced by the QAT ones (check_cache_applied)
+        first = np.random.default_rng(0).random((int8.batch_size, 3, size, size), dtype=np.float32)
     probe = q.quantize_with_modelopt(fp32_path, batch=first, exclude=exclude, high_precision=int8.high_precision)
     tensors = list(q.activation_scales(probe))
     if qat_amax is not None:
@@ -128,12 +144,9 @@ def _quantize(fp32, int8, work: Path, cset, source: str, *, size: int, project_r
     manifest = {
         "fp32_onnx": {"file": fp32_path.name, "graph_sha256": graph_sha256(fp32)},
         "preprocessing": {"text": _meta(fp32, "preprocessing"), "input_size": size},
-        "calibration": {
-            "source": source if qat_amax is None else "QAT checkpoint activation ranges (no calibration)",
-            "method": method, "percentile": int8.percentile if method == "percentile" else None,
-            "batches": cset.num_batches if qat_amax is None else 0, "batch_size": cset.batch_size,
-            "images": len(cset.used) if qat_amax is None else 0,
-            "image_list_sha256": cset.digest() if qat_amax is None else None,
+        "calibration": _calibration_record(int8, cset, source, method) if qat_amax is None else {
+            "source": "QAT checkpoint activation ranges (no calibration)", "method": "qat", "batches": 0,
+            "images": 0, "image_list_sha256": None, "qat": _qat_record(qat),
         },  # fmt: skip
         "quantized_layers": q.quantized_layers(qdq),
         "kept_out_of_int8": {"head_and_decode": exclude[: len(exclude) - len(int8.exclude)],
@@ -144,6 +157,21 @@ def _quantize(fp32, int8, work: Path, cset, source: str, *, size: int, project_r
         "versions": _versions(),
     }  # fmt: skip
     return Int8Result(qdq, manifest, cache, fp32_path)
+
+
+def _calibration_record(int8, cset, source: str, method: str) -> dict:
+    return {"source": source, "method": method, "percentile": int8.percentile if method == "percentile" else None,
+            "batches": cset.num_batches, "batch_size": cset.batch_size, "images": len(cset.used),
+            "image_list_sha256": cset.digest()}  # fmt: skip
+
+
+def _qat_record(qat: dict | None) -> dict | None:
+    """What the manifest says of the QAT checkpoint: where its ranges came from (its own calibration), not the
+    ranges themselves (they are the cache's)."""
+    if qat is None:
+        return None
+    keep = ("checkpoint", "epoch", "method", "percentile", "calibration", "init_from", "weights", "modelopt")
+    return {k: qat.get(k) for k in keep}
 
 
 def finish_manifest(out_dir: Path, manifest: dict, qdq_path: Path) -> Path:
@@ -163,7 +191,7 @@ def _gate(fp32, qdq, requantize, layers, int8, cset, *, size: int, project_root:
         log.warning("int8: accuracy gate not run (no held-out labelled split: pass int8.gate_data=conf/data/X.yaml)")
         return None
     records = _records(data, int8.gate_split, project_root=project_root)
-    used = {Path(p).resolve() for p in cset.used}
+    used = {Path(p).resolve() for p in (cset.used if cset is not None else [])}
     overlap = [r.path for r in records if Path(r.path).resolve() in used]
     if overlap:
         raise calib.CalibrationError(

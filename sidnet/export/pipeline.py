@@ -61,9 +61,8 @@ def resolve_options(cfg: ExportConfig) -> Options:
 
         if cfg.int8.method not in METHODS:
             raise ExportError(f"unknown calibration method {cfg.int8.method!r}: use {', '.join(METHODS)}")
-        if bool(cfg.int8.images) == bool(cfg.int8.data):
-            raise ExportError("INT8 needs a calibration set: pass exactly one of --calib-images FOLDER or "
-                              "--calib-data conf/data/X.yaml")  # fmt: skip
+        if cfg.int8.images and cfg.int8.data:
+            raise ExportError("pass one of --calib-images FOLDER or --calib-data conf/data/X.yaml, not both")
         import_modelopt()
     if backend == "compiled" and target == "plugins":
         raise ExportError("--backend compiled packages the PyTorch network: use --target native (the default)")
@@ -129,6 +128,9 @@ def load_model(cfg: ExportConfig, *, project_root: Path) -> tuple[YOLOv2, str, s
         raise ExportError(f"{path} holds a {type(model).__name__}, not a YOLOv2-family detector or Mask R-CNN")
     names = (state.get("config") or {}).get("data", {}).get("class_names")
     ema = " (EMA weights)" if cfg.ema and state.get("ema") is not None else ""
+    if state.get("quant"):  # QAT: the trained weights without fake quantization, its ranges kept beside them
+        model.qat = {**state["quant"], "checkpoint": str(path), "epoch": state.get("epoch")}
+        ema += " (QAT-trained, fake quantization removed)"
     return model, str(spec["name"]), f"checkpoint {path} sha256 {sha256_file(path)}{ema}", names
 
 
@@ -282,14 +284,16 @@ def _report(opts: Options, meta: dict, exported, final, surgery: list[str], chec
     }
 
 
-def _quantize(cfg, opts, final, meta, surgery, out_dir, model, project_root):
+def _quantize(cfg, opts, exported, final, meta, surgery, out_dir, model, project_root):
     """FP32 native graph → Q/DQ graph (+ plugins surgery when asked); returns (graph, Int8Result, surgery log)."""
+    from sidnet.export.int8 import qat_tensor_amax
     from sidnet.export.int8_export import quantize_export
     from sidnet.export.surgery import native_to_plugins
 
-    qat = getattr(model, "qat_amax", None)
+    qat = getattr(model, "qat", None)
+    qat_amax = None if qat is None else qat_tensor_amax(final, qat["amax"], scopes=module_scopes(exported))
     result = quantize_export(final, cfg.int8, out_dir, size=model.input_size, project_root=project_root,
-                             force=cfg.force, qat_amax=qat)  # fmt: skip
+                             force=cfg.force, qat_amax=qat_amax, qat=qat)  # fmt: skip
     qdq = result.qdq
     surgery = [*surgery, f"int8: modelopt Q/DQ on {len(result.manifest['quantized_layers'])} layers, "
                f"{result.manifest['cache']['tensors']} activation scales from {result.cache.name}"]  # fmt: skip
@@ -325,6 +329,13 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
     opts = resolve_options(cfg)
     preflight(opts, cfg)
     model, name, source, ckpt_names = load_model(cfg, project_root=project_root)
+    qat = getattr(model, "qat", None)
+    if opts.precision == "int8" and qat is None and not (cfg.int8.images or cfg.int8.data):
+        raise ExportError("INT8 needs a calibration set: pass exactly one of --calib-images FOLDER or "
+                          "--calib-data conf/data/X.yaml (a QAT checkpoint brings its own ranges)")  # fmt: skip
+    if qat is not None and opts.precision != "int8":
+        log.warning("export: %s is a QAT checkpoint; exporting its trained weights in %s with the fake quantization "
+                    "removed (--precision int8 exports the Q/DQ graph with its ranges)", cfg.checkpoint, opts.precision)
     class_names = _class_names(cfg, ckpt_names, model.num_classes)
     out_dir = default_out_dir(cfg, project_root=project_root)
     ensure_writable_dir(out_dir, fix="pass --out a folder you can write to")
@@ -351,7 +362,8 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
     final.producer_name, final.producer_version = "sidnet", sidnet.__version__
     set_metadata(final, {**meta, "precision": "fp32", "target": "native"} if int8 else meta)
     if int8:
-        final, int8_result, surgery = _quantize(cfg, opts, final, meta, surgery, out_dir, model, project_root)
+        final, int8_result, surgery = _quantize(cfg, opts, exported, final, meta, surgery, out_dir, model,
+                                                project_root)  # fmt: skip
     try:
         onnx.checker.check_model(final, full_check=opts.target == "native")
         checker = "passed" + ("" if opts.target == "native" else " (sidnet:: ops are not checked by schema)")

@@ -1,0 +1,207 @@
+"""Quantization-aware training (QAT): fake INT8 in PyTorch exactly where ``python -m export --precision int8`` puts
+Q/DQ nodes, starting from the same calibration.
+
+Placement (that of :mod:`sidnet.export.int8` for the YOLOv2 family, checked against the modelopt ONNX placement in
+``tests/test_qat.py``): the input of every ``Conv2d`` (per-tensor, symmetric, ``amax`` from calibration, fixed while
+training) and its weight (per output channel, symmetric, ``amax`` = the current per-channel max, recomputed every
+step, which is what the export computes from the exported weights), except the conv whose output is the raw head map
+(the last 1x1 conv; the region decode lies outside ``forward`` anyway); and the input of every ``MaxPool2d``. BatchNorm folding in the export scales each
+output channel, which per-channel symmetric quantization commutes with, and does not change any conv's input.
+Fake quantization and its straight-through gradient are modelopt's (``modelopt.torch.quantization``).
+
+Calibration: :mod:`sidnet.export.calibration`'s streaming |x| histograms and amax methods (entropy, minmax,
+percentile), the deployment preprocessing, collected at each quantized layer's input — the tensor its ONNX Q/DQ pair
+quantizes. A QAT run therefore starts from the PTQ model that the export would build.
+
+Checkpoint (plain data, ``weights_only=True``): ``state["quant"]`` = :func:`prepare`'s record, whose ``amax`` maps
+layer module paths to floats; the model state also holds modelopt's ``<conv>.input_quantizer._amax`` tensors.
+:func:`insert_quantizers` rebuilds the fake-quant model from ``amax``; :func:`fp32_weights` drops the quantizer
+entries (the trained weights with fake quantization removed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from sidnet.config import ConfigError
+
+log = logging.getLogger("sidnet.qat")
+
+INSTALL_HINT = "pip install -e '.[int8]' (nvidia-modelopt)"
+_QUANTIZER_KEY = re.compile(r"(^|\.)(input|weight|output)_quantizer\.")
+QUANTIZED_INPUTS = (nn.Conv2d, nn.MaxPool2d)
+
+
+def import_mtq():
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            import modelopt.torch.quantization as mtq
+    except ImportError as e:
+        raise ConfigError(f"quant=qat needs modelopt's PyTorch quantization ({e}): {INSTALL_HINT}") from e
+    return mtq
+
+
+def fp32_weights(state_dict: dict) -> dict:
+    """A QAT model state without its quantizer entries: the trained weights, fake quantization removed."""
+    return {k: v for k, v in state_dict.items() if not _QUANTIZER_KEY.search(k)}
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    """Paths of the modules whose input QAT quantizes: every ``Conv2d`` (weights too) but the one whose output is
+    the model's output, and every ``MaxPool2d`` (modelopt's ONNX placement quantizes MaxPool inputs as well)."""
+    from sidnet.models import YOLOv2
+
+    if not isinstance(model, YOLOv2):
+        raise ConfigError(f"quant=qat supports the YOLOv2 family (sidnet, sidnet_mobilenetv2, yolov2), not a "
+                          f"{type(model).__name__}: its INT8 export is not built")  # fmt: skip
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, QUANTIZED_INPUTS)}
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: outputs.__setitem__(n, o)) for n, m in convs.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            raw = model(torch.zeros(1, 3, model.input_size, model.input_size, device=_device(model)))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    head = {n for n, o in outputs.items() if o is raw and isinstance(convs[n], nn.Conv2d)}
+    return [n for n in convs if n not in head]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def calibrate(model: nn.Module, layers: list[str], cset, *, method: str, percentile: float) -> dict[str, float]:
+    """``{layer path: input amax}`` from ``cset`` (a :class:`~sidnet.export.calibration.CalibrationSet`), the same
+    streaming histograms and ``method`` as the INT8 export's calibration. ``model`` must not be quantized yet."""
+    from tqdm import tqdm
+
+    from sidnet.export.calibration import AbsHistogram, activation_amax
+
+    modules = dict(model.named_modules())
+    stats = {n: AbsHistogram() for n in layers}
+    hooks = [modules[n].register_forward_pre_hook(lambda _m, args, n=n: stats[n].add(args[0].detach().cpu().numpy()))
+             for n in layers]  # fmt: skip
+    was_training, device = model.training, _device(model)
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in tqdm(cset, total=cset.num_batches, desc="qat calibration", unit="batch", disable=None):
+                model(torch.from_numpy(batch).to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return {n: float(a) for n, a in activation_amax(stats, method=method, percentile=percentile).items()}
+
+
+def insert_quantizers(model: nn.Module, amax: dict[str, float]) -> nn.Module:
+    """Fake-quantize the layers named in ``amax`` in place (modelopt): input per tensor with that amax; conv weights
+    per output channel with their dynamic max; every other quantizer modelopt inserts stays disabled."""
+    mtq = import_mtq()
+    modules = dict(model.named_modules())
+    unknown = [n for n in amax if not isinstance(modules.get(n), QUANTIZED_INPUTS)]
+    if unknown:
+        raise ConfigError(f"QAT ranges name {len(unknown)} layer(s) this model does not have (first: {unknown[0]}): "
+                          "the checkpoint was written for another architecture")  # fmt: skip
+    convs = [n for n in amax if isinstance(modules[n], nn.Conv2d)]
+    config = {
+        "quant_cfg": [{"quantizer_name": "*", "enable": False}]
+        + [{"quantizer_name": f"{n}.weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}} for n in convs]
+        + [{"quantizer_name": f"{n}.input_quantizer", "cfg": {"num_bits": 8, "axis": None}} for n in amax],
+        "algorithm": None,  # no modelopt calibration: the input ranges are ours, the weight ranges dynamic
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = mtq.quantize(model, config, forward_loop=None)
+    modules = dict(model.named_modules())
+    device = _device(model)
+    for name, value in amax.items():
+        modules[f"{name}.input_quantizer"].amax = torch.tensor(float(value), device=device)
+    return model
+
+
+def activation_ranges(model: nn.Module) -> dict[str, float]:
+    """``{layer path: input amax}`` of a fake-quantized model (what the export maps onto ONNX tensors)."""
+    out = {}
+    for name, module in model.named_modules():
+        if name.endswith(".input_quantizer") and getattr(module, "is_enabled", False) and module.amax is not None:
+            out[name.removesuffix(".input_quantizer")] = float(module.amax)
+    return out
+
+
+def load_init_weights(model: nn.Module, *, path: str | Path, spec: dict) -> str:
+    """Load ``quant.init_from``'s weights (EMA when present) into ``model`` built from ``spec``; returns its sha256.
+    A checkpoint of another model, or one that is already QAT, raises one line."""
+    import hashlib
+
+    from sidnet.engine.checkpoint import CheckpointError, load_checkpoint
+
+    path = Path(path)
+    state = load_checkpoint(path)
+    other = state.get("model") if isinstance(state.get("model"), dict) else {}
+    same = (other.get("name") == spec["name"] and other.get("num_classes") == spec["num_classes"]
+            and other.get("input_size") == spec["input_size"] and _same_anchors(other.get("anchors"), spec["anchors"]))  # fmt: skip
+    if not same:
+        raise CheckpointError(
+            f"quant.init_from {path} holds {other.get('name')!r} (input {other.get('input_size')}, anchors "
+            f"{other.get('anchors')}), not the configured {spec['name']!r} (input {spec['input_size']}, anchors "
+            f"{spec['anchors']}): pass the model=/model.anchors=/model.input_size= it was trained with"
+        )
+    if state.get("quant"):
+        raise CheckpointError(f"quant.init_from {path} is already a QAT checkpoint: continue its run with "
+                              "resume=true, or start from the FP32 checkpoint it was fine-tuned from")  # fmt: skip
+    weights = state["ema"] if state.get("ema") is not None else state["model_state"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"quant.init_from {path}: its weights do not fit the configured {spec['name']!r} "
+                              f"({first[:160]}); pass the model.kwargs it was trained with") from e  # fmt: skip
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _same_anchors(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-6, atol=1e-6))
+
+
+def prepare(model: nn.Module, *, cset, source: str, method: str, percentile: float, init_from: dict) -> dict:
+    """Calibrate ``model`` (trained FP32 weights) on ``cset`` and insert the fake quantizers; returns the plain
+    record the checkpoint keeps as ``state["quant"]``."""
+    import importlib.metadata as md
+
+    layers = quantized_layers(model)
+    log.info("qat: calibrating %d layer inputs on %d batch(es) of %d from %s, method %s", len(layers),
+             cset.num_batches, cset.batch_size, source, method)  # fmt: skip
+    amax = calibrate(model, layers, cset, method=method, percentile=percentile)
+    insert_quantizers(model, amax)
+    return {
+        "amax": amax,
+        "method": method,
+        "percentile": percentile if method == "percentile" else None,
+        "calibration": {"source": source, "images": len(cset.used), "batches": cset.num_batches,
+                        "batch_size": cset.batch_size, "image_list_sha256": cset.digest()},  # fmt: skip
+        "weights": "per-output-channel symmetric, amax = current per-channel max (dynamic)",
+        "init_from": init_from,
+        "modelopt": md.version("nvidia-modelopt"),
+    }
+
+
+def freeze_norm(model: nn.Module) -> None:
+    """BatchNorm layers to eval mode (running statistics kept, as the export folds them)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()

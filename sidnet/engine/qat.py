@@ -5,8 +5,9 @@ Placement (that of :mod:`sidnet.export.int8` for the YOLOv2 family, checked agai
 ``tests/test_qat.py``): the input of every ``Conv2d`` (per-tensor, symmetric, ``amax`` from calibration, fixed while
 training) and its weight (per output channel, symmetric, ``amax`` = the current per-channel max, recomputed every
 step, which is what the export computes from the exported weights), except the conv whose output is the raw head map
-(the last 1x1 conv; the region decode lies outside ``forward`` anyway); and the input of every ``MaxPool2d``. BatchNorm folding in the export scales each
-output channel, which per-channel symmetric quantization commutes with, and does not change any conv's input.
+(the last 1x1 conv; the region decode lies outside ``forward`` anyway); and the input of every ``MaxPool2d``.
+BatchNorm folding in the export scales each output channel, which per-channel symmetric quantization commutes with,
+and does not change any conv's input.
 Fake quantization and its straight-through gradient are modelopt's (``modelopt.torch.quantization``).
 
 Calibration: :mod:`sidnet.export.calibration`'s streaming |x| histograms and amax methods (entropy, minmax,
@@ -150,8 +151,8 @@ def load_init_weights(model: nn.Module, *, path: str | Path, spec: dict) -> str:
     path = Path(path)
     state = load_checkpoint(path)
     other = state.get("model") if isinstance(state.get("model"), dict) else {}
-    same = (other.get("name") == spec["name"] and other.get("num_classes") == spec["num_classes"]
-            and other.get("input_size") == spec["input_size"] and _same_anchors(other.get("anchors"), spec["anchors"]))  # fmt: skip
+    same = all(other.get(k) == spec[k] for k in ("name", "num_classes", "input_size"))
+    same = same and _same_anchors(other.get("anchors"), spec["anchors"])
     if not same:
         raise CheckpointError(
             f"quant.init_from {path} holds {other.get('name')!r} (input {other.get('input_size')}, anchors "
@@ -192,8 +193,13 @@ def prepare(model: nn.Module, *, cset, source: str, method: str, percentile: flo
         "amax": amax,
         "method": method,
         "percentile": percentile if method == "percentile" else None,
-        "calibration": {"source": source, "images": len(cset.used), "batches": cset.num_batches,
-                        "batch_size": cset.batch_size, "image_list_sha256": cset.digest()},  # fmt: skip
+        "calibration": {
+            "source": source,
+            "images": len(cset.used),
+            "batches": cset.num_batches,
+            "batch_size": cset.batch_size,
+            "image_list_sha256": cset.digest(),
+        },  # fmt: skip
         "weights": "per-output-channel symmetric, amax = current per-channel max (dynamic)",
         "init_from": init_from,
         "modelopt": md.version("nvidia-modelopt"),

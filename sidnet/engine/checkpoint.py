@@ -218,7 +218,7 @@ def model_from_checkpoint(state: dict[str, Any], *, ema: bool = True, fake_quant
         from sidnet.engine import qat
 
         if fake_quant:
-            model = qat.insert_quantizers(model, state["quant"]["amax"])
+            model = qat.insert_quantizers(model, state["quant"]["amax"], state["quant"]["weights"])
         else:
             weights = qat.fp32_weights(weights)
     try:

@@ -1,23 +1,23 @@
 """Quantization-aware training (QAT): fake INT8 in PyTorch exactly where ``python -m export --precision int8`` puts
 Q/DQ nodes, starting from the same calibration.
 
-Placement (that of :mod:`sidnet.export.int8` for the YOLOv2 family, checked against the modelopt ONNX placement in
-``tests/test_qat.py``): the input of every ``Conv2d`` (per-tensor, symmetric, ``amax`` from calibration, fixed while
-training) and its weight (per output channel, symmetric, ``amax`` = the current per-channel max, recomputed every
-step, which is what the export computes from the exported weights), except the conv whose output is the raw head map
-(the last 1x1 conv; the region decode lies outside ``forward`` anyway); and the input of every ``MaxPool2d``.
-BatchNorm folding in the export scales each output channel, which per-channel symmetric quantization commutes with,
-and does not change any conv's input.
+Placement is taken from the export itself (:func:`sidnet.export.int8.model_placement`): the model is exported to
+its FP32 graph after surgery and modelopt's ONNX quantizer places Q/DQ on it (last 1x1 conv and decode excluded, as
+the export does); every quantized activation tensor becomes a module input to fake-quantize (a conv's, a MaxPool's,
+or a residual block's whose Add reads it), every quantized conv weight a per-output-channel weight quantizer.
+Activations are per tensor, symmetric, ``amax`` from calibration and fixed while training; weights per output channel,
+symmetric, ``amax`` = the current per-channel max, recomputed every step, which is what the export computes from the
+exported weights (BatchNorm folding scales output channels, which per-channel symmetric quantization commutes with).
 Fake quantization and its straight-through gradient are modelopt's (``modelopt.torch.quantization``).
 
 Calibration: :mod:`sidnet.export.calibration`'s streaming |x| histograms and amax methods (entropy, minmax,
-percentile), the deployment preprocessing, collected at each quantized layer's input — the tensor its ONNX Q/DQ pair
+percentile), the deployment preprocessing, collected at each of those module inputs — the tensor its ONNX Q/DQ pair
 quantizes. A QAT run therefore starts from the PTQ model that the export would build.
 
-Checkpoint (plain data, ``weights_only=True``): ``state["quant"]`` = :func:`prepare`'s record, whose ``amax`` maps
-layer module paths to floats; the model state also holds modelopt's ``<conv>.input_quantizer._amax`` tensors.
-:func:`insert_quantizers` rebuilds the fake-quant model from ``amax``; :func:`fp32_weights` drops the quantizer
-entries (the trained weights with fake quantization removed).
+Checkpoint (plain data, ``weights_only=True``): ``state["quant"]`` = :func:`prepare`'s record (``amax``: module path →
+float, ``weights``: conv paths, the calibration's provenance); the model state also holds modelopt's
+``<module>.input_quantizer._amax`` tensors. :func:`insert_quantizers` rebuilds the fake-quant model from it;
+:func:`fp32_weights` drops the quantizer entries (the trained weights with fake quantization removed).
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ log = logging.getLogger("sidnet.qat")
 
 INSTALL_HINT = "pip install -e '.[int8]' (nvidia-modelopt)"
 _QUANTIZER_KEY = re.compile(r"(^|\.)(input|weight|output)_quantizer\.")
-QUANTIZED_INPUTS = (nn.Conv2d, nn.MaxPool2d)
 
 
 def import_mtq():
@@ -53,30 +52,6 @@ def import_mtq():
 def fp32_weights(state_dict: dict) -> dict:
     """A QAT model state without its quantizer entries: the trained weights, fake quantization removed."""
     return {k: v for k, v in state_dict.items() if not _QUANTIZER_KEY.search(k)}
-
-
-def quantized_layers(model: nn.Module) -> list[str]:
-    """Paths of the modules whose input QAT quantizes: every ``Conv2d`` (weights too) but the one whose output is
-    the model's output, and every ``MaxPool2d`` (modelopt's ONNX placement quantizes MaxPool inputs as well)."""
-    from sidnet.models import YOLOv2
-
-    if not isinstance(model, YOLOv2):
-        raise ConfigError(f"quant=qat supports the YOLOv2 family (sidnet, sidnet_mobilenetv2, yolov2), not a "
-                          f"{type(model).__name__}: its INT8 export is not built")  # fmt: skip
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, QUANTIZED_INPUTS)}
-    outputs: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: outputs.__setitem__(n, o)) for n, m in convs.items()]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            raw = model(torch.zeros(1, 3, model.input_size, model.input_size, device=_device(model)))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    head = {n for n, o in outputs.items() if o is raw and isinstance(convs[n], nn.Conv2d)}
-    return [n for n in convs if n not in head]
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -107,19 +82,23 @@ def calibrate(model: nn.Module, layers: list[str], cset, *, method: str, percent
     return {n: float(a) for n, a in activation_amax(stats, method=method, percentile=percentile).items()}
 
 
-def insert_quantizers(model: nn.Module, amax: dict[str, float]) -> nn.Module:
-    """Fake-quantize the layers named in ``amax`` in place (modelopt): input per tensor with that amax; conv weights
-    per output channel with their dynamic max; every other quantizer modelopt inserts stays disabled."""
+def insert_quantizers(model: nn.Module, amax: dict[str, float], weights: list[str]) -> nn.Module:
+    """Fake-quantize ``model`` in place (modelopt): the input of each module in ``amax``, per tensor with that amax;
+    the weights of the convs in ``weights``, per output channel with their dynamic max. Convs and MaxPools use the
+    ``input_quantizer`` modelopt gives them; any other module (a residual block whose Add reads its quantized input)
+    gets a modelopt ``TensorQuantizer`` child of that name applied by a forward pre-hook."""
     mtq = import_mtq()
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
     modules = dict(model.named_modules())
-    unknown = [n for n in amax if not isinstance(modules.get(n), QUANTIZED_INPUTS)]
+    unknown = [n for n in amax if n not in modules] + [n for n in weights if not isinstance(modules.get(n), nn.Conv2d)]
     if unknown:
         raise ConfigError(f"QAT ranges name {len(unknown)} layer(s) this model does not have (first: {unknown[0]}): "
                           "the checkpoint was written for another architecture")  # fmt: skip
-    convs = [n for n in amax if isinstance(modules[n], nn.Conv2d)]
     config = {
         "quant_cfg": [{"quantizer_name": "*", "enable": False}]
-        + [{"quantizer_name": f"{n}.weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}} for n in convs]
+        + [{"quantizer_name": f"{n}.weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}} for n in weights]
         + [{"quantizer_name": f"{n}.input_quantizer", "cfg": {"num_bits": 8, "axis": None}} for n in amax],
         "algorithm": None,  # no modelopt calibration: the input ranges are ours, the weight ranges dynamic
     }
@@ -128,8 +107,16 @@ def insert_quantizers(model: nn.Module, amax: dict[str, float]) -> nn.Module:
     modules = dict(model.named_modules())
     device = _device(model)
     for name, value in amax.items():
-        modules[f"{name}.input_quantizer"].amax = torch.tensor(float(value), device=device)
+        module = modules[name]
+        if not isinstance(getattr(module, "input_quantizer", None), TensorQuantizer):
+            module.add_module("input_quantizer", TensorQuantizer(QuantizerAttributeConfig(num_bits=8, axis=None)))
+            module.register_forward_pre_hook(_quantize_input)
+        module.input_quantizer.amax = torch.tensor(float(value), device=device)
     return model
+
+
+def _quantize_input(module: nn.Module, args: tuple) -> tuple:
+    return (module.input_quantizer(args[0]), *args[1:])
 
 
 def activation_ranges(model: nn.Module) -> dict[str, float]:
@@ -180,30 +167,48 @@ def _same_anchors(a, b) -> bool:
 
 
 def prepare(model: nn.Module, *, cset, source: str, method: str, percentile: float, init_from: dict) -> dict:
-    """Calibrate ``model`` (trained FP32 weights) on ``cset`` and insert the fake quantizers; returns the plain
-    record the checkpoint keeps as ``state["quant"]``."""
+    """Find where the INT8 export puts Q/DQ (:func:`sidnet.export.int8.model_placement`), calibrate those inputs
+    of ``model`` (trained FP32 weights) on ``cset`` and insert the fake quantizers; returns the plain record the
+    checkpoint keeps as ``state["quant"]``."""
     import importlib.metadata as md
 
-    layers = quantized_layers(model)
-    log.info("qat: calibrating %d layer inputs on %d batch(es) of %d from %s, method %s", len(layers),
-             cset.num_batches, cset.batch_size, source, method)  # fmt: skip
-    amax = calibrate(model, layers, cset, method=method, percentile=percentile)
-    insert_quantizers(model, amax)
+    from sidnet.export.int8 import model_placement
+    from sidnet.models import YOLOv2
+
+    if not isinstance(model, YOLOv2):
+        raise ConfigError(f"quant=qat supports the YOLOv2 family (sidnet, sidnet_mobilenetv2, yolov2), not a "
+                          f"{type(model).__name__}: its INT8 export is not built")  # fmt: skip
+    sites, weights = model_placement(model)
+    log.info("qat: calibrating %d quantized inputs (%d conv weights quantized) on %d batch(es) of %d from %s, "
+             "method %s", len(sites), len(weights), cset.num_batches, cset.batch_size, source, method)  # fmt: skip
+    amax = calibrate(model, list(sites), cset, method=method, percentile=percentile)
+    _check_shared(sites, amax)
+    insert_quantizers(model, amax, weights)
     return {
         "amax": amax,
+        "weights": weights,
+        "sites": sites,
         "method": method,
         "percentile": percentile if method == "percentile" else None,
-        "calibration": {
-            "source": source,
-            "images": len(cset.used),
-            "batches": cset.num_batches,
-            "batch_size": cset.batch_size,
-            "image_list_sha256": cset.digest(),
-        },  # fmt: skip
-        "weights": "per-output-channel symmetric, amax = current per-channel max (dynamic)",
+        "calibration": {"source": source, "images": len(cset.used), "batches": cset.num_batches,
+                        "batch_size": cset.batch_size, "image_list_sha256": cset.digest()},  # fmt: skip
+        "weight_ranges": "per-output-channel symmetric, amax = current per-channel max (dynamic)",
         "init_from": init_from,
         "modelopt": md.version("nvidia-modelopt"),
     }
+
+
+def _check_shared(sites: dict[str, str], amax: dict[str, float]) -> None:
+    """Modules the export says read one tensor must have measured the same input (else the mapping is wrong)."""
+    by_tensor: dict[str, list[str]] = {}
+    for module, tensor in sites.items():
+        by_tensor.setdefault(tensor, []).append(module)
+    for tensor, modules in by_tensor.items():
+        values = [amax[m] for m in modules]
+        if max(values) > min(values) * (1 + 1e-4) + 1e-12:
+            raise ConfigError(f"QAT placement: {', '.join(modules)} should all read ONNX tensor {tensor} but measured "
+                              f"different ranges {values}; this architecture's module inputs do not map onto the "
+                              "export's Q/DQ tensors")  # fmt: skip
 
 
 def freeze_norm(model: nn.Module) -> None:

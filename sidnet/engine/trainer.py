@@ -162,7 +162,7 @@ class Trainer:
             if not quant:
                 raise CheckpointError(f"{last} is not a QAT run (no quant ranges in it): drop quant=qat to continue "
                                       "it, or pass a new name= for the QAT run")  # fmt: skip
-            qat.insert_quantizers(self.model, quant["amax"])
+            qat.insert_quantizers(self.model, quant["amax"], quant["weights"])
             return quant
         digest = qat.load_init_weights(self.model, path=q.init_from, spec=self.model_spec)
         cset, source = self._calibration_set()

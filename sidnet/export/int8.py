@@ -130,34 +130,89 @@ def check_cache_applied(qdq: onnx.ModelProto, scales: dict[str, float]) -> None:
         )
 
 
-def qat_tensor_amax(fp32: onnx.ModelProto, module_amax: dict[str, float], *, scopes: dict) -> dict[str, float]:
-    """QAT ranges ``{module path: input amax}`` → ``{ONNX tensor: amax}`` for ``fp32`` (the graph after surgery).
+def placement(qdq: onnx.ModelProto, scopes: dict) -> tuple[dict[str, str], list[str]]:
+    """modelopt's Q/DQ placement in module terms: ``({module path: the quantized activation tensor it reads}, [conv
+    paths whose weights are quantized])`` — what QAT fake-quantizes (:mod:`sidnet.engine.qat`).
 
-    A Conv node is found by its weight initializer, named ``model.<path>.weight`` by the exporter (the network is
-    wrapped as ``model`` in :class:`~sidnet.export.wrapper.DeployModel`); any other node (MaxPool) by the module that
-    traced it (``scopes``: :func:`sidnet.export.onnx_export.module_scopes` of the graph before surgery, whose node
-    names surgery keeps). The node's activation input is the tensor its Q/DQ pair quantizes. A tensor read by several
-    quantized layers gets one scale: their ranges are equal from calibration (same tensor, same histogram), and the
-    largest is kept should fine-tuning have moved them apart.
+    A node reading a DequantizeLinear output of an activation is a site: a Conv is named by its weight initializer
+    (``model.<path>.weight``, the network being ``model`` in :class:`~sidnet.export.wrapper.DeployModel`), any other
+    node (MaxPool, a residual Add) by the innermost module that traced it (``scopes``:
+    :func:`sidnet.export.onnx_export.module_scopes` of the graph before surgery, whose node names surgery keeps and
+    modelopt too). For an Add that module's input is the tensor (MobileNetV2's ``x + conv(x)``).
     """
+    inits = {t.name for t in qdq.graph.initializer}
+    q_src = {n.output[0]: n.input[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear"}
+    dq_src = {n.output[0]: q_src.get(n.input[0], n.input[0]) for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
 
-    def module(node) -> str | None:
-        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1].startswith("model."):
-            return node.input[1].removeprefix("model.").removesuffix(".weight")
-        inner = scopes.get(node.name) or ("",)
-        return inner[-1].removeprefix("model.") or None
+    def path(name: str) -> str:
+        return name.removeprefix("model.").removesuffix(".weight")
 
+    sites: dict[str, str] = {}
+    weights = []
+    for node in qdq.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i in node.input:
+            src = dq_src.get(i)
+            if src is None:
+                continue
+            if src in inits:
+                if node.op_type == "Conv" and src.startswith("model."):
+                    weights.append(path(src))
+                continue
+            if node.op_type == "Conv":
+                module = path(dq_src.get(node.input[1], node.input[1]))
+            else:
+                module = (scopes.get(node.name) or ("",))[-1].removeprefix("model.")
+            if not module:
+                raise ExportError(f"cannot tell which module {node.op_type} node {node.name} reading quantized "
+                                  f"{src} belongs to: QAT needs module scopes in the exported graph")  # fmt: skip
+            if sites.setdefault(module, src) != src:
+                raise ExportError(f"module {module} reads two quantized tensors ({sites[module]}, {src}): "
+                                  "QAT quantizes one input per module")  # fmt: skip
+    return sites, weights
+
+
+def model_placement(model, *, opset: int = 18, exclude: Sequence[str] = ()) -> tuple[dict[str, str], list[str]]:
+    """:func:`placement` of ``model`` as ``python -m export --precision int8`` would quantize it (FP32 native graph
+    after surgery, last 1x1 conv and decode excluded, modelopt on one random batch: placement only)."""
+    from sidnet.export.onnx_export import module_scopes
+    from sidnet.export.pipeline import build_graph
+    from sidnet.export.wrapper import DeployModel
+
+    was_training = model.training
+    try:
+        exported, final, _ = build_graph(DeployModel(model, conf_thresh=0.001, topk=100).eval(), target="native",
+                                         precision="fp32", opset=opset)  # fmt: skip
+    finally:
+        model.train(was_training)
+    return placement(placement_probe(final, size=model.input_size, exclude=exclude), module_scopes(exported))
+
+
+def placement_probe(fp32: onnx.ModelProto, *, size: int, exclude: Sequence[str] = ()) -> onnx.ModelProto:
+    """modelopt on ``fp32`` with one random image: where the Q/DQ nodes go (its scales are meaningless)."""
+    batch = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fp32.onnx"
+        onnx.save(fp32, str(path))
+        return quantize_with_modelopt(path, batch=batch, exclude=[*head_and_decode_nodes(fp32), *exclude])
+
+
+def qat_tensor_amax(sites: dict[str, str], module_amax: dict[str, float]) -> dict[str, float]:
+    """QAT ranges ``{module path: input amax}`` → ``{ONNX tensor: amax}`` through :func:`placement`'s sites.
+
+    A tensor read by several sites (a block input read by its conv and its residual Add, a tensor feeding two convs)
+    gets one scale: their ranges are equal from calibration (same tensor, same histogram), and the largest is kept
+    should they differ.
+    """
+    missing = sorted(set(sites) - set(module_amax))
+    if missing:
+        raise ExportError(f"the QAT checkpoint has no range for {len(missing)} quantized layer(s) of this export "
+                          f"(first: {missing[0]}): the Q/DQ placement changed since it was trained (modelopt "
+                          "version?); fine-tune again with this version")  # fmt: skip
     by_tensor: dict[str, list[float]] = {}
-    found = set()
-    for node in fp32.graph.node:
-        path = module(node)
-        if path in module_amax:
-            found.add(path)
-            by_tensor.setdefault(node.input[0], []).append(float(module_amax[path]))
-    unmatched = sorted(set(module_amax) - found)
-    if unmatched:
-        raise ExportError(f"{len(unmatched)} QAT range(s) name layers absent from the exported graph (first: "
-                          f"{unmatched[0]}): the checkpoint does not belong to this model")  # fmt: skip
+    for module, tensor in sites.items():
+        by_tensor.setdefault(tensor, []).append(float(module_amax[module]))
     for tensor, values in by_tensor.items():
         if max(values) > min(values) * (1 + 1e-6):
             log.info("int8: %s read by %d QAT-quantized layers with ranges %s: keeping the largest", tensor,

@@ -79,7 +79,8 @@ def score(model, records: list, parts: dict[str, list], *, task=None) -> dict[st
                                        device=torch.device("cpu"), batch_size=8)  # fmt: skip
     out = {}
     for name, subset in parts.items():
-        rep = evaluate_detections(subset, preds, operating_conf=0.3)
+        ids = {r.image_id for r in subset}
+        rep = evaluate_detections(subset, {i: d for i, d in preds.items() if i in ids}, operating_conf=0.3)
         out[name] = {k: float(rep[k]) for k in ("AP", "AP50", "recall")} | {"images": len(subset)}
     return out
 

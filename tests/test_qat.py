@@ -44,10 +44,12 @@ ANCHORS = [[12.0, 24.0], [30.0, 60.0], [70.0, 110.0]]
 SPEC = {"name": "sidnet", "anchors": ANCHORS, "num_classes": 1, "input_size": 128, "kwargs": {"width": 0.125}}
 TINY = ["model=sidnet", "model.anchors=[[12,24],[30,60],[70,110]]", "model.input_size=128", "model.kwargs.width=0.125",
         "batch_size=4", "workers=0", "device=cpu", "tensorboard=false", "aug=none"]  # fmt: skip
-# Q/DQ ONNX (onnxruntime) vs the fake-quantized PyTorch model it was exported from, raw head map on 8 real images:
-# relative L2 error below QDQ_VS_FAKEQUANT (measured 0.0 ... see the assertion message), and at most a third of the
-# Q/DQ model's distance to the FP32 weights without fake quantization (measured ...).
-QDQ_VS_FAKEQUANT = 0.05
+# Q/DQ ONNX (onnxruntime, graph as written) vs the fake-quantized PyTorch model it was exported from, raw head map on
+# 8 real letterboxed val2017 images: relative L2 error below QDQ_VS_FAKEQUANT (measured 0.0042; what is left is
+# float rounding of the BatchNorm-folded convs flipping near-tie roundings) and below a third of the Q/DQ model's
+# distance to the same weights in FP32 (measured 0.029). Detections: >= 90% of the fake-quant model's best 5 boxes per
+# image are among the ONNX best 10 at IoU >= 0.9 (measured 97.5%, worst image 80%).
+QDQ_VS_FAKEQUANT = 0.02
 
 
 def _compose(overrides: list[str]):
@@ -91,16 +93,15 @@ def setup(shared_data, tmp_path_factory):
     return {"tmp": tmp, "data": data, "ckpt": ckpt, "run": run, "qat": qat, "base": base, "images": images}
 
 
-def _layers(model: torch.nn.Module) -> set[str]:
-    kinds = (torch.nn.Conv2d, torch.nn.MaxPool2d)
-    return {n for n, m in model.named_modules() if isinstance(m, kinds) and n != "head.out"}
-
-
 def test_qat_checkpoint_is_plain_data_starts_from_the_export_calibration_and_resumes(setup, monkeypatch):
     state = torch.load(setup["run"] / "last.pt", weights_only=True)
     quant = state["quant"]
     plain = build_model("sidnet", anchors=ANCHORS, num_classes=1, input_size=128, width=0.125)
-    assert set(quant["amax"]) == _layers(plain) and all(type(a) is float and a > 0 for a in quant["amax"].values())
+    assert set(quant["amax"]) == set(quant["sites"]) and all(type(a) is float and a > 0 for a in quant["amax"].values())
+    kinds = {n: type(m) for n, m in plain.named_modules()}
+    pools = [n for n, k in kinds.items() if k is torch.nn.MaxPool2d]
+    assert set(pools) <= set(quant["amax"]) and "head.out" not in quant["amax"] and "head.out" not in quant["weights"]
+    assert all(kinds[n] is torch.nn.Conv2d for n in quant["weights"]) and len(quant["weights"]) >= 10
     assert quant["method"] == "minmax" and quant["calibration"]["images"] == 8 and quant["init_from"]["sha256"]
     for name, amax in quant["amax"].items():  # modelopt's own buffers hold the same ranges, as tensors
         assert state["model_state"][f"{name}.input_quantizer._amax"].item() == pytest.approx(amax, rel=1e-6)
@@ -114,14 +115,15 @@ def test_qat_checkpoint_is_plain_data_starts_from_the_export_calibration_and_res
     ptq = run_export(ExportConfig(checkpoint=str(setup["ckpt"]), out=str(setup["tmp"] / "ptq"), precision="int8",
                                   int8=Int8Config(images=str(setup["tmp"] / "data/train/images"), method="minmax",
                                                   batch_size=4)), project_root=ROOT)  # fmt: skip
-    fp32 = onnx.load(str(ptq.out_dir / "model_fp32.onnx"))
-    from sidnet.export.int8 import qat_tensor_amax
-    from sidnet.export.onnx_export import export_onnx, module_scopes
-    from sidnet.export.wrapper import DeployModel
+    from sidnet.export.int8 import model_placement, qat_tensor_amax
 
-    scopes = module_scopes(export_onnx(DeployModel(plain, conf_thresh=0.01, topk=10).eval(), opset=18))
-    mapped = qat_tensor_amax(fp32, quant["amax"], scopes=scopes)
-    ptq_scales = activation_scales(onnx.load(str(ptq.onnx_path)))
+    sites, weights = model_placement(plain)
+    assert sites == quant["sites"] and weights == quant["weights"]
+    mapped = qat_tensor_amax(sites, quant["amax"])
+    ptq = onnx.load(str(ptq.onnx_path))
+    ptq_scales = activation_scales(ptq)
+    weight_q = {n.input[0] for n in ptq.graph.node if n.op_type == "QuantizeLinear" and n.input[0].startswith("model.")}
+    assert weight_q == {f"model.{w}.weight" for w in weights}  # QAT quantizes exactly the weights PTQ does
     assert set(mapped) == set(ptq_scales)
     assert all(mapped[t] / 127 == pytest.approx(s, rel=1e-4) for t, s in ptq_scales.items())
 
@@ -152,15 +154,14 @@ def test_qat_export_takes_the_checkpoint_ranges_without_calibration(setup, monke
     qdq = onnx.load(str(res.onnx_path))
     scales = activation_scales(qdq)
     fp32 = onnx.load(str(res.out_dir / "model_fp32.onnx"))
+    # every scale is amax/127 of the QAT layer reading that tensor: convs found by weight name, MaxPools by kind
     convs = {n.input[0]: n.input[1].removeprefix("model.").removesuffix(".weight")
-             for n in fp32.graph.node if n.op_type == "Conv" and n.input[1] != "model.head.out.weight"}  # fmt: skip
-    assert set(convs) <= set(scales)
-    assert all(np.float32(scales[t]) == np.float32(amax[path] / 127) for t, path in convs.items())
-    pools = [n.input[0] for n in fp32.graph.node if n.op_type == "MaxPool" and n.input[0] not in convs]
-    assert pools and all(t in scales for t in pools)  # MaxPool inputs: the QAT MaxPool ranges
+             for n in fp32.graph.node if n.op_type == "Conv" and n.input[0] in scales}  # fmt: skip
+    assert convs and all(np.float32(scales[t]) == np.float32(amax[path] / 127) for t, path in convs.items())
+    pools = [n.input[0] for n in fp32.graph.node if n.op_type == "MaxPool" and n.input[0] in scales]
     plain = build_model("sidnet", anchors=ANCHORS, num_classes=1, input_size=128, width=0.125)
     pool_amax = {a for n, a in amax.items() if isinstance(plain.get_submodule(n), torch.nn.MaxPool2d)}
-    assert {np.float32(scales[t]) for t in pools} <= {np.float32(a / 127) for a in pool_amax}
+    assert pools and {np.float32(scales[t]) for t in pools} <= {np.float32(a / 127) for a in pool_amax}
     assert set(scales) == set(convs) | set(pools)
 
     # fp32 export of a QAT checkpoint: allowed, the trained weights with the fake quantization removed
@@ -186,8 +187,12 @@ def test_qdq_onnx_follows_the_fake_quantized_model_on_real_images(setup):
     def run(path):
         m = onnx.load(str(path))
         m.graph.output.extend([onnx.helper.make_empty_tensor_value_info("raw")])
-        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-            None, {"images": images})  # fmt: skip
+        options = ort.SessionOptions()
+        # The Q/DQ graph as written (float DequantizeLinear(QuantizeLinear(x)), what fake quantization computes);
+        # onnxruntime's default optimisations swap in its own integer kernels, which round differently.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return session.run(None, {"images": images})
 
     d8, n8, raw8 = run(out / "model.onnx")
     _, _, raw32 = run(out / "model_fp32.onnx")

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def evaluate(args: argparse.Namespace) -> dict:
     state = load_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(state, ema=not args.no_ema)
+    model = model_from_checkpoint(state, ema=not args.no_ema, fake_quant=bool(state.get("quant")))  # QAT: as trained
     if args.data is not None:
         if not args.data.is_file():
             raise FileNotFoundError(f"data config not found: {args.data}; pass a YAML from conf/data/")
@@ -83,7 +83,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     model = model.to(device)
     extra = {"checkpoint": str(args.checkpoint), "model": state["model"]["name"], "epoch": state.get("epoch"),
-             "input_size": state["model"]["input_size"], "split": args.split, **environment(device),
+             "input_size": state["model"]["input_size"], "split": args.split, "fake_quant": bool(state.get("quant")),
+             **environment(device),
              "versions": {"torch": torch.__version__}}  # fmt: skip
     return _evaluate(model, records, args, size=state["model"]["input_size"], device=device, source=args.checkpoint,
                      extra=extra, task=task, masks=masks)  # fmt: skip

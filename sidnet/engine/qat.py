@@ -36,17 +36,13 @@ from sidnet.config import ConfigError
 
 log = logging.getLogger("sidnet.qat")
 
-INSTALL_HINT = "pip install -e '.[int8]' (nvidia-modelopt)"
 _QUANTIZER_KEY = re.compile(r"(^|\.)(input|weight|output)_quantizer\.")
 
 
 def import_mtq():
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            import modelopt.torch.quantization as mtq
-    except ImportError as e:
-        raise ConfigError(f"quant=qat needs modelopt's PyTorch quantization ({e}): {INSTALL_HINT}") from e
-    return mtq
+    from sidnet.export.int8 import import_quietly
+
+    return import_quietly("modelopt.torch.quantization", needed_by="quant=qat", error=ConfigError)
 
 
 def fp32_weights(state_dict: dict) -> dict:

@@ -35,17 +35,23 @@ from sidnet.export.wrapper import INPUT_NAME, RAW_NAME
 
 log = logging.getLogger("sidnet.export.int8")
 
-INSTALL_HINT = "pip install -e '.[int8]' (nvidia-modelopt and the few packages its ONNX quantizer imports)"
+INSTALL_HINT = "pip install -e '.[int8]' (nvidia-modelopt and the few packages it imports)"
 HIGH_PRECISION = ("fp32", "fp16")
 
 
-def import_modelopt():
+def import_quietly(module: str, *, needed_by: str, error: type[Exception] = ExportError):
+    """``import module`` (a modelopt part) without its import-time chatter; missing → one line naming the extra."""
+    import importlib
+
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            from modelopt.onnx.quantization import quantize
+            return importlib.import_module(module)
     except ImportError as e:
-        raise ExportError(f"INT8 export needs nvidia-modelopt's ONNX quantizer ({e}): {INSTALL_HINT}") from e
-    return quantize
+        raise error(f"{needed_by} needs {module} ({e}): {INSTALL_HINT}") from e
+
+
+def import_modelopt():
+    return import_quietly("modelopt.onnx.quantization", needed_by="INT8 export").quantize
 
 
 def head_and_decode_nodes(model: onnx.ModelProto) -> list[str]:

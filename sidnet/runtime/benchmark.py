@@ -298,20 +298,23 @@ def run_benchmark(*, parts: set[str], models: list[str], batches: list[int], com
                                                                                   iters=it, lat_iters=lat))  # fmt: skip
             del net
         if "torch" in parts:
-            # The backend as shipped, and without its two csrc/layout steps (the previous best), in the same run.
-            for full in (True, False):
-                variant = ("torch backend (cudnn conv+bias+relu, csrc pool)" if full else
-                           "torch backend (cudnn conv+bias+relu only)")  # fmt: skip
-                be = TorchBackend(model, info, device="cuda", conf_thresh=0.3, kernel_pool=None if full else False)
+            # The backend as shipped, and without its csrc steps one at a time (the previous defaults), same run.
+            for variant, opts in (
+                ("torch backend (cudnn conv+bias+relu, csrc stem + pool)", {}),
+                ("torch backend (cudnn conv+bias+relu, csrc pool)", {"kernel_stem": False}),
+                ("torch backend (cudnn conv+bias+relu only)", {"kernel_pool": False, "kernel_stem": False}),
+            ):
+                be = TorchBackend(model, info, device="cuda", conf_thresh=0.3, **opts)
                 res["notes"][f"{name} decode"] = be.decode
                 for bs in batches:
                     be.slot(bs)
                     it, lat = iters_for(bs)
                     add("network", name, variant, time_calls(lambda b=bs, be=be: be.run(b), batch=bs, iters=it,
                                                              lat_iters=lat))  # fmt: skip
-                if 64 in batches:
-                    x = be.slot(64)["input"]
-                    res["profile"][f"{name} {variant} bs64"] = profile_kernels(lambda x=x, be=be: be.forward(x))
+                for pb in (64, 1):
+                    if pb in batches and (pb == 64 or not opts):
+                        x = be.slot(pb)["input"]
+                        res["profile"][f"{name} {variant} bs{pb}"] = profile_kernels(lambda x=x, be=be: be.forward(x))
                 be.close()
                 del be
                 torch.cuda.empty_cache()

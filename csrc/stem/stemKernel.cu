@@ -7,6 +7,19 @@
 
 namespace {
 
+// Tuning knobs, fixed by measurement (benchmarks/stem_variants.py builds this file with each -D and times them):
+// channels per launch, the loop order of the four convolutions (tap-outer: every input value feeds G independent
+// FMAs; channel-outer: G dependent 27-FMA chains), and the minimum resident blocks per SM (0: let ptxas choose).
+#ifndef SIDNET_STEM_GROUP
+#define SIDNET_STEM_GROUP 16
+#endif
+#ifndef SIDNET_STEM_TAP_OUTER
+#define SIDNET_STEM_TAP_OUTER 1
+#endif
+#ifndef SIDNET_STEM_MIN_BLOCKS
+#define SIDNET_STEM_MIN_BLOCKS 0
+#endif
+
 constexpr int kThreads = 128;
 constexpr int kTaps = 27;  // 3x3 window x 3 input channels
 
@@ -55,7 +68,7 @@ __device__ __forceinline__ void store(__half* out, const float (&v)[K]) {
 // columns through L1), runs the four 3x3 convolutions, keeps the channel-wise max, then bias + activation. A warp
 // writes 32 consecutive output pixels: one contiguous 32*K-element span.
 template <typename T, int K, int Act>
-__global__ void __launch_bounds__(kThreads) stemKernel(const T* __restrict__ in, T* __restrict__ out,
+__global__ void __launch_bounds__(kThreads, SIDNET_STEM_MIN_BLOCKS) stemKernel(const T* __restrict__ in, T* __restrict__ out,
                                                        const StemParams<K> p, int64_t total, int h, int w, int ho,
                                                        int wo, int kOut, int k0, float slope) {
     for (int64_t t = int64_t(blockIdx.x) * kThreads + threadIdx.x; t < total; t += int64_t(gridDim.x) * kThreads) {
@@ -85,6 +98,23 @@ __global__ void __launch_bounds__(kThreads) stemKernel(const T* __restrict__ in,
         for (int dy = 0; dy < 2; ++dy) {
 #pragma unroll
             for (int dx = 0; dx < 2; ++dx) {
+#if SIDNET_STEM_TAP_OUTER
+                float acc[K];
+#pragma unroll
+                for (int k = 0; k < K; ++k) acc[k] = 0.f;
+#pragma unroll
+                for (int ky = 0; ky < 3; ++ky)
+#pragma unroll
+                    for (int kx = 0; kx < 3; ++kx)
+#pragma unroll
+                        for (int c = 0; c < 3; ++c) {
+                            const float v = win[dy + ky][dx + kx][c];
+#pragma unroll
+                            for (int k = 0; k < K; ++k) acc[k] = fmaf(p.w[k * kTaps + (ky * 3 + kx) * 3 + c], v, acc[k]);
+                        }
+#pragma unroll
+                for (int k = 0; k < K; ++k) best[k] = fmaxf(best[k], acc[k]);
+#else
 #pragma unroll
                 for (int k = 0; k < K; ++k) {
                     float a = 0.f;
@@ -96,6 +126,7 @@ __global__ void __launch_bounds__(kThreads) stemKernel(const T* __restrict__ in,
                             for (int c = 0; c < 3; ++c) a = fmaf(p.w[k * kTaps + (ky * 3 + kx) * 3 + c], win[dy + ky][dx + kx][c], a);
                     best[k] = fmaxf(best[k], a);
                 }
+#endif
             }
         }
 #pragma unroll
@@ -135,7 +166,9 @@ cudaError_t dispatchAct(const void* in, void* out, int n, int h, int w, int k, c
 template <typename T>
 cudaError_t dispatchGroup(const void* in, void* out, int n, int h, int w, int k, const float* weight,
                           const float* bias, int act, float slope, cudaStream_t s) {
+#if SIDNET_STEM_GROUP == 16
     if (k % 16 == 0) return dispatchAct<T, 16>(in, out, n, h, w, k, weight, bias, act, slope, s);
+#endif
     return dispatchAct<T, 8>(in, out, n, h, w, k, weight, bias, act, slope, s);
 }
 

@@ -7,14 +7,15 @@
 
 namespace {
 
-// Tuning knobs, fixed by measurement (benchmarks/stem_variants.py builds this file with each -D and times them):
-// channels per launch, the loop order of the four convolutions (tap-outer: every input value feeds G independent
-// FMAs; channel-outer: G dependent 27-FMA chains), and the minimum resident blocks per SM (0: let ptxas choose).
+// Tuning knobs, fixed by measurement (benchmarks/stem_variants.py builds this file with each -D and times them side by
+// side; benchmarks/results/deploy/stem_variants_h100.md): channels per launch (16 beat 8 by 13%), the loop order of
+// the four convolutions (channel-outer: G 27-FMA chains that ptxas interleaves, 162 registers, beat tap-outer, 128
+// registers, by 4.5%), and the minimum resident blocks per SM (0: ptxas chooses; forcing 5 was 6% slower).
 #ifndef SIDNET_STEM_GROUP
 #define SIDNET_STEM_GROUP 16
 #endif
 #ifndef SIDNET_STEM_TAP_OUTER
-#define SIDNET_STEM_TAP_OUTER 1
+#define SIDNET_STEM_TAP_OUTER 0
 #endif
 #ifndef SIDNET_STEM_MIN_BLOCKS
 #define SIDNET_STEM_MIN_BLOCKS 0

@@ -25,12 +25,14 @@ BATCHES = (1, 8, 16, 32, 64, 128)
 ANCHORS_SIDNET = [[40.0, 90.0], [100.0, 220.0], [220.0, 360.0]]
 
 
-def build_random(name: str, *, input_size: int = 416, seed: int = 0) -> nn.Module:
+def build_random(name: str, *, input_size: int = 416, seed: int = 0, width: float | None = None) -> nn.Module:
     from sidnet.export.pipeline import calibrate_batchnorm
     from sidnet.models import build_model
 
     torch.manual_seed(seed)
     kw = {"anchors": ANCHORS_SIDNET, "num_classes": 1} if name.startswith("sidnet") else {}
+    if width is not None:
+        kw["width"] = width
     model = build_model(name, input_size=input_size, **kw)
     return calibrate_batchnorm(model, seed=seed, batches=1, batch_size=2)
 
@@ -392,20 +394,22 @@ def run_benchmark(*, parts: set[str], models: list[str], batches: list[int], com
     return res
 
 
-def compiled_rows(name: str, *, batches: list[int], work_dir: Path, out_json: Path) -> None:
+def compiled_rows(name: str, *, batches: list[int], work_dir: Path, out_json: Path, input_size: int = 416,
+                  width: float | None = None, max_batch: int | None = None) -> None:  # fmt: skip
     """The compiled (AOTInductor) backend's network-only rows for ``name``; run by :func:`compiled_in_child`."""
     from sidnet.export.compiled import export_compiled
     from sidnet.runtime.backends.compiled import CompiledBackend
 
     torch.backends.cudnn.benchmark = True
-    model = build_random(name).cuda().eval()
+    model = build_random(name, input_size=input_size, width=width).cuda().eval()
     meta = {"model": name, "anchors": model.anchors.tolist(), "num_classes": model.num_classes,
             "class_names": ["c"] * model.num_classes, "input_size": model.input_size}  # fmt: skip
     out: dict = {"rows": [], "compile_seconds": {}}
     t0 = time.perf_counter()
     pkg, _ = export_compiled(model, work_dir / f"compiled_{name}", precision="fp16", conf_thresh=0.3, topk=100,
-                             max_batch=max(batches), meta=meta, device="cuda")  # fmt: skip
+                             max_batch=max_batch or max(batches), meta=meta, device="cuda")  # fmt: skip
     t1 = time.perf_counter()
+    print(f"compiled {name}: package written in {t1 - t0:.0f} s; loading", flush=True)
     be = CompiledBackend(pkg)
     out["compile_seconds"] = {f"{name} AOTInductor export": round(t1 - t0, 1),
                               f"{name} AOTInductor load": round(time.perf_counter() - t1, 2)}  # fmt: skip
@@ -419,9 +423,11 @@ def compiled_rows(name: str, *, batches: list[int], work_dir: Path, out_json: Pa
     out_json.write_text(json.dumps(out))
 
 
-def compiled_in_child(name: str, *, batches: list[int], work_dir: Path, log: Path, timeout: float = 420) -> dict:
+def compiled_in_child(name: str, *, batches: list[int], work_dir: Path, log: Path, timeout: float = 420,
+                      **options) -> dict:  # fmt: skip
     """Run :func:`compiled_rows` in a child process (faulthandler on, output to ``log``); returns its rows (as ``add``
-    keyword arguments), compile seconds and a one-line note on how the child ended."""
+    keyword arguments), compile seconds and a one-line note on how the child ended. ``options``: input_size, width,
+    max_batch of :func:`compiled_rows`."""
     import subprocess
     import sys
 
@@ -429,7 +435,7 @@ def compiled_in_child(name: str, *, batches: list[int], work_dir: Path, log: Pat
     out_json.unlink(missing_ok=True)
     code = ("import sys; from pathlib import Path; from sidnet.runtime.benchmark import compiled_rows; "
             f"compiled_rows({name!r}, batches={list(batches)!r}, work_dir=Path({str(work_dir)!r}), "
-            f"out_json=Path({str(out_json)!r}))")  # fmt: skip
+            f"out_json=Path({str(out_json)!r}), **{options!r})")  # fmt: skip
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as fh:
         try:

@@ -1,0 +1,59 @@
+"""Which property of the model makes the AOTInductor package crash at load on the GPU? One child process per config.
+
+    python benchmarks/compiled_isolate.py --out benchmarks/results/deploy      # on the GPU machine
+
+The compiled backend's package of full SIDNet at 416² (dynamic batch 1..128) compiled, then segfaulted inside
+``torch._C._aoti.AOTIModelPackageLoader`` on the H100 (torch 2.11; ``compiled_416_segfault_h100.log``), while the GPU
+test's package (a narrow SIDNet at 128², batch ≤ 8) loads and runs. Each config below changes one of those properties
+and records whether the package loads and its img/s; faulthandler logs per config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sidnet.runtime.benchmark import compiled_in_child  # noqa: E402
+
+CONFIGS = {  # name → compiled_rows options
+    "narrow (width 0.25) at 416², batch ≤ 128": {"input_size": 416, "width": 0.25, "max_batch": 128},
+    "full width at 128², batch ≤ 8": {"input_size": 128, "max_batch": 8},
+    "full width at 416², batch ≤ 8": {"input_size": 416, "max_batch": 8},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("outputs/compiled_isolate"))
+    p.add_argument("--work-dir", type=Path, default=Path("/tmp/compiled_isolate"))
+    p.add_argument("--timeout", type=float, default=170)
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    lines = ["| config | outcome | compile s | img/s (batch) |", "|---|---|---|---|"]
+    results = {}
+    for i, (name, opts) in enumerate(CONFIGS.items()):
+        work = args.work_dir / f"c{i}"
+        work.mkdir(parents=True, exist_ok=True)
+        batches = [1, opts["max_batch"]]
+        r = compiled_in_child("sidnet", batches=batches, work_dir=work, log=args.out / f"compiled_isolate_{i}.log",
+                              timeout=args.timeout, **opts)  # fmt: skip
+        results[name] = r
+        rates = ", ".join(f"{row['r']['img_s']:,.0f} ({row['r']['batch']})" for row in r["rows"])
+        secs = next(iter(r.get("compile_seconds", {}).values()), "")
+        lines.append(f"| {name} | {r['note']} | {secs} | {rates} |")
+        print(lines[-1], flush=True)
+    text = f"# AOTInductor load crash: isolation ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n"
+    text += "\n".join(lines) + "\n"
+    (args.out / "compiled_isolate_h100.md").write_text(text)
+    (args.out / "compiled_isolate_h100.json").write_text(json.dumps(results, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -394,25 +394,32 @@ def run_benchmark(*, parts: set[str], models: list[str], batches: list[int], com
     return res
 
 
-def compiled_rows(name: str, *, batches: list[int], work_dir: Path, out_json: Path, input_size: int = 416,
-                  width: float | None = None, max_batch: int | None = None) -> None:  # fmt: skip
-    """The compiled (AOTInductor) backend's network-only rows for ``name``; run by :func:`compiled_in_child`."""
+def compiled_rows(name: str, *, phase: str, batches: list[int], work_dir: Path, out_json: Path,
+                  input_size: int = 416, width: float | None = None, max_batch: int | None = None) -> None:  # fmt: skip
+    """The compiled (AOTInductor) backend for ``name``, run by :func:`compiled_in_child` in two processes, the way a
+    user runs it (``python -m export --backend compiled``, then ``python -m deploy``): ``phase="export"`` writes the
+    package, ``phase="load"`` loads it and times the network-only rows. Results accumulate in ``out_json``."""
     from sidnet.export.compiled import export_compiled
     from sidnet.runtime.backends.compiled import CompiledBackend
 
+    out: dict = json.loads(out_json.read_text()) if out_json.is_file() else {"rows": [], "compile_seconds": {}}
+    pkg = work_dir / f"compiled_{name}" / "model.pt2"
+    if phase == "export":
+        model = build_random(name, input_size=input_size, width=width).cuda().eval()
+        meta = {"model": name, "anchors": model.anchors.tolist(), "num_classes": model.num_classes,
+                "class_names": ["c"] * model.num_classes, "input_size": model.input_size}  # fmt: skip
+        t0 = time.perf_counter()
+        pkg, _ = export_compiled(model, pkg.parent, precision="fp16", conf_thresh=0.3, topk=100,
+                                 max_batch=max_batch or max(batches), meta=meta, device="cuda")  # fmt: skip
+        out["compile_seconds"][f"{name} AOTInductor export"] = round(time.perf_counter() - t0, 1)
+        out_json.write_text(json.dumps(out))
+        print(f"compiled {name}: package written in {time.perf_counter() - t0:.0f} s", flush=True)
+        return
     torch.backends.cudnn.benchmark = True
-    model = build_random(name, input_size=input_size, width=width).cuda().eval()
-    meta = {"model": name, "anchors": model.anchors.tolist(), "num_classes": model.num_classes,
-            "class_names": ["c"] * model.num_classes, "input_size": model.input_size}  # fmt: skip
-    out: dict = {"rows": [], "compile_seconds": {}}
-    t0 = time.perf_counter()
-    pkg, _ = export_compiled(model, work_dir / f"compiled_{name}", precision="fp16", conf_thresh=0.3, topk=100,
-                             max_batch=max_batch or max(batches), meta=meta, device="cuda")  # fmt: skip
     t1 = time.perf_counter()
-    print(f"compiled {name}: package written in {t1 - t0:.0f} s; loading", flush=True)
     be = CompiledBackend(pkg)
-    out["compile_seconds"] = {f"{name} AOTInductor export": round(t1 - t0, 1),
-                              f"{name} AOTInductor load": round(time.perf_counter() - t1, 2)}  # fmt: skip
+    out["compile_seconds"][f"{name} AOTInductor load"] = round(time.perf_counter() - t1, 2)
+    print(f"compiled {name}: package loaded in {time.perf_counter() - t1:.1f} s", flush=True)
     for bs in batches:
         be.slot(bs)
         it, lat = iters_for(bs)
@@ -420,36 +427,37 @@ def compiled_rows(name: str, *, batches: list[int], work_dir: Path, out_json: Pa
         out["rows"].append({"mode": "network", "model": name, "variant": "compiled (AOTInductor .pt2)", "r": r})
         out_json.write_text(json.dumps(out))  # a crash later keeps the rows so far
         print(f"compiled {name} bs {bs}: {r['img_s']:,.0f} img/s", flush=True)
-    out_json.write_text(json.dumps(out))
 
 
 def compiled_in_child(name: str, *, batches: list[int], work_dir: Path, log: Path, timeout: float = 420,
                       **options) -> dict:  # fmt: skip
-    """Run :func:`compiled_rows` in a child process (faulthandler on, output to ``log``); returns its rows (as ``add``
-    keyword arguments), compile seconds and a one-line note on how the child ended. ``options``: input_size, width,
-    max_batch of :func:`compiled_rows`."""
+    """Run :func:`compiled_rows` in child processes (export, then load + time; faulthandler on, output to ``log``);
+    returns its rows (as ``add`` keyword arguments), compile seconds and a one-line note on how the children ended.
+    ``options``: input_size, width, max_batch of :func:`compiled_rows`."""
     import subprocess
     import sys
 
     out_json = work_dir / f"compiled_{name}.json"
     out_json.unlink(missing_ok=True)
-    code = ("import sys; from pathlib import Path; from sidnet.runtime.benchmark import compiled_rows; "
-            f"compiled_rows({name!r}, batches={list(batches)!r}, work_dir=Path({str(work_dir)!r}), "
-            f"out_json=Path({str(out_json)!r}), **{options!r})")  # fmt: skip
     log.parent.mkdir(parents=True, exist_ok=True)
+    note = "ok"
     with open(log, "w") as fh:
-        try:
-            rc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], stdout=fh, stderr=subprocess.STDOUT,
-                                timeout=timeout).returncode  # fmt: skip
-        except subprocess.TimeoutExpired:
-            rc = None
+        for phase in ("export", "load"):
+            code = ("from pathlib import Path; from sidnet.runtime.benchmark import compiled_rows; "
+                    f"compiled_rows({name!r}, phase={phase!r}, batches={list(batches)!r}, "
+                    f"work_dir=Path({str(work_dir)!r}), out_json=Path({str(out_json)!r}), **{options!r})")  # fmt: skip
+            fh.write(f"=== {phase}\n")
+            fh.flush()
+            try:
+                rc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], stdout=fh,
+                                    stderr=subprocess.STDOUT, timeout=timeout).returncode  # fmt: skip
+            except subprocess.TimeoutExpired:
+                note = f"{phase} timed out after {timeout:.0f} s"
+                break
+            if rc != 0:
+                note = f"{phase} process died (exit {rc}{' = signal ' + str(-rc) if rc < 0 else ''}); see {log.name}"
+                break
     got = json.loads(out_json.read_text()) if out_json.is_file() else {"rows": []}
-    if rc == 0:
-        note = "ok"
-    elif rc is None:
-        note = f"timed out after {timeout:.0f} s"
-    else:
-        note = f"child died (exit {rc}{' = signal ' + str(-rc) if rc < 0 else ''}); see {log.name}"
     got["note"] = note + f"; {len(got['rows'])} row(s)"
     got["rows"] = [{"mode": r["mode"], "model": r["model"], "variant": r["variant"], "r": r["r"]} for r in got["rows"]]
     print(f"compiled {name}: {got['note']}", flush=True)

@@ -395,16 +395,21 @@ def run_benchmark(*, parts: set[str], models: list[str], batches: list[int], com
 
 
 def compiled_rows(name: str, *, phase: str, batches: list[int], work_dir: Path, out_json: Path,
-                  input_size: int = 416, width: float | None = None, max_batch: int | None = None) -> None:  # fmt: skip
+                  input_size: int = 416, width: float | None = None, max_batch: int | None = None,
+                  preload: tuple[str, ...] = ()) -> None:  # fmt: skip
     """The compiled (AOTInductor) backend for ``name``, run by :func:`compiled_in_child` in two processes, the way a
     user runs it (``python -m export --backend compiled``, then ``python -m deploy``): ``phase="export"`` writes the
-    package, ``phase="load"`` loads it and times the network-only rows. Results accumulate in ``out_json``."""
+    package, ``phase="load"`` loads it and times the network-only rows. Results accumulate in ``out_json``.
+    ``preload``: modules imported before the load (``sidnet.kernels`` also loads its library), for the crash hunt in
+    ``benchmarks/compiled_isolate.py``."""
     from sidnet.export.compiled import export_compiled
     from sidnet.runtime.backends.compiled import CompiledBackend
 
     out: dict = json.loads(out_json.read_text()) if out_json.is_file() else {"rows": [], "compile_seconds": {}}
     pkg = work_dir / f"compiled_{name}" / "model.pt2"
     if phase == "export":
+        if pkg.is_file() and (pkg.parent / "model.pt2.json").is_file() and preload:
+            return  # the crash hunt reuses one package across load experiments
         model = build_random(name, input_size=input_size, width=width).cuda().eval()
         meta = {"model": name, "anchors": model.anchors.tolist(), "num_classes": model.num_classes,
                 "class_names": ["c"] * model.num_classes, "input_size": model.input_size}  # fmt: skip
@@ -415,6 +420,17 @@ def compiled_rows(name: str, *, phase: str, batches: list[int], work_dir: Path, 
         out_json.write_text(json.dumps(out))
         print(f"compiled {name}: package written in {time.perf_counter() - t0:.0f} s", flush=True)
         return
+    import importlib
+
+    for mod in preload:
+        if mod == "warm-cuda":  # a cuBLAS matmul and a cuDNN conv first (handles, workspaces)
+            x = torch.rand(2, 3, 32, 32, device="cuda")
+            torch.nn.functional.conv2d(x, torch.rand(4, 3, 3, 3, device="cuda")).sum().item()
+            (x.flatten(1) @ x.flatten(1).T).sum().item()
+            continue
+        m = importlib.import_module(mod)
+        if mod == "sidnet.kernels":
+            m.load_library()
     torch.backends.cudnn.benchmark = True
     t1 = time.perf_counter()
     be = CompiledBackend(pkg)

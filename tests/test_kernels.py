@@ -470,3 +470,106 @@ def test_maxpool_module_inside_a_cuda_graph(lib):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, torch.nn.functional.max_pool2d(x, 2, 2))
+
+
+# --------------------------------------------------------------------------------- stem (conv 3x3 + act + maxpool 2x2)
+
+
+def _stem_ref(x, weight, bias, act, slope):
+    """float64 reference (cuDNN's fp32 convs may run in TF32)."""
+    n, _, h, w = x.shape
+    if h < 2 or w < 2:
+        return torch.empty(n, weight.shape[0], h // 2, w // 2, dtype=torch.float64, device=x.device)
+    y = torch.nn.functional.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    y = {"relu": torch.relu, "identity": lambda t: t,
+         "leaky_relu": lambda t: torch.nn.functional.leaky_relu(t, slope)}[act](y)  # fmt: skip
+    return torch.nn.functional.max_pool2d(y, 2, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "n,k,h,w,act",
+    # Darknet-19's stem at 416² (two 16-channel launches), YOLOv2's leaky stem, an 8-channel group (K=24), K=64 (four
+    # launches), K=8, odd sizes (floor), a 1-row input (empty output)
+    [(2, 32, 416, 416, "relu"), (3, 32, 64, 48, "leaky_relu"), (1, 24, 9, 7, "relu"), (2, 64, 20, 20, "identity"),
+     (1, 8, 5, 5, "leaky_relu"), (1, 16, 1, 6, "relu")],
+)  # fmt: skip
+def test_stem_conv_act_pool_matches_torch(lib, dtype, n, k, h, w, act):
+    g = _gen(n * 100 + k + h)
+    x = _nhwc(torch.rand(n, 3, h, w, generator=g, device="cuda").to(dtype))
+    weight = (0.3 * torch.randn(k, 3, 3, 3, generator=g, device="cuda")).to(dtype)
+    bias = (0.1 * torch.randn(k, generator=g, device="cuda")).to(dtype)
+    out = _nhwc(_poison((n, k, h // 2, w // 2), dtype))
+    got = kernels.stem_conv_act_pool(x, weight, bias, act=act, slope=0.1, out=out)
+    torch.cuda.synchronize()
+    assert got is out and not torch.isnan(out).any(), "unwritten output elements"
+    ref = _stem_ref(x, weight, bias, act, 0.1)  # exact math on the same (rounded) inputs
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    else:  # one fp16 rounding of the result (|values| < 8: ulp <= 2^-8)
+        torch.testing.assert_close(out.double(), ref.half().double(), atol=4e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+def test_stem_conv_act_pool_equals_cudnn_layers_in_fp16(lib):
+    """Against what it replaces in the torch backend: cuDNN conv+bias+ReLU in fp16, then max-pool (both round)."""
+    g = _gen(5)
+    x = _nhwc(torch.rand(4, 3, 416, 416, generator=g, device="cuda").half())
+    weight = (0.3 * torch.randn(32, 3, 3, 3, generator=g, device="cuda")).half()
+    bias = (0.1 * torch.randn(32, generator=g, device="cuda")).half()
+    cudnn = torch.cudnn_convolution_relu(x, weight.contiguous(memory_format=torch.channels_last), bias, (1, 1), (1, 1),
+                                         (1, 1), 1)  # fmt: skip
+    ref = torch.nn.functional.max_pool2d(cudnn, 2, 2)
+    got = kernels.stem_conv_act_pool(x, weight, bias, act="relu")
+    diff = (got.float() - ref.float()).abs()
+    assert diff.max() <= 8e-3 and diff.mean() < 1e-4, (diff.max().item(), diff.mean().item())
+
+
+@pytest.mark.gpu
+def test_stem_bad_shapes_and_layout(lib):
+    x = _nhwc(torch.rand(1, 3, 8, 8, device="cuda"))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        kernels.stem_conv_act_pool(x, torch.randn(12, 3, 3, 3), None)
+    with pytest.raises(ValueError, match="channels-last"):
+        kernels.stem_conv_act_pool(torch.rand(1, 3, 8, 8, device="cuda").permute(0, 1, 3, 2), torch.randn(8, 3, 3, 3))
+    with pytest.raises(ValueError, match="act"):
+        kernels.stem_conv_act_pool(x, torch.randn(8, 3, 3, 3), act="gelu")
+    # The C launcher's own refusal of K % 8 (the path a TensorRT plugin or other host code would hit)
+    lib_fn = kernels.load_library().stemConvActPool
+    vp, i = ctypes.c_void_p, ctypes.c_int
+    lib_fn.argtypes = [vp, vp, i, i, i, i, i, vp, vp, i, ctypes.c_float, vp]
+    assert lib_fn(None, None, 0, 1, 4, 4, 12, None, None, 1, 0.0, None) == 801  # cudaErrorNotSupported
+
+
+@pytest.mark.gpu
+def test_stem_module_in_a_fused_network_inside_a_cuda_graph(lib):
+    """fuse_for_inference(kernel_stem=True) on a SIDNet: same raw map as the unfused-stem network, and the weights
+    (kernel parameters) are captured by value in a CUDA graph."""
+    from sidnet.models.builders import sidnet
+    from sidnet.models.fuse import StemConvActPool, fuse_for_inference
+
+    torch.manual_seed(0)
+    model = sidnet(anchors=[[1.0, 1.5], [3.0, 4.0], [7.0, 6.0]], input_size=128).eval()
+    for m in model.modules():  # non-trivial BatchNorm statistics, so the folding matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    fused = fuse_for_inference(model, kernel_stem=True, kernel_pool=True).cuda().half().to(
+        memory_format=torch.channels_last)  # fmt: skip
+    plain = fuse_for_inference(model, kernel_pool=True).cuda().half().to(memory_format=torch.channels_last)
+    assert sum(isinstance(m, StemConvActPool) for m in fused.modules()) == 1
+    x = _nhwc(torch.rand(4, 3, 128, 128, generator=_gen(9), device="cuda").half())
+    s = torch.cuda.Stream()
+    with torch.no_grad(), torch.cuda.stream(s):
+        fused(x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(g):
+        y = fused(x)
+    x.copy_(_nhwc(torch.rand(4, 3, 128, 128, generator=_gen(10), device="cuda").half()))
+    g.replay()
+    with torch.no_grad():
+        ref = plain(x)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y.float(), ref.float(), atol=3e-2, rtol=2e-2)

@@ -9,6 +9,8 @@ Wrappers (CUDA tensors in, outputs allocated on the same device, launched on the
 - :func:`region_decode` — same contract as :func:`sidnet.models.region.region_decode`.
 - :func:`region_topk` — same contract as :func:`sidnet.models.region.region_topk`, fused in one kernel.
 - :func:`pyramid_roi_align` — torchvision ``MultiScaleRoIAlign`` (level choice + ``roi_align``) in one kernel.
+- :func:`maxpool2x2_nhwc` — ``nn.MaxPool2d(2, 2)`` on channels-last tensors, one coalesced pass.
+- :func:`stem_conv_act_pool` — the first 3x3 conv (3 input channels) + bias + activation + 2x2 max-pool in one pass.
 
 Importing this module imports neither torch nor the library; both are loaded on first use.
 """
@@ -29,9 +31,11 @@ __all__ = [
     "pyramid_roi_align",
     "library_path",
     "load_library",
+    "maxpool2x2_nhwc",
     "region_decode",
     "region_topk",
     "reorg",
+    "stem_conv_act_pool",
 ]
 
 LIB_ENV = "SIDNET_KERNELS_LIB"
@@ -325,4 +329,57 @@ def maxpool2x2_nhwc(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torc
     with _on_device(x):
         err = fn(x.data_ptr(), out.data_ptr(), code, n, h, w, c, _stream(x))
     _check(lib, err, "maxPool2x2Nhwc")
+    return out
+
+
+STEM_ACTS = {"identity": 0, "relu": 1, "leaky_relu": 2}
+
+
+def stem_conv_act_pool(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    act: str = "relu",
+    slope: float = 0.0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``max_pool2d(act(conv2d(x, weight, bias, padding=1)), 2, 2)`` in one kernel (``csrc/stem``).
+
+    x: channels-last (N, 3, H, W) float16/float32 CUDA tensor; weight: (K, 3, 3, 3) with K a multiple of 8 and bias (K,)
+    on any device (copied to the host: they travel in the launch's parameter block, fp32); act: ``identity``, ``relu``
+    or ``leaky_relu`` (``slope``). Returns channels-last (N, K, H/2, W/2) in x's dtype. fp32 accumulation.
+    """
+    import torch
+
+    code = _dtype_code(x, "stem_conv_act_pool: x")
+    if x.dim() != 4 or x.shape[1] != 3 or not x.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(f"stem_conv_act_pool: x must be a channels-last (N, 3, H, W) tensor, got {tuple(x.shape)} "
+                         f"strides {x.stride()}")  # fmt: skip
+    if weight.dim() != 4 or tuple(weight.shape[1:]) != (3, 3, 3) or weight.shape[0] % 8:
+        raise ValueError(f"stem_conv_act_pool: weight must be (K, 3, 3, 3) with K a multiple of 8, got "
+                         f"{tuple(weight.shape)}")  # fmt: skip
+    if act not in STEM_ACTS:
+        raise ValueError(f"stem_conv_act_pool: act {act!r}: use one of {sorted(STEM_ACTS)}")
+    k = weight.shape[0]
+    host_w = weight.detach().float().permute(0, 2, 3, 1).contiguous().cpu()  # (k, ky, kx, c)
+    host_b = None if bias is None else bias.detach().float().contiguous().cpu()
+    n, _, h, w = x.shape
+    shape = (n, k, h // 2, w // 2)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    elif (tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device
+          or not out.is_contiguous(memory_format=torch.channels_last)):  # fmt: skip
+        raise ValueError(f"stem_conv_act_pool: out must be a channels-last {x.dtype} tensor of shape {shape} on "
+                         f"{x.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")  # fmt: skip
+    lib = _lib()
+    fn = getattr(lib, "stemConvActPool", None)
+    if fn is None:
+        raise RuntimeError(f"the kernels library predates stemConvActPool: {_BUILD_HINT}")
+    vp, i = ctypes.c_void_p, ctypes.c_int
+    fn.argtypes, fn.restype = [vp, vp, i, i, i, i, i, vp, vp, i, ctypes.c_float, vp], i
+    with _on_device(x):
+        err = fn(x.data_ptr(), out.data_ptr(), code, n, h, w, k, host_w.data_ptr(),
+                 None if host_b is None else host_b.data_ptr(), STEM_ACTS[act], float(slope), _stream(x))  # fmt: skip
+    _check(lib, err, "stemConvActPool")
     return out

@@ -1,5 +1,6 @@
 """Inference-time fusion of :class:`~sidnet.models.layers.ConvNormAct`: BatchNorm folded into the conv's weights and
-bias, and — for ReLU on CUDA — one cuDNN fused conv + bias + ReLU call instead of three kernels.
+bias, and — for ReLU on CUDA — one cuDNN fused conv + bias + ReLU call instead of three kernels; optionally the
+``csrc/`` max-pool kernel and the fused stem (first conv + activation + max-pool) kernel.
 
 Why: in eager FP16 the BatchNorm and the activation are each a full read and write of every feature map; folded and
 fused, the conv's epilogue does both, which is what TensorRT's 96 → 30 layer fusion did for SIDNet.
@@ -52,17 +53,67 @@ class MaxPool2x2(nn.Module):
         return F.max_pool2d(x, 2, 2)
 
 
-def fuse_for_inference(model: nn.Module, *, cudnn_relu: bool = False, kernel_pool: bool = False) -> nn.Module:
-    """A copy of ``model`` in eval mode with every ConvNormAct (BatchNorm norm) replaced by :class:`ConvBiasAct`, and,
-    with ``kernel_pool``, every ``MaxPool2d(2, 2)`` by :class:`MaxPool2x2` (needs the built kernels library)."""
+class StemConvActPool(nn.Module):
+    """A :class:`ConvBiasAct` on the 3-channel input (3x3, stride 1, padding 1) followed by ``MaxPool2d(2, 2)``, as one
+    ``csrc/stem`` kernel on channels-last CUDA input (the conv's 416x416xK output never reaches memory). Elsewhere
+    (CPU, NCHW) the two layers run as before: the same function (max commutes with bias and monotone activations)."""
+
+    def __init__(self, layer: ConvBiasAct) -> None:
+        super().__init__()
+        self.layer = layer
+        act = layer.act
+        self.act = "relu" if isinstance(act, nn.ReLU) else "leaky_relu" if isinstance(act, nn.LeakyReLU) else "identity"
+        self.slope = float(act.negative_slope) if isinstance(act, nn.LeakyReLU) else 0.0
+        self._host: tuple | None = None  # fp32 host copies of the weights (graph capture must not copy to the host)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.is_contiguous(memory_format=torch.channels_last):
+            from sidnet.kernels import stem_conv_act_pool
+
+            c = self.layer.conv
+            key = (c.weight.data_ptr(), c.weight._version, c.weight.dtype)
+            if self._host is None or self._host[0] != key:
+                bias = None if c.bias is None else c.bias.detach().float().cpu()
+                self._host = (key, c.weight.detach().float().cpu(), bias)
+            return stem_conv_act_pool(x, self._host[1], self._host[2], act=self.act, slope=self.slope)
+        return F.max_pool2d(self.layer(x), 2, 2)
+
+    @staticmethod
+    def fits(layer: nn.Module, pool: nn.Module) -> bool:
+        """Whether ``layer`` → ``pool`` is a stem the kernel computes: 3 → K (K % 8 == 0) 3x3/1/1 conv, ReLU, LeakyReLU
+        (0 <= slope <= 1) or identity, then a 2x2/2 max-pool."""
+        if not (isinstance(layer, ConvBiasAct) and isinstance(pool, nn.MaxPool2d) and _is_2x2(pool)):
+            return False
+        c, act = layer.conv, layer.act
+        act_ok = isinstance(act, (nn.ReLU, nn.Identity)) or (isinstance(act, nn.LeakyReLU)
+                                                              and 0.0 <= act.negative_slope <= 1.0)  # fmt: skip
+        return (c.in_channels == 3 and c.out_channels % 8 == 0 and tuple(c.kernel_size) == (3, 3)
+                and tuple(c.stride) == (1, 1) and tuple(c.padding) == (1, 1) and tuple(c.dilation) == (1, 1)
+                and c.groups == 1 and c.padding_mode == "zeros" and act_ok)  # fmt: skip
+
+
+def fuse_for_inference(model: nn.Module, *, cudnn_relu: bool = False, kernel_pool: bool = False,
+                       kernel_stem: bool = False) -> nn.Module:  # fmt: skip
+    """A copy of ``model`` in eval mode with every ConvNormAct (BatchNorm norm) replaced by :class:`ConvBiasAct`; with
+    ``kernel_pool``, every ``MaxPool2d(2, 2)`` by :class:`MaxPool2x2`; with ``kernel_stem``, a 3-channel 3x3 conv
+    directly followed by a 2x2 max-pool (Darknet-19's first two layers) by :class:`StemConvActPool`. Both kernel options
+    need the built kernels library at run time."""
     model = copy.deepcopy(model).eval()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, ConvNormAct) and isinstance(child[1], nn.BatchNorm2d):
                 conv, bn, act = child[0], child[1], child[2]
                 setattr(parent, name, ConvBiasAct(fuse_conv_bn_eval(conv, bn), act, cudnn_relu=cudnn_relu))
-            elif kernel_pool and isinstance(child, nn.MaxPool2d) and _is_2x2(child):
-                setattr(parent, name, MaxPool2x2())
+    if kernel_stem:
+        for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+            for i in range(len(seq) - 1):
+                if StemConvActPool.fits(seq[i], seq[i + 1]):
+                    seq[i], seq[i + 1] = StemConvActPool(seq[i]), nn.Identity()
+    if kernel_pool:
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.MaxPool2d) and _is_2x2(child):
+                    setattr(parent, name, MaxPool2x2())
     return model
 
 

@@ -25,12 +25,14 @@ BATCHES = (1, 8, 16, 32, 64, 128)
 ANCHORS_SIDNET = [[40.0, 90.0], [100.0, 220.0], [220.0, 360.0]]
 
 
-def build_random(name: str, *, input_size: int = 416, seed: int = 0) -> nn.Module:
+def build_random(name: str, *, input_size: int = 416, seed: int = 0, width: float | None = None) -> nn.Module:
     from sidnet.export.pipeline import calibrate_batchnorm
     from sidnet.models import build_model
 
     torch.manual_seed(seed)
     kw = {"anchors": ANCHORS_SIDNET, "num_classes": 1} if name.startswith("sidnet") else {}
+    if width is not None:
+        kw["width"] = width
     model = build_model(name, input_size=input_size, **kw)
     return calibrate_batchnorm(model, seed=seed, batches=1, batch_size=2)
 
@@ -298,43 +300,35 @@ def run_benchmark(*, parts: set[str], models: list[str], batches: list[int], com
                                                                                   iters=it, lat_iters=lat))  # fmt: skip
             del net
         if "torch" in parts:
-            # The backend as shipped, and without its two csrc/layout steps (the previous best), in the same run.
-            for full in (True, False):
-                variant = ("torch backend (cudnn conv+bias+relu, csrc pool)" if full else
-                           "torch backend (cudnn conv+bias+relu only)")  # fmt: skip
-                be = TorchBackend(model, info, device="cuda", conf_thresh=0.3, kernel_pool=None if full else False)
+            # The backend as shipped, and without its csrc steps one at a time (the previous defaults), same run.
+            for variant, opts in (
+                ("torch backend (cudnn conv+bias+relu, csrc stem + pool)", {}),
+                ("torch backend (cudnn conv+bias+relu, csrc pool)", {"kernel_stem": False}),
+                ("torch backend (cudnn conv+bias+relu only)", {"kernel_pool": False, "kernel_stem": False}),
+            ):
+                be = TorchBackend(model, info, device="cuda", conf_thresh=0.3, **opts)
                 res["notes"][f"{name} decode"] = be.decode
                 for bs in batches:
                     be.slot(bs)
                     it, lat = iters_for(bs)
                     add("network", name, variant, time_calls(lambda b=bs, be=be: be.run(b), batch=bs, iters=it,
                                                              lat_iters=lat))  # fmt: skip
-                if 64 in batches:
-                    x = be.slot(64)["input"]
-                    res["profile"][f"{name} {variant} bs64"] = profile_kernels(lambda x=x, be=be: be.forward(x))
+                for pb in (64, 1):
+                    if pb in batches and (pb == 64 or not opts):
+                        x = be.slot(pb)["input"]
+                        res["profile"][f"{name} {variant} bs{pb}"] = profile_kernels(lambda x=x, be=be: be.forward(x))
                 be.close()
                 del be
                 torch.cuda.empty_cache()
         if "compiled" in parts and (compiled_models is None or name in compiled_models):
-            from sidnet.export.compiled import export_compiled
-            from sidnet.runtime.backends.compiled import CompiledBackend
-
-            meta = {"model": name, "anchors": model.anchors.tolist(), "num_classes": model.num_classes,
-                    "class_names": ["c"] * model.num_classes, "input_size": model.input_size}  # fmt: skip
-            t0 = time.perf_counter()
-            pkg, side = export_compiled(model, work_dir / f"compiled_{name}", precision="fp16", conf_thresh=0.3,
-                                        topk=100, max_batch=max(batches), meta=meta, device="cuda")  # fmt: skip
-            t1 = time.perf_counter()
-            be = CompiledBackend(pkg)
-            res["compile_seconds"][f"{name} AOTInductor export"] = round(t1 - t0, 1)
-            res["compile_seconds"][f"{name} AOTInductor load"] = round(time.perf_counter() - t1, 2)
-            for bs in batches:
-                be.slot(bs)
-                it, lat = iters_for(bs)
-                add("network", name, "compiled (AOTInductor .pt2)", time_calls(lambda b=bs, be=be: be.run(b),
-                                                                               batch=bs, iters=it, lat_iters=lat))
-            be.close()
-            del be
+            # In a child process: an AOTInductor compile that crashes (it segfaulted once at 416² on the H100) costs
+            # its rows and a log, not the rest of the run.
+            log = out_dir / f"{stem}_compiled_{name}.log"
+            child = compiled_in_child(name, batches=batches, work_dir=work_dir, log=log)
+            res["compile_seconds"].update(child.get("compile_seconds", {}))
+            res["notes"][f"{name} compiled"] = child["note"]
+            for r in child.get("rows", []):
+                add(**r)
         if "compile" in parts or "compile-ours" in parts:
             from sidnet.models.fuse import fuse_for_inference
 
@@ -398,6 +392,92 @@ def run_benchmark(*, parts: set[str], models: list[str], batches: list[int], com
         res["tables"].update(summary_tables(res))
         write_results(res, out_dir, stem=stem)  # after each model: a run cut short keeps what it measured
     return res
+
+
+def compiled_rows(name: str, *, phase: str, batches: list[int], work_dir: Path, out_json: Path,
+                  input_size: int = 416, width: float | None = None, max_batch: int | None = None,
+                  preload: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """The compiled (AOTInductor) backend for ``name``, run by :func:`compiled_in_child` in two processes, the way a
+    user runs it (``python -m export --backend compiled``, then ``python -m deploy``): ``phase="export"`` writes the
+    package, ``phase="load"`` loads it and times the network-only rows. Results accumulate in ``out_json``.
+    ``preload``: modules imported before the load (``sidnet.kernels`` also loads its library), for the crash hunt in
+    ``benchmarks/compiled_isolate.py``."""
+    from sidnet.export.compiled import export_compiled
+    from sidnet.runtime.backends.compiled import CompiledBackend
+
+    out: dict = json.loads(out_json.read_text()) if out_json.is_file() else {"rows": [], "compile_seconds": {}}
+    pkg = work_dir / f"compiled_{name}" / "model.pt2"
+    if phase == "export":
+        if pkg.is_file() and (pkg.parent / "model.pt2.json").is_file() and preload:
+            return  # the crash hunt reuses one package across load experiments
+        model = build_random(name, input_size=input_size, width=width).cuda().eval()
+        meta = {"model": name, "anchors": model.anchors.tolist(), "num_classes": model.num_classes,
+                "class_names": ["c"] * model.num_classes, "input_size": model.input_size}  # fmt: skip
+        t0 = time.perf_counter()
+        pkg, _ = export_compiled(model, pkg.parent, precision="fp16", conf_thresh=0.3, topk=100,
+                                 max_batch=max_batch or max(batches), meta=meta, device="cuda")  # fmt: skip
+        out["compile_seconds"][f"{name} AOTInductor export"] = round(time.perf_counter() - t0, 1)
+        out_json.write_text(json.dumps(out))
+        print(f"compiled {name}: package written in {time.perf_counter() - t0:.0f} s", flush=True)
+        return
+    import importlib
+
+    for mod in preload:
+        if mod == "warm-cuda":  # a cuBLAS matmul and a cuDNN conv first (handles, workspaces)
+            x = torch.rand(2, 3, 32, 32, device="cuda")
+            torch.nn.functional.conv2d(x, torch.rand(4, 3, 3, 3, device="cuda")).sum().item()
+            (x.flatten(1) @ x.flatten(1).T).sum().item()
+            continue
+        m = importlib.import_module(mod)
+        if mod == "sidnet.kernels":
+            m.load_library()
+    torch.backends.cudnn.benchmark = True
+    t1 = time.perf_counter()
+    be = CompiledBackend(pkg)
+    out["compile_seconds"][f"{name} AOTInductor load"] = round(time.perf_counter() - t1, 2)
+    print(f"compiled {name}: package loaded in {time.perf_counter() - t1:.1f} s", flush=True)
+    for bs in batches:
+        be.slot(bs)
+        it, lat = iters_for(bs)
+        r = time_calls(lambda b=bs: be.run(b), batch=bs, iters=it, lat_iters=lat)
+        out["rows"].append({"mode": "network", "model": name, "variant": "compiled (AOTInductor .pt2)", "r": r})
+        out_json.write_text(json.dumps(out))  # a crash later keeps the rows so far
+        print(f"compiled {name} bs {bs}: {r['img_s']:,.0f} img/s", flush=True)
+
+
+def compiled_in_child(name: str, *, batches: list[int], work_dir: Path, log: Path, timeout: float = 420,
+                      **options) -> dict:  # fmt: skip
+    """Run :func:`compiled_rows` in child processes (export, then load + time; faulthandler on, output to ``log``);
+    returns its rows (as ``add`` keyword arguments), compile seconds and a one-line note on how the children ended.
+    ``options``: input_size, width, max_batch of :func:`compiled_rows`."""
+    import subprocess
+    import sys
+
+    out_json = work_dir / f"compiled_{name}.json"
+    out_json.unlink(missing_ok=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    note = "ok"
+    with open(log, "w") as fh:
+        for phase in ("export", "load"):
+            code = ("from pathlib import Path; from sidnet.runtime.benchmark import compiled_rows; "
+                    f"compiled_rows({name!r}, phase={phase!r}, batches={list(batches)!r}, "
+                    f"work_dir=Path({str(work_dir)!r}), out_json=Path({str(out_json)!r}), **{options!r})")  # fmt: skip
+            fh.write(f"=== {phase}\n")
+            fh.flush()
+            try:
+                rc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], stdout=fh,
+                                    stderr=subprocess.STDOUT, timeout=timeout).returncode  # fmt: skip
+            except subprocess.TimeoutExpired:
+                note = f"{phase} timed out after {timeout:.0f} s"
+                break
+            if rc != 0:
+                note = f"{phase} process died (exit {rc}{' = signal ' + str(-rc) if rc < 0 else ''}); see {log.name}"
+                break
+    got = json.loads(out_json.read_text()) if out_json.is_file() else {"rows": []}
+    got["note"] = note + f"; {len(got['rows'])} row(s)"
+    got["rows"] = [{"mode": r["mode"], "model": r["model"], "variant": r["variant"], "r": r["r"]} for r in got["rows"]]
+    print(f"compiled {name}: {got['note']}", flush=True)
+    return got
 
 
 def summary_tables(res: dict) -> dict[str, list[str]]:

@@ -2,6 +2,8 @@
 
 - BatchNorm folded into the convs, conv + bias + ReLU as one cuDNN call (:mod:`sidnet.models.fuse`);
 - 2x2 max pooling by the ``csrc/maxpool`` NHWC kernel (PyTorch's NHWC half pooling was 39% of the batch-64 time);
+- the first conv (3 input channels) + ReLU + max-pool as one ``csrc/stem`` kernel (cuDNN ran that conv with a generic
+  kernel, and its 416x416x32 output went to memory only to be pooled);
 - FP16 weights and activations, channels_last (NHWC: the layout the tensor-core conv kernels read natively);
 - one CUDA graph per batch size (captured on first use), holding the network *and* the decode tail: the fused
   ``csrc/`` region decode + threshold + top-K kernel (:func:`sidnet.kernels.region_topk`) when the kernels library
@@ -285,7 +287,8 @@ class TorchBackend(GraphRunner):
 
     def __init__(self, model, info: ArtifactInfo, *, device: str = "auto", conf_thresh: float = 0.001,
                  topk: int = 100, precision: str | None = None, cudnn_relu: bool = True, graphs: bool = True,
-                 use_kernel: bool | None = None, kernel_pool: bool | None = None) -> None:  # fmt: skip
+                 use_kernel: bool | None = None, kernel_pool: bool | None = None,
+                 kernel_stem: bool | None = None) -> None:  # fmt: skip
         from sidnet.models.fuse import fuse_for_inference
 
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -302,11 +305,15 @@ class TorchBackend(GraphRunner):
             torch.backends.cudnn.benchmark = True
         if kernel_pool is None:
             kernel_pool = cuda and _kernels_available()
-        net = fuse_for_inference(model, cudnn_relu=cudnn_relu and cuda, kernel_pool=kernel_pool and cuda)
+        if kernel_stem is None:
+            kernel_stem = bool(kernel_pool)
+        net = fuse_for_inference(model, cudnn_relu=cudnn_relu and cuda, kernel_pool=kernel_pool and cuda,
+                                 kernel_stem=kernel_stem and cuda)  # fmt: skip
         net = net.to(dev, dtype)
         if cuda:
             net = net.to(memory_format=torch.channels_last)
         self.kernel_pool = bool(kernel_pool and cuda)
+        self.kernel_stem = bool(kernel_stem and cuda)
         use_kernel = use_kernel if cuda else False
         tail, self.decode = decode_tail(net, conf_thresh=conf_thresh, topk=topk, use_kernel=use_kernel)
         self.net = net

@@ -115,15 +115,6 @@ def _quantize_input(module: nn.Module, args: tuple) -> tuple:
     return (module.input_quantizer(args[0]), *args[1:])
 
 
-def activation_ranges(model: nn.Module) -> dict[str, float]:
-    """``{layer path: input amax}`` of a fake-quantized model (what the export maps onto ONNX tensors)."""
-    out = {}
-    for name, module in model.named_modules():
-        if name.endswith(".input_quantizer") and getattr(module, "is_enabled", False) and module.amax is not None:
-            out[name.removesuffix(".input_quantizer")] = float(module.amax)
-    return out
-
-
 def load_init_weights(model: nn.Module, *, path: str | Path, spec: dict) -> str:
     """Load ``quant.init_from``'s weights (EMA when present) into ``model`` built from ``spec``; returns its sha256.
     A checkpoint of another model, or one that is already QAT, raises one line."""

@@ -336,12 +336,14 @@ def _cli(*argv: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "export", *argv], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-def test_cli_int8_and_missing_checkpoint_are_one_line_errors(tmp_path):
+def test_cli_int8_and_missing_checkpoint_are_one_line_errors(checkpoint, tmp_path):
+    # INT8 without a calibration set is refused once the checkpoint is known not to be QAT (which brings its ranges)
     for argv, expected in [
         (
-            ["--precision", "int8", "--checkpoint", str(tmp_path / "nope.pt")],
+            ["--precision", "int8", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o")],
             "error: INT8 needs a calibration set: pass exactly one of --calib-images FOLDER or --calib-data",
         ),
+        (["--precision", "int8", "--checkpoint", str(tmp_path / "nope.pt")], "error: checkpoint not found"),
         (["--checkpoint", str(tmp_path / "nope.pt")], "error: checkpoint not found"),
     ]:
         result = _cli(*argv)

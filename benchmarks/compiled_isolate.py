@@ -7,7 +7,9 @@ The compiled backend's package of full SIDNet at 416² (dynamic batch 1..128) co
 test's package (a narrow SIDNet at 128², batch ≤ 8) loads and runs. Run 1 (2026-11-23 08:32): narrow at 416² ≤ 128, full
 at 128² ≤ 8 and full at 416² ≤ 8 all compiled and all crashed at load, with export and load in one process. Run 2:
 export and load in separate processes, the way a user runs them: both (full 416² ≤ 128, narrow 128² ≤ 8) compiled,
-both crashed at load. Run 3: one narrow package, loaded in fresh processes after different imports.
+both crashed at load. Run 3: one narrow package, loaded in fresh processes after different imports: it loads and runs
+only after ``import onnxruntime`` (``benchmarks/results/deploy/compiled_isolate/run3.md``), so the compiled backend now
+imports onnxruntime first. Re-running this script after that change measures the backend as shipped.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@
 #     bench-deploy   python -m deploy.benchmark (eager baseline, torch and compiled backends, end to end, onnxruntime
 #                    CPU; SIDNet and YOLOv2) and python -m deploy on the shared clip (two streams, zones)
 #     bench-compile  the torch backend vs torch.compile(max-autotune) in one run, SIDNet at batch 1 and 64 (minutes)
+#     bench-stem     the csrc/stem kernel's build variants side by side (benchmarks/stem_variants.py)
+#     bench-compiled-isolate  the AOTInductor load crash hunt (benchmarks/compiled_isolate.py, minutes)
 #
 # Logs and result files go to $OUT (the device tool sets it) or ./outputs/gpu. On this machine a GPU test that
 # skips is a failure (SIDNET_REQUIRE_GPU=1, and any "skipped" in a pytest summary fails the part).
@@ -104,7 +106,9 @@ bench_compile() {
         --models sidnet --batches 64 1 --compile-batches 64 1 --out "$OUT" --stem deploy_vs_compile_h100 \
         --work-dir "${TMPDIR:-/tmp}/sidnet_bench"
 }
-part_bench() { bench_kernels; bench_train; bench_deploy; bench_maskrcnn; }
+bench_stem() { step bench-stem bench_stem.log python3 benchmarks/stem_variants.py --out "$OUT"; }
+bench_compiled_isolate() { step bench-compiled-isolate compiled_isolate.log python3 benchmarks/compiled_isolate.py --out "$OUT"; }
+part_bench() { bench_kernels; bench_stem; bench_train; bench_deploy; bench_maskrcnn; }
 
 for part in "${@:-all}"; do
     case $part in
@@ -122,6 +126,8 @@ for part in "${@:-all}"; do
         deploy) part_build; gpu_pytest tests-deploy tests_deploy.log tests/test_runtime_gpu.py ;;
         bench-deploy) part_build; bench_deploy ;;
         bench-compile) part_build; bench_compile ;;
+        bench-stem) bench_stem ;;
+        bench-compiled-isolate) part_build; bench_compiled_isolate ;;
         all) part_build; gpu_pytest tests-gpu tests_gpu.log tests/; part_bench; part_sanitize ;;
         *) echo "run_gpu.sh: unknown part '$part' (build, kernels, sanitize, tests, bench, all)" >&2; exit 2 ;;
     esac

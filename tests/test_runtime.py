@@ -324,3 +324,35 @@ def test_pool_module_keeps_the_numbers():
     x = torch.rand(2, 3, 128, 128)
     with torch.no_grad():
         torch.testing.assert_close(net(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["sidnet", "yolov2", "sidnet_mobilenetv2"])
+def test_stem_module_placement_and_numbers_on_cpu(name):
+    """fuse_for_inference(kernel_stem=True) replaces exactly Darknet-19's first conv + pool (ReLU for SIDNet, LeakyReLU
+    for YOLOv2) and nothing in a MobileNetV2 trunk (stride-2 first conv); on the CPU the module runs conv then pool, so
+    the numbers equal the unfused network's."""
+    from torch import nn
+
+    from sidnet.models import build_model
+    from sidnet.models.fuse import ConvBiasAct, StemConvActPool, fuse_for_inference
+
+    torch.manual_seed(0)
+    kw = {"anchors": [[10, 20], [30, 60], [90, 120]], "num_classes": 1} if name.startswith("sidnet") else {}
+    if name != "sidnet_mobilenetv2":
+        kw["width"] = 0.25
+    model = build_model(name, input_size=128, **kw).eval()
+    net = fuse_for_inference(model, kernel_stem=True, kernel_pool=True)
+    stems = [m for m in net.modules() if isinstance(m, StemConvActPool)]
+    assert len(stems) == (0 if name == "sidnet_mobilenetv2" else 1)
+    if stems:
+        assert stems[0].act == ("relu" if name == "sidnet" else "leaky_relu")
+        assert isinstance(net.backbone.stage16[1], nn.Identity)
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model(x), rtol=1e-4, atol=1e-4)
+    # what the kernel cannot take stays unfused: 4 input channels, 12 outputs, stride 2, a 3x3/2 pool
+    assert not StemConvActPool.fits(ConvBiasAct(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU()), nn.MaxPool2d(2, 2))
+    assert not StemConvActPool.fits(ConvBiasAct(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU()), nn.MaxPool2d(2, 2))
+    assert not StemConvActPool.fits(ConvBiasAct(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU()), nn.MaxPool2d(2, 2))
+    assert not StemConvActPool.fits(ConvBiasAct(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU()), nn.MaxPool2d(3, 2))
+    assert StemConvActPool.fits(ConvBiasAct(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU()), nn.MaxPool2d(2, 2))

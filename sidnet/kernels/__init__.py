@@ -302,6 +302,28 @@ def pyramid_roi_align(
     return out
 
 
+def _nhwc_out(out: torch.Tensor | None, shape: tuple, x: torch.Tensor, name: str) -> torch.Tensor:
+    """``out`` checked (channels-last, x's dtype and device, ``shape``), or a new such tensor."""
+    import torch
+
+    if out is None:
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    if (tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device
+            or not out.is_contiguous(memory_format=torch.channels_last)):  # fmt: skip
+        raise ValueError(f"{name}: out must be a channels-last {x.dtype} tensor of shape {shape} on {x.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")  # fmt: skip
+    return out
+
+
+def _late_symbol(lib: ctypes.CDLL, symbol: str, argtypes: list) -> ctypes._CFuncPtr:
+    """A launcher added after ABI 1 (looked up on use, so an older library still serves the others)."""
+    fn = getattr(lib, symbol, None)
+    if fn is None:
+        raise RuntimeError(f"the kernels library predates {symbol}: {_BUILD_HINT}")
+    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return fn
+
+
 def maxpool2x2_nhwc(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """``nn.MaxPool2d(2, 2)`` of a channels-last (N, C, H, W) float16/float32 CUDA tensor, output channels-last.
 
@@ -314,18 +336,10 @@ def maxpool2x2_nhwc(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torc
         raise ValueError(f"maxpool2x2_nhwc: x must be a channels-last (N, C, H, W) tensor, got {tuple(x.shape)} "
                          f"strides {x.stride()}")  # fmt: skip
     n, c, h, w = x.shape
-    shape = (n, c, h // 2, w // 2)
-    if out is None:
-        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    elif (tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device
-          or not out.is_contiguous(memory_format=torch.channels_last)):  # fmt: skip
-        raise ValueError(f"maxpool2x2_nhwc: out must be a channels-last {x.dtype} tensor of shape {shape} on "
-                         f"{x.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")  # fmt: skip
+    out = _nhwc_out(out, (n, c, h // 2, w // 2), x, "maxpool2x2_nhwc")
     lib = _lib()
-    fn = getattr(lib, "maxPool2x2Nhwc", None)
-    if fn is None:
-        raise RuntimeError(f"the kernels library predates maxPool2x2Nhwc: {_BUILD_HINT}")
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 5 + [ctypes.c_void_p], ctypes.c_int
+    vp, i = ctypes.c_void_p, ctypes.c_int
+    fn = _late_symbol(lib, "maxPool2x2Nhwc", [vp, vp, i, i, i, i, i, vp])
     with _on_device(x):
         err = fn(x.data_ptr(), out.data_ptr(), code, n, h, w, c, _stream(x))
     _check(lib, err, "maxPool2x2Nhwc")
@@ -365,19 +379,10 @@ def stem_conv_act_pool(
     host_w = weight.detach().float().permute(0, 2, 3, 1).contiguous().cpu()  # (k, ky, kx, c)
     host_b = None if bias is None else bias.detach().float().contiguous().cpu()
     n, _, h, w = x.shape
-    shape = (n, k, h // 2, w // 2)
-    if out is None:
-        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    elif (tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device
-          or not out.is_contiguous(memory_format=torch.channels_last)):  # fmt: skip
-        raise ValueError(f"stem_conv_act_pool: out must be a channels-last {x.dtype} tensor of shape {shape} on "
-                         f"{x.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")  # fmt: skip
+    out = _nhwc_out(out, (n, k, h // 2, w // 2), x, "stem_conv_act_pool")
     lib = _lib()
-    fn = getattr(lib, "stemConvActPool", None)
-    if fn is None:
-        raise RuntimeError(f"the kernels library predates stemConvActPool: {_BUILD_HINT}")
     vp, i = ctypes.c_void_p, ctypes.c_int
-    fn.argtypes, fn.restype = [vp, vp, i, i, i, i, i, vp, vp, i, ctypes.c_float, vp], i
+    fn = _late_symbol(lib, "stemConvActPool", [vp, vp, i, i, i, i, i, vp, vp, i, ctypes.c_float, vp])
     with _on_device(x):
         err = fn(x.data_ptr(), out.data_ptr(), code, n, h, w, k, host_w.data_ptr(),
                  None if host_b is None else host_b.data_ptr(), STEM_ACTS[act], float(slope), _stream(x))  # fmt: skip

@@ -305,6 +305,7 @@ def run_benchmark(*, parts: set[str], models: list[str], batches: list[int], com
                 ("torch backend (cudnn conv+bias+relu, csrc stem + pool)", {}),
                 ("torch backend (cudnn conv+bias+relu, csrc pool)", {"kernel_stem": False}),
                 ("torch backend (cudnn conv+bias+relu only)", {"kernel_pool": False, "kernel_stem": False}),
+                ("torch backend fp32 (TF32 convs allowed by cuDNN's default)", {"precision": "fp32"}),
             ):
                 be = TorchBackend(model, info, device="cuda", conf_thresh=0.3, **opts)
                 res["notes"][f"{name} decode"] = be.decode

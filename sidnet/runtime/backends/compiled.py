@@ -1,6 +1,13 @@
 """``compiled`` backend: an AOTInductor package (``python -m export --backend compiled``) loaded in seconds, run
 through the same CUDA-graph / GPU-letterbox machinery as the ``torch`` backend (:class:`GraphRunner`).
 
+Loading needs ``onnxruntime`` imported first (measured, torch 2.11 on the H100, ``benchmarks/compiled_isolate.py`` →
+``benchmarks/results/deploy/compiled_isolate_h100.md``): in a process that has not imported it,
+``AOTIModelPackageLoader`` segfaults on every package we tried (full SIDNet at 416², a narrow one at 128²), while
+importing ``cv2``, loading the ``csrc`` library or warming cuBLAS/cuDNN first does not help. The root cause (most likely
+a shared library the package's ``.so`` resolves from whatever the process already loaded) was not found;
+``onnxruntime`` is a core dependency, so the backend imports it before loading.
+
 The AOTInductor runner cannot be captured in a CUDA graph (torch 2.11 on the H100: "operation not permitted when
 stream is capturing"), so it runs uncaptured: its C++ wrapper launches the kernels with little host overhead.
 The sidecar is checked before loading: torch version (AOTInductor packages are not portable across releases),
@@ -46,6 +53,8 @@ class CompiledBackend(GraphRunner):
     def __init__(self, path: Path, *, graphs: bool = False) -> None:
         info = sidecar_info(path, "compiled")
         dev = check_compiled_sidecar(info.sidecar, package=path)
+        import onnxruntime  # noqa: F401  -- must precede the load (module docstring)
+
         runner = torch._inductor.aoti_load_package(str(path))
         dtype = torch.float16 if info.sidecar.get("input", {}).get("dtype") == "float16" else torch.float32
 

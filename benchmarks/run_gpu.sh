@@ -15,6 +15,8 @@
 #     bench-compile  the torch backend vs torch.compile(max-autotune) in one run, SIDNet at batch 1 and 64 (minutes)
 #     bench-stem     the csrc/stem kernel's build variants side by side (benchmarks/stem_variants.py)
 #     bench-compiled-isolate  the AOTInductor load crash hunt (benchmarks/compiled_isolate.py, minutes)
+#     qat-smoke      QAT on CUDA through the entry points (benchmarks/qat_smoke.sh $SIDNET_QAT_DATA: a small YOLO-format
+#                    folder; needs nvidia-modelopt: .whl-qat/*.whl are installed when present)
 #
 # Logs and result files go to $OUT (the device tool sets it) or ./outputs/gpu. On this machine a GPU test that
 # skips is a failure (SIDNET_REQUIRE_GPU=1, and any "skipped" in a pytest summary fails the part).
@@ -31,6 +33,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then  # wheels the GPU machine lacks (../
     else
         echo "run_gpu.sh: could not install .whl/*.whl (built for another Python?); using the installed packages" >&2
     fi
+fi
+
+if compgen -G ".whl-qat/*.whl" >/dev/null &&  # nvidia-modelopt and its dependencies, for qat-smoke
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site-qat .whl-qat/*.whl; then
+    export PYTHONPATH="$PYTHONPATH:/tmp/site-qat"
 fi
 
 failed=()
@@ -127,6 +134,7 @@ for part in "${@:-all}"; do
         bench-deploy) part_build; bench_deploy ;;
         bench-compile) part_build; bench_compile ;;
         bench-stem) bench_stem ;;
+        qat-smoke) step qat-smoke qat_smoke.log benchmarks/qat_smoke.sh "${SIDNET_QAT_DATA:-.data/mini}" cuda ;;
         bench-compiled-isolate) part_build; bench_compiled_isolate ;;
         all) part_build; gpu_pytest tests-gpu tests_gpu.log tests/; part_bench; part_sanitize ;;
         *) echo "run_gpu.sh: unknown part '$part' (build, kernels, sanitize, tests, bench, all)" >&2; exit 2 ;;

@@ -181,17 +181,18 @@ def placement(qdq: onnx.ModelProto, scopes: dict) -> tuple[dict[str, str], list[
 
 def model_placement(model, *, opset: int = 18, exclude: Sequence[str] = ()) -> tuple[dict[str, str], list[str]]:
     """:func:`placement` of ``model`` as ``python -m export --precision int8`` would quantize it (FP32 native graph
-    after surgery, last 1x1 conv and decode excluded, modelopt on one random batch: placement only)."""
+    after surgery, last 1x1 conv and decode excluded, modelopt on one random batch: placement only). The graph is
+    traced from an FP32 CPU copy, as ``python -m export`` does: QAT calls this on a model already on the GPU, and
+    torch 2.11's exporter failed on the CUDA model ("always_classified is unsupported", H100)."""
+    import copy
+
     from sidnet.export.onnx_export import module_scopes
     from sidnet.export.pipeline import build_graph
     from sidnet.export.wrapper import DeployModel
 
-    was_training = model.training
-    try:
-        exported, final, _ = build_graph(DeployModel(model, conf_thresh=0.001, topk=100).eval(), target="native",
-                                         precision="fp32", opset=opset)  # fmt: skip
-    finally:
-        model.train(was_training)
+    model = copy.deepcopy(model).float().cpu().eval()
+    exported, final, _ = build_graph(DeployModel(model, conf_thresh=0.001, topk=100).eval(), target="native",
+                                     precision="fp32", opset=opset)  # fmt: skip
     return placement(placement_probe(final, size=model.input_size, exclude=exclude), module_scopes(exported))
 
 

@@ -16,7 +16,13 @@
 #     bench-stem     the csrc/stem kernel's build variants side by side (benchmarks/stem_variants.py)
 #     bench-compiled-isolate  the AOTInductor load crash hunt (benchmarks/compiled_isolate.py, minutes)
 #     qat-smoke      QAT on CUDA through the entry points (benchmarks/qat_smoke.sh $SIDNET_QAT_DATA: a small YOLO-format
-#                    folder; needs nvidia-modelopt: .whl-qat/*.whl are installed when present)
+#                    folder; needs nvidia-modelopt: .whl-qat/*.whl are installed when present. Made on a machine
+#                    with the int8 extra installed, for the GPU machine's Python 3.12:
+#                    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl-qat \
+#                      nvidia-modelopt==0.47.0 pulp==3.3.2 pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 \
+#                      typing-inspection==0.4.2 ninja nvidia-ml-py regex rich safetensors huggingface_hub ml_dtypes \
+#                      onnxslim polygraphy lief click hf-xet filelock fsspec typing-extensions markdown-it-py mdurl \
+#                      pygments httpx2 httpcore2 anyio h11 certifi idna sniffio truststore)
 #
 # Logs and result files go to $OUT (the device tool sets it) or ./outputs/gpu. On this machine a GPU test that
 # skips is a failure (SIDNET_REQUIRE_GPU=1, and any "skipped" in a pytest summary fails the part).

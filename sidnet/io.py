@@ -10,6 +10,7 @@ dictionary lookup per write.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import signal
 import tempfile
@@ -113,3 +114,12 @@ def ensure_writable_dir(folder: str | os.PathLike[str], *, fix: str) -> Path:
         reason = e.strerror or type(e).__name__
         raise OutputDirError(f"output folder {folder} cannot be written ({reason}); {fix}") from e
     return folder
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (checkpoints, engines and packages run to hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -20,7 +20,7 @@ from sidnet.export.config import ExportConfig
 from sidnet.export.engine import build_engine
 from sidnet.export.errors import BackendUnavailable, EngineBuildError, PluginError
 from sidnet.export.pipeline import calibrate_batchnorm, run_export
-from sidnet.export.report import sha256_file
+from sidnet.io import sha256_file
 from sidnet.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -89,7 +89,7 @@ def test_torch_backend_on_cpu_matches_onnxruntime(tiny_checkpoint, tiny_onnx, sh
 
 
 def _sidecar(engine: Path, **over) -> dict:
-    from sidnet.runtime.backends.tensorrt import _sha256
+    from sidnet.io import sha256_file as _sha256
 
     side = {"backend": "tensorrt", "backend_version": "10.13.0.35", "compute_capability": "9.0", "gpu": "H100",
             "precision": "fp16", "engine_sha256": _sha256(engine), "plugins": None}  # fmt: skip
@@ -131,7 +131,7 @@ def test_tensorrt_sidecar_checks_run_before_deserialising(engine_file, tmp_path)
     lib.write_bytes(b"built library")
     with pytest.raises(DeployError, match="different libsidnet_kernels.so"):
         check(_sidecar(engine_file, plugins={"library": str(lib), "sha256": "0" * 64}))
-    from sidnet.runtime.backends.tensorrt import _sha256
+    from sidnet.io import sha256_file as _sha256
 
     ok = check(_sidecar(engine_file, plugins={"library": "/elsewhere/lib.so", "sha256": _sha256(lib)}),
                plugin_library=lib)  # fmt: skip

@@ -118,9 +118,8 @@ def _quantize_input(module: nn.Module, args: tuple) -> tuple:
 def load_init_weights(model: nn.Module, *, path: str | Path, spec: dict) -> str:
     """Load ``quant.init_from``'s weights (EMA when present) into ``model`` built from ``spec``; returns its sha256.
     A checkpoint of another model, or one that is already QAT, raises one line."""
-    import hashlib
-
     from sidnet.engine.checkpoint import CheckpointError, load_checkpoint
+    from sidnet.io import sha256_file
 
     path = Path(path)
     state = load_checkpoint(path)
@@ -143,7 +142,7 @@ def load_init_weights(model: nn.Module, *, path: str | Path, spec: dict) -> str:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"quant.init_from {path}: its weights do not fit the configured {spec['name']!r} "
                               f"({first[:160]}); pass the model.kwargs it was trained with") from e  # fmt: skip
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256_file(path)
 
 
 def _same_anchors(a, b) -> bool:

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from sidnet.export.errors import ExportError
-from sidnet.export.report import sha256_file
 from sidnet.export.wrapper import INPUT_NAME, DeployModel
+from sidnet.io import sha256_file
 from sidnet.models.fuse import fuse_for_inference
 
 log = logging.getLogger("sidnet.export")

@@ -12,7 +12,6 @@ cannot deserialise without a supported GPU (not the H100, not a CPU machine): th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -25,6 +24,7 @@ import onnx
 
 from sidnet.export.errors import BackendUnavailable, EngineBuildError
 from sidnet.export.wrapper import INPUT_NAME
+from sidnet.io import sha256_file
 
 log = logging.getLogger("sidnet.export.engine")
 
@@ -82,10 +82,6 @@ def _logger(trt: ModuleType):
                 log.debug("%s", msg) if self.quiet else log.warning("%s", msg)
 
     return Logger()
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _parse(trt, logger, network, onnx_path: Path, backend: str) -> None:
@@ -248,7 +244,7 @@ def build_engine(
     )
     info = {
         "engine": engine_path.name,
-        "engine_sha256": _sha256(engine_path),
+        "engine_sha256": sha256_file(engine_path),
         "backend": backend,
         "backend_version": trt.__version__,
         "built_on": built_on,
@@ -270,7 +266,7 @@ def build_engine(
         },
         "target": meta.get("target"),
         "plugins": plugins,
-        "onnx": {"file": onnx_path.name, "sha256": _sha256(onnx_path)},
+        "onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path)},
         "timing_cache": str(cache_path) if cache_path else "not used (a no-op in TensorRT-RTX)",
         "build_seconds": round(seconds, 2),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -20,7 +20,8 @@ import onnx
 from sidnet.export import calibration as calib
 from sidnet.export import int8 as q
 from sidnet.export.errors import ExportError
-from sidnet.export.manifest import MANIFEST_NAME, file_sha256, graph_sha256, write_manifest
+from sidnet.export.manifest import MANIFEST_NAME, graph_sha256, write_manifest
+from sidnet.io import sha256_file
 
 log = logging.getLogger("sidnet.export.int8")
 
@@ -153,7 +154,7 @@ def _quantize(fp32, int8, work: Path, cset, source, *, size: int, project_root: 
                              "by_request": list(int8.exclude), "by_accuracy_gate": gate_record.get("kept_out", [])},
         "high_precision": int8.high_precision,
         "accuracy_gate": gate_record,
-        "cache": {"file": cache.name, "sha256": file_sha256(cache), "tensors": len(scales)},
+        "cache": {"file": cache.name, "sha256": sha256_file(cache), "tensors": len(scales)},
         "versions": _versions(),
     }  # fmt: skip
     return Int8Result(qdq, manifest, cache, fp32_path)
@@ -175,7 +176,7 @@ def _qat_record(qat: dict | None) -> dict | None:
 
 
 def finish_manifest(out_dir: Path, manifest: dict, qdq_path: Path) -> Path:
-    manifest["qdq_onnx"] = {"file": qdq_path.name, "sha256": file_sha256(qdq_path)}
+    manifest["qdq_onnx"] = {"file": qdq_path.name, "sha256": sha256_file(qdq_path)}
     return write_manifest(out_dir, manifest)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import onnx
 
 from sidnet.export.calibration import CalibrationError
+from sidnet.io import sha256_file
 
 MANIFEST_NAME = "int8_manifest.json"
 FORMAT = "sidnet-int8-manifest"
@@ -24,10 +25,6 @@ FORMAT = "sidnet-int8-manifest"
 def graph_sha256(model: onnx.ModelProto) -> str:
     """Hash of the graph alone (nodes, weights, I/O): model-level metadata and producer fields do not count."""
     return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def is_qdq(model: onnx.ModelProto) -> bool:
@@ -69,8 +66,8 @@ def check_artifact(onnx_path: str | Path) -> dict | None:
         )
     m = read_manifest(path)
     fix = "re-export with python -m export --precision int8 --force"
-    if m["qdq_onnx"]["file"] == onnx_path.name and m["qdq_onnx"]["sha256"] != file_sha256(onnx_path):
-        raise _differs(f"{onnx_path.name} sha256", m["qdq_onnx"]["sha256"][:12], file_sha256(onnx_path)[:12], fix)
+    if m["qdq_onnx"]["file"] == onnx_path.name and m["qdq_onnx"]["sha256"] != (now := sha256_file(onnx_path)):
+        raise _differs(f"{onnx_path.name} sha256", m["qdq_onnx"]["sha256"][:12], now[:12], fix)
     meta = {p.key: p.value for p in model.metadata_props}
     check_preprocessing(m, preprocessing=meta.get("preprocessing"), input_size=meta.get("input_size"), fix=fix)
     fp32 = onnx_path.parent / m["fp32_onnx"]["file"]
@@ -79,8 +76,7 @@ def check_artifact(onnx_path: str | Path) -> dict | None:
         if now != m["fp32_onnx"]["graph_sha256"]:
             raise _differs(f"FP32 source graph {fp32.name}", m["fp32_onnx"]["graph_sha256"][:12], now[:12], fix)
     cache = onnx_path.parent / m["cache"]["file"]
-    if cache.is_file() and file_sha256(cache) != m["cache"]["sha256"]:
-        now = file_sha256(cache)
+    if cache.is_file() and (now := sha256_file(cache)) != m["cache"]["sha256"]:
         raise _differs(f"calibration cache {cache.name} sha256", m["cache"]["sha256"][:12], now[:12], fix)
     return m
 

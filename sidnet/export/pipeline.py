@@ -15,10 +15,10 @@ from sidnet.export.config import BACKENDS, PRECISIONS, TARGETS, ExportConfig
 from sidnet.export.errors import ExportError, ParityError
 from sidnet.export.onnx_export import OUTPUTS, PREPROCESSING, export_onnx, module_scopes, set_metadata
 from sidnet.export.parity import ParityResult, check_parity
-from sidnet.export.report import sha256_file, write_report
+from sidnet.export.report import write_report
 from sidnet.export.surgery import op_counts, rewrite
 from sidnet.export.wrapper import DeployModel
-from sidnet.io import ensure_writable_dir
+from sidnet.io import ensure_writable_dir, sha256_file
 from sidnet.models import PersonMaskRCNN, Reorg, YOLOv2, build_model
 
 log = logging.getLogger("sidnet.export")

@@ -24,7 +24,6 @@ How it fits together:
 from __future__ import annotations
 
 import functools
-import hashlib
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from sidnet.export.errors import PluginError
+from sidnet.io import sha256_file
 
 NAMESPACE = "sidnet"
 VERSION = "1"
@@ -329,6 +329,6 @@ def register_plugins(library: str | Path | None = None) -> dict[str, str]:
             _REGISTERED.append(creator)
     return {
         "library": str(path.resolve()),
-        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "sha256": sha256_file(path),
         "namespace": NAMESPACE,
     }

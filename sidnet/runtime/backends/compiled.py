@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from sidnet.io import sha256_file
 from sidnet.runtime.artifact import sidecar_info
-from sidnet.runtime.backends.tensorrt import _sha256
 from sidnet.runtime.backends.torch import GraphRunner
 from sidnet.runtime.errors import DeployError
 
@@ -42,7 +42,7 @@ def check_compiled_sidecar(side: dict, *, package: Path) -> torch.device:
             raise DeployError(f"{package} was compiled for compute capability {side.get('compute_capability')}, "
                               f"this GPU is {cc}: re-export on this GPU")  # fmt: skip
     digest = side.get("package_sha256")
-    if digest and _sha256(package) != digest:
+    if digest and sha256_file(package) != digest:
         raise DeployError(f"{package} does not match its sidecar's package_sha256: re-export, or restore the pair")
     return dev
 

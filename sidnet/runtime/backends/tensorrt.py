@@ -15,7 +15,6 @@ on the H100 (``../shared/docs/platform.md``); pycuda is installed on the GPU mac
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from sidnet.io import sha256_file
 from sidnet.runtime.artifact import ArtifactInfo, sidecar_info
 from sidnet.runtime.errors import DeployError
 
@@ -30,14 +30,6 @@ MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
 PRECISIONS = ("fp32", "fp16", "int8")
 _DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "INT8": np.int8,
            "BOOL": np.bool_, "UINT8": np.uint8}  # fmt: skip
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_sidecar(
@@ -73,7 +65,7 @@ def check_sidecar(
         raise DeployError(f"{engine} was built for compute capability {want_cc} ({side.get('gpu')}), this GPU is "
                           f"{compute_capability}: rebuild the engine on this GPU")  # fmt: skip
     digest = side.get("engine_sha256")
-    if digest and _sha256(engine) != digest:
+    if digest and sha256_file(engine) != digest:
         raise DeployError(f"{engine} does not match its sidecar's engine_sha256 (a different or damaged file): "
                           "re-export, or put the sidecar that came with this engine beside it")  # fmt: skip
     precision = side.get("precision")
@@ -89,7 +81,7 @@ def check_sidecar(
     if not lib.is_file():
         raise DeployError(f"{engine} uses the sidnet:: plugins but the kernels library {lib} is missing: build it "
                           "(python -m sidnet.kernels.build) or pass --plugin-library")  # fmt: skip
-    if plugins.get("sha256") and _sha256(lib) != plugins["sha256"]:
+    if plugins.get("sha256") and sha256_file(lib) != plugins["sha256"]:
         raise DeployError(f"{engine} was built against a different {lib.name} (sha256 differs from the sidecar's): "
                           "use the library the engine was built with, or rebuild the engine")  # fmt: skip
     return {"library": str(lib)}

@@ -186,13 +186,12 @@ def prepare(model: nn.Module, *, cset, source: str, method: str, percentile: flo
 
 def _check_shared(sites: dict[str, str], amax: dict[str, float]) -> None:
     """Modules the export says read one tensor must have measured the same input (else the mapping is wrong)."""
-    by_tensor: dict[str, list[str]] = {}
-    for module, tensor in sites.items():
-        by_tensor.setdefault(tensor, []).append(module)
-    for tensor, modules in by_tensor.items():
-        values = [amax[m] for m in modules]
+    from sidnet.export.int8 import ranges_by_tensor
+
+    for tensor, ranges in ranges_by_tensor(sites, amax).items():
+        values = list(ranges.values())
         if max(values) > min(values) * (1 + 1e-4) + 1e-12:
-            raise ConfigError(f"QAT placement: {', '.join(modules)} should all read ONNX tensor {tensor} but measured "
+            raise ConfigError(f"QAT placement: {', '.join(ranges)} should all read ONNX tensor {tensor} but measured "
                               f"different ranges {values}; this architecture's module inputs do not map onto the "
                               "export's Q/DQ tensors")  # fmt: skip
 

@@ -186,14 +186,21 @@ def model_placement(model, *, opset: int = 18, exclude: Sequence[str] = ()) -> t
     torch 2.11's exporter failed on the CUDA model ("always_classified is unsupported", H100)."""
     import copy
 
-    from sidnet.export.onnx_export import module_scopes
     from sidnet.export.pipeline import build_graph
     from sidnet.export.wrapper import DeployModel
 
     model = copy.deepcopy(model).float().cpu().eval()
     exported, final, _ = build_graph(DeployModel(model, conf_thresh=0.001, topk=100).eval(), target="native",
                                      precision="fp32", opset=opset)  # fmt: skip
-    return placement(placement_probe(final, size=model.input_size, exclude=exclude), module_scopes(exported))
+    return graph_placement(exported, final, size=model.input_size, exclude=exclude)
+
+
+def graph_placement(exported, final: onnx.ModelProto, *, size: int, exclude: Sequence[str] = ()):
+    """:func:`placement` of an exported graph: ``exported`` (torch.onnx's program, for module scopes) and ``final``
+    (its FP32 ONNX after surgery, what modelopt quantizes)."""
+    from sidnet.export.onnx_export import module_scopes
+
+    return placement(placement_probe(final, size=size, exclude=exclude), module_scopes(exported))
 
 
 def placement_probe(fp32: onnx.ModelProto, *, size: int, exclude: Sequence[str] = ()) -> onnx.ModelProto:
@@ -217,11 +224,18 @@ def qat_tensor_amax(sites: dict[str, str], module_amax: dict[str, float]) -> dic
         raise ExportError(f"the QAT checkpoint has no range for {len(missing)} quantized layer(s) of this export "
                           f"(first: {missing[0]}): the Q/DQ placement changed since it was trained (modelopt "
                           "version?); fine-tune again with this version")  # fmt: skip
-    by_tensor: dict[str, list[float]] = {}
-    for module, tensor in sites.items():
-        by_tensor.setdefault(tensor, []).append(float(module_amax[module]))
-    for tensor, values in by_tensor.items():
+    by_tensor = ranges_by_tensor(sites, module_amax)
+    for tensor, ranges in by_tensor.items():
+        values = list(ranges.values())
         if max(values) > min(values) * (1 + 1e-6):
             log.info("int8: %s read by %d QAT-quantized layers with ranges %s: keeping the largest", tensor,
                      len(values), ", ".join(f"{v:.4g}" for v in values))  # fmt: skip
-    return {t: max(v) for t, v in by_tensor.items()}
+    return {t: max(r.values()) for t, r in by_tensor.items()}
+
+
+def ranges_by_tensor(sites: dict[str, str], module_amax: dict[str, float]) -> dict[str, dict[str, float]]:
+    """``{ONNX tensor: {module path: its input amax}}``: the QAT ranges grouped by the tensor the modules read."""
+    by_tensor: dict[str, dict[str, float]] = {}
+    for module, tensor in sites.items():
+        by_tensor.setdefault(tensor, {})[module] = float(module_amax[module])
+    return by_tensor

@@ -286,15 +286,14 @@ def _report(opts: Options, meta: dict, exported, final, surgery: list[str], chec
 
 def _quantize(cfg, opts, exported, final, meta, surgery, out_dir, model, project_root):
     """FP32 native graph → Q/DQ graph (+ plugins surgery when asked); returns (graph, Int8Result, surgery log)."""
-    from sidnet.export.int8 import placement, placement_probe, qat_tensor_amax
+    from sidnet.export.int8 import graph_placement, qat_tensor_amax
     from sidnet.export.int8_export import quantize_export
     from sidnet.export.surgery import native_to_plugins
 
     qat = getattr(model, "qat", None)
     qat_amax = None
     if qat is not None:
-        probe = placement_probe(final, size=model.input_size, exclude=cfg.int8.exclude)
-        sites, _ = placement(probe, module_scopes(exported))
+        sites, _ = graph_placement(exported, final, size=model.input_size, exclude=cfg.int8.exclude)
         qat_amax = qat_tensor_amax(sites, qat["amax"])
     result = quantize_export(final, cfg.int8, out_dir, size=model.input_size, project_root=project_root,
                              force=cfg.force, qat_amax=qat_amax, qat=qat)  # fmt: skip

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from sidnet.runtime.benchmark import compiled_in_child  # noqa: E402
 
-NARROW = {"input_size": 128, "width": 0.25, "max_batch": 8}
+NARROW = {"input_size": 128, "width": 0.25, "max_batch": 8, "reuse_package": True}
 CONFIGS = {  # name → (work folder, compiled_rows options); export and load+time run in two processes (as a user does)
     # Run 3: the GPU test loads the same kind of package in a pytest process that imported more first. Which import?
     "narrow 128² ≤ 8, nothing preloaded": ("narrow", {**NARROW, "preload": ("sidnet.runtime.backends.torch",)}),

@@ -322,8 +322,8 @@ def run_benchmark(*, parts: set[str], models: list[str], batches: list[int], com
                 del be
                 torch.cuda.empty_cache()
         if "compiled" in parts and (compiled_models is None or name in compiled_models):
-            # In a child process: an AOTInductor compile that crashes (it segfaulted once at 416² on the H100) costs
-            # its rows and a log, not the rest of the run.
+            # In child processes (export, then load): a crash (AOTInductor's loader segfaulted on the H100 until the
+            # backend imported onnxruntime first, benchmarks/compiled_isolate.py) costs its rows and a log, not the run.
             log = out_dir / f"{stem}_compiled_{name}.log"
             child = compiled_in_child(name, batches=batches, work_dir=work_dir, log=log)
             res["compile_seconds"].update(child.get("compile_seconds", {}))
@@ -397,29 +397,29 @@ def run_benchmark(*, parts: set[str], models: list[str], batches: list[int], com
 
 def compiled_rows(name: str, *, phase: str, batches: list[int], work_dir: Path, out_json: Path,
                   input_size: int = 416, width: float | None = None, max_batch: int | None = None,
-                  preload: tuple[str, ...] = ()) -> None:  # fmt: skip
+                  preload: tuple[str, ...] = (), reuse_package: bool = False) -> None:  # fmt: skip
     """The compiled (AOTInductor) backend for ``name``, run by :func:`compiled_in_child` in two processes, the way a
     user runs it (``python -m export --backend compiled``, then ``python -m deploy``): ``phase="export"`` writes the
     package, ``phase="load"`` loads it and times the network-only rows. Results accumulate in ``out_json``.
-    ``preload``: modules imported before the load (``sidnet.kernels`` also loads its library), for the crash hunt in
-    ``benchmarks/compiled_isolate.py``."""
+    ``preload`` (modules imported before the load; ``sidnet.kernels`` also loads its library) and ``reuse_package``
+    (export only when no package is there yet) serve the crash hunt in ``benchmarks/compiled_isolate.py``."""
     from sidnet.export.compiled import export_compiled
     from sidnet.runtime.backends.compiled import CompiledBackend
 
     out: dict = json.loads(out_json.read_text()) if out_json.is_file() else {"rows": [], "compile_seconds": {}}
     pkg = work_dir / f"compiled_{name}" / "model.pt2"
     if phase == "export":
-        if pkg.is_file() and (pkg.parent / "model.pt2.json").is_file() and preload:
-            return  # the crash hunt reuses one package across load experiments
+        if reuse_package and pkg.is_file() and (pkg.parent / "model.pt2.json").is_file():
+            return
         model = build_random(name, input_size=input_size, width=width).cuda().eval()
         meta = {"model": name, "anchors": model.anchors.tolist(), "num_classes": model.num_classes,
                 "class_names": ["c"] * model.num_classes, "input_size": model.input_size}  # fmt: skip
         t0 = time.perf_counter()
         pkg, _ = export_compiled(model, pkg.parent, precision="fp16", conf_thresh=0.3, topk=100,
                                  max_batch=max_batch or max(batches), meta=meta, device="cuda")  # fmt: skip
-        out["compile_seconds"][f"{name} AOTInductor export"] = round(time.perf_counter() - t0, 1)
+        seconds = out["compile_seconds"][f"{name} AOTInductor export"] = round(time.perf_counter() - t0, 1)
         out_json.write_text(json.dumps(out))
-        print(f"compiled {name}: package written in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"compiled {name}: package written in {seconds:.0f} s", flush=True)
         return
     import importlib
 
@@ -435,8 +435,8 @@ def compiled_rows(name: str, *, phase: str, batches: list[int], work_dir: Path, 
     torch.backends.cudnn.benchmark = True
     t1 = time.perf_counter()
     be = CompiledBackend(pkg)
-    out["compile_seconds"][f"{name} AOTInductor load"] = round(time.perf_counter() - t1, 2)
-    print(f"compiled {name}: package loaded in {time.perf_counter() - t1:.1f} s", flush=True)
+    seconds = out["compile_seconds"][f"{name} AOTInductor load"] = round(time.perf_counter() - t1, 2)
+    print(f"compiled {name}: package loaded in {seconds:.1f} s", flush=True)
     for bs in batches:
         be.slot(bs)
         it, lat = iters_for(bs)
@@ -450,7 +450,7 @@ def compiled_in_child(name: str, *, batches: list[int], work_dir: Path, log: Pat
                       **options) -> dict:  # fmt: skip
     """Run :func:`compiled_rows` in child processes (export, then load + time; faulthandler on, output to ``log``);
     returns its rows (as ``add`` keyword arguments), compile seconds and a one-line note on how the children ended.
-    ``options``: input_size, width, max_batch of :func:`compiled_rows`."""
+    ``options``: input_size, width, max_batch, preload, reuse_package of :func:`compiled_rows`."""
     import subprocess
     import sys
 
@@ -476,7 +476,6 @@ def compiled_in_child(name: str, *, batches: list[int], work_dir: Path, log: Pat
                 break
     got = json.loads(out_json.read_text()) if out_json.is_file() else {"rows": []}
     got["note"] = note + f"; {len(got['rows'])} row(s)"
-    got["rows"] = [{"mode": r["mode"], "model": r["model"], "variant": r["variant"], "r": r["r"]} for r in got["rows"]]
     print(f"compiled {name}: {got['note']}", flush=True)
     return got
 

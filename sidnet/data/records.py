@@ -22,6 +22,7 @@ class ImageRecord:
         polygons: empty when unknown; otherwise one entry per box, each a tuple of ``(P_i, 2)`` float32 arrays
             in absolute pixels (an empty tuple for a box whose mask is RLE-encoded).
         rles: empty, or one entry per box: the box's COCO RLE dict when its mask is RLE-encoded, else ``None``.
+        source: name of the data source it came from (a split may hold several, :mod:`sidnet.data.sources`).
     """
 
     path: Path
@@ -32,6 +33,7 @@ class ImageRecord:
     image_id: int
     polygons: tuple = ()
     rles: tuple = ()
+    source: str = ""
 
     @property
     def is_negative(self) -> bool:

@@ -30,9 +30,7 @@ def shared_or_sample(path: str, *, project_root: Path) -> str | None:
 def auto_data_name(project_root: Path) -> str:
     """Which ``conf/data`` config ``data=auto`` stands for on this machine (see :data:`AUTO_DATA`), logged once."""
     shared = project_root / SHARED_DATA
-    for name, folders in AUTO_DATA:
-        if all((shared / f).is_dir() for f in folders):
-            break
+    name, folders = next((n, f) for n, f in AUTO_DATA if all((shared / d).is_dir() for d in f))
     if name == "sample":
         log.warning("data=auto: %s holds no coco128, using the bundled sample (sidnet/sample)", shared.resolve())
     else:

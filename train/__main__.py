@@ -76,11 +76,10 @@ def _bad_config(e: Exception) -> ValueError:
 def run(overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
 
+    from sidnet.data import DataError
     from sidnet.engine.runlock import acquire_run_lock
     from sidnet.engine.trainer import check_run_dir, check_train_config, train
     from sidnet.io import atomic_write_text
-
-    from sidnet.data import DataError
 
     try:
         config, cfg, run_dir = compose(overrides)

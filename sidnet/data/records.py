@@ -51,6 +51,7 @@ def make_record(
     image_id: int,
     polygons: list[tuple] | None = None,
     rles: list | None = None,
+    source: str = "",
 ) -> ImageRecord:
     """Build an :class:`ImageRecord` from Python lists, fixing dtypes and the empty ``(0, 4)`` shape."""
     return ImageRecord(
@@ -62,4 +63,5 @@ def make_record(
         image_id=int(image_id),
         polygons=tuple(polygons) if polygons is not None else (),
         rles=tuple(rles) if rles is not None else (),
+        source=source,
     )

@@ -3,8 +3,8 @@
 A split in a data YAML is either one source (a mapping, as ``conf/data/coco128.yaml``) or a list of them (as
 ``conf/data/persons.yaml``); each source has its own ``format``, ``root``, ``images``, ``labels`` / ``annotations``
 and label mapping, and inherits ``root``, ``class_map`` and ``num_label_classes`` from the data config when it does
-not set them (a source's relative ``root`` is inside the data config's ``root`` when that is set). Records keep the name of the source they came from (``ImageRecord.source``), which is what the
-per-source evaluation groups by.
+not set them (a source's relative ``root`` is inside the data config's ``root`` when that is set). Records keep the
+name of the source they came from (``ImageRecord.source``), which is what the per-source evaluation groups by.
 
 Relative roots: the project's own ``conf/data/*.yaml`` are written relative to the project root (Hydra composes
 them); any other data YAML read by path (``data=path/to/mine.yaml``, ``--data path/to/mine.yaml``) is relative to

@@ -22,27 +22,11 @@ class ModelConfig:
 
 
 @dataclass
-class SplitConfig:
-    """One source of a split (``data.train`` / ``data.val`` hold one, or a list of them: :mod:`sidnet.data.sources`).
-    ``root``, ``class_map`` and ``num_label_classes`` left null are inherited from the data config."""
-
-    format: str = "yolo"
-    images: str = "images"
-    annotations: str | None = None
-    labels: str | None = None
-    polygons: bool = False  # yolo: labels are 'cls x1 y1 x2 y2 ...' polygons (YOLO-seg)
-    skip_unlabeled: bool = False  # yolo: images without a label file are dropped, not negatives
-    name: str | None = None  # the per-source report's key (default: the root folder's name)
-    root: str | None = None
-    class_map: dict[int, int] | None = None
-    num_label_classes: int | None = None
-
-
-@dataclass
 class DataConfig:
     root: str | None = None  # null: the bundled sample shipped in sidnet/sample
-    # One source (a mapping with SplitConfig's keys) or a list of sources. Typed Any because OmegaConf cannot type a
-    # "mapping or list" field; sidnet.data.sources.split_sources checks the keys (one line per mistake).
+    # One source or a list of sources, each a mapping with the keys of sidnet.data.sources.SOURCE_KEYS (format, root,
+    # images, annotations | labels, class_map, ...). Typed Any because OmegaConf cannot type a "mapping or list" field;
+    # sidnet.data.sources.split_sources checks the keys, one line per mistake, before anything is written.
     train: Any = None
     val: Any = None
     class_names: list[str] = field(default_factory=lambda: ["person"])

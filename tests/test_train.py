@@ -35,7 +35,7 @@ def test_config_composes_with_overrides():
     assert isinstance(cfg, TrainConfig)
     assert cfg.model.name == "yolov2" and len(cfg.model.anchors) == 5
     assert cfg.optim.name == "sgd" and cfg.optim.lr == 0.02 and cfg.epochs == 7
-    assert cfg.data.train.format == "coco"
+    assert cfg.data.train["format"] == "coco"
 
 
 def test_config_rejects_unknown_keys_and_types():

@@ -4,6 +4,8 @@ reference detector with the project's evaluator, and print the one results table
     python benchmarks/recipe_persons.py pack --data conf/data/persons.yaml --out .devdata_data [--quality 50]
     python benchmarks/recipe_persons.py reference --data conf/data/persons.yaml --out ref.json   # needs OpenCV < 5
     python benchmarks/recipe_persons.py table --reports DIR [--out table.md]
+    python benchmarks/recipe_persons.py slim runs/x/last.pt OUT/x.pt   # OUT/x.pt.0, .1 (float16, <= 15 MiB each)
+    python benchmarks/recipe_persons.py join OUT/x.pt x.pt             # back to one float32 checkpoint
 
 ``pack`` re-encodes every image of every source of both splits as JPEG (native size unless ``--max-side``) into a
 YOLO-layout folder with its own ``persons.yaml`` (relative roots: ``python -m train data=<folder>/persons.yaml``), so
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +27,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT)) if str(ROOT) not in sys.path else None  # run as a script from anywhere
-REFERENCE = ROOT / "../shared/data/reference/yolo-fastest-1.1_body"  # --reference overrides
+REFERENCE = Path(os.environ.get("SIDNET_REFERENCE", ROOT / "../shared/data/reference/yolo-fastest-1.1_body"))
 ROWS = ("checkpoint", "onnx_fp32", "onnx_int8", "reference", "ablation")
 METRICS = ("AP50", "AP", "AP_small", "recall", "recall_small")
 
@@ -133,6 +136,45 @@ def reference(args: argparse.Namespace) -> None:
     print(f"report: {args.out}")
 
 
+PART_BYTES = 15 * 2**20  # the GPU machine returns files of at most 16 MiB
+
+
+def slim(args: argparse.Namespace) -> None:
+    """A training checkpoint → its EMA weights, conv/linear weights in float16 (BatchNorm statistics and biases stay
+    float32), no optimizer state, cut into ``<out>.0``, ``<out>.1``, ... of at most 15 MiB (what the GPU machine
+    returns). ``join`` restores a float32 checkpoint that evaluates and exports like any other."""
+    from sidnet.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(args.checkpoint)
+    weights = state["ema"] if state.get("ema") is not None else state["model_state"]
+    keep = {k: state[k] for k in ("model", "epoch", "step", "best_ap50", "history", "config", "metrics") if k in state}
+    half = {k: v.half() if v.is_floating_point() and v.ndim > 1 else v.clone() for k, v in weights.items()}
+    tmp = Path(f"{args.out}.tmp")
+    save_checkpoint({**keep, "model_state": half, "ema": None, "slim_of": str(args.checkpoint)}, tmp,
+                    keep_previous=False)  # fmt: skip
+    data = tmp.read_bytes()
+    tmp.unlink()
+    for i in range(0, len(data), PART_BYTES):
+        Path(f"{args.out}.{i // PART_BYTES}").write_bytes(data[i : i + PART_BYTES])
+    print(f"{args.checkpoint} -> {args.out}.0..{(len(data) - 1) // PART_BYTES} ({len(data) / 2**20:.1f} MiB)")
+
+
+def join(args: argparse.Namespace) -> None:
+    """``<parts>.0``, ``<parts>.1``, ... from ``slim`` → a float32 checkpoint at ``out``."""
+    from sidnet.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    parts = sorted(Path(args.parts).parent.glob(Path(args.parts).name + ".*"), key=lambda p: int(p.suffix[1:]))
+    if not parts:
+        raise SystemExit(f"error: no {args.parts}.0, .1, ... to join")
+    tmp = Path(f"{args.out}.tmp")
+    tmp.write_bytes(b"".join(p.read_bytes() for p in parts))
+    state = load_checkpoint(tmp)
+    tmp.unlink()
+    state["model_state"] = {k: v.float() if v.is_floating_point() else v for k, v in state["model_state"].items()}
+    save_checkpoint(state, args.out, keep_previous=False)
+    print(f"{len(parts)} parts -> {args.out}")
+
+
 def _fmt(v) -> str:
     return "–" if v is None else f"{v:.3f}"
 
@@ -186,11 +228,17 @@ def main(argv=None) -> None:
     a.add_argument("--reference", default=str(REFERENCE), help="folder of yolo-fastest-1.1_body.{cfg,weights}")
     a.add_argument("--conf", type=float, default=0.3)
     a.add_argument("--out", required=True)
+    a = sub.add_parser("slim")
+    a.add_argument("checkpoint")
+    a.add_argument("out")
+    a = sub.add_parser("join")
+    a.add_argument("parts")
+    a.add_argument("out")
     a = sub.add_parser("table")
     a.add_argument("--reports", required=True)
     a.add_argument("--out")
     args = p.parse_args(argv)
-    {"pack": pack, "reference": reference, "table": table}[args.cmd](args)
+    {"pack": pack, "reference": reference, "table": table, "slim": slim, "join": join}[args.cmd](args)
 
 
 if __name__ == "__main__":

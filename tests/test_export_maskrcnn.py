@@ -13,7 +13,7 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign
 
-from sidnet.engine.checkpoint import build_model_from_spec, save_checkpoint
+from sidnet.checkpoint import build_model_from_spec, save_checkpoint
 from sidnet.export.config import ExportConfig
 from sidnet.export.maskrcnn_deploy import MaskRCNNDeploy, PyramidRoIAlign
 from sidnet.export.pipeline import run_export

@@ -263,7 +263,7 @@ def _kernels_available() -> bool:
 
 def load_checkpoint_model(path: Path):
     """(YOLOv2 in eval mode, ArtifactInfo) from a training checkpoint."""
-    from sidnet.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from sidnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 
     try:
         state = load_checkpoint(path)

@@ -24,8 +24,8 @@ from sidnet.checkpoint import save_checkpoint
 from sidnet.evaluation import box_iou
 from sidnet.export.adapters import calibrate_batchnorm
 from sidnet.export.config import ExportConfig, Int8Config
-from sidnet.export.errors import ExportError
 from sidnet.export.pipeline import run_export
+from sidnet.graph.errors import ExportError
 from sidnet.models import build_model
 from sidnet.quant.calibration import CalibrationError, CalibrationSet, preprocess, read_cache
 from sidnet.quant.manifest import check_artifact, check_cache

@@ -106,7 +106,7 @@ def test_native_target_builds_a_tensorrt_rtx_engine(checkpoint, tmp_path):
 
 
 def test_fp16_is_refused_with_one_line(checkpoint, tmp_path):
-    from sidnet.export.errors import ExportError
+    from sidnet.graph.errors import ExportError
 
     with pytest.raises(ExportError, match="fp32 only"):
         run_export(ExportConfig(checkpoint=str(checkpoint), precision="fp16", out=str(tmp_path)), project_root=ROOT)

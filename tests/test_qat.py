@@ -178,7 +178,7 @@ def test_qdq_onnx_follows_the_fake_quantized_model_on_real_images(setup):
     if not (out / "model.onnx").is_file():
         run_export(ExportConfig(checkpoint=str(ckpt), out=str(out), precision="int8"), project_root=ROOT)
     images = np.stack([preprocess(p, 128) for p in setup["images"][20:28]])
-    from sidnet.export.wrapper import DeployModel
+    from sidnet.graph.wrapper import DeployModel
     from sidnet.quant.qat import fake_quant_model
 
     fake = fake_quant_model(load_checkpoint(ckpt))

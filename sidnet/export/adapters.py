@@ -6,8 +6,8 @@ precisions its graph supports, whether its ONNX batch is static, and the INT8 pl
 the model's MRO wins); :func:`register_adapter` refuses a class registered twice. The pipeline
 (:func:`sidnet.export.pipeline.run_export`) calls the adapter and never tests a model's class itself.
 
-- :class:`RegionExport` — YOLOv2 family (SIDNet): :class:`~sidnet.export.wrapper.DeployModel` (region decode + top-K),
-  :func:`sidnet.export.graph.build_graph`, parity against PyTorch on random batches; fp32, fp16, int8.
+- :class:`RegionExport` — YOLOv2 family (SIDNet): :class:`~sidnet.graph.wrapper.DeployModel` (region decode + top-K),
+  :func:`sidnet.graph.build.build_graph`, parity against PyTorch on random batches; fp32, fp16, int8.
 - :class:`~sidnet.export.maskrcnn.MaskRCNNExport` — :class:`~sidnet.models.maskrcnn.PersonMaskRCNN`: static-shape
   deploy module, parity on real images against torchvision's eager inference; fp32 only, batch 1.
 """
@@ -20,12 +20,12 @@ import onnx
 import torch
 from torch import nn
 
-from sidnet.export.errors import ExportError
-from sidnet.export.graph import build_graph, decode_attrs
 from sidnet.export.maskrcnn import MaskRCNNExport
-from sidnet.export.onnx_export import OUTPUTS, PREPROCESSING
 from sidnet.export.parity import ParityResult, check_parity
-from sidnet.export.wrapper import DeployModel
+from sidnet.graph.build import build_graph, decode_attrs
+from sidnet.graph.errors import ExportError
+from sidnet.graph.onnx_export import OUTPUTS, PREPROCESSING
+from sidnet.graph.wrapper import DeployModel
 from sidnet.models.maskrcnn import PersonMaskRCNN
 from sidnet.models.yolo import YOLOv2
 
@@ -112,7 +112,7 @@ class RegionExport:
         return check_parity(deploy, graph, batches=batches, seed=seed, tolerance=tolerance)
 
     def int8_plugins(self, qdq, deploy):
-        from sidnet.export.surgery import native_to_plugins
+        from sidnet.graph.surgery import native_to_plugins
 
         return native_to_plugins(qdq, decode_attrs=decode_attrs(deploy))
 

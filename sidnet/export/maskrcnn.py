@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass, field
 import onnx
 import torch
 
-from sidnet.export.errors import ExportError
 from sidnet.export.maskrcnn_deploy import OUTPUT_NAMES, MaskRCNNDeploy, PyramidRoIAlign
-from sidnet.export.onnx_export import MIN_OPSET, module_scopes, quiet_exporter
-from sidnet.export.surgery import rewrite
-from sidnet.export.wrapper import INPUT_NAME
+from sidnet.graph.errors import ExportError
+from sidnet.graph.onnx_export import MIN_OPSET, module_scopes, quiet_exporter
+from sidnet.graph.surgery import rewrite
+from sidnet.graph.wrapper import INPUT_NAME
 from sidnet.models.maskrcnn import PersonMaskRCNN
 
 log = logging.getLogger("sidnet.export")

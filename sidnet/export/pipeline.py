@@ -13,11 +13,11 @@ import torch
 from sidnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from sidnet.export.adapters import ExportAdapter, adapter_for
 from sidnet.export.config import BACKENDS, PRECISIONS, TARGETS, ExportConfig
-from sidnet.export.errors import ExportError, ParityError
-from sidnet.export.onnx_export import set_metadata
 from sidnet.export.parity import ParityResult
 from sidnet.export.report import write_report
-from sidnet.export.surgery import op_counts
+from sidnet.graph.errors import ExportError, ParityError
+from sidnet.graph.onnx_export import set_metadata
+from sidnet.graph.surgery import op_counts
 from sidnet.io import ensure_writable_dir, sha256_file
 from sidnet.models import build_model
 
@@ -229,7 +229,7 @@ def _report(opts: Options, meta: dict, exported, final, surgery: list[str], chec
 
 def _quantize(cfg, opts, exported, final, meta, surgery, out_dir, model, deploy, adapter, project_root):
     """FP32 native graph → Q/DQ graph (+ plugins surgery when asked); returns (graph, Int8Result, surgery log)."""
-    from sidnet.export.onnx_export import module_scopes
+    from sidnet.graph.onnx_export import module_scopes
     from sidnet.quant.ptq import quantize_export
     from sidnet.quant.qdq import graph_placement, qat_tensor_amax
 

@@ -1,4 +1,4 @@
-"""The YOLOv2-family deploy graph: trace :class:`~sidnet.export.wrapper.DeployModel` to ONNX and run the surgery.
+"""The YOLOv2-family deploy graph: trace :class:`~sidnet.graph.wrapper.DeployModel` to ONNX and run the surgery.
 
 Used by the export (:mod:`sidnet.export.adapters`) and by QAT's placement (:func:`sidnet.quant.qdq.model_placement`),
 which must see the very graph the INT8 export quantizes; it imports nothing of the pipeline or of quantization.
@@ -9,9 +9,9 @@ from __future__ import annotations
 import onnx
 import torch
 
-from sidnet.export.onnx_export import export_onnx, module_scopes
-from sidnet.export.surgery import rewrite
-from sidnet.export.wrapper import DeployModel
+from sidnet.graph.onnx_export import export_onnx, module_scopes
+from sidnet.graph.surgery import rewrite
+from sidnet.graph.wrapper import DeployModel
 from sidnet.models import Reorg
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import torch
 
-from sidnet.export.wrapper import INPUT_NAME
+from sidnet.graph.wrapper import INPUT_NAME
 
 log = logging.getLogger("sidnet.quant.qdq")
 

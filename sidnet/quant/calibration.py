@@ -1,6 +1,6 @@
 """INT8 calibration data and activation ranges, streamed: images → deployment preprocessing → batches → histograms.
 
-The calibration images go through exactly the deployment contract (:data:`sidnet.export.onnx_export.PREPROCESSING`):
+The calibration images go through exactly the deployment contract (:data:`sidnet.graph.onnx_export.PREPROCESSING`):
 decode as RGB, :func:`sidnet.data.transforms.letterbox` (the one implementation train/eval/deploy share), CHW
 float32 in [0, 1]. Batches are produced one at a time and folded into per-tensor statistics, so memory holds one
 batch of activations plus one 2048-bin histogram per tensor, whatever the number of batches (the SIDNet report
@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from sidnet.data.transforms import letterbox
-from sidnet.export.errors import ExportError
+from sidnet.graph.errors import ExportError
 
 log = logging.getLogger("sidnet.quant.qdq")
 
@@ -221,7 +221,7 @@ def collect_statistics(model_bytes: bytes, tensors: Sequence[str], calib: Calibr
     import onnxruntime as ort
     from tqdm import tqdm
 
-    from sidnet.export.wrapper import INPUT_NAME
+    from sidnet.graph.wrapper import INPUT_NAME
 
     model = onnx.load_from_string(model_bytes)
     model.graph.ClearField("output")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from sidnet.export.errors import ExportError
+from sidnet.graph.errors import ExportError
 from sidnet.io import sha256_file
 from sidnet.quant import calibration as calib
 from sidnet.quant import qdq as q

@@ -29,8 +29,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from sidnet.export.errors import ExportError
-from sidnet.export.wrapper import INPUT_NAME, RAW_NAME
+from sidnet.graph.errors import ExportError
+from sidnet.graph.wrapper import INPUT_NAME, RAW_NAME
 from sidnet.quant.calibration import CalibrationError
 
 log = logging.getLogger("sidnet.quant.qdq")
@@ -141,9 +141,9 @@ def placement(qdq: onnx.ModelProto, scopes: dict) -> tuple[dict[str, str], list[
     paths whose weights are quantized])`` — what QAT fake-quantizes (:mod:`sidnet.quant.qat`).
 
     A node reading a DequantizeLinear output of an activation is a site: a Conv is named by its weight initializer
-    (``model.<path>.weight``, the network being ``model`` in :class:`~sidnet.export.wrapper.DeployModel`), any other
+    (``model.<path>.weight``, the network being ``model`` in :class:`~sidnet.graph.wrapper.DeployModel`), any other
     node (MaxPool, a residual Add) by the innermost module that traced it (``scopes``:
-    :func:`sidnet.export.onnx_export.module_scopes` of the graph before surgery, whose node names surgery keeps and
+    :func:`sidnet.graph.onnx_export.module_scopes` of the graph before surgery, whose node names surgery keeps and
     modelopt too). For an Add that module's input is the tensor (MobileNetV2's ``x + conv(x)``).
     """
     inits = {t.name for t in qdq.graph.initializer}
@@ -181,15 +181,15 @@ def placement(qdq: onnx.ModelProto, scopes: dict) -> tuple[dict[str, str], list[
 
 def model_placement(model, *, opset: int = 18, exclude: Sequence[str] = ()) -> tuple[dict[str, str], list[str]]:
     """:func:`placement` of ``model`` as ``python -m export --precision int8`` would quantize it (FP32 native graph
-    after surgery, :func:`sidnet.export.graph.build_graph`, last 1x1 conv and decode excluded, modelopt on one random
+    after surgery, :func:`sidnet.graph.build.build_graph`, last 1x1 conv and decode excluded, modelopt on one random
     batch: placement only). The graph is traced from an FP32 CPU copy, as ``python -m export`` does: QAT calls this
     on a model already on the GPU, and torch 2.11's exporter failed on the CUDA model ("always_classified is
     unsupported", H100)."""
     import copy
 
-    from sidnet.export.graph import build_graph
-    from sidnet.export.onnx_export import module_scopes
-    from sidnet.export.wrapper import DeployModel
+    from sidnet.graph.build import build_graph
+    from sidnet.graph.onnx_export import module_scopes
+    from sidnet.graph.wrapper import DeployModel
 
     model = copy.deepcopy(model).float().cpu().eval()
     exported, final, _ = build_graph(DeployModel(model, conf_thresh=0.001, topk=100).eval(), target="native",
@@ -199,7 +199,7 @@ def model_placement(model, *, opset: int = 18, exclude: Sequence[str] = ()) -> t
 
 def graph_placement(final: onnx.ModelProto, scopes: dict, *, size: int, exclude: Sequence[str] = ()):
     """:func:`placement` of an exported graph: ``final`` (its FP32 ONNX after surgery, what modelopt quantizes) and
-    ``scopes`` (:func:`sidnet.export.onnx_export.module_scopes` of torch.onnx's program: node → module path)."""
+    ``scopes`` (:func:`sidnet.graph.onnx_export.module_scopes` of torch.onnx's program: node → module path)."""
     return placement(placement_probe(final, size=size, exclude=exclude), scopes)
 
 

@@ -137,7 +137,7 @@ def graph_of(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> Callable[
 
 def eager_fp16_forward(model: nn.Module, *, conf_thresh: float = 0.3, topk: int = 100):
     """The platform baseline: the unfused model in FP16 channels_last (+ TopKDecode in PyTorch)."""
-    from sidnet.export.wrapper import DeployModel
+    from sidnet.graph.wrapper import DeployModel
 
     return DeployModel(model, conf_thresh=conf_thresh, topk=topk).cuda().half().to(memory_format=torch.channels_last)
 

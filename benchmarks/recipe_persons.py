@@ -33,12 +33,9 @@ METRICS = ("AP50", "AP", "AP_small", "recall", "recall_small")
 
 
 def _data(path: str):
-    from sidnet.config import data_config
-    from sidnet.data.sources import read_data_yaml
-    from sidnet.resolvers import register_resolvers
+    from sidnet.data.config import load_data_yaml
 
-    register_resolvers(project_root=ROOT)
-    return data_config(read_data_yaml(path, project_root=ROOT))
+    return load_data_yaml(path, project_root=ROOT)
 
 
 def pack(args: argparse.Namespace) -> None:
@@ -46,7 +43,7 @@ def pack(args: argparse.Namespace) -> None:
     import yaml
 
     from sidnet.data import load_rgb
-    from sidnet.engine.data import load_records
+    from sidnet.data.loading import load_records
 
     data, out = _data(args.data), Path(args.out)
     splits: dict[str, list] = {}
@@ -122,7 +119,7 @@ def _reference_predictions(records, *, size: int, folder: Path = REFERENCE) -> t
 def reference(args: argparse.Namespace) -> None:
     import cv2
 
-    from sidnet.engine.data import load_records
+    from sidnet.data.loading import load_records
     from sidnet.environment import environment
     from sidnet.evaluation import evaluate_by_source, write_report
 
@@ -143,7 +140,7 @@ def slim(args: argparse.Namespace) -> None:
     """A training checkpoint → its EMA weights, conv/linear weights in float16 (BatchNorm statistics and biases stay
     float32), no optimizer state, cut into ``<out>.0``, ``<out>.1``, ... of at most 15 MiB (what the GPU machine
     returns). ``join`` restores a float32 checkpoint that evaluates and exports like any other."""
-    from sidnet.engine.checkpoint import load_checkpoint, save_checkpoint
+    from sidnet.checkpoint import load_checkpoint, save_checkpoint
 
     state = load_checkpoint(args.checkpoint)
     weights = state["ema"] if state.get("ema") is not None else state["model_state"]
@@ -161,7 +158,7 @@ def slim(args: argparse.Namespace) -> None:
 
 def join(args: argparse.Namespace) -> None:
     """``<parts>.0``, ``<parts>.1``, ... from ``slim`` → a float32 checkpoint at ``out``."""
-    from sidnet.engine.checkpoint import load_checkpoint, save_checkpoint
+    from sidnet.checkpoint import load_checkpoint, save_checkpoint
 
     parts = sorted(Path(args.parts).parent.glob(Path(args.parts).name + ".*"), key=lambda p: int(p.suffix[1:]))
     if not parts:

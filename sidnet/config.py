@@ -93,7 +93,7 @@ class EvalConfig:
 
 @dataclass
 class QuantConfig:
-    """Quantization-aware fine-tuning (``quant=qat``, :mod:`sidnet.engine.qat`): fake INT8 where the Q/DQ export puts
+    """Quantization-aware fine-tuning (``quant=qat``, :mod:`sidnet.quant.qat`): fake INT8 where the Q/DQ export puts
     it, starting from ``init_from`` calibrated exactly as ``python -m export --precision int8`` would."""
 
     enabled: bool = False
@@ -189,14 +189,6 @@ def validate_aug(a: AugConfig, *, input_size: int) -> None:
         _check(len(a.multiscale) == 2 and 32 <= lo <= hi and math.ceil(lo / 32) * 32 <= hi, "aug.multiscale",
                a.multiscale, f"use [min, max] input sizes in pixels holding a multiple of 32, e.g. [320, 512] "
                f"around model.input_size={input_size}, or null (off)")  # fmt: skip
-
-
-def data_config(d: dict) -> DataConfig:
-    """A plain dict (a data YAML, a checkpoint's config) → :class:`DataConfig`; an unknown key is a one-line error."""
-    try:
-        return DataConfig(**d)
-    except TypeError as e:
-        raise ConfigError(f"data config: {e}; see sidnet/config.py DataConfig for the keys") from None
 
 
 def validate_anchors(anchors: list[list[float]], *, num_anchors: int, source: Any) -> None:

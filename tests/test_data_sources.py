@@ -14,11 +14,12 @@ import pytest
 import torch
 import yaml
 
-from sidnet.config import ConfigError, data_config
+from sidnet.config import ConfigError
 from sidnet.data import DataError, DetectionDataset, build_train_transform, sample_root
+from sidnet.data.config import data_config
+from sidnet.data.loading import load_records
 from sidnet.data.multiscale import multiscale_size, rescale_batch
 from sidnet.data.sources import ID_STRIDE, read_data_yaml
-from sidnet.engine.data import load_records
 from sidnet.evaluation import evaluate_by_source, evaluate_detections
 
 ROOT = Path(__file__).resolve().parents[1]

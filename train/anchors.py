@@ -61,14 +61,11 @@ def load_train_person_boxes(data_yaml: Path) -> tuple[np.ndarray, np.ndarray, in
         ``(wh, image_sizes, num_images, num_negative_images)`` with ``wh`` the ``(K, 2)`` box sizes in original
         pixels and ``image_sizes`` the ``(K, 2)`` ``(w, h)`` of each box's image.
     """
-    from sidnet.config import data_config
-    from sidnet.data.sources import read_data_yaml
-    from sidnet.engine.data import load_records
-    from sidnet.resolvers import register_resolvers
+    from sidnet.data.config import load_data_yaml
+    from sidnet.data.loading import load_records
 
-    register_resolvers(project_root=PROJECT_ROOT)
     try:  # relative roots: the project root for conf/data/*.yaml, else the YAML's own folder
-        cfg = data_config(read_data_yaml(data_yaml, project_root=PROJECT_ROOT))
+        cfg = load_data_yaml(data_yaml, project_root=PROJECT_ROOT)
         records = load_records(cfg, "train", project_root=PROJECT_ROOT)
     except (ValueError, OSError) as exc:  # the data layer's DataError is a ValueError with a one-line message
         raise SystemExit(f"error: {data_yaml}: {exc}") from exc

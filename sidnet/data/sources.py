@@ -167,7 +167,8 @@ def read_data_yaml(path: str | Path, *, project_root: Path) -> dict[str, Any]:
     ``sidnet.resolvers``).
 
     Raises:
-        DataError: the file is missing, is not YAML, is not a mapping, or has keys a data config does not take.
+        DataError: the file is missing, is not YAML, is not a mapping, has keys a data config does not take, or has
+            no split (a split it lacks is an error where it is used, e.g. ``data.val is missing``).
     """
     from omegaconf import OmegaConf
 
@@ -184,9 +185,8 @@ def read_data_yaml(path: str | Path, *, project_root: Path) -> dict[str, Any]:
     unknown = sorted(set(data) - set(DATA_KEYS))
     if unknown:
         raise DataError(f"data YAML {path} has unknown key(s) {unknown}; a data config takes {list(DATA_KEYS)}")
-    for split in ("train", "val"):
-        if split not in data:
-            raise DataError(f"data YAML {path} has no '{split}' split; add one (a source or a list of sources)")
+    if "train" not in data and "val" not in data:
+        raise DataError(f"data YAML {path} has neither a 'train' nor a 'val' split; add them (a source or a list)")
     path = path.resolve()
     own = path.parent == (Path(project_root) / "conf" / "data").resolve()
     return rebase_roots(data, base=Path(project_root) if own else path.parent)

@@ -14,6 +14,9 @@
 #                    CPU; SIDNet and YOLOv2) and python -m deploy on the shared clip (two streams, zones)
 #     bench-compile  the torch backend vs torch.compile(max-autotune) in one run, SIDNet at batch 1 and 64 (minutes)
 #     bench-stem     the csrc/stem kernel's build variants side by side (benchmarks/stem_variants.py)
+#     recipe-persons the persons recipe's training stage (benchmarks/recipe_persons.sh --stage train): anchors, SIDNet-
+#                    MobileNetV2 with and without mosaic/multi-scale; $SIDNET_PERSONS_DATA: a data YAML (a packed copy
+#                    from `python benchmarks/recipe_persons.py pack`), $SIDNET_PERSONS_WEIGHTS: the MobileNetV2 .pt
 #     bench-compiled-isolate  the AOTInductor load crash hunt (benchmarks/compiled_isolate.py, minutes)
 #     qat-smoke      QAT on CUDA through the entry points (benchmarks/qat_smoke.sh $SIDNET_QAT_DATA: a small YOLO-format
 #                    folder; needs nvidia-modelopt: .whl-qat/*.whl are installed when present. Made on a machine
@@ -141,6 +144,10 @@ for part in "${@:-all}"; do
         bench-compile) part_build; bench_compile ;;
         bench-stem) bench_stem ;;
         qat-smoke) step qat-smoke qat_smoke.log benchmarks/qat_smoke.sh "${SIDNET_QAT_DATA:-.data/mini}" cuda ;;
+        recipe-persons)  # the persons recipe's training stage; score it where nvidia-modelopt and OpenCV < 5 are
+            step recipe-persons recipe_train.log benchmarks/recipe_persons.sh --stage train --few-files --out "$OUT" \
+                --data "${SIDNET_PERSONS_DATA:-conf/data/persons.yaml}" ${SIDNET_PERSONS_WEIGHTS:+--weights "$SIDNET_PERSONS_WEIGHTS"} \
+                --epochs "${SIDNET_PERSONS_EPOCHS:-16}" --train-limit 440 ;;
         bench-compiled-isolate) part_build; bench_compiled_isolate ;;
         all) part_build; gpu_pytest tests-gpu tests_gpu.log tests/; part_bench; part_sanitize ;;
         *) echo "run_gpu.sh: unknown part '$part' (build, kernels, sanitize, tests, bench, all)" >&2; exit 2 ;;

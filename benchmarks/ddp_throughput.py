@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from sidnet.engine.checkpoint import load_checkpoint
+from sidnet.checkpoint import load_checkpoint
 from sidnet.environment import environment
 
 ROOT = Path(__file__).resolve().parents[1]

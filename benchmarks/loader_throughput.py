@@ -143,7 +143,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache_dir:
         if "disk" in args.options:  # "reused": build the .npy once before timing, as a second run would find it
             measure_cfg = train_config(args, {"cache": "disk"}, cache_dir)
-            from sidnet.engine.data import load_records
+            from sidnet.data.loading import load_records
             from sidnet.engine.loader import ImageCache
 
             ImageCache.build(load_records(measure_cfg.data, "train", project_root=ROOT), size=args.size, mode="disk",

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sidnet.checkpoint import load_checkpoint
 from sidnet.config import ConfigError
-from sidnet.engine.checkpoint import load_checkpoint
 from sidnet.engine.distributed import launch_from_env
 
 ROOT = Path(__file__).resolve().parents[1]

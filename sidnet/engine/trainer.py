@@ -105,8 +105,6 @@ class Trainer:
         self.dist = dist or DistContext()
         self.device = self.dist.device if self.dist.enabled else resolve_device(cfg.device)
         self.amp = cfg.amp and self.device.type == "cuda"
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # one input size: pick the fastest convolution once
         seed_everything(cfg.seed)
         m = cfg.model
         self.anchors = None if m.anchors is None else load_anchors(m.anchors, project_root=self.project_root)

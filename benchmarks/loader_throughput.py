@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from sidnet.config import DataConfig, LoaderConfig, ModelConfig, SplitConfig, TrainConfig
+from sidnet.data import collate
 from sidnet.engine.loader import build_train_loader, to_device, train_dataset_for_loader
 from sidnet.engine.trainer import Trainer, _seed_worker
 from sidnet.environment import environment
@@ -88,7 +89,8 @@ def measure(key: str, args, cache_dir: str) -> dict:
                                                gpu_aug=lc.gpu_aug, aug=cfg.aug, threads=args.threads)  # fmt: skip
         loader, sampler = build_train_loader(dataset, batch_size=cfg.batch_size, seed=0, workers=cfg.workers,
                                              pin_memory=device.type == "cuda", prefetch_factor=lc.prefetch_factor,
-                                             worker_init_fn=_seed_worker)  # fmt: skip
+                                             worker_init_fn=_seed_worker,
+                                             collate_fn=collate if legacy else None)  # fmt: skip
         loader_epochs = []
         for epoch in range(args.epochs):
             sampler.set_epoch(epoch)
@@ -96,17 +98,17 @@ def measure(key: str, args, cache_dir: str) -> dict:
             for i, (images, targets) in enumerate(loader):
                 if args.steps and i >= args.steps:
                     break
-                x = to_device(images, targets, device=device, channels_last=trainer.channels_last)
+                x, _ = to_device(images, targets, device=device, channels_last=trainer.channels_last)
                 n += x.shape[0]
             sync(device)
             loader_epochs.append((n, time.perf_counter() - t0))
             t0 = time.perf_counter()
         del loader
         # (2) training through the Trainer (its own loader, built inside epoch 1's wall clock).
-        if legacy:  # the landed path: the plain float32 dataset behind the same sampler
+        if legacy:  # the landed path: the plain float32 dataset behind the same sampler, per-image target dicts
             trainer._train_loader, trainer._sampler = build_train_loader(
                 trainer.train_set, batch_size=cfg.batch_size, seed=0, workers=cfg.workers,
-                pin_memory=device.type == "cuda", worker_init_fn=_seed_worker)  # fmt: skip
+                pin_memory=device.type == "cuda", worker_init_fn=_seed_worker, collate_fn=collate)  # fmt: skip
         train_epochs, images_per_epoch = [], min(len(trainer.train_set), trainer.steps_per_epoch * cfg.batch_size)
         for _ in range(args.epochs):
             t0 = time.perf_counter()

@@ -3,6 +3,9 @@ sampler's shards, and the device batch augmentation (gpu_aug) against its box tr
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -15,8 +18,8 @@ SIZE = 128
 AUG = {"mosaic": 0.5}  # the default pipeline plus mosaic (cache must feed mosaic's extra images too)
 
 
-def _records():
-    recs, _ = load_split(format="yolo", root=sample_root(), images="images/train2017", annotations=None,
+def _records(root=None):
+    recs, _ = load_split(format="yolo", root=root or sample_root(), images="images/train2017", annotations=None,
                          labels="labels/boxes/train2017", class_names=("person",), class_map={0: 0}, polygons=False,
                          skip_unlabeled=False, masks=False, num_label_classes=1, lenient=False)  # fmt: skip
     return recs
@@ -32,9 +35,9 @@ def _epoch(dataset, *, epoch, seed=3, batch_size=3, world_size=1, rank=0):
                                          world_size=world_size)  # fmt: skip
     sampler.set_epoch(epoch)
     out = []
-    for images, targets in loader:
-        out.append((to_device(images, targets, device=torch.device("cpu")), [t["boxes"] for t in targets],
-                    [t["image_id"] for t in targets]))  # fmt: skip
+    for images, packed in loader:
+        images, targets = to_device(images, packed, device=torch.device("cpu"))
+        out.append((images, [t["boxes"] for t in targets], [t["image_id"] for t in targets]))
     return out
 
 
@@ -61,17 +64,18 @@ def test_cached_batches_equal_uncached_bit_for_bit(tmp_path, mode):
 
 
 def test_disk_cache_is_reused_and_rebuilt_when_an_image_changes(tmp_path):
-    records = _records()
-    ImageCache.build(records, size=SIZE, mode="disk", cache_dir=tmp_path)
-    files = sorted(p.name for p in tmp_path.glob("*.npy"))
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    shutil.copytree(sample_root(), data)
+    records = _records(data)
+    first = ImageCache.build(records, size=SIZE, mode="disk", cache_dir=cache)
+    files = sorted(p.name for p in cache.glob("*.npy"))
     assert len(files) == 2  # images + decoded flags
-    again = ImageCache.build(records, size=SIZE, mode="disk", cache_dir=tmp_path)
-    assert isinstance(again.images, np.memmap) and sorted(p.name for p in tmp_path.glob("*.npy")) == files
-    import os
-
+    again = ImageCache.build(records, size=SIZE, mode="disk", cache_dir=cache)
+    assert isinstance(again.images, np.memmap) and sorted(p.name for p in cache.glob("*.npy")) == files
+    assert np.array_equal(first.images, again.images) and all(map(np.array_equal, first.boxes, again.boxes))
     os.utime(records[0].path, ns=(1, 1))  # an edited image gets a new key, not a stale cache
-    ImageCache.build(records, size=SIZE, mode="disk", cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("*.npy"))) == 4
+    ImageCache.build(records, size=SIZE, mode="disk", cache_dir=cache)
+    assert len(list(cache.glob("*.npy"))) == 4
 
 
 def test_loader_errors_are_one_line(tmp_path):

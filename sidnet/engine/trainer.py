@@ -264,7 +264,7 @@ class Trainer:
         bar = tqdm(self._loader(self.epoch), total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                    dynamic_ncols=True, leave=False, disable=None if self.dist.is_main else True)  # fmt: skip
         sums: dict[str, float] = {}
-        seen, t0, first_loss = 0, time.perf_counter(), None
+        seen, t0, first_loss, pending = 0, time.perf_counter(), None, None
         image_ids: list[int] | None = [] if log.isEnabledFor(logging.DEBUG) else None
         for i, (images, targets) in enumerate(bar):
             if i >= self.steps_per_epoch:
@@ -273,13 +273,10 @@ class Trainer:
                                   min_ratio=o.min_lr_ratio)  # fmt: skip
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            images, targets = to_device(images, targets, device=self.device, channels_last=self.channels_last)
             if image_ids is not None:
                 image_ids.extend(t["image_id"] for t in targets)
-            images = to_device(images, targets, device=self.device, channels_last=self.channels_last)
             loss, parts = self.task.loss(self.ddp_model, images, targets, amp=self.amp)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {self.epoch + 1} step {self.step}; lower "
-                                         "optim.lr or check the data (boxes, anchors)")  # fmt: skip
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if o.grad_clip > 0:
@@ -291,22 +288,38 @@ class Trainer:
                 self.ema.update(self.model)
             self.step += 1
             seen += images.shape[0]
-            first_loss = loss.item() if first_loss is None else first_loss
-            for k, v in {"loss": loss, **parts}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            ips = seen / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
-            if self.writer:
-                self.writer.add_scalar("train/loss", loss.item(), self.step)
-                self.writer.add_scalar("train/lr", lr, self.step)
-                for k, v in parts.items():
-                    self.writer.add_scalar(f"train/{k}", float(v.detach()), self.step)
+            # The step's numbers reach the host one step late (an async copy and an event), so the CPU queues step
+            # i+1 while the GPU runs step i instead of draining the GPU at every step with .item().
+            staged = _stage(torch.stack([loss.detach(), *(v.detach() for v in parts.values())]).float())
+            if pending:
+                self._account(pending, sums, lr=lr, seen=seen, t0=t0, bar=bar)
+            pending = (staged, ["loss", *parts], self.step - 1)
+            if first_loss is None:
+                first_loss = staged
+        if pending:
+            self._account(pending, sums, lr=lr, seen=seen, t0=t0, bar=bar)
+        first_loss = _read(first_loss)[0] if first_loss is not None else None
         n = max(1, min(i + 1, self.steps_per_epoch))
         stats = all_reduce_mean({**{k: v / n for k, v in sums.items()}, "first_step_loss": first_loss}, self.dist)
         stats.update(img_per_s=seen * self.dist.world_size / (time.perf_counter() - t0), lr=lr)
         if image_ids is not None:
             log.debug("rank %d epoch %d image ids %s", self.dist.rank, self.epoch + 1, json.dumps(image_ids))
         return stats
+
+    def _account(self, pending, sums: dict[str, float], *, lr: float, seen: int, t0: float, bar) -> None:
+        """Add a finished step's loss and parts (from :func:`_stage`) to ``sums``; raise on a non-finite loss."""
+        staged, names, step = pending
+        values = _read(staged)
+        if not math.isfinite(values[0]):
+            raise FloatingPointError(f"loss is {values[0]} at epoch {self.epoch + 1} step {step}; lower optim.lr or "
+                                     "check the data (boxes, anchors)")  # fmt: skip
+        for k, v in zip(names, values, strict=True):
+            sums[k] = sums.get(k, 0.0) + v
+        bar.set_postfix(loss=f"{values[0]:.3f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+        if self.writer:
+            self.writer.add_scalar("train/lr", lr, step)
+            for k, v in zip(names, values, strict=True):
+                self.writer.add_scalar(f"train/{k}", v, step)
 
     def evaluate(self) -> dict[str, Any]:
         model = self.ema.module if self.ema else self.model
@@ -367,6 +380,24 @@ class Trainer:
             self.writer.close()
         return {"epochs": self.epoch, "steps": self.step, "best_ap50": self.best_ap50, "last": str(last),
                 "best": str(best) if best.exists() else None, "history": self.history, "report": report}  # fmt: skip
+
+
+def _stage(values: torch.Tensor):
+    """Start copying a 1-D device tensor to the host without waiting; :func:`_read` gets the list."""
+    if values.device.type != "cuda":
+        return values, None
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+def _read(staged) -> list[float]:
+    host, done = staged
+    if done is not None:
+        done.synchronize()  # waits for that step only, not for the steps queued after it
+    return host.tolist()
 
 
 def _round(d: dict) -> dict:

@@ -1,7 +1,7 @@
 """The training loader: an optional decoded + letterboxed image cache, uint8 batches divided on the device, the
 sampler's shard for this rank, and (``gpu_aug``) the augmentation moved to the device as batch operations.
 
-Measured (``benchmarks/results/loader_throughput*.md``): per 416² image on one CPU core, JPEG decode ≈ 8 ms,
+Measured (``benchmarks/results/loader/README.md``): per 416² image on one CPU core, JPEG decode ≈ 8 ms,
 letterbox ≈ 2–4 ms, the albumentations pipeline ≈ 20–30 ms (Affine and HueSaturationValue ≈ 8–11 ms each), and
 float32 conversion + collate ≈ 5–25 ms (a float32 batch is 4× the bytes of uint8 through worker IPC, pinning and the
 host-to-device copy). So:

@@ -84,19 +84,29 @@ class GpuLetterbox:
         n = sum(len(idx) for idx, _ in uploaded)
         infos: list[LetterboxInfo | None] = [None] * n
         out[:n].fill_(LETTERBOX_FILL / 255.0)
-        work = out.dtype if out.is_cuda else torch.float32  # half-precision resize on the GPU: half the bytes
         for idx, x in uploaded:
-            h, w = x.shape[1:3]
-            info = letterbox_geometry(h, w, self.size)
-            nh, nw = max(1, round(h * info.scale)), max(1, round(w * info.scale))
-            x = x.permute(0, 3, 1, 2).to(work)
-            if (nh, nw) != (h, w):
-                x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
             rows = torch.as_tensor(idx, device=out.device)
-            out[rows, :, info.pad_y : info.pad_y + nh, info.pad_x : info.pad_x + nw] = (x * (1 / 255.0)).to(out.dtype)
+            info = letterbox_into(x, out, rows=rows, size=self.size, fill=False)
             for i in idx:
                 infos[i] = info
         return infos  # type: ignore[return-value]
+
+
+def letterbox_into(x: torch.Tensor, out: torch.Tensor, *, rows: torch.Tensor | slice = slice(None), size: int,
+                   fill: bool = True) -> LetterboxInfo:  # fmt: skip
+    """(k, H, W, 3) uint8 frames of one size → ``out[rows]`` (k, 3, S, S) in [0, 1], grey-padded: one resize of the
+    whole group, in ``out``'s dtype on a GPU (half the bytes). Static shapes only: it is captured in CUDA graphs."""
+    h, w = x.shape[1:3]
+    info = letterbox_geometry(h, w, size)
+    nh, nw = max(1, round(h * info.scale)), max(1, round(w * info.scale))
+    work = out.dtype if out.is_cuda else torch.float32
+    if fill:  # (a slice of rows: indexing with a tensor would fill a copy)
+        out[rows].fill_(LETTERBOX_FILL / 255.0)
+    y = x.permute(0, 3, 1, 2).to(work)
+    if (nh, nw) != (h, w):
+        y = F.interpolate(y, size=(nh, nw), mode="bilinear", align_corners=False)
+    out[rows, :, info.pad_y : info.pad_y + nh, info.pad_x : info.pad_x + nw] = (y * (1 / 255.0)).to(out.dtype)
+    return info
 
 
 class _null:
@@ -123,6 +133,9 @@ class GraphRunner:
         self._static: dict[int, dict] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._fused: dict[tuple, dict] = {}
+        self._parity = 0
+        self._registered: list[int] = []
 
     def new_input(self, n: int) -> torch.Tensor:
         s = self.info.input_size
@@ -220,8 +233,105 @@ class GraphRunner:
             d, k = self._to_host(b, dets, num)
         return d[:n], k[:n], infos
 
+    # ---------------------------------------------------------------- frames → detections, one graph per batch
+    def fused_slot(self, b: int, h: int, w: int, parity: int) -> dict:
+        """Static (b, H, W, 3) uint8 input and one CUDA graph holding letterbox + network + decode tail for frames of
+        one size; two per shape (``parity``) so that batch k+1 uploads while batch k computes."""
+        key = (b, h, w, parity)
+        slot = self._fused.get(key)
+        if slot is not None:
+            return slot
+        self.slot(b)  # cuDNN autotuning and lazy inits for this batch size, outside any capture
+        u8 = torch.randint(0, 256, (b, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(b))
+        u8 = u8.to(self.device)
+        x = self.new_input(b)
+
+        def step():
+            info = letterbox_into(u8, x, size=self.info.input_size)
+            return (*self.forward(x), info)
+
+        with torch.cuda.stream(self.stream):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, stream=self.stream):
+            dets, num, info = step()
+        slot = {"u8": u8, "graph": graph, "dets": dets, "num": num, "info": info,
+                "host_dets": torch.empty(dets.shape, dtype=dets.dtype, pin_memory=True),
+                "host_num": torch.empty(num.shape, dtype=num.dtype, pin_memory=True),
+                "uploaded": torch.cuda.Event(), "done": torch.cuda.Event()}  # fmt: skip
+        slot["done"].record(self.stream)
+        self._fused[key] = slot
+        log.debug("captured a fused letterbox + network graph for batch %d of %dx%d frames", b, w, h)
+        return slot
+
+    def warmup_frames(self, max_batch: int, sizes: Sequence[tuple[int, int]]) -> None:
+        """Capture the fused graphs for every bucket up to ``max_batch`` and every (width, height) up front."""
+        if not self.graphs:
+            return
+        buckets = sorted({self.bucket(b) for b in range(1, max_batch + 1)})
+        for w, h in sizes:
+            for b in buckets:
+                for parity in (0, 1):
+                    self.fused_slot(b, h, w, parity)
+
+    def register_host(self, address: int, nbytes: int) -> bool:
+        """Page-lock host memory the frames live in (shared-memory rings), so uploads from it are true async DMA."""
+        if self.device.type != "cuda":
+            return False
+        err = torch.cuda.cudart().cudaHostRegister(address, nbytes, 0)
+        ok = int(err) == 0 if not isinstance(err, tuple) else int(err[0]) == 0
+        if ok:
+            self._registered.append(address)
+        else:
+            log.warning("cudaHostRegister(%d bytes) failed (%s): uploads from the frame rings are staged", nbytes, err)
+        return ok
+
+    @torch.no_grad()
+    def submit_frames(self, frames: Sequence) -> dict:
+        """Start a batch (RGB uint8 host arrays or CUDA tensors): upload on the copy stream, one graph replay, results
+        copied back asynchronously. :meth:`collect` waits for them. Frames of mixed sizes, or no graphs, take the
+        synchronous :meth:`infer_frames` path."""
+        n = len(frames)
+        shapes = {tuple(f.shape) for f in frames}
+        if not self.graphs or len(shapes) != 1:
+            host = [f.cpu().numpy() if isinstance(f, torch.Tensor) else f for f in frames]
+            return {"result": self.infer_frames(host), "n": n}
+        h, w, _ = shapes.pop()
+        self._parity ^= 1
+        slot = self.fused_slot(self.bucket(n), h, w, self._parity)
+        copy = self.letterbox.copy_stream
+        copy.wait_event(slot["done"])  # the previous batch in this slot has finished reading its input
+        with torch.cuda.stream(copy):
+            u8 = slot["u8"]
+            for j, f in enumerate(frames):
+                u8[j].copy_(f if isinstance(f, torch.Tensor) else torch.from_numpy(f), non_blocking=True)
+            slot["uploaded"].record(copy)
+        self.stream.wait_event(slot["uploaded"])
+        with torch.cuda.stream(self.stream):
+            slot["graph"].replay()
+            slot["host_dets"].copy_(slot["dets"], non_blocking=True)
+            slot["host_num"].copy_(slot["num"], non_blocking=True)
+            slot["done"].record(self.stream)
+        return {"slot": slot, "n": n}
+
+    def ready(self, pending: dict) -> bool:
+        return "result" in pending or pending["slot"]["done"].query()
+
+    def collect(self, pending: dict) -> tuple[np.ndarray, np.ndarray, list[LetterboxInfo]]:
+        if "result" in pending:
+            return pending["result"]
+        slot, n = pending["slot"], pending["n"]
+        slot["done"].synchronize()
+        return slot["host_dets"].numpy()[:n].copy(), slot["host_num"].numpy()[:n].copy(), [slot["info"]] * n
+
     def close(self) -> None:
         self._static.clear()
+        self._fused.clear()
+        for address in self._registered:
+            torch.cuda.cudart().cudaHostUnregister(address)
+        self._registered.clear()
 
 
 def decode_tail(model, *, conf_thresh: float, topk: int, use_kernel: bool | None) -> tuple[Callable, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ import torch
 from sidnet.letterbox import letterbox
 from sidnet.runtime.detector import Detector
 from tests.conftest import video_frames
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.gpu
 
@@ -130,3 +133,75 @@ def test_tensorrt_backend_reaches_the_tensorrt_import_through_pycuda(tmp_path):
     else:  # full TensorRT present: the sidecar check must stop the fake plan before deserialising
         with pytest.raises(DeployError):
             TensorRTBackend(engine)
+
+
+# ------------------------------------------------------------------------------- the multi-stream pipeline on CUDA
+def test_fused_batch_graph_matches_the_per_frame_path(tiny_checkpoint, shared_data):
+    """submit_frames/collect (one graph: letterbox from uint8 + network + top-K, two slots in flight) returns what
+    infer_frames (upload, separate letterbox, network graph) returns: host frames, CUDA frames, a partial batch."""
+    from sidnet.runtime.backends.torch import open_backend
+
+    frames = video_frames(shared_data, 6)
+    be = open_backend(tiny_checkpoint, device="cuda", precision="fp32", conf_thresh=0.001)
+    be.warmup_frames(8, [(768, 576)])
+    ref_d, ref_n, ref_i = be.infer_frames(frames)
+    on_gpu = [torch.from_numpy(f).cuda() for f in frames]
+    first, second = be.submit_frames(frames), be.submit_frames(on_gpu)  # both in flight, different slots
+    for pending in (first, second):
+        d, n, infos = be.collect(pending)
+        assert infos == ref_i and (n == ref_n).all()
+        np.testing.assert_allclose(d, ref_d, atol=1e-3)
+    d, n, _ = be.collect(be.submit_frames(frames[:3]))  # bucket 4, one row of stale input dropped
+    np.testing.assert_allclose(d, ref_d[:3], atol=1e-3)
+    mixed = frames[:2] + [np.ascontiguousarray(frames[2][:300, :500])]  # two sizes: the per-frame path
+    d, n, infos = be.collect(be.submit_frames(mixed))
+    assert infos[2].orig_w == 500 and (n[:2] == ref_n[:2]).all()
+    be.close()
+
+
+def _records(out, stream):
+    return [json.loads(x) for x in (out / f"{stream}.jsonl").read_text().splitlines()]
+
+
+def _agree(got: list[dict], want: list[dict]) -> float:
+    """Share of frames with the same number of detections (GPU letterbox / decoders differ by ~1/255 per pixel)."""
+    assert [g["frame"] for g in got] == [w["frame"] for w in want]
+    return sum(len(g["detections"]) == len(w["detections"]) for g, w in zip(got, want, strict=True)) / len(want)
+
+
+def test_pipeline_on_cuda_matches_mains_outputs(tiny_checkpoint, shared_data, tmp_path):
+    """python -m deploy on CUDA (torch FP32, decode processes, rings registered as pinned memory, fused graphs)
+    against main's CPU outputs for the same model and clip (tests/fixtures/pipeline_golden.json)."""
+    from deploy.__main__ import main
+
+    golden = json.loads((ROOT / "tests" / "fixtures" / "pipeline_golden.json").read_text())
+    video = shared_data / "video"
+    (tmp_path / "zones.yaml").write_text(golden["zones"])
+    out = tmp_path / "out"
+    summary = main([str(tiny_checkpoint), f"a={video / 'pedestrians_200.mp4'}",
+                    f"b={video / 'pedestrians_200_h264.mp4'}", "--zones", str(tmp_path / "zones.yaml"), "--out",
+                    str(out), "--max-frames", "60", "--batch", "4", "--conf", "0.02", "--device", "cuda",
+                    "--no-video", "--no-progress"])  # fmt: skip
+    assert summary["decode"] == {"a": "process", "b": "process"} and summary["backend"] == "torch"
+    for s in ("a", "b"):
+        assert _agree(_records(out, s), golden["streams"][s]) >= 0.9
+    assert summary["latency_ms"]["p99"] is not None and summary["all_streams_kept_up"]
+
+
+def test_nvdec_decodes_h264_for_the_pipeline(tiny_checkpoint, shared_data, tmp_path):
+    """--decode nvdec (PyNvVideoCodec, installed by benchmarks/run_gpu.sh from .whl-pipeline): the H.264 clip is
+    decoded on the GPU and gives the CPU decoders' detections; a stream NVDEC refuses says so in the summary."""
+    pytest.importorskip("PyNvVideoCodec", reason="pynvvideocodec not installed (benchmarks/run_gpu.sh installs it)")
+    from deploy.__main__ import main
+
+    video = shared_data / "video" / "pedestrians_200_h264.mp4"
+    runs = {}
+    for decode in ("process", "nvdec"):
+        out = tmp_path / decode
+        runs[decode] = main([str(tiny_checkpoint), f"a={video}", f"b={shared_data / 'video' / 'pedestrians_200.mp4'}",
+                             "--out", str(out), "--max-frames", "40", "--batch", "8", "--conf", "0.02", "--device",
+                             "cuda", "--no-video", "--no-progress", "--decode", decode])  # fmt: skip
+    assert runs["nvdec"]["decode"]["a"] == "nvdec", runs["nvdec"]["decode"]
+    assert runs["nvdec"]["decode"]["b"] in ("nvdec",) or runs["nvdec"]["decode"]["b"].startswith("process (nvdec")
+    assert runs["nvdec"]["frames"] == {"a": 40, "b": 40}
+    assert _agree(_records(tmp_path / "nvdec", "a"), _records(tmp_path / "process", "a")) >= 0.8

@@ -22,9 +22,22 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from sidnet.runtime.errors import DeployError
-from sidnet.runtime.rings import DECODE_NS, DROPPED, ENDED, FAILED, LATE, READ, RUNNING, STATE, STOP, FrameRing, RingSpec
+from sidnet.runtime.rings import (
+    DECODE_NS,
+    DROPPED,
+    ENDED,
+    FAILED,
+    LATE,
+    READ,
+    RUNNING,
+    STATE,
+    STOP,
+    FrameRing,
+    RingSpec,
+)
 from sidnet.runtime.sources import Frame, VideoFileSource
 
 _END = object()
@@ -60,7 +73,7 @@ def decode_worker(jobs: list[DecodeJob], pacing: Pacing | None, errors) -> None:
     for job in jobs:
         ring = FrameRing.attach(job.ring)
         try:
-            src = VideoFileSource(job.name, __import__("pathlib").Path(job.path), threads=job.threads)
+            src = VideoFileSource(job.name, Path(job.path), threads=job.threads)
         except BaseException as e:  # noqa: BLE001  (the consumer raises it)
             errors.put((job.name, e))
             ring.header[STATE] = FAILED
@@ -125,6 +138,7 @@ class ProcessDecoders:
         ctx = mp.get_context("spawn")  # never fork a process that holds CUDA and thread pools
         self.errors = ctx.Queue()
         self.rings: dict[str, FrameRing] = {}
+        self.registered: list[tuple] = []  # (backend, address): rings page-locked for uploads, undone at close
         for name, src in files.items():
             w, h = src.size
             self.rings[name] = FrameRing.create(slots=slots, height=h, width=w, name=name)
@@ -156,6 +170,8 @@ class ProcessDecoders:
     def close(self) -> None:
         for ring in self.rings.values():
             ring.header[STOP] = 1
+        for backend, address in self.registered:
+            backend.unregister_host(address)
         for p in self.procs:
             p.join(timeout=5)
             if p.is_alive():

@@ -108,7 +108,8 @@ class Detector:
         ``timings`` accumulates seconds under ``preprocess`` (CPU letterbox, or upload + launch), ``inference`` and
         ``postprocess``."""
         t0 = time.perf_counter()
-        if self.gpu_preprocess and hasattr(self.backend, "submit_frames") and len(frames) <= (self.max_batch or 1 << 30):
+        fits = len(frames) <= (self.max_batch or len(frames))
+        if self.gpu_preprocess and hasattr(self.backend, "submit_frames") and fits:
             handle = {"backend": self.backend.submit_frames(frames)}
             _add(timings, preprocess=time.perf_counter() - t0)
             return handle

@@ -141,16 +141,8 @@ class NvdecFeed(Feed):
 
     def close(self) -> None:
         self.stop.set()
-        while True:  # a producer blocked on a free slot
-            try:
-                self.free.put_nowait(0)
-            except queue.Full:
-                break
-            if not self.thread.is_alive():
-                break
-            self.thread.join(timeout=0.05)
-            if not self.thread.is_alive():
-                break
+        self.free.put(0)  # a producer waiting for a free slot wakes up and sees the stop
+        self.thread.join(timeout=5)
         self.decoder = None
 
 

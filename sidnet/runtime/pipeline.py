@@ -36,7 +36,7 @@ from sidnet.runtime.decode import Feed, Pacing, ProcessDecoders, ThreadFeed
 from sidnet.runtime.detector import Detector
 from sidnet.runtime.errors import DeployError
 from sidnet.runtime.sources import ImageFolderSource, VideoFileSource
-from sidnet.runtime.writer import Writers, WriterConfig
+from sidnet.runtime.writer import WriterConfig, Writers
 from sidnet.runtime.zones import ZoneConfig, check_zones_fit
 
 log = logging.getLogger("sidnet.runtime")
@@ -134,9 +134,10 @@ def open_feeds(sources: dict, detector: Detector, opts: PipelineOptions, pacing:
         procs = ProcessDecoders(files, decoders=decoders, slots=_slots(opts, len(sources)),
                                 max_frames=opts.max_frames, pacing=pacing)  # fmt: skip
         register = getattr(detector.backend, "register_host", None)
-        if register is not None and getattr(detector, "gpu_preprocess", False):
+        if register is not None and detector.gpu_preprocess:
             for ring in procs.rings.values():
-                register(ring.address, ring.frames.nbytes)
+                if register(ring.address, ring.spec.data_nbytes):
+                    procs.registered.append((detector.backend, ring.address))
         for n in files:
             paths[n] = "process" if paths[n] == "thread" else paths[n]
     feeds: dict[str, Feed] = {}
@@ -213,12 +214,14 @@ def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None,
         feeds, paths, procs, nvdec = open_feeds(sources, detector, opts, pacing, events)
         start = time.perf_counter()
         active = list(feeds)
+        turn = 0  # the stream that picks first rotates, so that no stream waits on the others' backlog
         inflight: deque = deque()
         batch: list = []
         t = time.perf_counter()
         while active or batch or inflight:
             # gather: round-robin, a fair share of the room left from each stream per pass
-            for name in list(active):
+            turn = (turn + 1) % max(1, len(active))
+            for name in active[turn:] + active[:turn]:
                 room = opts.batch_size - len(batch)
                 if room <= 0:
                     break
@@ -273,7 +276,8 @@ def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None,
                     seconds=seconds, warmup_s=warmup_s)  # fmt: skip
 
 
-def _summary(detector, opts, zones, stats, st, feeds: dict, paths, events, *, batches, sizes, seconds, warmup_s) -> dict:
+def _summary(detector, opts, zones, stats, st, feeds: dict, paths, events, *, batches, sizes, seconds,
+             warmup_s) -> dict:
     total = sum(stats["frames"].values())
     lat = stats["latency_ms"]
     drops = {n: {"pipeline_behind": d, "decoder_behind": late} for n, (d, late, _) in feeds.items()}

@@ -38,8 +38,22 @@ class RingSpec:
     width: int
 
     @property
+    def data_offset(self) -> int:
+        """Frames start on a page boundary (so that the range can be page-locked for DMA)."""
+        return _page_up(HEADER * 8 + self.slots * META * 8)
+
+    @property
+    def data_nbytes(self) -> int:
+        return _page_up(self.slots * self.height * self.width * 3)
+
+    @property
     def nbytes(self) -> int:
-        return HEADER * 8 + self.slots * META * 8 + self.slots * self.height * self.width * 3
+        return self.data_offset + self.data_nbytes
+
+
+def _page_up(n: int) -> int:
+    page = mmap.PAGESIZE
+    return (n + page - 1) // page * page
 
 
 class FrameRing:
@@ -49,8 +63,7 @@ class FrameRing:
         self.spec, self._mm, self._fd = spec, mm, fd
         self.header = np.frombuffer(mm, np.int64, HEADER, 0)
         self.meta = np.frombuffer(mm, np.float64, spec.slots * META, HEADER * 8).reshape(spec.slots, META)
-        off = HEADER * 8 + spec.slots * META * 8
-        self.frames = np.frombuffer(mm, np.uint8, spec.slots * spec.height * spec.width * 3, off).reshape(
+        self.frames = np.frombuffer(mm, np.uint8, spec.slots * spec.height * spec.width * 3, spec.data_offset).reshape(
             spec.slots, spec.height, spec.width, 3)  # fmt: skip
 
     @classmethod

@@ -112,7 +112,7 @@ class OutputWriter:
             self.event_counts[a["type"]] = self.event_counts.get(a["type"], 0) + 1
         if alarms:
             self.events.flush()
-        for i, (stream, index, t, capture, name, w, h) in enumerate(msg["meta"]):
+        for i, (stream, index, t, _, name, w, h) in enumerate(msg["meta"]):
             d, zones = dets[i], self._zones(stream)
             record = {"frame": index, "time": round(t, 3), **({"file": name} if name else {}), "width": w, "height": h,
                       "detections": [{"box": [round(float(v), 2) for v in b], "score": round(float(s), 4),
@@ -194,7 +194,8 @@ class Writers:
             if cfg.zones is not None:
                 zones = ZoneConfig(cfg.zones.debounce_frames, cfg.zones.cooldown_s, cfg.zones.classes,
                                    {s: z for s, z in cfg.zones.streams.items() if s in part})  # fmt: skip
-            sub = WriterConfig(cfg.out_dir, part, cfg.class_names, zones, {s: v for s, v in cfg.video.items() if s in part})
+            video = {s: v for s, v in cfg.video.items() if s in part}
+            sub = WriterConfig(cfg.out_dir, part, cfg.class_names, zones, video)
             inbox = ctx.Queue(maxsize=64) if n else queue.Queue(maxsize=64)
             worker = (ctx.Process(target=writer_loop, args=(sub, inbox, self.outbox), daemon=True,
                                   name=f"sidnet-writer-{i}") if n else

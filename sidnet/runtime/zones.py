@@ -120,7 +120,8 @@ def update_zones(zones: list[Zone], dets: Detections, *, time: float, frame: int
 
 
 def update_zones_batch(zones: list[Zone], dets: list[Detections], *, times: list[float], frames: list[int],
-                       stream: str, cfg: ZoneConfig, class_names: list[str]) -> tuple[list[dict[str, int]], list[dict]]:  # fmt: skip
+                       stream: str, cfg: ZoneConfig,
+                       class_names: list[str]) -> tuple[list[dict[str, int]], list[dict]]:  # fmt: skip
     """:func:`update_zones` for consecutive frames of one stream: one point-in-polygon call per zone for all of
     them, then the (sequential) debounce/cooldown state per frame. Returns (counts per frame, alarm events)."""
     allowed = None if cfg.classes is None else np.array([n in cfg.classes for n in class_names], bool)

@@ -135,7 +135,7 @@ class GraphRunner:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._fused: dict[tuple, dict] = {}
         self._parity = 0
-        self._registered: list[int] = []
+        self._registered: set[int] = set()
 
     def new_input(self, n: int) -> torch.Tensor:
         s = self.info.input_size
@@ -234,6 +234,7 @@ class GraphRunner:
         return d[:n], k[:n], infos
 
     # ---------------------------------------------------------------- frames → detections, one graph per batch
+    @torch.no_grad()
     def fused_slot(self, b: int, h: int, w: int, parity: int) -> dict:
         """Static (b, H, W, 3) uint8 input and one CUDA graph holding letterbox + network + decode tail for frames of
         one size; two per shape (``parity``) so that batch k+1 uploads while batch k computes."""
@@ -245,6 +246,7 @@ class GraphRunner:
         u8 = torch.randint(0, 256, (b, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(b))
         u8 = u8.to(self.device)
         x = self.new_input(b)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
 
         def step():
             info = letterbox_into(u8, x, size=self.info.input_size)
@@ -280,13 +282,23 @@ class GraphRunner:
         """Page-lock host memory the frames live in (shared-memory rings), so uploads from it are true async DMA."""
         if self.device.type != "cuda":
             return False
-        err = torch.cuda.cudart().cudaHostRegister(address, nbytes, 0)
-        ok = int(err) == 0 if not isinstance(err, tuple) else int(err[0]) == 0
+        try:
+            err = torch.cuda.cudart().cudaHostRegister(address, nbytes, 0)
+            ok = int(err[0] if isinstance(err, tuple) else err) == 0
+        except (AttributeError, RuntimeError, TypeError) as e:
+            err, ok = e, False
         if ok:
-            self._registered.append(address)
+            self._registered.add(address)
         else:
             log.warning("cudaHostRegister(%d bytes) failed (%s): uploads from the frame rings are staged", nbytes, err)
         return ok
+
+    def unregister_host(self, address: int) -> None:
+        """Undo :meth:`register_host` (before the memory is unmapped); waits for uploads still reading it."""
+        if address in self._registered:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.cudart().cudaHostUnregister(address)
+            self._registered.discard(address)
 
     @torch.no_grad()
     def submit_frames(self, frames: Sequence) -> dict:
@@ -329,9 +341,8 @@ class GraphRunner:
     def close(self) -> None:
         self._static.clear()
         self._fused.clear()
-        for address in self._registered:
-            torch.cuda.cudart().cudaHostUnregister(address)
-        self._registered.clear()
+        for address in list(self._registered):
+            self.unregister_host(address)
 
 
 def decode_tail(model, *, conf_thresh: float, topk: int, use_kernel: bool | None) -> tuple[Callable, str]:

@@ -131,9 +131,9 @@ ok and cv2.imwrite(sys.argv[2], cv2.resize(f, (384, 288)), [cv2.IMWRITE_JPEG_QUA
 }
 bench_pipeline() {
     step bench-pipeline bench_pipeline.log python3 -m deploy.benchmark --parts e2e --video "$VIDEO" \
-        --e2e-cases 32:576p:process 32:1080p-h264:process 32:1080p-h264:nvdec 32:576p-h264:nvdec \
-        32:576p:thread 32:576p-h264:process 1:576p:process 4:576p:process 16:576p:process \
-        --e2e-realtime ${SIDNET_CAMERAS:-96 160} --e2e-fps 30 --out "$OUT" --stem pipeline_h200 \
+        --e2e-cases ${SIDNET_E2E_CASES:-32:576p:process 32:1080p-h264:process 32:1080p-h264:nvdec 32:576p-h264:nvdec \
+        32:576p:thread 32:576p-h264:process 1:576p:process 4:576p:process 16:576p:process} \
+        --e2e-realtime ${SIDNET_CAMERAS:-128} --e2e-fps 30 --out "$OUT" --stem pipeline_h200 \
         --work-dir "${TMPDIR:-/tmp}/sidnet_bench" ${SIDNET_CLIP_1080:+--clip-1080 "$SIDNET_CLIP_1080"}
 }
 bench_compile() {

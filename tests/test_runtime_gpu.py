@@ -136,9 +136,9 @@ def test_tensorrt_backend_reaches_the_tensorrt_import_through_pycuda(tmp_path):
 
 
 # ------------------------------------------------------------------------------- the multi-stream pipeline on CUDA
-def test_fused_batch_graph_matches_the_per_frame_path(tiny_checkpoint, shared_data):
-    """submit_frames/collect (one graph: letterbox from uint8 + network + top-K, two slots in flight) returns what
-    infer_frames (upload, separate letterbox, network graph) returns: host frames, CUDA frames, a partial batch."""
+def test_batched_frames_path_matches_the_per_frame_path(tiny_checkpoint, shared_data):
+    """submit_frames/collect (uint8 upload on the copy stream, batch letterbox from uint8, one network-graph replay,
+    two batches in flight) returns what infer_frames returns: host frames, CUDA frames, a partial batch, mixed sizes."""
     from sidnet.runtime.backends.torch import open_backend
 
     frames = video_frames(shared_data, 6)
@@ -146,12 +146,12 @@ def test_fused_batch_graph_matches_the_per_frame_path(tiny_checkpoint, shared_da
     be.warmup_frames(8, [(768, 576)])
     ref_d, ref_n, ref_i = be.infer_frames(frames)
     on_gpu = [torch.from_numpy(f).cuda() for f in frames]
-    first, second = be.submit_frames(frames), be.submit_frames(on_gpu)  # both in flight, different slots
+    first, second = be.submit_frames(frames), be.submit_frames(on_gpu)  # both in flight, different buffers
     for pending in (first, second):
         d, n, infos = be.collect(pending)
         assert infos == ref_i and (n == ref_n).all()
         np.testing.assert_allclose(d, ref_d, atol=1e-3)
-    d, n, _ = be.collect(be.submit_frames(frames[:3]))  # bucket 4, one row of stale input dropped
+    d, n, _ = be.collect(be.submit_frames(frames[:3]))  # bucket 4, one stale row dropped
     np.testing.assert_allclose(d, ref_d[:3], atol=1e-3)
     mixed = frames[:2] + [np.ascontiguousarray(frames[2][:300, :500])]  # two sizes: the per-frame path
     d, n, infos = be.collect(be.submit_frames(mixed))
@@ -163,15 +163,25 @@ def _records(out, stream):
     return [json.loads(x) for x in (out / f"{stream}.jsonl").read_text().splitlines()]
 
 
-def _agree(got: list[dict], want: list[dict]) -> float:
-    """Share of frames with the same number of detections (GPU letterbox / decoders differ by ~1/255 per pixel)."""
+def _matched(got: list[dict], want: list[dict]) -> float:
+    """Share of ``want``'s boxes with a box of the same frame in ``got`` at IoU > 0.9 (the GPU letterbox differs from
+    OpenCV's by ~1/255, so a score next to the threshold may flip)."""
     assert [g["frame"] for g in got] == [w["frame"] for w in want]
-    return sum(len(g["detections"]) == len(w["detections"]) for g, w in zip(got, want, strict=True)) / len(want)
+    hit = total = 0
+    for g, w in zip(got, want, strict=True):
+        a = np.array([d["box"] for d in g["detections"]]).reshape(-1, 4)
+        for box in (np.array(d["box"]) for d in w["detections"]):
+            total += 1
+            lt, rb = np.maximum(a[:, :2], box[:2]), np.minimum(a[:, 2:], box[2:])
+            inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
+            union = np.prod(a[:, 2:] - a[:, :2], axis=1) + np.prod(box[2:] - box[:2]) - inter
+            hit += bool(len(a) and (inter / np.maximum(union, 1e-9)).max() > 0.9)
+    return hit / max(total, 1)
 
 
 def test_pipeline_on_cuda_matches_mains_outputs(tiny_checkpoint, shared_data, tmp_path):
-    """python -m deploy on CUDA (torch FP32, decode processes, rings registered as pinned memory, fused graphs)
-    against main's CPU outputs for the same model and clip (tests/fixtures/pipeline_golden.json)."""
+    """python -m deploy on CUDA (torch FP32, decode processes, rings page-locked, batched GPU letterbox) against main's
+    CPU outputs for the same model and clip (tests/fixtures/pipeline_golden.json)."""
     from deploy.__main__ import main
 
     golden = json.loads((ROOT / "tests" / "fixtures" / "pipeline_golden.json").read_text())
@@ -184,24 +194,41 @@ def test_pipeline_on_cuda_matches_mains_outputs(tiny_checkpoint, shared_data, tm
                     "--no-video", "--no-progress"])  # fmt: skip
     assert summary["decode"] == {"a": "process", "b": "process"} and summary["backend"] == "torch"
     for s in ("a", "b"):
-        assert _agree(_records(out, s), golden["streams"][s]) >= 0.9
+        assert _matched(_records(out, s), golden["streams"][s]) >= 0.9, s
     assert summary["latency_ms"]["p99"] is not None and summary["all_streams_kept_up"]
 
 
 def test_nvdec_decodes_h264_for_the_pipeline(tiny_checkpoint, shared_data, tmp_path):
-    """--decode nvdec (PyNvVideoCodec, installed by benchmarks/run_gpu.sh from .whl-pipeline): the H.264 clip is
-    decoded on the GPU and gives the CPU decoders' detections; a stream NVDEC refuses says so in the summary."""
+    """--decode nvdec (PyNvVideoCodec, installed by benchmarks/run_gpu.sh from .whl-pipeline): NVDEC's RGB frames are
+    OpenCV's within a few levels (colour conversion), and the pipeline runs on them end to end."""
     pytest.importorskip("PyNvVideoCodec", reason="pynvvideocodec not installed (benchmarks/run_gpu.sh installs it)")
     from deploy.__main__ import main
+    from sidnet.runtime.nvdec import NvdecFeed
+    from sidnet.runtime.sources import VideoFileSource
 
     video = shared_data / "video" / "pedestrians_200_h264.mp4"
-    runs = {}
-    for decode in ("process", "nvdec"):
-        out = tmp_path / decode
-        runs[decode] = main([str(tiny_checkpoint), f"a={video}", f"b={shared_data / 'video' / 'pedestrians_200.mp4'}",
-                             "--out", str(out), "--max-frames", "40", "--batch", "8", "--conf", "0.02", "--device",
-                             "cuda", "--no-video", "--no-progress", "--decode", decode])  # fmt: skip
-    assert runs["nvdec"]["decode"]["a"] == "nvdec", runs["nvdec"]["decode"]
-    assert runs["nvdec"]["decode"]["b"] in ("nvdec",) or runs["nvdec"]["decode"]["b"].startswith("process (nvdec")
-    assert runs["nvdec"]["frames"] == {"a": 40, "b": 40}
-    assert _agree(_records(tmp_path / "nvdec", "a"), _records(tmp_path / "process", "a")) >= 0.8
+    feed = NvdecFeed("a", VideoFileSource("a", video), device=torch.device("cuda"), slots=4, max_frames=3, pacing=None)
+    got = []
+    while len(got) < 3 and not feed.finished:
+        for f in feed.poll(3):
+            got.append(f.image.cpu().numpy())
+            feed.release([f])
+    feed.close()
+    diff = np.abs(np.stack(got).astype(int) - np.stack(video_frames_h264(video, 3)).astype(int))
+    assert diff.mean() < 4.0, diff.mean()
+    out = tmp_path / "nvdec"
+    summary = main([str(tiny_checkpoint), f"a={video}", f"b={shared_data / 'video' / 'pedestrians_200.mp4'}", "--out",
+                    str(out), "--max-frames", "40", "--batch", "8", "--conf", "0.02", "--device", "cuda", "--no-video",
+                    "--no-progress", "--decode", "nvdec"])  # fmt: skip
+    assert summary["decode"]["a"] == "nvdec", summary["decode"]
+    assert summary["decode"]["b"] == "nvdec" or summary["decode"]["b"].startswith("process (nvdec")
+    assert summary["frames"] == {"a": 40, "b": 40}
+
+
+def video_frames_h264(path, n):
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    out = [cv2.cvtColor(cap.read()[1], cv2.COLOR_BGR2RGB) for _ in range(n)]
+    cap.release()
+    return out

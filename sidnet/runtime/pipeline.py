@@ -105,6 +105,8 @@ def _check(opts: PipelineOptions, sources: dict) -> None:
     if unknown:
         raise DeployError(f"--video-streams names {sorted(unknown)}, which are not sources of this run "
                           f"({', '.join(sources)})")  # fmt: skip
+    if opts.inflight not in (1, 2):
+        raise DeployError(f"inflight {opts.inflight}: 1 or 2 batches (the GPU backends double-buffer)")
     if opts.fps is not None and opts.fps <= 0:
         raise DeployError(f"--fps {opts.fps} must be > 0")
 

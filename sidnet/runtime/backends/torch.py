@@ -234,49 +234,31 @@ class GraphRunner:
         return d[:n], k[:n], infos
 
     # ---------------------------------------------------------------- frames → detections, one graph per batch
-    @torch.no_grad()
-    def fused_slot(self, b: int, h: int, w: int, parity: int) -> dict:
-        """Static (b, H, W, 3) uint8 input and one CUDA graph holding letterbox + network + decode tail for frames of
-        one size; two per shape (``parity``) so that batch k+1 uploads while batch k computes."""
+    def frames_slot(self, b: int, h: int, w: int, parity: int) -> dict:
+        """Device (b, H, W, 3) uint8 input and pinned result buffers for batches of frames of one size; two per shape
+        (``parity``) so that batch k+1 uploads while batch k computes and k's results wait to be collected."""
         key = (b, h, w, parity)
-        slot = self._fused.get(key)
-        if slot is not None:
-            return slot
-        self.slot(b)  # cuDNN autotuning and lazy inits for this batch size, outside any capture
-        u8 = torch.randint(0, 256, (b, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(b))
-        u8 = u8.to(self.device)
-        x = self.new_input(b)
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-
-        def step():
-            info = letterbox_into(u8, x, size=self.info.input_size)
-            return (*self.forward(x), info)
-
-        with torch.cuda.stream(self.stream):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=self.stream):
-            dets, num, info = step()
-        slot = {"u8": u8, "graph": graph, "dets": dets, "num": num, "info": info,
-                "host_dets": torch.empty(dets.shape, dtype=dets.dtype, pin_memory=True),
-                "host_num": torch.empty(num.shape, dtype=num.dtype, pin_memory=True),
-                "uploaded": torch.cuda.Event(), "done": torch.cuda.Event()}  # fmt: skip
-        slot["done"].record(self.stream)
-        self._fused[key] = slot
-        log.debug("captured a fused letterbox + network graph for batch %d of %dx%d frames", b, w, h)
-        return slot
+        fs = self._fused.get(key)
+        if fs is None:
+            reg = self.slot(b)  # the network graph for this batch size (captured on first use)
+            dets = reg.get("dets")
+            fs = {"u8": torch.zeros((b, h, w, 3), dtype=torch.uint8, device=self.device),
+                  "uploaded": torch.cuda.Event(), "free": torch.cuda.Event(), "done": torch.cuda.Event()}  # fmt: skip
+            if dets is not None:
+                fs["host_dets"] = torch.empty(dets.shape, dtype=dets.dtype, pin_memory=True)
+                fs["host_num"] = torch.empty(reg["num"].shape, dtype=reg["num"].dtype, pin_memory=True)
+            fs["free"].record(self.stream)
+            self._fused[key] = fs
+        return fs
 
     def warmup_frames(self, max_batch: int, sizes: Sequence[tuple[int, int]]) -> None:
-        """Capture the fused graphs for every bucket up to ``max_batch`` and every (width, height) up front."""
-        if not self.graphs:
+        """Allocate the frame buffers for every bucket up to ``max_batch`` and every (width, height) up front."""
+        if self.device.type != "cuda":
             return
-        buckets = sorted({self.bucket(b) for b in range(1, max_batch + 1)})
         for w, h in sizes:
-            for b in buckets:
+            for b in sorted({self.bucket(b) for b in range(1, max_batch + 1)}):
                 for parity in (0, 1):
-                    self.fused_slot(b, h, w, parity)
+                    self.frames_slot(b, h, w, parity)
 
     def register_host(self, address: int, nbytes: int) -> bool:
         """Page-lock host memory the frames live in (shared-memory rings), so uploads from it are true async DMA."""
@@ -302,31 +284,41 @@ class GraphRunner:
 
     @torch.no_grad()
     def submit_frames(self, frames: Sequence) -> dict:
-        """Start a batch (RGB uint8 host arrays or CUDA tensors): upload on the copy stream, one graph replay, results
-        copied back asynchronously. :meth:`collect` waits for them. Frames of mixed sizes, or no graphs, take the
-        synchronous :meth:`infer_frames` path."""
+        """Start a batch (RGB uint8 host arrays or CUDA tensors of one size): upload on the copy stream (from
+        page-locked rings: DMA while the previous batch computes), then on the compute stream letterbox + normalise
+        the whole batch from uint8 (:func:`letterbox_into`, a few kernels), one replay of the network + top-K graph,
+        results copied back asynchronously; :meth:`collect` waits for them. Mixed sizes take :meth:`infer_frames`."""
         n = len(frames)
         shapes = {tuple(f.shape) for f in frames}
-        if not self.graphs or len(shapes) != 1:
+        if self.device.type != "cuda" or len(shapes) != 1:
             host = [f.cpu().numpy() if isinstance(f, torch.Tensor) else f for f in frames]
             return {"result": self.infer_frames(host), "n": n}
         h, w, _ = shapes.pop()
         self._parity ^= 1
-        slot = self.fused_slot(self.bucket(n), h, w, self._parity)
+        b = self.bucket(n)
+        fs = self.frames_slot(b, h, w, self._parity)
         copy = self.letterbox.copy_stream
-        copy.wait_event(slot["done"])  # the previous batch in this slot has finished reading its input
+        copy.wait_event(fs["free"])  # the previous batch in these buffers has been letterboxed
+        on_device = [f for f in frames if isinstance(f, torch.Tensor)]
+        if on_device:  # decoded on the GPU (NVDEC) by another stream
+            copy.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(copy):
-            u8 = slot["u8"]
+            u8 = fs["u8"]
             for j, f in enumerate(frames):
                 u8[j].copy_(f if isinstance(f, torch.Tensor) else torch.from_numpy(f), non_blocking=True)
-            slot["uploaded"].record(copy)
-        self.stream.wait_event(slot["uploaded"])
+            fs["uploaded"].record(copy)
+        self.stream.wait_event(fs["uploaded"])
         with torch.cuda.stream(self.stream):
-            slot["graph"].replay()
-            slot["host_dets"].copy_(slot["dets"], non_blocking=True)
-            slot["host_num"].copy_(slot["num"], non_blocking=True)
-            slot["done"].record(self.stream)
-        return {"slot": slot, "n": n}
+            info = letterbox_into(fs["u8"], self.slot(b)["input"], size=self.info.input_size)
+            fs["free"].record(self.stream)
+            dets, num = self.run(b)
+            if "host_dets" in fs:
+                fs["host_dets"].copy_(dets, non_blocking=True)
+                fs["host_num"].copy_(num, non_blocking=True)
+            else:  # an uncaptured forward: its outputs are fresh tensors
+                fs["out"] = (dets.float().to("cpu", non_blocking=True), num.to("cpu", non_blocking=True))
+            fs["done"].record(self.stream)
+        return {"slot": fs, "n": n, "info": info}
 
     def ready(self, pending: dict) -> bool:
         return "result" in pending or pending["slot"]["done"].query()
@@ -334,9 +326,10 @@ class GraphRunner:
     def collect(self, pending: dict) -> tuple[np.ndarray, np.ndarray, list[LetterboxInfo]]:
         if "result" in pending:
             return pending["result"]
-        slot, n = pending["slot"], pending["n"]
-        slot["done"].synchronize()
-        return slot["host_dets"].numpy()[:n].copy(), slot["host_num"].numpy()[:n].copy(), [slot["info"]] * n
+        fs, n = pending["slot"], pending["n"]
+        fs["done"].synchronize()
+        d, k = (fs["host_dets"], fs["host_num"]) if "host_dets" in fs else fs.pop("out")
+        return d.numpy()[:n].copy(), k.numpy()[:n].copy(), [pending["info"]] * n
 
     def close(self) -> None:
         self._static.clear()

@@ -125,7 +125,7 @@ def run_case(case: Case, detector, clip: Path, *, batch: int, max_frames: int | 
             "alarms": sum(n for z in s["alarms"].values() for n in z.values()), "stages_s": stages,
             "decode_ms_per_frame": statistics.mean([v for v in s["decode_ms_per_frame"].values() if v] or [0]),
             "queue_depth": s["queue_depth"], "dropped": dropped, "kept_up": s["all_streams_kept_up"],
-            "realtime_fps": case.realtime_fps}  # fmt: skip
+            "realtime_fps": case.realtime_fps, "rings_page_locked": s["rings_page_locked"]}  # fmt: skip
 
 
 def pipeline_rows(*, cases: list[Case], detectors: dict, clips: dict[str, Path], batch: int, max_frames: int | None,

@@ -255,6 +255,7 @@ def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None,
                 t = st.add("idle", t)
         seconds = time.perf_counter() - start
         feed_stats = {n: (int(f.dropped), int(f.late), f.decode_ms()) for n, f in feeds.items()}
+        paths["rings_page_locked"] = f"{len(procs.registered)}/{len(procs.rings)}" if procs is not None else None
         stats = writers.close()
         writers = None
     finally:
@@ -292,7 +293,8 @@ def _summary(detector, opts, zones, stats, st, feeds: dict, paths, events, *, ba
         "alarms": alarms, "events": {**events.counts, **stats["events"]}, "batches": batches,
         "mean_batch": round(float(np.mean(sizes)), 2) if sizes else 0.0,
         "seconds": round(seconds, 3), "frames_per_s": round(total / seconds, 2) if seconds else None,
-        "warmup_s": round(warmup_s, 3), "decode": paths, "realtime": opts.realtime,
+        "warmup_s": round(warmup_s, 3), "decode": {k: v for k, v in paths.items() if k != "rings_page_locked"},
+        "rings_page_locked": paths.get("rings_page_locked"), "realtime": opts.realtime,
         "stages_s": {k: round(v, 3) for k, v in st.s.items()} | {"zones": round(stats["zones_s"], 3),
                                                                   "output": round(stats["output_s"], 3)},
         "decode_ms_per_frame": decode_ms,

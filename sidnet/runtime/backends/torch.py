@@ -135,7 +135,7 @@ class GraphRunner:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._fused: dict[tuple, dict] = {}
         self._parity = 0
-        self._registered: set[int] = set()
+        self._registered: dict[int, int] = {}  # page-locked host ranges: address → bytes
 
     def new_input(self, n: int) -> torch.Tensor:
         s = self.info.input_size
@@ -243,6 +243,7 @@ class GraphRunner:
             reg = self.slot(b)  # the network graph for this batch size (captured on first use)
             dets = reg.get("dets")
             fs = {"u8": torch.zeros((b, h, w, 3), dtype=torch.uint8, device=self.device),
+                  "staging": torch.empty((b, h, w, 3), dtype=torch.uint8, pin_memory=True),
                   "uploaded": torch.cuda.Event(), "free": torch.cuda.Event(), "done": torch.cuda.Event()}  # fmt: skip
             if dets is not None:
                 fs["host_dets"] = torch.empty(dets.shape, dtype=dets.dtype, pin_memory=True)
@@ -270,17 +271,21 @@ class GraphRunner:
         except (AttributeError, RuntimeError, TypeError) as e:
             err, ok = e, False
         if ok:
-            self._registered.add(address)
+            self._registered[address] = nbytes
         else:
             log.warning("cudaHostRegister(%d bytes) failed (%s): uploads from the frame rings are staged", nbytes, err)
         return ok
+
+    def _is_registered(self, frame) -> bool:
+        a = frame.ctypes.data
+        return any(lo <= a and a + frame.nbytes <= lo + size for lo, size in self._registered.items())
 
     def unregister_host(self, address: int) -> None:
         """Undo :meth:`register_host` (before the memory is unmapped); waits for uploads still reading it."""
         if address in self._registered:
             torch.cuda.synchronize(self.device)
             torch.cuda.cudart().cudaHostUnregister(address)
-            self._registered.discard(address)
+            del self._registered[address]
 
     @torch.no_grad()
     def submit_frames(self, frames: Sequence) -> dict:
@@ -304,8 +309,15 @@ class GraphRunner:
             copy.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(copy):
             u8 = fs["u8"]
-            for j, f in enumerate(frames):
-                u8[j].copy_(f if isinstance(f, torch.Tensor) else torch.from_numpy(f), non_blocking=True)
+            if on_device or all(self._is_registered(f) for f in frames):  # DMA straight from the frames
+                for j, f in enumerate(frames):
+                    u8[j].copy_(f if isinstance(f, torch.Tensor) else torch.from_numpy(f), non_blocking=True)
+            else:  # pageable frames: gather them into a pinned buffer, then one DMA
+                fs["uploaded"].synchronize()  # the previous upload from this buffer has finished reading it
+                host = fs["staging"].numpy()
+                for j, f in enumerate(frames):
+                    host[j] = f
+                u8[:n].copy_(fs["staging"][:n], non_blocking=True)
             fs["uploaded"].record(copy)
         self.stream.wait_event(fs["uploaded"])
         with torch.cuda.stream(self.stream):

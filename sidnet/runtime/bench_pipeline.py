@@ -161,7 +161,7 @@ def table(rows: list[dict]) -> list[str]:
         top = ", ".join(f"{k} {v:.2f}" for k, v in list(r["stages_s"].items())[:3])
         used = r["decode_used"] if isinstance(r["decode_used"], str) else "; ".join(r["decode_used"])
         lines.append(f"| {r['streams']}{rt} | {r['resolution']} | {r['decode']} ({used}) | {r['backend']} "
-                     f"{r['precision']} | {r['frames_per_s']:,.0f} | {r['network_img_s']:,.0f} | "
+                     f"{r['precision']} | {_num(r['frames_per_s'])} | {_num(r['network_img_s'])} | "
                      f"{r['frames_per_s'] / r['network_img_s']:.0%} | {r['latency_ms']['p50']} / "
                      f"{r['latency_ms']['p99']} | {r['mean_batch']} | {r['detections_per_frame']} | {r['dropped']} | "
                      f"{top} |")  # fmt: skip
@@ -172,6 +172,10 @@ def table(rows: list[dict]) -> list[str]:
                       f"{max(kept) if kept else 'none of those tried'} at {paced[0]['realtime_fps']:g} fps "
                       f"(tried {', '.join(str(r['streams']) for r in paced)})."]  # fmt: skip
     return lines
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.2f}"
 
 
 def write(rows: list[dict], lines: list[str], out_dir: Path, *, stem: str, env: dict) -> None:

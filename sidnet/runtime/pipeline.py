@@ -255,7 +255,8 @@ def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None,
                 t = st.add("idle", t)
         seconds = time.perf_counter() - start
         feed_stats = {n: (int(f.dropped), int(f.late), f.decode_ms()) for n, f in feeds.items()}
-        paths["rings_page_locked"] = f"{len(procs.registered)}/{len(procs.rings)}" if procs is not None else None
+        gpu = procs is not None and detector.gpu_preprocess
+        paths["rings_page_locked"] = f"{len(procs.registered)}/{len(procs.rings)}" if gpu else None
         stats = writers.close()
         writers = None
     finally:

@@ -313,6 +313,7 @@ def test_deploy_bad_inputs_are_one_line_errors(tiny_onnx, tiny_checkpoint, share
         ([tmp_path / "none.onnx", video], "artifact not found"),
         ([tiny_onnx, f"a={video}", "--video-streams", "b"], "--video-streams names ['b']"),
         ([tiny_onnx, f"a={video}", "--realtime", "--fps", "0"], "--fps 0.0 must be > 0"),
+        ([tiny_onnx, f"a={video}", "--queue", "0"], "--queue 0 must be >= 1"),
     ]
     for args, msg in cases:
         with pytest.raises(SystemExit) as exc:
@@ -462,3 +463,17 @@ def test_realtime_pacing_counts_dropped_frames(tiny_onnx, shared_data, tmp_path)
         written = [json.loads(x)["frame"] for x in (out / f"{s}.jsonl").read_text().splitlines()]
         assert written == sorted(written) and len(set(written)) == len(written) == summary["frames"][s]
     assert sum(d["pipeline_behind"] + d["decoder_behind"] for d in summary["drops"].values()) > 0
+
+
+def test_make_clip_encodes_h264_at_the_asked_size(shared_data, tmp_path):
+    """The e2e benchmark's clip maker (PyAV/libx264, the `video` extra): every frame, the size and codec asked."""
+    pytest.importorskip("av", reason="PyAV not installed (pip install -e .[video])")
+    from sidnet.runtime.bench_pipeline import make_clip
+
+    out = make_clip(shared_data / "video" / "pedestrians_200.mp4", tmp_path / "small.mp4", width=96, height=72)
+    cap = cv2.VideoCapture(str(out))
+    n, w, h = (int(cap.get(p)) for p in (cv2.CAP_PROP_FRAME_COUNT, cv2.CAP_PROP_FRAME_WIDTH, cv2.CAP_PROP_FRAME_HEIGHT))
+    fourcc = int(cap.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little").decode()
+    cap.release()
+    assert (n, w, h) == (200, 96, 72) and fourcc in ("avc1", "h264", "H264")
+    assert not (tmp_path / "small.part.mp4").exists()

@@ -105,6 +105,10 @@ def _check(opts: PipelineOptions, sources: dict) -> None:
     if unknown:
         raise DeployError(f"--video-streams names {sorted(unknown)}, which are not sources of this run "
                           f"({', '.join(sources)})")  # fmt: skip
+    for flag, value, least in (("--queue", opts.queue_size, 1), ("--decoders", opts.decoders or 1, 1),
+                               ("--writers", opts.writers, 0)):  # fmt: skip
+        if value < least:
+            raise DeployError(f"{flag} {value} must be >= {least}")
     if opts.inflight not in (1, 2):
         raise DeployError(f"inflight {opts.inflight}: 1 or 2 batches (the GPU backends double-buffer)")
     if opts.fps is not None and opts.fps <= 0:

@@ -123,6 +123,10 @@ def measure(key: str, args, cache_dir: str) -> dict:
             "train_steady": ts}  # fmt: skip
 
 
+def _rate(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:.2f}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default=str(ROOT.parent / "shared/data/capston2"), help="YOLO dataset root")
@@ -172,8 +176,8 @@ def main() -> None:
              f"| option | loader img/s (epoch 1) | loader img/s (steady) | training img/s (epoch 1) | "
              f"training img/s (steady) | training vs {base['option']} |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
-        lines.append(f"| {r['option']}: {r['label']} | {r['loader_first']:,.0f} | {r['loader_steady']:,.0f} | "
-                     f"{r['train_first']:,.0f} | {r['train_steady']:,.0f} | "
+        rate = [_rate(r[k]) for k in ("loader_first", "loader_steady", "train_first", "train_steady")]
+        lines.append(f"| {r['option']}: {r['label']} | {' | '.join(rate)} | "
                      f"{r['train_steady'] / base['train_steady']:.2f}x |")  # fmt: skip
     text = "\n".join(lines)
     print(text)

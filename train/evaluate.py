@@ -24,11 +24,12 @@ from sidnet.data.loading import load_records
 from sidnet.engine.tasks import build_task
 from sidnet.engine.trainer import resolve_device
 from sidnet.environment import environment
-from sidnet.evaluation import evaluate_detections, write_report
+from sidnet.evaluation import evaluate_by_source, write_report
 from sidnet.evaluation.predict import predict_dataset
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-KEYS = ("AP", "AP50", "AP75", "AP_small", "recall", "precision", "fp_per_negative_image", "segm_AP", "segm_AP50")
+KEYS = ("AP", "AP50", "AP75", "AP_small", "recall", "recall_small", "precision", "fp_per_negative_image", "segm_AP",
+        "segm_AP50")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -59,8 +60,6 @@ def evaluate(args: argparse.Namespace) -> dict:
     else:
         model = model_from_checkpoint(state, ema=not args.no_ema)
     if args.data is not None:
-        if not args.data.is_file():
-            raise FileNotFoundError(f"data config not found: {args.data}; pass a YAML from conf/data/")
         data = load_data_yaml(args.data, project_root=PROJECT_ROOT)
     else:
         if not isinstance(state.get("config"), dict) or "data" not in state["config"]:
@@ -90,8 +89,6 @@ def evaluate_onnx(args: argparse.Namespace) -> dict:
         raise FileNotFoundError("--onnx needs --data conf/data/<x>.yaml (an ONNX file carries no data config)")
     if not args.onnx.is_file():
         raise FileNotFoundError(f"ONNX file not found: {args.onnx}; pass a model.onnx written by python -m export")
-    if not args.data.is_file():
-        raise FileNotFoundError(f"data config not found: {args.data}; pass a YAML from conf/data/")
     check_artifact(args.onnx)
     detector = OnnxDetector(args.onnx)
     records = load_records(load_data_yaml(args.data, project_root=PROJECT_ROOT), args.split, project_root=PROJECT_ROOT)
@@ -106,12 +103,14 @@ def _evaluate(model, records, args, *, size: int, device: torch.device, source: 
               masks: bool = False) -> dict:  # fmt: skip
     dataset = DetectionDataset(records, size=size)
     preds, pred_masks = predict_dataset(model, dataset, task=task, device=device, batch_size=args.batch_size)
-    report = evaluate_detections(records, preds, operating_conf=args.conf, masks=pred_masks if masks else None)
+    report = evaluate_by_source(records, preds, operating_conf=args.conf, masks=pred_masks if masks else None)
     tag = args.split.replace(":", "_").replace("/", "of")  # val:1/2 -> val_1of2
     out = args.out or source.with_name(f"{source.stem}_{tag}_report.json")
     extra = {k: v for k, v in extra.items() if k not in report}
     write_report(report, out, extra=extra)
     print(json.dumps({k: report.get(k) for k in KEYS}, indent=None))
+    for name, r in report.get("per_source", {}).items():
+        print(f"{name}: " + json.dumps({k: r.get(k) for k in KEYS if k in r}, indent=None))
     print(f"report: {out}")
     return report
 

@@ -30,13 +30,14 @@ from sidnet.checkpoint import (
     save_checkpoint,
 )
 from sidnet.config import ConfigError, TrainConfig, validate_anchors, validate_train_config
-from sidnet.data.loading import build_datasets, load_records
+from sidnet.data.loading import build_datasets, data_sources, load_records
+from sidnet.data.multiscale import multiscale_size, rescale_batch
 from sidnet.engine.distributed import DistContext, all_reduce_mean
 from sidnet.engine.ema import ModelEMA
 from sidnet.engine.loader import build_train_loader, to_device, train_dataset_for_loader
 from sidnet.engine.runlock import acquire_run_lock, release_run_lock
 from sidnet.engine.tasks import build_task
-from sidnet.evaluation import evaluate_detections
+from sidnet.evaluation import evaluate_by_source
 from sidnet.evaluation.predict import predict_dataset
 from sidnet.io import remove_stale_temporaries
 
@@ -121,7 +122,7 @@ class Trainer:
         if self.dist.enabled and "segm" in self.task.iou_types:
             raise ConfigError(f"model.name={m.name}: multi-process training covers the region (YOLOv2-family) "
                               "models; train this one in one process (python -m train)")  # fmt: skip
-        self.train_set, self.val_set = build_datasets(cfg.data, input_size=m.input_size, aug=dict(cfg.aug),
+        self.train_set, self.val_set = build_datasets(cfg.data, input_size=m.input_size, aug=asdict(cfg.aug),
                                                       seed=cfg.seed, project_root=self.project_root,
                                                       masks="segm" in self.task.iou_types)  # fmt: skip
         if len(self.train_set) == 0:
@@ -244,7 +245,7 @@ class Trainer:
         if self._train_loader is None:
             lc, w = self.cfg.loader, self.cfg.workers
             dataset = train_dataset_for_loader(self.train_set, cache=lc.cache, cache_dir=Path(lc.cache_dir),
-                                               gpu_aug=lc.gpu_aug, aug=dict(self.cfg.aug),
+                                               gpu_aug=lc.gpu_aug, aug=asdict(self.cfg.aug),
                                                threads=os.cpu_count() or 1)  # fmt: skip
             self._train_loader, self._sampler = build_train_loader(
                 dataset, batch_size=self.rank_batch, seed=self.cfg.seed, workers=w, rank=self.dist.rank,
@@ -274,6 +275,10 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             images, targets = to_device(images, targets, device=self.device, channels_last=self.channels_last)
+            if cfg.aug.multiscale:  # one input size per batch, from (seed, epoch, batch index): resume stays exact
+                size = multiscale_size(seed=cfg.seed, epoch=self.epoch, index=i, low=cfg.aug.multiscale[0],
+                                       high=cfg.aug.multiscale[1])  # fmt: skip
+                images, targets = rescale_batch(images, targets, size=size)
             if image_ids is not None:
                 image_ids.extend(t["image_id"] for t in targets)
             loss, parts = self.task.loss(self.ddp_model, images, targets, amp=self.amp)
@@ -327,11 +332,18 @@ class Trainer:
         preds, masks = predict_dataset(model, self.val_set, task=self.task, device=self.device,
                                        batch_size=self.cfg.batch_size, conf_thresh=e.conf_thresh, nms_iou=e.nms_iou,
                                        max_det=e.max_det, amp=self.amp)  # fmt: skip
-        report = evaluate_detections(self.val_set.records, preds, operating_conf=e.operating_conf, masks=masks)
+        report = evaluate_by_source(self.val_set.records, preds, operating_conf=e.operating_conf, masks=masks)
+        for name, r in report.get("per_source", {}).items():
+            log.info("val %s: AP50 %.4f AP %.4f AP_small %s recall@%.2g %.4f", name, r["AP50"] or 0, r["AP"] or 0,
+                     r["AP_small"] if r["AP_small"] is None else round(r["AP_small"], 4), e.operating_conf,
+                     r["recall"])  # fmt: skip
         if self.writer:
-            for k in ("AP", "AP50", "AP75", "recall", "precision", "fp_per_negative_image", "segm_AP", "segm_AP50"):
-                if isinstance(report.get(k), (int, float)):
-                    self.writer.add_scalar(f"val/{k}", report[k], self.epoch)
+            keys = ("AP", "AP50", "AP75", "AP_small", "recall", "recall_small", "precision", "fp_per_negative_image",
+                    "segm_AP", "segm_AP50")  # fmt: skip
+            for prefix, r in [("val", report), *((f"val_{n}", r) for n, r in report.get("per_source", {}).items())]:
+                for k in keys:
+                    if isinstance(r.get(k), (int, float)):
+                        self.writer.add_scalar(f"{prefix}/{k}", r[k], self.epoch)
             self._log_sample_image(model)
         return report
 
@@ -414,8 +426,11 @@ def _to_container(cfg: TrainConfig) -> dict:
 
 
 def check_train_config(cfg: TrainConfig, *, project_root: Path) -> None:
-    """Every check that needs no data: value ranges, the anchors (file, shape, count) and the device."""
+    """Every check that needs no data: value ranges, the data splits' keys, the anchors (file, shape, count) and the
+    device."""
     validate_train_config(cfg)
+    for split in ("train", "val"):
+        data_sources(cfg.data, split, project_root=project_root)
     if cfg.model.anchors is not None:  # null: the model has no anchor list (maskrcnn: RPN anchors per FPN level)
         anchors = load_anchors(cfg.model.anchors, project_root=project_root)
         validate_anchors(anchors, num_anchors=cfg.model.num_anchors, source=cfg.model.anchors)

@@ -51,7 +51,7 @@ class Int8Config:
     high_precision: str = "fp32"  # dtype outside Q/DQ: fp32, or fp16
     exclude: list[str] = field(default_factory=list)  # ONNX node names to keep out of INT8 by hand
     gate_data: str | None = None  # held-out labelled data YAML for the accuracy gate (default: `data`)
-    gate_split: str = "val"  # or NAME:K/N, part K of N by image id (val:0/2 to gate, val:1/2 to test)
+    gate_split: str = "val:0/2"  # part K of N by image id: gate on val:0/2, report test figures on val:1/2
     budget: float = 1.0  # allowed AP50 drop, in points (1.0 = 0.01 AP50)
     max_fallback: int = 8  # most layers the gate may move back to high precision
 
@@ -65,7 +65,7 @@ class ExportConfig:
     precision: str = "fp32"  # fp32 | fp16 (int8: the INT8 issue)
     backend: str = "onnx"  # onnx | tensorrt | tensorrt-rtx | compiled (AOTInductor package)
     target: str | None = None  # plugins | native; null: plugins for tensorrt, native otherwise
-    out: str | None = None  # null: <checkpoint dir>/export, or outputs/export/<model>-random
+    out: str | None = None  # null: <checkpoint dir>/export/<precision> (<backend>_<precision> for engines)
     opset: int = 18
     conf_thresh: float = 0.001
     topk: int = 100

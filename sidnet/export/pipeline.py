@@ -191,11 +191,16 @@ def _class_names(cfg: ExportConfig, from_checkpoint: list[str] | None, num_class
 
 
 def default_out_dir(cfg: ExportConfig, *, project_root: Path) -> Path:
+    """``out=``, else one folder per precision and backend beside the checkpoint, so that exports in several
+    precisions (the README's fp32 → fp16 → int8 sequence) never collide: ``<run>/export/fp32``,
+    ``<run>/export/int8``, ``<run>/export/tensorrt-rtx_fp16``, ``<run>/export/triton_fp32``."""
     if cfg.out:
         return Path(cfg.out)
+    precision, backend = str(cfg.precision).lower(), str(cfg.backend).lower()
+    leaf = precision if backend == "onnx" else f"{backend}_{precision}"
     if cfg.checkpoint:
-        return Path(cfg.checkpoint).parent / "export"
-    return project_root / "outputs" / "export" / f"{cfg.model.name}-random"
+        return Path(cfg.checkpoint).parent / "export" / leaf
+    return project_root / "outputs" / "export" / f"{cfg.model.name}-random" / leaf
 
 
 def build_graph(
@@ -331,6 +336,12 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
 
     opts = resolve_options(cfg)
     preflight(opts, cfg)
+    out_dir = default_out_dir(cfg, project_root=project_root)
+    ensure_writable_dir(out_dir, fix="pass --out a folder you can write to")
+    if opts.precision == "int8":  # before the minutes of ONNX export, calibration and gate, not after them
+        from sidnet.export.int8_export import refuse_overwrite
+
+        refuse_overwrite(out_dir, force=cfg.force)
     model, name, source, ckpt_names = load_model(cfg, project_root=project_root)
     qat = getattr(model, "qat", None)
     if opts.precision == "int8" and qat is None and not (cfg.int8.images or cfg.int8.data):
@@ -340,8 +351,6 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
         log.warning("export: %s is a QAT checkpoint; exporting its trained weights in %s with the fake quantization "
                     "removed (--precision int8 exports the Q/DQ graph with its ranges)", cfg.checkpoint, opts.precision)
     class_names = _class_names(cfg, ckpt_names, model.num_classes)
-    out_dir = default_out_dir(cfg, project_root=project_root)
-    ensure_writable_dir(out_dir, fix="pass --out a folder you can write to")
     log.info("export: %s, %s, target %s, backend %s -> %s", source, opts.precision, opts.target, opts.backend, out_dir)
 
     int8 = opts.precision == "int8"

@@ -24,9 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     from sidnet.cli import OneLineParser
 
     p = OneLineParser(prog="python -m deploy", description=__doc__.split("\n\n")[0])
-    p.add_argument("artifact", help=".engine | .onnx | .pt | .pt2")
+    p.add_argument("artifact", help=".engine | .onnx | .pt | .pt2 | triton://HOST:PORT/MODEL (a Triton server, "
+                   "python -m deploy.serve)")
     p.add_argument("sources", nargs="+", help="[name=]folder | video file | rtsp://… | http://… | webcam index")
-    p.add_argument("--backend", help="tensorrt | onnxruntime | torch | compiled (must match the artifact)")
+    p.add_argument("--backend", help="tensorrt | onnxruntime | torch | compiled | triton (must match the artifact)")
     p.add_argument("--zones", type=Path, help="intrusion zones YAML (see sidnet/runtime/zones.py)")
     p.add_argument("--out", type=Path, default=Path("outputs/deploy"), help="output folder (default outputs/deploy)")
     p.add_argument("--conf", type=float, default=0.3, help="score threshold (default 0.3, the SIDNet report's)")

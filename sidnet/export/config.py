@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from sidnet.config import ModelConfig
 
 PRECISIONS = ("fp32", "fp16", "int8")
-BACKENDS = ("onnx", "tensorrt", "tensorrt-rtx", "compiled")
+BACKENDS = ("onnx", "tensorrt", "tensorrt-rtx", "compiled", "triton")
 TARGETS = ("plugins", "native")
 
 
@@ -57,13 +57,24 @@ class Int8Config:
 
 
 @dataclass
+class TritonConfig:
+    """``--backend triton``: a Triton Inference Server model repository (:mod:`sidnet.export.triton`)."""
+
+    name: str | None = None  # model name (folder) in the repository; null: the model's registry name
+    format: str = "onnx"  # onnx (Triton's onnxruntime backend) | plan (TensorRT backend; built with full TensorRT)
+    instances: int = 1  # instance_group count
+    kind: str = "gpu"  # instance_group kind: gpu | cpu
+    queue_delay_us: int = 100  # dynamic_batching max_queue_delay_microseconds
+
+
+@dataclass
 class ExportConfig:
     checkpoint: str | None = None  # a .pt written by `python -m train`
     random_init: bool = False  # export `model` with random weights instead (smoke tests; never for deployment)
     model: ModelConfig = field(default_factory=ModelConfig)  # only read with random_init; a checkpoint has its own
     ema: bool = True  # export the EMA weights when the checkpoint has them
     precision: str = "fp32"  # fp32 | fp16 (int8: the INT8 issue)
-    backend: str = "onnx"  # onnx | tensorrt | tensorrt-rtx | compiled (AOTInductor package)
+    backend: str = "onnx"  # onnx | tensorrt | tensorrt-rtx | compiled (AOTInductor package) | triton
     target: str | None = None  # plugins | native; null: plugins for tensorrt, native otherwise
     out: str | None = None  # null: <checkpoint dir>/export/<precision> (<backend>_<precision> for engines)
     opset: int = 18
@@ -79,4 +90,5 @@ class ExportConfig:
     int8: Int8Config = field(default_factory=Int8Config)
     force: bool = False  # overwrite INT8 artifacts already in `out`
     compiled_device: str = "auto"  # --backend compiled: cuda | cpu | auto (cuda when torch sees a GPU)
+    triton: TritonConfig = field(default_factory=TritonConfig)
     compiled_mode: str = "default"  # --backend compiled: default | max-autotune (minutes longer)

@@ -64,6 +64,8 @@ def resolve_options(cfg: ExportConfig) -> Options:
         if cfg.int8.images and cfg.int8.data:
             raise ExportError("pass one of --calib-images FOLDER or --calib-data conf/data/X.yaml, not both")
         import_modelopt()
+    if backend == "triton" and target == "plugins":
+        raise ExportError("--backend triton serves standard ONNX ops (or a plan built from them): use --target native")
     if backend == "compiled" and target == "plugins":
         raise ExportError("--backend compiled packages the PyTorch network: use --target native (the default)")
     if backend == "tensorrt-rtx" and target == "plugins":
@@ -80,11 +82,11 @@ def resolve_options(cfg: ExportConfig) -> Options:
 
 def preflight(opts: Options, cfg: ExportConfig) -> None:
     """Fail before the (slow) export when the engine backend or the plugins' kernels library is missing."""
-    if opts.backend in ("onnx", "compiled"):
+    if opts.backend in ("onnx", "compiled") or (opts.backend == "triton" and cfg.triton.format != "plan"):
         return
     from sidnet.export.engine import import_backend
 
-    import_backend(opts.backend)
+    import_backend("tensorrt" if opts.backend == "triton" else opts.backend)
     if opts.target == "plugins":
         from sidnet.export.trt_plugins import load_kernels
 
@@ -414,7 +416,7 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
                                            device=cfg.compiled_device, mode=cfg.compiled_mode)  # fmt: skip
         report["compiled"] = sidecar
         report["files"][package.name] = sidecar["package_sha256"]
-    elif opts.backend != "onnx":
+    elif opts.backend != "onnx" and not (opts.backend == "triton" and cfg.triton.format != "plan"):
         from sidnet.export.engine import build_engine
 
         b = cfg.batch
@@ -422,7 +424,7 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
         engine = build_engine(
             onnx_path,
             out_dir,
-            backend=opts.backend,
+            backend="tensorrt" if opts.backend == "triton" else opts.backend,
             precision=opts.precision,
             batch=batch,
             plugin_library=cfg.plugin_library,
@@ -432,6 +434,17 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
         layers = {k: v for k, v in engine.layers.items() if k != "engine_layer_names"}
         report["engine"] = {"info": engine.info, "layers": layers}
         report["files"][engine.engine.name] = engine.info["engine_sha256"]
+    if opts.backend == "triton":
+        from sidnet.export.triton import write_repository
+
+        t, b = cfg.triton, cfg.batch
+        batch = (1, 1, 1) if isinstance(model, PersonMaskRCNN) else (b.min, b.opt, b.max)
+        config = write_repository(onnx_path, out_dir, name=t.name or name, batch=batch, fmt=t.format,
+                                  engine_path=engine.engine if engine is not None else None, instances=t.instances,
+                                  kind=t.kind, queue_delay_us=t.queue_delay_us)  # fmt: skip
+        report["triton"] = {"repository": str(out_dir), "config": str(config.relative_to(out_dir)),
+                            "format": t.format, "batch": list(batch)}  # fmt: skip
+        report["files"][str(config.relative_to(out_dir))] = sha256_file(config)
     report_path = write_report(out_dir, report)
     log.info("export: wrote %s and %s in %s", ", ".join(sorted(report["files"])), report_path.name, out_dir)
     return ExportResult(out_dir, onnx_path, report_path, opts, surgery, parity, engine, report)

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from sidnet.anchors import load_anchors
 from sidnet.config import ConfigError, TrainConfig, validate_anchors, validate_train_config
@@ -23,6 +22,7 @@ from sidnet.data import SeededSampler, collate
 from sidnet.engine.checkpoint import (
     CheckpointError,
     build_model_from_spec,
+    deploy_state,
     load_checkpoint,
     numpy_rng_from_plain,
     numpy_rng_to_plain,
@@ -35,6 +35,7 @@ from sidnet.engine.runlock import acquire_run_lock, release_run_lock
 from sidnet.engine.tasks import build_task
 from sidnet.evaluation import evaluate_detections
 from sidnet.io import remove_stale_temporaries
+from sidnet.progress import progress
 
 log = logging.getLogger("sidnet.train")
 
@@ -237,8 +238,8 @@ class Trainer:
             from sidnet.engine.qat import freeze_norm
 
             freeze_norm(self.model)
-        bar = tqdm(self._loader(self.epoch), total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                   dynamic_ncols=True, leave=False, disable=None)  # fmt: skip
+        bar = progress(self._loader(self.epoch), total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                       unit="step")  # fmt: skip
         sums: dict[str, float] = {}
         seen, t0, first_loss = 0, time.perf_counter(), None
         for i, (images, targets) in enumerate(bar):
@@ -284,7 +285,8 @@ class Trainer:
         e = self.cfg.eval
         preds, masks = predict_dataset(model, self.val_set, task=self.task, device=self.device,
                                        batch_size=self.cfg.batch_size, conf_thresh=e.conf_thresh, nms_iou=e.nms_iou,
-                                       max_det=e.max_det, amp=self.amp)  # fmt: skip
+                                       max_det=e.max_det, amp=self.amp,
+                                       desc=f"validation {self.epoch}/{self.cfg.epochs}")  # fmt: skip
         report = evaluate_detections(self.val_set.records, preds, operating_conf=e.operating_conf, masks=masks)
         if self.writer:
             for k in ("AP", "AP50", "AP75", "recall", "precision", "fp_per_negative_image", "segm_AP", "segm_AP50"):
@@ -326,7 +328,8 @@ class Trainer:
                 stats.update({f"val_{k}": report[k] for k in ("AP", "AP50", "recall", "precision") if k in report})
                 if (report.get("AP50") or 0.0) > self.best_ap50:
                     self.best_ap50 = report["AP50"]
-                    self._save({**self.state(), "metrics": report}, best)
+                    # EMA weights only (conv weights in fp16 outside QAT): a third of last.pt, see deploy_state
+                    self._save(deploy_state({**self.state(), "metrics": report}, half=self.quant is None), best)
             self.history.append({"epoch": self.epoch, **stats})
             log.info("epoch %d/%d %s", self.epoch, cfg.epochs, json.dumps(_round(stats)))
             self._save(self.state(), last)

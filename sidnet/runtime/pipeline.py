@@ -209,9 +209,12 @@ def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None,
             src.on_event = events
     bar = None
     if opts.progress:
-        from tqdm import tqdm
+        from sidnet.progress import progress
 
-        bar = tqdm(unit="frame", desc="deploy", dynamic_ncols=True, smoothing=0.1)
+        counts = [getattr(s, "num_frames", None) for s in sources.values()]  # None: live, unknown
+        counts = [min(n, opts.max_frames) if n and opts.max_frames else n for n in counts]
+        total = None if None in counts else sum(counts)
+        bar = progress(desc="deploy", unit="frame", smoothing=0.1, total=total)
     writer = _Writer(detector, sources, zones, opts, events, bar)
     writer.start()
     stop, errors = threading.Event(), []

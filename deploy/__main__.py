@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-video", action="store_true", help="write JSON-lines and events only")
     p.add_argument("--reconnect-retries", type=int, default=10,
                    help="live streams: failed reconnects in a row before a stream is given up (default 10)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("-q", "--quiet", "--no-progress", dest="no_progress", action="store_true",
+                   help="no progress bar (off anyway when stderr is not a terminal)")
+    p.add_argument("--json", action="store_true", help="print summary.json on stdout instead of the table")
     p.add_argument("--force", action="store_true", help="overwrite outputs of an earlier run in --out")
     return p.add_verbose()
 
@@ -92,8 +94,16 @@ def main(argv: list[str] | None = None) -> dict:
     from sidnet.cli import run_guarded
 
     summary = run_guarded(lambda: run(args), verbose=args.verbose)  # one error line; -v shows the traceback
+    if args.json:
+        print(json.dumps(summary))
+        return summary
+    from sidnet.progress import print_table
+
     alarms = sum(n for zs in summary["alarms"].values() for n in zs.values())
-    print(json.dumps({k: summary[k] for k in ("frames", "frames_per_s", "alarms")}))
+    rows = [(name, n, summary["detections"].get(name, 0), sum(summary["alarms"].get(name, {}).values()),
+             ", ".join(f"{z} {k}" for z, k in summary["alarms"].get(name, {}).items()) or "-")
+            for name, n in summary["frames"].items()]  # fmt: skip
+    print_table(f"deploy: {args.artifact} -> {args.out}", ["stream", "frames", "detections", "alarms", "alarms per zone"], rows)
     frames = sum(summary["frames"].values())
     print(f"{frames} frames, {alarms} alarms, {summary['frames_per_s']} frames/s -> {args.out}")
     return summary

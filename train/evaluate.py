@@ -59,8 +59,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
     p.add_argument("--boxes-only", action="store_true", help="Mask R-CNN: box metrics only (data without masks)")
-    p.add_argument("--out", type=Path, help="JSON report (default: next to the checkpoint)")
+    p.add_argument("--out", type=Path, help="JSON report (default: next to the checkpoint); the PR curve PNG and "
+                   "annotated images go beside it")  # fmt: skip
+    p.add_argument("--images", type=int, default=4, help="annotated validation images written beside the report "
+                   "(default 4; 0: none)")  # fmt: skip
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar (off anyway when stderr is no terminal)")
+    p.add_argument("--json", action="store_true", help="print the report's metrics as JSON on stdout (no table)")
     args = p.parse_args(argv)
+    if args.onnx is not None and args.data is None:  # before any work, not after loading the model
+        p.error("--onnx needs --data conf/data/<x>.yaml (an ONNX file carries no data config)")
+    from sidnet.progress import set_quiet
+
+    set_quiet(args.quiet)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
     return run_guarded(lambda: evaluate_onnx(args) if args.onnx is not None else evaluate(args), verbose=args.verbose)
@@ -116,14 +126,31 @@ def evaluate_onnx(args: argparse.Namespace) -> dict:
 def _evaluate(model, records, args, *, size: int, device: torch.device, source: Path, extra: dict, task=None,
               masks: bool = False) -> dict:  # fmt: skip
     dataset = DetectionDataset(records, size=size)
-    preds, pred_masks = predict_dataset(model, dataset, task=task, device=device, batch_size=args.batch_size)
+    preds, pred_masks = predict_dataset(model, dataset, task=task, device=device, batch_size=args.batch_size,
+                                        desc=f"evaluate {args.split}")  # fmt: skip
     report = evaluate_detections(records, preds, operating_conf=args.conf, masks=pred_masks if masks else None)
     tag = args.split.replace(":", "_").replace("/", "of")  # val:1/2 -> val_1of2
     out = args.out or source.with_name(f"{source.stem}_{tag}_report.json")
     extra = {k: v for k, v in extra.items() if k not in report}
     write_report(report, out, extra=extra)
-    print(json.dumps({k: report.get(k) for k in KEYS}, indent=None))
-    print(f"report: {out}")
+    from sidnet.plots import annotated_images, pr_curve_png
+
+    stem = out.with_suffix("")
+    pictures = [pr_curve_png(report, stem.with_name(stem.name + "_pr.png"))]
+    if args.images > 0:
+        pictures += annotated_images(records, preds, stem.with_name(stem.name + "_images"), conf=args.conf,
+                                     count=args.images)  # fmt: skip
+    if args.json:
+        print(json.dumps({k: report.get(k) for k in KEYS}, indent=None))
+        return report
+    from sidnet.progress import print_table
+
+    rows = [(k, report[k]) for k in KEYS if report.get(k) is not None]
+    rows += [("images / person boxes", f"{report['num_images']} / {report['num_gt_boxes']}"),
+             (f"TP / FP / FN @{args.conf:g}", f"{report['tp']} / {report['fp']} / {report['fn']}")]  # fmt: skip
+    print_table(f"evaluation of {source} on {args.split}", ["metric", "value"], rows)
+    print(f"report: {out}\nplots: {pictures[0]}" + (f", {pictures[1].parent}/ ({len(pictures) - 1} images)"
+                                                     if len(pictures) > 1 else ""))  # fmt: skip
     return report
 
 

@@ -156,12 +156,12 @@ def _coco_stats(
 
 def _pr_curve(evaluator: COCOeval) -> dict[str, Any]:
     """COCOeval's interpolated precision at IoU 0.5 over its 101 recall points (all areas, 100 detections), with
-    the score threshold reaching each point; ``None`` where a recall is never reached."""
+    the score threshold reaching each point; ``None`` where a recall is never reached (COCOeval leaves 0 there)."""
     p = evaluator.eval["precision"][0, :, 0, 0, -1]  # [T, R, K, A, M]: IoU 0.5, every recall, person, all, maxDets 100
     sc = evaluator.eval["scores"][0, :, 0, 0, -1]
     return {"iou": 0.5, "recall": [round(float(r), 2) for r in evaluator.params.recThrs],
-            "precision": [None if v < 0 else round(float(v), 4) for v in p],
-            "score": [None if v < 0 or q < 0 else round(float(v), 4) for v, q in zip(sc, p, strict=True)]}  # fmt: skip
+            "precision": [None if v <= 0 else round(float(v), 4) for v in p],
+            "score": [None if q <= 0 else round(float(v), 4) for v, q in zip(sc, p, strict=True)]}  # fmt: skip
 
 
 def evaluate_detections(

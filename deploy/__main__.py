@@ -37,6 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch/onnxruntime device: cuda | cpu (default: cuda when available for torch)")
     p.add_argument("--plugin-library", help="tensorrt: libsidnet_kernels.so the engine's plugins were built with")
     p.add_argument("--no-video", action="store_true", help="write JSON-lines and events only")
+    p.add_argument("--video-streams", nargs="+", metavar="NAME",
+                   help="annotated video only for these streams (default: every stream, unless --no-video)")
+    p.add_argument("--decode", choices=("process", "thread", "nvdec"), default="process",
+                   help="video files: decode in worker processes (default), in a thread per stream (the previous "
+                        "pipeline's path), or on the GPU's NVDEC (PyNvVideoCodec; falls back to processes, logged)")
+    p.add_argument("--decoders", type=int, help="decode processes (default: one per stream, at most cores - 2)")
+    p.add_argument("--writers", type=int, default=1, help="output processes (0: a thread; default 1)")
+    p.add_argument("--queue", type=int, default=8, help="frames decoded ahead per stream (default 8)")
+    p.add_argument("--realtime", action="store_true",
+                   help="pace video files at their fps like cameras; frames the pipeline cannot take are dropped "
+                        "and counted per stream")
+    p.add_argument("--fps", type=float, help="with --realtime: pace every file at this rate instead of its own")
     p.add_argument("--reconnect-retries", type=int, default=10,
                    help="live streams: failed reconnects in a row before a stream is given up (default 10)")
     p.add_argument("-q", "--quiet", "--no-progress", dest="no_progress", action="store_true",
@@ -82,7 +94,10 @@ def run(args) -> dict:
         raise
     with detector:
         opts = PipelineOptions(out_dir=args.out, batch_size=args.batch, write_video=not args.no_video,
-                               max_frames=args.max_frames, progress=not args.no_progress)  # fmt: skip
+                               video_streams=args.video_streams, max_frames=args.max_frames,
+                               progress=not args.no_progress, queue_size=args.queue, decode=args.decode,
+                               decoders=args.decoders, writers=args.writers, realtime=args.realtime,
+                               fps=args.fps)  # fmt: skip
         return run_pipeline(detector, sources, zones=zones, opts=opts)
 
 
@@ -103,9 +118,12 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [(name, n, summary["detections"].get(name, 0), sum(summary["alarms"].get(name, {}).values()),
              ", ".join(f"{z} {k}" for z, k in summary["alarms"].get(name, {}).items()) or "-")
             for name, n in summary["frames"].items()]  # fmt: skip
-    print_table(f"deploy: {args.artifact} -> {args.out}", ["stream", "frames", "detections", "alarms", "alarms per zone"], rows)
+    columns = ["stream", "frames", "detections", "alarms", "alarms per zone"]
+    print_table(f"deploy: {args.artifact} -> {args.out}", columns, rows)
     frames = sum(summary["frames"].values())
-    print(f"{frames} frames, {alarms} alarms, {summary['frames_per_s']} frames/s -> {args.out}")
+    lat, kept = summary["latency_ms"], summary["all_streams_kept_up"]
+    print(f"{frames} frames, {alarms} alarms, {summary['frames_per_s']} frames/s, latency p50 {lat['p50']} / p99 "
+          f"{lat['p99']} ms{'' if kept else ', frames dropped (summary.json: drops)'} -> {args.out}")
     return summary
 
 

@@ -1,16 +1,20 @@
-"""``python -m deploy.benchmark``: inference speed of your own artifacts (CPU or GPU), or the GPU suite.
+"""``python -m deploy.benchmark``: inference speed (see :mod:`sidnet.runtime.benchmark`) and the end-to-end pipeline
+(:mod:`sidnet.runtime.bench_pipeline`).
+
+    python -m deploy.benchmark --parts eager torch compiled --out benchmarks/results --stem deploy_h100
+    python -m deploy.benchmark --parts torch compile --compile-batches 1 64     # vs torch.compile, same run
+    python -m deploy.benchmark --parts e2e --e2e-streams 1 4 16 32 --e2e-clips 576p 576p-h264 1080p-h264 \\
+        --e2e-decode process nvdec --e2e-realtime 64 128 --stem pipeline_h200     # python -m deploy's real pipeline
+
+Your own artifacts, on a CPU or a GPU, through the Detector a deployment uses (artifact_benchmark):
 
     python -m deploy.benchmark --onnx runs/sidnet_mobilenetv2/export/fp32/model.onnx \\
         --onnx runs/sidnet_mobilenetv2/export/int8/model.onnx --batches 1 8       # side by side, ratios to the first
     python -m deploy.benchmark --checkpoint runs/sidnet_mobilenetv2/best.pt        # torch backend (cuda when present)
     python -m deploy.benchmark --engine runs/x/export/tensorrt_fp16/model.engine    # TensorRT (a CUDA GPU)
-    python -m deploy.benchmark --parts eager torch compiled e2e --out benchmarks/results --stem deploy_h100   # GPU suite
 
-With ``--checkpoint/--onnx/--engine`` (repeatable) the artifacts are timed through the Detector a deployment uses
-(:mod:`sidnet.runtime.artifact_benchmark`). Without them, the ``--parts`` suite times random-weight models
-(:mod:`sidnet.runtime.benchmark`); on a machine without CUDA it runs the parts that work on a CPU (onnxruntime and the
-torch backend, through the same artifact path) and names the ones it skipped. Results: a table on stdout and
-``<out>/<stem>.json`` / ``.md`` with device, versions, date and command.
+Without a CUDA GPU the suite runs the parts that work on a CPU (``torch`` and ``ort`` through the artifact path on
+random weights, ``e2e`` with onnxruntime and the torch backend in FP32) and names the parts it skipped.
 """
 
 from __future__ import annotations
@@ -20,34 +24,139 @@ import json
 import sys
 from pathlib import Path
 
-PARTS = ("eager", "torch", "compiled", "compile", "compile-ours", "e2e", "ort")
-CPU_PARTS = {"torch": "torch backend on the CPU", "ort": "onnxruntime CPU"}  # what runs without CUDA
+PARTS = ("eager", "torch", "compiled", "compile", "compile-ours", "e2e", "e2e-host", "ort")
+SHARED_VIDEO = Path("../shared/data/video")
+DEFAULT_PARTS = ["eager", "torch", "e2e"]
+CPU_PARTS = {"torch": "torch backend on the CPU", "ort": "onnxruntime CPU"}  # timed as artifacts without CUDA
 
 
-def _parser() -> argparse.ArgumentParser:
+def main(argv: list[str] | None = None) -> dict | None:
     from sidnet.cli import OneLineParser
 
     p = OneLineParser(prog="python -m deploy.benchmark", description=__doc__.split("\n\n")[0],
-                      epilog=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--checkpoint", action="append", default=[], type=Path, help="a .pt to time (torch backend)")
-    p.add_argument("--onnx", action="append", default=[], type=Path, help="a .onnx to time (onnxruntime)")
-    p.add_argument("--engine", action="append", default=[], type=Path, help="a TensorRT .engine to time (CUDA)")
-    p.add_argument("--device", help="torch/onnxruntime device for your artifacts: cpu | cuda (default: cuda for "
-                   "torch when present, cpu for onnxruntime)")  # fmt: skip
-    p.add_argument("--seconds", type=float, default=3.0, help="artifacts: time each case at least this long")
-    p.add_argument("--parts", nargs="+", default=["eager", "torch", "e2e"], choices=PARTS)
+                      epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    a = p.add_argument_group("your artifacts (repeatable; times them instead of the suite unless --parts is given)")
+    a.add_argument("--checkpoint", action="append", default=[], type=Path,
+                   help="a .pt (torch backend); with --parts e2e: the checkpoint the pipeline runs")
+    a.add_argument("--onnx", action="append", default=[], type=Path, help="a .onnx (onnxruntime)")
+    a.add_argument("--engine", action="append", default=[], type=Path, help="a TensorRT .engine (needs CUDA)")
+    a.add_argument("--device", help="torch/onnxruntime device: cpu | cuda (default: cuda for torch when present)")
+    a.add_argument("--seconds", type=float, default=3.0, help="time each case at least this long (default 3)")
+    p.add_argument("--parts", nargs="+", choices=PARTS, help=f"the suite's parts (default {' '.join(DEFAULT_PARTS)})")
     p.add_argument("--models", nargs="+", default=["sidnet", "yolov2"])
-    p.add_argument("--batches", nargs="+", type=int, help="batch sizes (default: 1 8 on the CPU, 1 8 16 32 64 128 "
-                   "on a GPU)")  # fmt: skip
+    p.add_argument("--batches", nargs="+", type=int, help="batch sizes (default: 1 8 on a CPU, 1 8 16 32 64 128 on a "
+                   "GPU)")  # fmt: skip
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="artifacts: print the result as JSON on stdout, no table")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error")
     p.add_argument("--compiled-models", nargs="+", help="models for the compiled part (default: all --models)")
     p.add_argument("--compile-batches", nargs="+", type=int, default=[1, 64])
-    p.add_argument("--video", type=Path, default=Path("../shared/data/video/pedestrians_200.mp4"))
+    p.add_argument("--video", type=Path, default=SHARED_VIDEO / "pedestrians_200.mp4")
     p.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
-    p.add_argument("--stem", default=None, help="result file name (default: artifacts, or deploy for the suite)")
+    p.add_argument("--stem", help="result file name (default: artifacts for your artifacts, deploy for the suite)")
     p.add_argument("--work-dir", type=Path, default=Path("outputs/benchmark/work"))
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--json", action="store_true", help="print the result rows as JSON on stdout instead of the table")
-    return p.add_verbose()
+    e = p.add_argument_group("e2e (the python -m deploy pipeline)")
+    e.add_argument("--e2e-streams", nargs="+", type=int, default=[1, 4, 16, 32])
+    e.add_argument("--e2e-clips", nargs="+", default=["576p", "576p-h264", "1080p-h264"],
+                   help="576p (the shared MPEG-4 clip), 576p-h264 (its H.264 copy), 1080p-h264 (made at run time)")
+    e.add_argument("--e2e-decode", nargs="+", default=["process"], help="process | thread | nvdec")
+    e.add_argument("--e2e-backends", nargs="+", help="torch | onnxruntime (default: torch on a GPU, both on a CPU)")
+    e.add_argument("--e2e-cases", nargs="+", metavar="N:CLIP:DECODE[:BACKEND]",
+                   help="exactly these rows instead of streams x clips x decode x backends, e.g. 32:1080p-h264:nvdec")
+    e.add_argument("--e2e-batch", type=int, default=32)
+    e.add_argument("--e2e-frames", type=int, help="frames per stream (default: the whole 200-frame clip)")
+    e.add_argument("--e2e-realtime", nargs="*", type=int, default=[],
+                   help="stream counts to run paced at --e2e-fps (the 576p clip, process decode, first backend)")
+    e.add_argument("--e2e-fps", type=float, default=30.0)
+    e.add_argument("--clip-1080", type=Path, help="an existing 1080p H.264 clip instead of making one (needs av)")
+    args = p.parse_args(argv)
+    import torch
+
+    from sidnet.cli import run_guarded
+    from sidnet.progress import set_quiet
+
+    set_quiet(args.quiet)
+    cuda = torch.cuda.is_available()
+    artifacts = ([("checkpoint", x) for x in args.checkpoint] + [("onnx", x) for x in args.onnx]
+                 + [("engine", x) for x in args.engine])  # fmt: skip
+    if artifacts and args.parts is None:
+        result = run_guarded(lambda: run_artifacts(artifacts, args, cuda=cuda, skipped=[]), verbose=args.verbose)
+        return _report(result, args)
+    parts = set(args.parts or DEFAULT_PARTS)
+    if parts & {"e2e", "e2e-host"} and not args.video.is_file():
+        raise SystemExit(f"error: --video {args.video} not found: the end-to-end parts decode it")
+    if not cuda:
+        gpu_only = sorted(parts - {"e2e"} - set(CPU_PARTS))
+        cpu = [x for x in (args.parts or DEFAULT_PARTS) if x in CPU_PARTS]
+        print(f"no CUDA GPU here: running {', '.join(cpu + (['e2e'] if 'e2e' in parts else [])) or 'nothing'} on the "
+              f"CPU" + (f"; skipped {', '.join(gpu_only)} (they need a CUDA GPU)" if gpu_only else ""),
+              file=sys.stderr)  # fmt: skip
+        skipped = [f"{', '.join(gpu_only)} (need a CUDA GPU)"] if gpu_only else []
+        if cpu:
+            _report(run_guarded(lambda: cpu_suite(args, cpu, skipped=skipped), verbose=args.verbose), args)
+        if "e2e" in parts:
+            run_guarded(lambda: e2e(args), verbose=args.verbose)
+        return None
+    if parts - {"e2e"}:
+        from sidnet.runtime.benchmark import run_benchmark
+
+        args.stem = args.stem or "deploy"
+        run_benchmark(parts=parts - {"e2e"}, models=args.models, batches=args.batches or [1, 8, 16, 32, 64, 128],
+                      compile_batches=args.compile_batches, video=args.video, out_dir=args.out, stem=args.stem,
+                      work_dir=args.work_dir, compiled_models=args.compiled_models)  # fmt: skip
+        print(f"results: {args.out}/{args.stem}.md", file=sys.stderr)
+    if "e2e" in parts:
+        run_guarded(lambda: e2e(args), verbose=True)
+    return None
+
+
+def e2e(args) -> None:
+    import torch
+
+    from sidnet.environment import environment
+    from sidnet.runtime import bench_pipeline as bp
+    from sidnet.runtime.detector import Detector
+
+    cuda = torch.cuda.is_available()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    clips = {"576p": args.video, "576p-h264": args.video.with_name(args.video.stem + "_h264.mp4")}
+    wanted = {c.split(":")[1] for c in args.e2e_cases if c.count(":") >= 2} if args.e2e_cases else set(args.e2e_clips)
+    if "1080p-h264" in wanted and "1080p-h264" not in clips:
+        clips["1080p-h264"] = args.clip_1080 or bp.make_clip(args.video, args.work_dir / "pedestrians_1080p_h264.mp4",
+                                                             width=1920, height=1080)  # fmt: skip
+    missing = [c for c in wanted if c not in clips or not Path(clips[c]).is_file()]
+    if missing:
+        raise SystemExit(f"error: clip(s) {missing} not found (known: 576p, 576p-h264, 1080p-h264)")
+    args.stem = args.stem or "deploy"
+    ckpt = args.checkpoint[0] if args.checkpoint else _random_checkpoint(args.work_dir / "sidnet_random.pt")
+    backends = args.e2e_backends or (["torch"] if cuda else ["onnxruntime", "torch"])
+    detectors = {}
+    for b in backends:
+        if b == "torch":
+            detectors[b] = Detector(ckpt, conf_thresh=0.3, device="cuda" if cuda else "cpu")
+        elif b == "onnxruntime":
+            detectors[b] = Detector(_onnx(ckpt, args.work_dir), conf_thresh=0.3)
+        else:
+            raise SystemExit(f"error: --e2e-backends {b}: use torch or onnxruntime")
+    cases = [bp.Case(n, clip, d, b) for b in backends for clip in args.e2e_clips for d in args.e2e_decode
+             for n in args.e2e_streams]  # fmt: skip
+    if args.e2e_cases:
+        cases = [_case(spec, backends[0]) for spec in args.e2e_cases]
+    cases += [bp.Case(n, "576p", "process", backends[0], args.e2e_fps) for n in args.e2e_realtime]
+    env = environment("cuda" if cuda else "cpu")
+    rows = []
+
+    def on_row(row):
+        rows.append(row)
+        print(bp.table([row])[-1], flush=True)
+        bp.write(rows, bp.table(rows), args.out, stem=args.stem, env=env)  # a run cut short keeps what it measured
+
+    bp.pipeline_rows(cases=cases, detectors=detectors, clips=clips, batch=args.e2e_batch, max_frames=args.e2e_frames,
+                     work_dir=args.work_dir, on_row=on_row)  # fmt: skip
+    for d in detectors.values():
+        d.close()
+    print(f"results: {args.out}/{args.stem}.md", file=sys.stderr)
 
 
 def run_artifacts(artifacts: list[tuple[str, Path]], args, *, cuda: bool, skipped: list[str]) -> dict:
@@ -82,13 +191,10 @@ def run_artifacts(artifacts: list[tuple[str, Path]], args, *, cuda: bool, skippe
     return result
 
 
-def cpu_suite(args, *, skipped: list[str]) -> dict:
-    """No CUDA: the ``--parts`` that run on a CPU, on random-weight models exported the way a user would."""
-    from sidnet.export.config import ExportConfig
-    from sidnet.export.pipeline import run_export
+def cpu_suite(args, wanted: list[str], *, skipped: list[str]) -> dict:
+    """No CUDA: the suite's ``torch`` / ``ort`` parts on random-weight models, exported the way a user would."""
     from sidnet.runtime.benchmark import _save_checkpoint, build_random
 
-    wanted = [p for p in args.parts if p in CPU_PARTS] or list(CPU_PARTS)
     artifacts = []
     args.work_dir.mkdir(parents=True, exist_ok=True)
     for name in args.models:
@@ -96,13 +202,14 @@ def cpu_suite(args, *, skipped: list[str]) -> dict:
         if "torch" in wanted:
             artifacts.append(("checkpoint", ckpt))
         if "ort" in wanted:
-            r = run_export(ExportConfig(checkpoint=str(ckpt), out=str(args.work_dir / f"onnx_{name}")),
-                           project_root=Path("."))  # fmt: skip
-            artifacts.append(("onnx", r.onnx_path))
+            artifacts.append(("onnx", _onnx(ckpt, args.work_dir)))
     return run_artifacts(artifacts, args, cuda=False, skipped=skipped)
 
 
-def _table(result: dict) -> None:
+def _report(result: dict, args) -> dict:
+    if args.json:
+        print(json.dumps(result))
+        return result
     from sidnet.progress import print_table
 
     rows = [(r["label"], r["mode"], r["batch"], r["img_s"], r["p50_ms"], r["p99_ms"],
@@ -112,46 +219,33 @@ def _table(result: dict) -> None:
     if result["skipped"]:
         print(f"skipped: {'; '.join(result['skipped'])}")
     print(f"results: {', '.join(result['files'])}")
-
-
-def main(argv: list[str] | None = None) -> dict | None:
-    args = _parser().parse_args(argv)
-    import torch
-
-    from sidnet.cli import run_guarded
-    from sidnet.progress import set_quiet
-
-    set_quiet(args.quiet)
-    cuda = torch.cuda.is_available()
-    artifacts = ([("checkpoint", p) for p in args.checkpoint] + [("onnx", p) for p in args.onnx]
-                 + [("engine", p) for p in args.engine])  # fmt: skip
-    if artifacts:
-        result = run_guarded(lambda: run_artifacts(artifacts, args, cuda=cuda, skipped=[]), verbose=args.verbose)
-    elif not cuda:
-        gpu_only = [p for p in args.parts if p not in CPU_PARTS]
-        skipped = [f"{', '.join(gpu_only)} (need a CUDA GPU)"] if gpu_only else []
-        if not [p for p in args.parts if p in CPU_PARTS]:
-            skipped.append(f"ran the CPU parts instead: {', '.join(CPU_PARTS.values())}")
-        print(f"no CUDA GPU here: timing {', '.join(CPU_PARTS.values())} on random weights"
-              + (f"; skipped {', '.join(gpu_only)}" if gpu_only else ""), file=sys.stderr)  # fmt: skip
-        result = run_guarded(lambda: cpu_suite(args, skipped=skipped), verbose=args.verbose)
-    else:
-        from sidnet.runtime.benchmark import run_benchmark
-
-        video = args.video if args.video.is_file() else None
-        if "e2e" in args.parts and video is None:
-            raise SystemExit(f"error: --video {args.video} not found: the end-to-end part decodes it")
-        stem = args.stem or "deploy"
-        run_benchmark(parts=set(args.parts), models=args.models, batches=args.batches or [1, 8, 16, 32, 64, 128],
-                      compile_batches=args.compile_batches, video=video, out_dir=args.out, stem=stem,
-                      work_dir=args.work_dir, compiled_models=args.compiled_models)  # fmt: skip
-        print(f"results: {args.out}/{stem}.md", file=sys.stderr)
-        return None
-    if args.json:
-        print(json.dumps(result))
-    else:
-        _table(result)
     return result
+
+
+def _case(spec: str, backend: str):
+    from sidnet.runtime.bench_pipeline import Case
+
+    parts = spec.split(":")
+    if len(parts) not in (3, 4) or not parts[0].isdigit():
+        raise SystemExit(f"error: --e2e-cases {spec!r}: write STREAMS:CLIP:DECODE[:BACKEND], e.g. 32:576p:process")
+    return Case(int(parts[0]), parts[1], parts[2], parts[3] if len(parts) == 4 else backend)
+
+
+def _random_checkpoint(path: Path) -> Path:
+    from sidnet.runtime.benchmark import _save_checkpoint, build_random
+
+    return path if path.is_file() else _save_checkpoint(build_random("sidnet"), "sidnet", path)
+
+
+def _onnx(ckpt: Path, work_dir: Path) -> Path:
+    from sidnet.export.config import ExportConfig
+    from sidnet.export.pipeline import run_export
+
+    out = work_dir / f"onnx_{ckpt.stem}"
+    onnx = out / "model.onnx"
+    if onnx.is_file():
+        return onnx
+    return run_export(ExportConfig(checkpoint=str(ckpt), out=str(out)), project_root=Path(".")).onnx_path
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@
 
 Serving: ``tritonserver`` (shipped in the ``nvidia-pytriton`` wheel, with its Python backend) runs the model's network
 with Triton's dynamic batching, HTTP/gRPC endpoints and metrics (:mod:`sidnet.runtime.serving`). pytriton needs
-``numpy<2`` and a Python whose stdlib matches its backend stub: ``--make-env`` builds a venv from ``/usr/bin/python3.11``
+``numpy<2`` and a Python whose stdlib matches its backend stub: ``--make-env`` builds a venv from the system
+``/usr/bin/python3.11``
 (the system interpreter; a pyenv 3.11.7 fails in the stub) with only what serving needs (no torch).
 ``--load-test``: N concurrent clients, a fixed number of requests, img/s and p50/p99 beside in-process inference, and
 the server's detections compared with an in-process Detector's (``--compare``).

@@ -28,8 +28,8 @@ FLAGS = {"checkpoint": "checkpoint", "precision": "precision", "backend": "backe
          "gate_split": "int8.gate_split"}  # fmt: skip
 
 
-EXAMPLES = """Output folder (default): <checkpoint dir>/export/<precision> for ONNX, export/<backend>_<precision> otherwise,
-so fp32, fp16 and int8 exports of one run never collide. Examples:
+EXAMPLES = """Output folder (default): <checkpoint dir>/export/<precision> for ONNX, export/<backend>_<precision>
+otherwise, so fp32, fp16 and int8 exports of one run never collide. Examples:
   python -m export --checkpoint runs/sidnet_mobilenetv2/best.pt                         # export/fp32/model.onnx
   python -m export --checkpoint runs/sidnet_mobilenetv2/best.pt --precision int8 --calib-data conf/data/coco128.yaml
   python -m export --checkpoint runs/sidnet_mobilenetv2/best.pt --backend triton        # Triton model repository"""
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite INT8 artifacts already in the output folder")
     p.add_argument("--random-init", action="store_true", help="export untrained weights (smoke tests only)")
     p.add_argument("--model", help="with --random-init: a conf/model/*.yaml name, e.g. sidnet")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (off anyway when stderr is no terminal)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (off anyway when stderr is no tty)")
     p.add_argument("--json", action="store_true", help="print the export report (JSON) on stdout instead of the table")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p

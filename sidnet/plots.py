@@ -38,7 +38,8 @@ def pr_curve_png(report: Mapping, path: Path) -> Path:
     if r is not None and p is not None:
         cx, cy = xy(r, p)
         d.ellipse([cx - 6, cy - 6, cx + 6, cy + 6], outline=(214, 39, 40), width=3)
-        d.text((cx + 9, cy - 16), f"conf {report.get('operating_conf', 0.3):g}: R {r:.2f} P {p:.2f}", fill=(214, 39, 40))
+        label = f"conf {report.get('operating_conf', 0.3):g}: R {r:.2f} P {p:.2f}"
+        d.text((cx + 9, cy - 16), label, fill=(214, 39, 40))
     ap50 = report.get("AP50")
     title = f"precision-recall, IoU {curve['iou']}, person: AP50 {ap50:.3f}" if ap50 is not None else "precision-recall"
     d.text((x0, 10), title, fill="black")

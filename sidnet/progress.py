@@ -62,7 +62,10 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> 
         from rich.table import Table
     except ImportError:
         widths = [max(len(str(c)) for c in col) for col in zip(columns, *cells, strict=True)]
-        line = lambda r: "  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+        def line(r: Sequence[str]) -> str:
+            cells = enumerate(zip(r, widths, strict=True))
+            return "  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in cells)
+
         return "\n".join([title, line(columns), *(line(r) for r in cells)])
     t = Table(title=title, title_justify="left")
     for i, c in enumerate(columns):

@@ -200,8 +200,9 @@ def test_pr_curve_and_pictures_beside_the_report(records: list[ImageRecord], tmp
 
     for r in records:  # real files for the annotated images
         Image.new("RGB", (r.width, r.height), (90, 90, 90)).save(tmp_path / f"{r.image_id}.jpg")
-    recs = [make_record(path=str(tmp_path / f"{r.image_id}.jpg"), width=r.width, height=r.height, boxes=r.boxes.tolist(),
-                        labels=[0] * len(r.boxes), image_id=r.image_id) for r in records]  # fmt: skip
+    recs = [make_record(path=str(tmp_path / f"{r.image_id}.jpg"), width=r.width, height=r.height,
+                        boxes=r.boxes.tolist(), labels=[0] * len(r.boxes), image_id=r.image_id)
+            for r in records]  # fmt: skip
     out = annotated_images(recs, predictions, tmp_path / "images", conf=0.3, count=3)
     assert [p.name for p in out] == ["1.jpg", "2.jpg", "3.jpg"]
     drawn = np.asarray(Image.open(out[0]))

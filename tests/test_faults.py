@@ -27,10 +27,10 @@ import pytest
 import torch
 from PIL import Image
 
+from sidnet.checkpoint import VERSION, load_checkpoint, previous_generation
 from sidnet.data import DetectionDataset, load_split
 from sidnet.data import errors as E
 from sidnet.data.errors import DataError
-from sidnet.engine.checkpoint import VERSION, load_checkpoint, previous_generation
 from tests.conftest import write_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -442,7 +442,8 @@ def test_damaged_last_checkpoint_is_refused_and_the_previous_generation_kept(tmp
     again = _train(tmp_path, "resume=true", "epochs=4")
     line = _one_error_line(again.returncode, again.stderr)
     assert str(last) in line and f"previous generation {prev} is intact" in line and f"cp {prev} {last}" in line
-    assert load_checkpoint(prev)["epoch"] == 3 and last.stat().st_size == (0 if damage == "zero-byte" else len(data) // 3)
+    assert load_checkpoint(prev)["epoch"] == 3
+    assert last.stat().st_size == (0 if damage == "zero-byte" else len(data) // 3)
 
 
 def test_restart_without_resume_refuses_and_keeps_the_run_config(tmp_path, capsys):
@@ -589,7 +590,7 @@ def test_version1_checkpoint_still_loads_and_resumes(tmp_path):
     assert np.array_equal(np.random.get_state()[1], np_state[1])
     resumed.fit()
     assert load_checkpoint(tmp_path / "last.pt")["version"] == VERSION
-    upgrade = subprocess.run([sys.executable, "-m", "sidnet.engine.checkpoint", "--upgrade",
+    upgrade = subprocess.run([sys.executable, "-m", "sidnet.checkpoint", "--upgrade",
                               str(tmp_path / "last.pt")], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert upgrade.returncode == 0, upgrade.stderr
 

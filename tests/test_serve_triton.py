@@ -150,7 +150,8 @@ def test_triton_server_answers_like_the_in_process_detector(tiny_onnx, serve_pyt
         # Client mode of the pipeline: python -m deploy triton://... (in the serving venv, which has tritonclient).
         out = tmp_path / "deploy"
         d = subprocess.run([serve_python, "-m", "deploy", url, f"cam0={IMAGES}", "--out", str(out), "--conf",
-                            str(CONF), "--no-video"], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+                            str(CONF), "--no-video"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
         assert d.returncode == 0, d.stderr[-2000:]
         rows = [json.loads(line) for line in (out / "cam0.jsonl").read_text().splitlines()]
         assert len(rows) == len(frames) and [len(row["detections"]) for row in rows] == [len(x) for x in here]

@@ -38,8 +38,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--evolve", type=int, default=1000, help="generations of evolutionary refinement (0 = off)")
     parser.add_argument("--restarts", type=int, default=10, help="k-means restarts; the best mean IoU wins")
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"compare against the anchors conf/model/<MODEL>.yaml trains with (default {DEFAULT_MODEL}, "
-                        "the training default)")  # fmt: skip
+                        help=f"compare against the anchors conf/model/<MODEL>.yaml trains with (default "
+                        f"{DEFAULT_MODEL}, the training default)")  # fmt: skip
     parser.add_argument("--current", help="anchors YAML to compare against instead (yolov2-voc: YOLOv2's VOC anchors)")
     parser.add_argument("--out", help="where to write the tuned anchors YAML, e.g. runs/anchors/mydata.yaml (omit to "
                         "only print); train with it: python -m train model.anchors=FILE")  # fmt: skip

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import onnx
 
-from sidnet.export.errors import ExportError
+from sidnet.graph.errors import ExportError
 
 # ONNX TensorProto element type -> Triton DataType (model_config.proto).
 TRITON_DTYPES = {
@@ -80,7 +80,7 @@ def _tensor_block(spec: dict) -> str:
 
 
 def _quote(text: str) -> str:
-    """A protobuf text-format string literal (UTF-8 kept as is: text_format reads it; JSON's \\u escapes it does not)."""
+    """A protobuf text-format string literal (UTF-8 kept as is: text_format reads it, not JSON's \\u escapes)."""
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
@@ -130,7 +130,8 @@ def write_repository(onnx_path: Path, out_dir: Path, *, name: str, batch: tuple[
     platform, filename = PLATFORMS[fmt]
     text = config_text(name=name, platform=platform, inputs=inputs, outputs=outputs, max_batch=hi,
                        preferred=sorted({opt, hi}), queue_delay_us=queue_delay_us, instances=instances, kind=kind,
-                       parameters={"sidnet_info": json.dumps(info, ensure_ascii=False), "precision": str(info["precision"])})  # fmt: skip
+                       parameters={"sidnet_info": json.dumps(info, ensure_ascii=False),
+                                   "precision": str(info["precision"])})  # fmt: skip
     model_dir = out_dir / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     source = engine_path if fmt == "plan" else onnx_path

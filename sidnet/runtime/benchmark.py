@@ -26,7 +26,7 @@ ANCHORS_SIDNET = [[40.0, 90.0], [100.0, 220.0], [220.0, 360.0]]
 
 
 def build_random(name: str, *, input_size: int = 416, seed: int = 0, width: float | None = None) -> nn.Module:
-    from sidnet.export.pipeline import calibrate_batchnorm
+    from sidnet.export.adapters import calibrate_batchnorm
     from sidnet.models import build_model
 
     torch.manual_seed(seed)
@@ -137,7 +137,7 @@ def graph_of(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> Callable[
 
 def eager_fp16_forward(model: nn.Module, *, conf_thresh: float = 0.3, topk: int = 100):
     """The platform baseline: the unfused model in FP16 channels_last (+ TopKDecode in PyTorch)."""
-    from sidnet.export.wrapper import DeployModel
+    from sidnet.graph.wrapper import DeployModel
 
     return DeployModel(model, conf_thresh=conf_thresh, topk=topk).cuda().half().to(memory_format=torch.channels_last)
 
@@ -248,7 +248,7 @@ def time_host(fn: Callable, *, batch: int, iters: int) -> dict:
 
 
 def _save_checkpoint(model: nn.Module, name: str, path: Path) -> Path:
-    from sidnet.engine.checkpoint import save_checkpoint
+    from sidnet.checkpoint import save_checkpoint
 
     spec = {"name": name, "anchors": model.anchors.tolist(), "num_classes": model.num_classes,
             "input_size": model.input_size, "kwargs": {}}  # fmt: skip
@@ -260,7 +260,10 @@ def _save_checkpoint(model: nn.Module, name: str, path: Path) -> Path:
 def run_benchmark(*, parts: set[str], models: list[str], batches: list[int], compile_batches: list[int],
                   video: Path | None, out_dir: Path, stem: str, work_dir: Path,
                   compiled_models: list[str] | None = None) -> dict:  # fmt: skip
-    """Run the chosen ``parts`` (eager, torch, compiled, compile, compile-ours, e2e, ort) and write the results."""
+    """Run the chosen ``parts`` (eager, torch, compiled, compile, compile-ours, e2e-host, ort) and write the results.
+
+    ``e2e-host``: decoded frames already in host memory → detections (upload, letterbox, network, NMS); the real
+    pipeline with decoding and outputs is ``e2e`` (:mod:`sidnet.runtime.bench_pipeline`)."""
     from sidnet.environment import environment
     from sidnet.runtime.artifact import ArtifactInfo
     from sidnet.runtime.backends.torch import TorchBackend, decode_tail
@@ -279,7 +282,7 @@ def run_benchmark(*, parts: set[str], models: list[str], batches: list[int], com
               f"p50 {r['p50_ms']:.3f} p99 {r['p99_ms']:.3f} ms", flush=True)  # fmt: skip
 
     frames, decode = (None, None)
-    if video is not None and "e2e" in parts:
+    if video is not None and "e2e-host" in parts:
         frames, decode = decode_rate(video)
         res["decode"] = decode
     for name in models:
@@ -355,7 +358,7 @@ def run_benchmark(*, parts: set[str], models: list[str], batches: list[int], com
                     add("network", name, variant, time_calls(graph_of(fn, x), batch=bs, iters=it, lat_iters=lat))
                     res["tables"].update(summary_tables(res))
                     write_results(res, out_dir, stem=stem)
-        if "e2e" in parts and frames is not None:
+        if "e2e-host" in parts and frames is not None:
             from sidnet.runtime.detector import Detector, Prepared
 
             ckpt = _save_checkpoint(model.cpu(), name, work_dir / f"{name}.pt")

@@ -171,7 +171,9 @@ def compare(url: str, artifact: str | Path, frames: list[np.ndarray], **detector
     with Detector(url, **detector_options) as remote, Detector(artifact, **detector_options) as local:
         a, b = remote(frames), local(frames)
     counts = [(len(x), len(y)) for x, y in zip(a, b, strict=True)]
-    diffs = [float(np.abs(x.as_array() - y.as_array()).max()) for x, y in zip(a, b, strict=True) if len(x) and len(x) == len(y)]
-    return {"frames": len(frames), "detections": sum(c for c, _ in counts), "counts_equal": all(x == y for x, y in counts),
+    pairs = [(x, y) for x, y in zip(a, b, strict=True) if len(x) and len(x) == len(y)]
+    diffs = [float(np.abs(x.as_array() - y.as_array()).max()) for x, y in pairs]
+    return {"frames": len(frames), "detections": sum(c for c, _ in counts),
+            "counts_equal": all(x == y for x, y in counts),
             "max_abs_diff": max(diffs, default=0.0), "server": [d.as_array().tolist() for d in a],
             "in_process": [d.as_array().tolist() for d in b]}  # fmt: skip

@@ -388,7 +388,8 @@ def test_default_output_folder_per_precision_and_backend(tmp_path):
     assert out["fp16", "tensorrt-rtx"] == tmp_path / "run" / "export" / "tensorrt-rtx_fp16"
     assert out["fp32", "triton"] == tmp_path / "run" / "export" / "triton_fp32"
     assert len(set(out.values())) == len(out)
-    assert default_out_dir(ExportConfig(checkpoint=ckpt, out=str(tmp_path / "x")), project_root=tmp_path) == tmp_path / "x"
+    chosen = ExportConfig(checkpoint=ckpt, out=str(tmp_path / "x"))
+    assert default_out_dir(chosen, project_root=tmp_path) == tmp_path / "x"
 
 
 def test_int8_overwrite_is_refused_before_any_work(tmp_path):

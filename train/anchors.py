@@ -30,7 +30,10 @@ BPR_THRESHOLDS = (0.5, 0.25)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = OneLineParser(prog="python -m train.anchors", description=__doc__.splitlines()[0]).add_verbose()
+    parser = OneLineParser(prog="python -m train.anchors", description=__doc__.splitlines()[0],
+                           epilog="Example: python -m train.anchors --data conf/data/coco128.yaml --size 416 -k 3 "
+                           "--out runs/anchors/coco128_person.yaml, then python -m train "
+                           "model.anchors=runs/anchors/coco128_person.yaml").add_verbose()  # fmt: skip
     parser.add_argument("--data", required=True, help="data YAML (conf/data/*.yaml)")
     parser.add_argument("--size", type=int, default=416, help="square network input size in pixels")
     parser.add_argument("-k", type=int, default=3, help="number of anchors")

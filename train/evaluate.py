@@ -28,11 +28,18 @@ from sidnet.evaluation import evaluate_detections, write_report
 from sidnet.evaluation.predict import predict_dataset
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = """Examples:
+  python -m train.evaluate --checkpoint runs/sidnet_mobilenetv2/best.pt            # the run's own val split
+  python -m train.evaluate --checkpoint runs/sidnet_mobilenetv2/best.pt --data conf/data/coco128.yaml --split val:1/2
+  python -m train.evaluate --onnx runs/sidnet_mobilenetv2/export/int8/model.onnx --data conf/data/coco128.yaml \\
+      --split val:1/2                                                              # an export, in onnxruntime
+Writes <report>.json, <report>_pr.png (precision-recall at IoU 0.5) and <report>_images/ (annotated)."""
 KEYS = ("AP", "AP50", "AP75", "AP_small", "recall", "precision", "fp_per_negative_image", "segm_AP", "segm_AP50")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = OneLineParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0]).add_verbose()
+    p = OneLineParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+                      formatter_class=argparse.RawDescriptionHelpFormatter).add_verbose()  # fmt: skip
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", type=Path, help="a .pt written by python -m train")
     what.add_argument("--onnx", type=Path, help="an exported .onnx (native target), run by onnxruntime (needs --data)")

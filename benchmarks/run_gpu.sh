@@ -22,6 +22,11 @@
 #     bench-compile  the torch backend vs torch.compile(max-autotune) in one run, SIDNet at batch 1 and 64 (minutes)
 #     bench-stem     the csrc/stem kernel's build variants side by side (benchmarks/stem_variants.py)
 #     bench-compiled-isolate  the AOTInductor load crash hunt (benchmarks/compiled_isolate.py, minutes)
+#     bench-loader   loader-only and training img/s per loader option (benchmarks/loader_throughput.py) on
+#                    $SIDNET_LOADER_DATA (a YOLO folder with images/{train,val}, labels/boxes/{train,val}; default
+#                    ../shared/data/capston2): SIDNet-MobileNetV2, 416², batch 64, AMP, 14 workers
+#     bench-ddp      the same training on 1 GPU and on 2 through torchrun (benchmarks/ddp_throughput.py; NCCL, NVLink
+#                    multicast off), on $SIDNET_LOADER_DATA
 #     qat-smoke      QAT on CUDA through the entry points (benchmarks/qat_smoke.sh $SIDNET_QAT_DATA: a small YOLO-format
 #                    folder; needs nvidia-modelopt: .whl-qat/*.whl are installed when present. Made on a machine
 #                    with the int8 extra installed, for the GPU machine's Python 3.12:
@@ -145,6 +150,22 @@ bench_compile() {
 }
 bench_stem() { step bench-stem bench_stem.log python3 benchmarks/stem_variants.py --out "$OUT"; }
 bench_compiled_isolate() { step bench-compiled-isolate compiled_isolate.log python3 benchmarks/compiled_isolate.py --out "$OUT"; }
+LOADER_DATA=${SIDNET_LOADER_DATA:-../shared/data/capston2}
+bench_loader() {
+    step bench-loader loader_throughput.log python3 benchmarks/loader_throughput.py --root "$LOADER_DATA" \
+        --workers 14 --batch 64 --epochs 2 --options legacy none ram gpu_ram gpu_ram_cl \
+        --out "$OUT/loader_throughput_h200.md"
+}
+bench_ddp() {
+    local root
+    root=$(realpath "$LOADER_DATA")
+    export NCCL_NVLS_ENABLE=0  # NVLink multicast off (KINDS.md)
+    step bench-ddp ddp_throughput.log python3 benchmarks/ddp_throughput.py --gpus 1 2 \
+        --out "$OUT/ddp_h200x2.md" -- model.kwargs.pretrained=null "data.root=$root" data.train.images=images/train \
+        data.train.labels=labels/boxes/train data.val.images=images/val data.val.labels=labels/boxes/val \
+        data.num_label_classes=1 data.negative_ratio=-1 batch_size=64 workers=14 epochs=5 eval.every=100 \
+        tensorboard=false loader.cache=ram loader.gpu_aug=true loader.channels_last=true
+}
 part_bench() { bench_kernels; bench_stem; bench_train; bench_deploy; bench_pipeline; bench_maskrcnn; }
 
 for part in "${@:-all}"; do
@@ -167,6 +188,8 @@ for part in "${@:-all}"; do
         bench-stem) bench_stem ;;
         qat-smoke) step qat-smoke qat_smoke.log benchmarks/qat_smoke.sh "${SIDNET_QAT_DATA:-.data/mini}" cuda ;;
         bench-compiled-isolate) part_build; bench_compiled_isolate ;;
+        bench-loader) bench_loader ;;
+        bench-ddp) bench_ddp ;;
         all) part_build; gpu_pytest tests-gpu tests_gpu.log tests/; part_bench; part_sanitize ;;
         *) echo "run_gpu.sh: unknown part '$part' (build, kernels, sanitize, tests, bench, all)" >&2; exit 2 ;;
     esac

@@ -27,12 +27,13 @@ def is_quiet() -> bool:
 
 
 def progress(iterable: Iterable | None = None, *, desc: str, total: int | None = None, unit: str = "it",
-             leave: bool = False, **kwargs: Any):  # fmt: skip
-    """A tqdm bar on stderr, or a silent pass-through when :func:`is_quiet`."""
+             leave: bool = False, enabled: bool = True, **kwargs: Any):  # fmt: skip
+    """A tqdm bar on stderr, or a silent pass-through when :func:`is_quiet` or not ``enabled`` (e.g. a DDP rank
+    other than 0)."""
     from tqdm import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, dynamic_ncols=True, disable=is_quiet(),
-                **kwargs)  # fmt: skip
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, dynamic_ncols=True,
+                disable=is_quiet() or not enabled, **kwargs)  # fmt: skip
 
 
 def fmt(value: Any) -> str:

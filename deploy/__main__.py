@@ -24,9 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     from sidnet.cli import OneLineParser
 
     p = OneLineParser(prog="python -m deploy", description=__doc__.split("\n\n")[0])
-    p.add_argument("artifact", help=".engine | .onnx | .pt | .pt2")
+    p.add_argument("artifact", help=".engine | .onnx | .pt | .pt2 | triton://HOST:PORT/MODEL (a Triton server, "
+                   "python -m deploy.serve)")
     p.add_argument("sources", nargs="+", help="[name=]folder | video file | rtsp://… | http://… | webcam index")
-    p.add_argument("--backend", help="tensorrt | onnxruntime | torch | compiled (must match the artifact)")
+    p.add_argument("--backend", help="tensorrt | onnxruntime | torch | compiled | triton (must match the artifact)")
     p.add_argument("--zones", type=Path, help="intrusion zones YAML (see sidnet/runtime/zones.py)")
     p.add_argument("--out", type=Path, default=Path("outputs/deploy"), help="output folder (default outputs/deploy)")
     p.add_argument("--conf", type=float, default=0.3, help="score threshold (default 0.3, the SIDNet report's)")
@@ -50,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, help="with --realtime: pace every file at this rate instead of its own")
     p.add_argument("--reconnect-retries", type=int, default=10,
                    help="live streams: failed reconnects in a row before a stream is given up (default 10)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("-q", "--quiet", "--no-progress", dest="no_progress", action="store_true",
+                   help="no progress bar (off anyway when stderr is not a terminal)")
+    p.add_argument("--json", action="store_true", help="print summary.json on stdout instead of the table")
     p.add_argument("--force", action="store_true", help="overwrite outputs of an earlier run in --out")
     return p.add_verbose()
 
@@ -106,8 +109,17 @@ def main(argv: list[str] | None = None) -> dict:
     from sidnet.cli import run_guarded
 
     summary = run_guarded(lambda: run(args), verbose=args.verbose)  # one error line; -v shows the traceback
+    if args.json:
+        print(json.dumps(summary))
+        return summary
+    from sidnet.progress import print_table
+
     alarms = sum(n for zs in summary["alarms"].values() for n in zs.values())
-    print(json.dumps({k: summary[k] for k in ("frames", "frames_per_s", "alarms")}))
+    rows = [(name, n, summary["detections"].get(name, 0), sum(summary["alarms"].get(name, {}).values()),
+             ", ".join(f"{z} {k}" for z, k in summary["alarms"].get(name, {}).items()) or "-")
+            for name, n in summary["frames"].items()]  # fmt: skip
+    columns = ["stream", "frames", "detections", "alarms", "alarms per zone"]
+    print_table(f"deploy: {args.artifact} -> {args.out}", columns, rows)
     frames = sum(summary["frames"].values())
     lat, kept = summary["latency_ms"], summary["all_streams_kept_up"]
     print(f"{frames} frames, {alarms} alarms, {summary['frames_per_s']} frames/s, latency p50 {lat['p50']} / p99 "

@@ -6,32 +6,57 @@
     python -m deploy.benchmark --parts e2e --e2e-streams 1 4 16 32 --e2e-clips 576p 576p-h264 1080p-h264 \\
         --e2e-decode process nvdec --e2e-realtime 64 128 --stem pipeline_h200     # python -m deploy's real pipeline
 
-``e2e`` also runs on a CPU (onnxruntime and the torch backend in FP32); every other part needs a CUDA GPU.
+Your own artifacts, on a CPU or a GPU, through the Detector a deployment uses (artifact_benchmark):
+
+    python -m deploy.benchmark --onnx runs/sidnet_mobilenetv2/export/fp32/model.onnx \\
+        --onnx runs/sidnet_mobilenetv2/export/int8/model.onnx --batches 1 8       # side by side, ratios to the first
+    python -m deploy.benchmark --checkpoint runs/sidnet_mobilenetv2/best.pt        # torch backend (cuda when present)
+    python -m deploy.benchmark --engine runs/x/export/tensorrt_fp16/model.engine    # TensorRT (a CUDA GPU)
+
+Without a CUDA GPU the suite runs the parts that work on a CPU (``torch`` and ``ort`` through the artifact path on
+random weights, ``e2e`` with onnxruntime and the torch backend in FP32) and names the parts it skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 PARTS = ("eager", "torch", "compiled", "compile", "compile-ours", "e2e", "e2e-host", "ort")
 SHARED_VIDEO = Path("../shared/data/video")
+DEFAULT_PARTS = ["eager", "torch", "e2e"]
+CPU_PARTS = {"torch": "torch backend on the CPU", "ort": "onnxruntime CPU"}  # timed as artifacts without CUDA
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m deploy.benchmark", description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", nargs="+", default=["eager", "torch", "e2e"], choices=PARTS)
+def main(argv: list[str] | None = None) -> dict | None:
+    from sidnet.cli import OneLineParser
+
+    p = OneLineParser(prog="python -m deploy.benchmark", description=__doc__.split("\n\n")[0],
+                      epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    a = p.add_argument_group("your artifacts (repeatable; times them instead of the suite unless --parts is given)")
+    a.add_argument("--checkpoint", action="append", default=[], type=Path,
+                   help="a .pt (torch backend); with --parts e2e: the checkpoint the pipeline runs")
+    a.add_argument("--onnx", action="append", default=[], type=Path, help="a .onnx (onnxruntime)")
+    a.add_argument("--engine", action="append", default=[], type=Path, help="a TensorRT .engine (needs CUDA)")
+    a.add_argument("--device", help="torch/onnxruntime device: cpu | cuda (default: cuda for torch when present)")
+    a.add_argument("--seconds", type=float, default=3.0, help="time each case at least this long (default 3)")
+    p.add_argument("--parts", nargs="+", choices=PARTS, help=f"the suite's parts (default {' '.join(DEFAULT_PARTS)})")
     p.add_argument("--models", nargs="+", default=["sidnet", "yolov2"])
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 16, 32, 64, 128])
+    p.add_argument("--batches", nargs="+", type=int, help="batch sizes (default: 1 8 on a CPU, 1 8 16 32 64 128 on a "
+                   "GPU)")  # fmt: skip
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="artifacts: print the result as JSON on stdout, no table")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error")
     p.add_argument("--compiled-models", nargs="+", help="models for the compiled part (default: all --models)")
     p.add_argument("--compile-batches", nargs="+", type=int, default=[1, 64])
     p.add_argument("--video", type=Path, default=SHARED_VIDEO / "pedestrians_200.mp4")
     p.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
-    p.add_argument("--stem", default="deploy")
+    p.add_argument("--stem", help="result file name (default: artifacts for your artifacts, deploy for the suite)")
     p.add_argument("--work-dir", type=Path, default=Path("outputs/benchmark/work"))
     e = p.add_argument_group("e2e (the python -m deploy pipeline)")
-    e.add_argument("--checkpoint", type=Path, help="a trained checkpoint (default: SIDNet with random weights)")
     e.add_argument("--e2e-streams", nargs="+", type=int, default=[1, 4, 16, 32])
     e.add_argument("--e2e-clips", nargs="+", default=["576p", "576p-h264", "1080p-h264"],
                    help="576p (the shared MPEG-4 clip), 576p-h264 (its H.264 copy), 1080p-h264 (made at run time)")
@@ -48,23 +73,42 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     import torch
 
-    parts = set(args.parts)
-    if not torch.cuda.is_available() and parts - {"e2e"}:
-        raise SystemExit("error: python -m deploy.benchmark needs a CUDA GPU for parts other than e2e (run it through "
-                         "benchmarks/run_gpu.sh)")  # fmt: skip
+    from sidnet.cli import run_guarded
+    from sidnet.progress import set_quiet
+
+    set_quiet(args.quiet)
+    cuda = torch.cuda.is_available()
+    artifacts = ([("checkpoint", x) for x in args.checkpoint] + [("onnx", x) for x in args.onnx]
+                 + [("engine", x) for x in args.engine])  # fmt: skip
+    if artifacts and args.parts is None:
+        result = run_guarded(lambda: run_artifacts(artifacts, args, cuda=cuda, skipped=[]), verbose=args.verbose)
+        return _report(result, args)
+    parts = set(args.parts or DEFAULT_PARTS)
     if parts & {"e2e", "e2e-host"} and not args.video.is_file():
         raise SystemExit(f"error: --video {args.video} not found: the end-to-end parts decode it")
+    if not cuda:
+        gpu_only = sorted(parts - {"e2e"} - set(CPU_PARTS))
+        cpu = [x for x in (args.parts or DEFAULT_PARTS) if x in CPU_PARTS]
+        print(f"no CUDA GPU here: running {', '.join(cpu + (['e2e'] if 'e2e' in parts else [])) or 'nothing'} on the "
+              f"CPU" + (f"; skipped {', '.join(gpu_only)} (they need a CUDA GPU)" if gpu_only else ""),
+              file=sys.stderr)  # fmt: skip
+        skipped = [f"{', '.join(gpu_only)} (need a CUDA GPU)"] if gpu_only else []
+        if cpu:
+            _report(run_guarded(lambda: cpu_suite(args, cpu, skipped=skipped), verbose=args.verbose), args)
+        if "e2e" in parts:
+            run_guarded(lambda: e2e(args), verbose=args.verbose)
+        return None
     if parts - {"e2e"}:
         from sidnet.runtime.benchmark import run_benchmark
 
-        run_benchmark(parts=parts - {"e2e"}, models=args.models, batches=args.batches,
+        args.stem = args.stem or "deploy"
+        run_benchmark(parts=parts - {"e2e"}, models=args.models, batches=args.batches or [1, 8, 16, 32, 64, 128],
                       compile_batches=args.compile_batches, video=args.video, out_dir=args.out, stem=args.stem,
                       work_dir=args.work_dir, compiled_models=args.compiled_models)  # fmt: skip
         print(f"results: {args.out}/{args.stem}.md", file=sys.stderr)
     if "e2e" in parts:
-        from sidnet.cli import run_guarded
-
         run_guarded(lambda: e2e(args), verbose=True)
+    return None
 
 
 def e2e(args) -> None:
@@ -84,7 +128,8 @@ def e2e(args) -> None:
     missing = [c for c in wanted if c not in clips or not Path(clips[c]).is_file()]
     if missing:
         raise SystemExit(f"error: clip(s) {missing} not found (known: 576p, 576p-h264, 1080p-h264)")
-    ckpt = args.checkpoint or _random_checkpoint(args.work_dir / "sidnet_random.pt")
+    args.stem = args.stem or "deploy"
+    ckpt = args.checkpoint[0] if args.checkpoint else _random_checkpoint(args.work_dir / "sidnet_random.pt")
     backends = args.e2e_backends or (["torch"] if cuda else ["onnxruntime", "torch"])
     detectors = {}
     for b in backends:
@@ -112,6 +157,69 @@ def e2e(args) -> None:
     for d in detectors.values():
         d.close()
     print(f"results: {args.out}/{args.stem}.md", file=sys.stderr)
+
+
+def run_artifacts(artifacts: list[tuple[str, Path]], args, *, cuda: bool, skipped: list[str]) -> dict:
+    """Time each artifact; write <out>/<stem>.json/.md; return the results."""
+    import onnxruntime
+
+    from sidnet.environment import environment
+    from sidnet.io import atomic_write_text
+    from sidnet.runtime.artifact_benchmark import add_ratios, bench_artifact, markdown, video_frames
+    from sidnet.runtime.errors import DeployError
+
+    for kind, path in artifacts:
+        if not path.is_file():
+            raise FileNotFoundError(f"--{kind} {path} not found: pass a file written by python -m train / export")
+        if kind == "engine" and not cuda:
+            raise DeployError(f"--engine {path}: a TensorRT engine runs on a CUDA GPU, and this machine has none; "
+                              "time the ONNX it was built from with --onnx instead")  # fmt: skip
+    batches = args.batches or ([1, 8] if not cuda else [1, 8, 16, 32, 64])
+    frames, described = video_frames(args.video)
+    rows = []
+    for kind, path in artifacts:
+        opts = {"device": args.device} if args.device and kind in ("checkpoint", "onnx") else {}
+        rows += bench_artifact(path, frames, batches=batches, seconds=args.seconds, **opts)
+    rows = add_ratios(rows)
+    env = {**environment("cuda" if cuda and args.device != "cpu" else "cpu"), "onnxruntime": onnxruntime.__version__}
+    result = {"env": env, "frames": described, "skipped": skipped, "rows": rows}
+    stem = args.stem or "artifacts"
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out / f"{stem}.md", markdown(rows, env, frames=described, skipped=skipped))
+    result["files"] = [str(args.out / f"{stem}.json"), str(args.out / f"{stem}.md")]
+    return result
+
+
+def cpu_suite(args, wanted: list[str], *, skipped: list[str]) -> dict:
+    """No CUDA: the suite's ``torch`` / ``ort`` parts on random-weight models, exported the way a user would."""
+    from sidnet.runtime.benchmark import _save_checkpoint, build_random
+
+    artifacts = []
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    for name in args.models:
+        ckpt = _save_checkpoint(build_random(name).eval(), name, args.work_dir / f"{name}.pt")
+        if "torch" in wanted:
+            artifacts.append(("checkpoint", ckpt))
+        if "ort" in wanted:
+            artifacts.append(("onnx", _onnx(ckpt, args.work_dir)))
+    return run_artifacts(artifacts, args, cuda=False, skipped=skipped)
+
+
+def _report(result: dict, args) -> dict:
+    if args.json:
+        print(json.dumps(result))
+        return result
+    from sidnet.progress import print_table
+
+    rows = [(r["label"], r["mode"], r["batch"], r["img_s"], r["p50_ms"], r["p99_ms"],
+             f"{r['vs_first']:.2f}x" if r.get("vs_first") else "-", r["file_mb"]) for r in result["rows"]]  # fmt: skip
+    print_table(f"inference on {result['env']['device']} ({result['frames']})",
+                ["artifact", "mode", "batch", "img/s", "p50 ms", "p99 ms", "vs first", "MB"], rows)  # fmt: skip
+    if result["skipped"]:
+        print(f"skipped: {'; '.join(result['skipped'])}")
+    print(f"results: {', '.join(result['files'])}")
+    return result
 
 
 def _case(spec: str, backend: str):

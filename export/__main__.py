@@ -14,6 +14,7 @@ Hydra is used here only; everything below :func:`sidnet.export.pipeline.run_expo
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -27,28 +28,57 @@ FLAGS = {"checkpoint": "checkpoint", "precision": "precision", "backend": "backe
          "gate_split": "int8.gate_split"}  # fmt: skip
 
 
+EXAMPLES = """Output folder (default): <checkpoint dir>/export/<precision> for ONNX, export/<backend>_<precision>
+otherwise, so fp32, fp16 and int8 exports of one run never collide. Examples:
+  python -m export --checkpoint runs/sidnet_mobilenetv2/best.pt                         # export/fp32/model.onnx
+  python -m export --checkpoint runs/sidnet_mobilenetv2/best.pt --precision int8 --calib-data conf/data/coco128.yaml
+  python -m export --checkpoint runs/sidnet_mobilenetv2/best.pt --backend triton        # Triton model repository"""
+
+
+def epilog() -> str:
+    """Every key of conf/export.yaml's schema with its default (model.* only matters with --random-init)."""
+    import textwrap
+    from dataclasses import asdict
+
+    from sidnet.cli import flatten
+    from sidnet.export.config import ExportConfig
+
+    keys = [f"{k}={v}" for k, v in flatten(asdict(ExportConfig())) if not k.startswith("model.kwargs")]
+    models = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "model").glob("*.yaml"))
+    body = textwrap.fill("  ".join(keys), width=118, initial_indent="  ", subsequent_indent="  ",
+                         break_on_hyphens=False)  # fmt: skip
+    return (f"Config group: model={' | '.join(models)} (with --random-init; a checkpoint carries its own).\n"
+            f"Keys (key=value overrides of conf/export.yaml; a flag wins over the same key), with defaults:\n{body}\n"
+            f"{EXAMPLES}")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m export",
         description=__doc__.split("\n\n")[0],
-        epilog="Any key of conf/export.yaml can also be given as key=value, e.g. batch.max=32 topk=50.",
+        epilog=epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--checkpoint", help="checkpoint .pt written by python -m train")
     p.add_argument("--precision", help="fp32 | fp16 | int8 (int8 needs --calib-images or --calib-data, except for "
                    "a QAT checkpoint)")
     p.add_argument("--backend", help="onnx | tensorrt | tensorrt-rtx | compiled (AOTInductor package)")
     p.add_argument("--target", help="plugins | native (default: plugins for tensorrt, native otherwise)")
-    p.add_argument("--out", help="output folder (default: <checkpoint dir>/export)")
+    p.add_argument("--out", help="output folder (default: <checkpoint dir>/export/<precision>, or "
+                   "export/<backend>_<precision> for tensorrt, tensorrt-rtx, compiled, triton)")
     p.add_argument("--calib-images", help="int8: a folder of calibration images")
-    p.add_argument("--calib-data", help="int8: a data YAML; calibrates on its int8.split (train), gates on val")
+    p.add_argument("--calib-data", help="int8: a data YAML; calibrates on its int8.split (train), gates on val:0/2")
     p.add_argument("--calib-method", help="int8: entropy (default) | minmax | percentile (int8.percentile=99.99)")
     p.add_argument("--calib-batches", type=int, help="int8: at most this many batches (default 1000)")
     p.add_argument("--calib-batch-size", type=int, help="int8: images per batch (default 8)")
     p.add_argument("--gate-data", help="int8: labelled data YAML for the accuracy gate (default: --calib-data)")
-    p.add_argument("--gate-split", help="int8: its held-out split: val (default), or part K of N by image id: val:0/2")
+    p.add_argument("--gate-split", help="int8: its held-out split, part K of N by image id (default val:0/2; "
+                   "score your test figures on val:1/2)")
     p.add_argument("--force", action="store_true", help="overwrite INT8 artifacts already in the output folder")
     p.add_argument("--random-init", action="store_true", help="export untrained weights (smoke tests only)")
     p.add_argument("--model", help="with --random-init: a conf/model/*.yaml name, e.g. sidnet")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (off anyway when stderr is no tty)")
+    p.add_argument("--json", action="store_true", help="print the export report (JSON) on stdout instead of the table")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -94,10 +124,31 @@ def main(argv: list[str] | None = None) -> None:
 
     from sidnet.cli import run_guarded
     from sidnet.export.pipeline import run_export
+    from sidnet.progress import set_quiet
 
+    set_quiet(args.quiet)
     # Bad input is the user's to fix: one line, no traceback (-v shows it).
     result = run_guarded(lambda: run_export(config, project_root=PROJECT_ROOT), verbose=args.verbose)
+    if args.json:
+        print(json.dumps(result.report))
+        return
+    summary_table(result)
     print(f"exported to {result.out_dir}: {', '.join(sorted(result.report['files']))}, {result.report_path.name}")
+
+
+def summary_table(result) -> None:
+    """What was written (sizes), with precision, backend and the parity verdict."""
+    from sidnet.progress import human_bytes, print_table
+
+    r = result.report
+    rows = [(name, human_bytes((result.out_dir / name).stat().st_size)) for name in sorted(r["files"])
+            if (result.out_dir / name).is_file()]  # fmt: skip
+    title = (f"export: {r['model']['name']} {r['precision']}, backend {r['backend']}, target {r['target']} -> "
+             f"{result.out_dir}")  # fmt: skip
+    print_table(title, ["file", "size"], rows)
+    print(f"parity: {r['parity']['summary']}")
+    if "int8" in r and r["int8"].get("gate"):
+        print(f"int8 gate: {json.dumps(r['int8']['gate'].get('summary', r['int8']['gate']))[:300]}")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,14 @@ runs code (a pickle that tries is refused with one line). Format history:
   before anything is unpickled; the next save writes version 2.
 - version 2: plain containers and tensors only.
 
-Saving keeps one previous generation: ``last.pt`` → ``last.prev.pt`` (a hard link, so a complete ``last.pt`` exists
-at every instant), then the new file is renamed over ``last.pt``.
+Saving keeps the previous generation only while a write is in flight: ``last.pt`` → ``last.prev.pt`` (a hard link:
+no copy, and a complete ``last.pt`` exists at every instant), the new file renamed over ``last.pt``, then
+``last.prev.pt`` removed, so a run holds one generation on disk, not two. A writer killed between the rename and the
+removal leaves ``last.prev.pt``, which the next save replaces.
+
+Two kinds of file: ``last.pt`` holds everything exact resume needs (weights, EMA, optimizer, scaler, RNG states,
+history); ``best.pt`` (:func:`deploy_state`) holds only what evaluation and export read: the EMA weights (conv
+weights in float16, which changes no measured AP: see the README), the model description, config and metrics.
 """
 
 from __future__ import annotations
@@ -66,8 +72,23 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+def deploy_state(state: dict[str, Any], *, half: bool = True) -> dict[str, Any]:
+    """The part of a training ``state`` that evaluation and export use: the EMA weights (the raw ones when the run
+    has no EMA), with floating tensors of rank > 1 (conv/linear weights: nearly all the bytes) in float16 when
+    ``half``; biases and BatchNorm statistics stay float32. No optimizer, scaler or RNG: not resumable.
+    ``model_from_checkpoint`` loads it into a float32 model (``load_state_dict`` converts)."""
+    ema = state.get("ema") is not None
+    weights = state["ema"] if ema else state["model_state"]
+    if half:
+        weights = {k: v.half() if v.is_floating_point() and v.ndim > 1 else v for k, v in weights.items()}
+    keep = ("model", "epoch", "step", "best_ap50", "history", "config", "quant", "metrics")
+    return {**{k: state[k] for k in keep if k in state}, "model_state": weights, "ema": None,
+            "weights": "ema" if ema else "model", "weights_dtype": "float16" if half else "float32"}  # fmt: skip
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path, *, keep_previous: bool = True) -> None:
-    """Write ``state`` to ``path`` atomically; the file it replaces stays as :func:`previous_generation` (path).
+    """Write ``state`` to ``path`` atomically. With ``keep_previous`` the file it replaces stays as
+    :func:`previous_generation` (path) until the new one is durable, then is removed (one generation on disk).
 
     A crash, SIGKILL or full disk at any point leaves a complete ``path`` (old or new) and never a truncated one.
     """
@@ -83,6 +104,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, *, keep_previous: b
             os.replace(tmp, prev)
 
     atomic_write(path, lambda f: torch.save(payload, f), before_replace=before_replace)
+    if keep_previous:
+        prev.unlink(missing_ok=True)  # the new generation is renamed in and the directory fsynced
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -224,6 +247,9 @@ def model_from_checkpoint(
     except KeyError as e:
         raise CheckpointError(f"checkpoint describes model {spec.get('name')!r}, which this sidnet does not know "
                               f"({e}); upgrade sidnet or use another checkpoint") from e  # fmt: skip
+    if not ema and state.get("weights") == "ema":
+        raise CheckpointError("this checkpoint (a best.pt) holds only the EMA weights: use the run's last.pt for the "
+                              "raw weights, or drop --no-ema / ema=false")  # fmt: skip
     weights = state.get("ema") if ema and state.get("ema") is not None else state["model_state"]
     if before_load is not None:
         model = before_load(model)

@@ -12,7 +12,7 @@ import argparse
 import errno
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 EXIT_INTERRUPTED = 130
@@ -56,7 +56,12 @@ def run_guarded(fn: Callable[[], T], *, verbose: bool) -> T:
 
 def pop_verbose(argv: list[str]) -> tuple[list[str], bool]:
     """Remove ``-v``/``--verbose`` from ``argv`` (for entry points whose other arguments are Hydra overrides)."""
-    rest = [a for a in argv if a not in ("-v", "--verbose")]
+    return pop_flag(argv, "-v", "--verbose")
+
+
+def pop_flag(argv: list[str], *names: str) -> tuple[list[str], bool]:
+    """Remove every spelling in ``names`` (e.g. ``-q``, ``--quiet``) from ``argv``; (the rest, whether present)."""
+    rest = [a for a in argv if a not in names]
     return rest, len(rest) != len(argv)
 
 
@@ -69,3 +74,33 @@ class OneLineParser(argparse.ArgumentParser):
     def add_verbose(self) -> OneLineParser:
         self.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error")
         return self
+
+
+def flatten(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """``{"a": {"b": 1}}`` → ``[("a.b", 1)]`` (lists are values)."""
+    if not isinstance(tree, dict):
+        return [(prefix, tree)]
+    out = []
+    for k, v in tree.items():
+        out += flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [(f"{prefix}{k}", v)]
+    return out
+
+
+def config_help(*, usage: str, groups: dict[str, list[str]], chosen: dict[str, str | None], keys: dict[str, Any],
+                examples: list[str], notes: str = "") -> str:  # fmt: skip
+    """The ``--help`` of a Hydra entry point (as ``yolo help`` / Hydra's help template): config groups with their
+    options (the default marked), then every key with its default, then examples."""
+    lines = [usage.replace("``", ""), "", "Config groups (group=option; * = default):"]
+    width = max(map(len, groups), default=0)
+    for group, options in groups.items():
+        marked = [f"{o}*" if o == chosen.get(group) else o for o in options]
+        off = "" if chosen.get(group) else "  (off by default)"
+        lines.append(f"  {group:<{width}}  {' | '.join(marked)}{off}")
+    lines += ["", "Keys (key=value; defaults shown for the default groups):"]
+    flat = flatten(keys)
+    for key, value in [kv for kv in flat if "." not in kv[0]] + [kv for kv in flat if "." in kv[0]]:  # top level first
+        lines.append(f"  {key}={value}")
+    lines += ["", "Examples:", *(f"  {e}" for e in examples)]
+    if notes:
+        lines += ["", notes]
+    return "\n".join(lines)

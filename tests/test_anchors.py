@@ -141,8 +141,10 @@ def test_tune_and_yaml_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[
     current, label = read_current_anchors(str(path), size=832)
     np.testing.assert_allclose(current, anchors * 2)
     assert "rescaled 416->832" in label
-    fallback, label = read_current_anchors(str(tmp_path / "missing.yaml"), size=416)
-    assert label == "yolov2-voc" and np.array_equal(fallback, YOLOV2_VOC_ANCHORS)
+    voc, label = read_current_anchors("yolov2-voc", size=416)
+    assert label == "yolov2-voc" and np.array_equal(voc, YOLOV2_VOC_ANCHORS)
+    with pytest.raises(SystemExit, match="missing.yaml not found"):
+        read_current_anchors(str(tmp_path / "missing.yaml"), size=416)  # a typo is not silently the VOC anchors
 
 
 def _write_yolo_dataset(root: Path) -> None:
@@ -181,11 +183,12 @@ def test_entry_point_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
     )
     out = tmp_path / "anchors.yaml"
     cmd = [sys.executable, "-m", "train.anchors", "--data", str(data_yaml), "--size", "416", "-k", "3"]
-    cmd += ["--evolve", "50", "--current", str(out), "--out", str(out)]
+    cmd += ["--evolve", "50", "--out", str(out)]
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert "7 images (1 without persons), 18 person boxes" in result.stdout
-    assert "yolov2-voc" in result.stdout  # --current did not exist yet: compared against the VOC anchors
+    # no --current: compared against the anchors the default model trains with (conf/model/sidnet_mobilenetv2.yaml)
+    assert "current (conf/anchors/coco128_person.yaml)" in result.stdout
     loaded = yaml.safe_load(out.read_text())
     assert loaded["k"] == 3 and loaded["size"] == 416 and loaded["num_boxes"] == 18
     assert 0.0 < loaded["avg_iou"] <= 1.0 and 0.0 <= loaded["bpr"] <= 1.0
@@ -193,7 +196,7 @@ def test_entry_point_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
     # Second run (in process: importing torch for the data layer costs seconds) compares against the file it
     # is about to overwrite.
-    args = cmd[3:]
+    args = [*cmd[3:], "--current", str(out)]
     assert main(args) == 0
     assert f"current ({out})" in capsys.readouterr().out
 

@@ -175,3 +175,35 @@ def test_segm_metrics_from_polygons_and_predicted_rle():
     assert report["AP"] == pytest.approx(1.0) and report["segm_AP75"] == pytest.approx(0.0)
     with pytest.raises(ValueError, match="row for row"):
         evaluate_detections([record], preds, masks={1: []})
+
+
+def test_pr_curve_and_pictures_beside_the_report(records: list[ImageRecord], tmp_path) -> None:
+    """The report carries COCOeval's IoU-0.5 precision-recall curve; sidnet.plots draws it and annotated images."""
+    from PIL import Image
+
+    from sidnet.plots import annotated_images, pr_curve_png
+
+    # Half the truth found with high scores, plus one false positive per image at a lower score.
+    predictions = {}
+    for r in records:
+        rows = [[*b, 0.9, 0] for b in r.boxes.tolist()[:2]] + [[600, 400, 630, 470, 0.5, 0]]
+        predictions[r.image_id] = np.asarray(rows, np.float32)
+    report = evaluate_detections(records, predictions)
+    curve = report["pr_curve"]
+    assert curve["iou"] == 0.5 and len(curve["recall"]) == len(curve["precision"]) == 101
+    reached = [p for p in curve["precision"] if p is not None]
+    assert len(reached) == 67 and reached[0] == 1.0  # 10 of 15 boxes found: recall 0..0.66 reached, no further
+    assert curve["score"][0] == pytest.approx(0.9)
+    png = pr_curve_png(report, tmp_path / "report_pr.png")
+    img = np.asarray(Image.open(png))
+    assert img.shape == (480, 640, 3) and (img[..., 2] > 150).any() and (img[..., 0] < 100).any()  # a blue curve
+
+    for r in records:  # real files for the annotated images
+        Image.new("RGB", (r.width, r.height), (90, 90, 90)).save(tmp_path / f"{r.image_id}.jpg")
+    recs = [make_record(path=str(tmp_path / f"{r.image_id}.jpg"), width=r.width, height=r.height,
+                        boxes=r.boxes.tolist(), labels=[0] * len(r.boxes), image_id=r.image_id)
+            for r in records]  # fmt: skip
+    out = annotated_images(recs, predictions, tmp_path / "images", conf=0.3, count=3)
+    assert [p.name for p in out] == ["1.jpg", "2.jpg", "3.jpg"]
+    drawn = np.asarray(Image.open(out[0]))
+    assert (drawn[..., 1] > 150).sum() > 100 and (drawn[..., 0] > 150).sum() > 100  # green truth, red predictions

@@ -374,3 +374,32 @@ def test_cli_end_to_end_with_flags_and_overrides(checkpoint, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["parity"]["passed"] and report["parity"]["batches"] == [2] and report["target"] == "native"
     assert "exported to" in result.stdout
+
+
+def test_default_output_folder_per_precision_and_backend(tmp_path):
+    """The README's fp32 → fp16 → int8 sequence never collides: one folder per precision (and backend)."""
+    from sidnet.export.pipeline import default_out_dir
+
+    ckpt = str(tmp_path / "run" / "best.pt")
+    out = {(p, b): default_out_dir(ExportConfig(checkpoint=ckpt, precision=p, backend=b), project_root=tmp_path)
+           for p in ("fp32", "fp16", "int8") for b in ("onnx", "tensorrt-rtx", "triton")}  # fmt: skip
+    assert out["fp32", "onnx"] == tmp_path / "run" / "export" / "fp32"
+    assert out["int8", "onnx"] == tmp_path / "run" / "export" / "int8"
+    assert out["fp16", "tensorrt-rtx"] == tmp_path / "run" / "export" / "tensorrt-rtx_fp16"
+    assert out["fp32", "triton"] == tmp_path / "run" / "export" / "triton_fp32"
+    assert len(set(out.values())) == len(out)
+    chosen = ExportConfig(checkpoint=ckpt, out=str(tmp_path / "x"))
+    assert default_out_dir(chosen, project_root=tmp_path) == tmp_path / "x"
+
+
+def test_int8_overwrite_is_refused_before_any_work(tmp_path):
+    """An INT8 export into a folder that holds one fails at once (before the checkpoint is even read), not after the
+    ONNX export and calibration."""
+    pytest.importorskip("modelopt")
+    out = tmp_path / "int8"
+    out.mkdir()
+    (out / "model_fp32.onnx").write_bytes(b"earlier export")
+    cfg = ExportConfig(checkpoint=str(tmp_path / "never_read.pt"), precision="int8", out=str(out))
+    cfg.int8.images = str(tmp_path)
+    with pytest.raises(ExportError, match=r"already holds model_fp32.onnx: pass --force"):
+        run_export(cfg, project_root=tmp_path)

@@ -425,17 +425,25 @@ def test_disk_full_during_checkpoint_write_keeps_the_old_checkpoint(tmp_path, re
 
 @pytest.mark.parametrize("damage", ["truncated", "zero-byte"])
 def test_damaged_last_checkpoint_is_refused_and_the_previous_generation_kept(tmp_path, reference, damage):
+    """One generation on disk after a clean run (last.prev.pt exists only while a write is in flight); a damaged
+    last.pt is refused with one line, which names last.prev.pt and the cp that continues from it when a writer
+    killed after its rename left one (simulated here as that writer leaves it: a hard link to the old file)."""
     done = _train(tmp_path)
     assert done.returncode == 0
     last, prev = tmp_path / "last.pt", previous_generation(tmp_path / "last.pt")
-    assert load_checkpoint(prev)["epoch"] == 2  # one previous generation kept
+    assert not prev.exists() and not (tmp_path / "best.prev.pt").exists()  # one generation kept on disk
     data = last.read_bytes()
+    os.link(last, tmp_path / "complete.pt")
     last.write_bytes(data[: len(data) // 3] if damage == "truncated" else b"")
-    before = prev.read_bytes()
+    again = _train(tmp_path, "resume=true", "epochs=4")
+    line = _one_error_line(again.returncode, again.stderr)
+    assert str(last) in line and "previous generation" not in line, line
+    os.replace(tmp_path / "complete.pt", prev)
     again = _train(tmp_path, "resume=true", "epochs=4")
     line = _one_error_line(again.returncode, again.stderr)
     assert str(last) in line and f"previous generation {prev} is intact" in line and f"cp {prev} {last}" in line
-    assert prev.read_bytes() == before and last.stat().st_size == (0 if damage == "zero-byte" else len(data) // 3)
+    assert load_checkpoint(prev)["epoch"] == 3
+    assert last.stat().st_size == (0 if damage == "zero-byte" else len(data) // 3)
 
 
 def test_restart_without_resume_refuses_and_keeps_the_run_config(tmp_path, capsys):

@@ -76,6 +76,16 @@ def test_run_outputs_and_refusals(tmp_path):
     state = load_checkpoint(tmp_path / "best.pt")
     model = model_from_checkpoint(state)
     assert model(torch.rand(1, 3, 128, 128)).shape == (1, 18, 4, 4)
+    # best.pt: the EMA weights only, conv weights in float16 (what evaluation and export read), no resume state
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert state["weights"] == "ema" and not {"optimizer", "scaler", "rng"} & set(state) and state["ema"] is None
+    convs = [k for k, v in state["model_state"].items() if v.ndim > 1]
+    assert convs and all(state["model_state"][k].dtype == torch.float16 for k in convs)
+    assert all(torch.equal(state["model_state"][k], last["ema"][k].half()) for k in convs)  # best = last epoch's EMA
+    assert (tmp_path / "best.pt").stat().st_size < (tmp_path / "last.pt").stat().st_size / 3
+    assert not (tmp_path / "last.prev.pt").exists()  # the previous generation lives only while a write is in flight
+    with pytest.raises(CheckpointError, match="only the EMA weights"):
+        model_from_checkpoint(state, ema=False)
     with pytest.raises(FileExistsError, match="resume=true"):
         train(cfg, run_dir=tmp_path, project_root=ROOT)  # never overwrites a run silently
     with pytest.raises(FileNotFoundError, match="resume=true"):

@@ -1,4 +1,4 @@
-"""``python -m train [-v] [group=option ...] [key=value ...]``: compose ``conf/train.yaml`` with Hydra, then train.
+"""``python -m train [-v] [-q] [--json] [group=option ...] [key=value ...]``: compose ``conf/train.yaml``, then train.
 
 Hydra's compose API rather than ``@hydra.main``, so that this entry point owns the order of events: every override is
 checked (unknown keys, wrong types, out-of-range values) before anything is written; the run folder is locked before
@@ -20,13 +20,39 @@ import os
 import sys
 from pathlib import Path
 
-from sidnet.cli import pop_verbose, run_guarded
+from sidnet.cli import config_help, pop_flag, pop_verbose, run_guarded
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("sidnet.train")
-EXAMPLES = ("python -m train model=sidnet epochs=50 | python -m train data=path/to/mine.yaml | "
-            "python -m train name=x resume=true")
-USAGE = __doc__.split("\n\n")[0] + f"\nExamples: {EXAMPLES}"
+EXAMPLES = [
+    "python -m train epochs=10                                  # SIDNet-MobileNetV2 on data=auto",
+    "python -m train model=sidnet data=coco128 epochs=50        # Darknet-19 SIDNet on the COCO JSON split",
+    "python -m train data=path/to/mine.yaml                     # your own data YAML (roots relative to it)",
+    "python -m train model=yolov2 optim=sgd optim.lr=0.01 name=yolo_ref",
+    "python -m train name=sidnet_mobilenetv2 resume=true        # continue a run exactly where it stopped",
+    "python -m train model.anchors=runs/anchors/mine.yaml       # anchors from python -m train.anchors --out",
+]
+USAGE = __doc__.split("\n\n")[0]
+NOTES = """Flags: -v (traceback on error), -q/--quiet (no progress bars; they are off anyway when stderr is not a
+terminal), --json (the run summary as JSON on stdout instead of the table). Output: runs/<name>/ with last.pt (what
+resume needs), best.pt (EMA weights for evaluation/export), config.yaml, train.log, tb/. Schemas: sidnet/config.py."""
+
+
+def help_text() -> str:
+    """Config groups, their options and every key with its default (Hydra's --help, as ``yolo help``)."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    conf = PROJECT_ROOT / "conf"
+    chosen: dict[str, str | None] = {}
+    for item in yaml.safe_load((conf / "train.yaml").read_text())["defaults"]:
+        if isinstance(item, dict):
+            chosen.update(item)
+    groups = {g: sorted(p.stem for p in (conf / g).glob("*.yaml")) for g in chosen}
+    logging.getLogger("sidnet.data").setLevel(logging.ERROR)  # data=auto's "not found, using the sample" line
+    _, cfg, _ = compose([])
+    keys = OmegaConf.to_container(cfg, resolve=False)
+    return config_help(usage=USAGE, groups=groups, chosen=chosen, keys=keys, examples=EXAMPLES, notes=NOTES)
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
@@ -79,6 +105,17 @@ def _bad_config(e: Exception) -> ValueError:
     return ValueError(f"bad configuration: {head}{hint} (see conf/train.yaml and sidnet/config.py)")
 
 
+def summary_table(summary: dict, run_dir: Path) -> None:
+    """Per-epoch losses and validation metrics, then the checkpoints and their sizes."""
+    from sidnet.progress import human_bytes, print_table
+
+    rows = [(h["epoch"], h.get("loss"), h.get("val_AP50"), h.get("val_AP"), h.get("val_recall"), h.get("img_per_s"))
+            for h in summary["history"]]  # fmt: skip
+    print_table(f"training: {run_dir}", ["epoch", "loss", "val AP50", "val AP", "recall@0.3", "img/s"], rows)
+    files = [(p.name, human_bytes(p.stat().st_size)) for p in (run_dir / "last.pt", run_dir / "best.pt") if p.is_file()]
+    print(f"best AP50 {summary['best_ap50']:.4f}; " + ", ".join(f"{n} {s}" for n, s in files))
+
+
 def run(overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
 
@@ -115,6 +152,7 @@ def run(overrides: list[str]) -> dict:
     finally:
         distributed.teardown(ctx)
     log.info("done: %d epochs, best AP50 %.4f, checkpoints in %s", summary["epochs"], summary["best_ap50"], run_dir)
+    summary["run_dir"] = str(run_dir)
     return summary
 
 
@@ -128,17 +166,32 @@ def _launch_rank() -> int | None:
 
 def main(argv: list[str] | None = None) -> dict:
     argv, verbose = pop_verbose(sys.argv[1:] if argv is None else list(argv))
+    argv, quiet = pop_flag(argv, "-q", "--quiet")
+    argv, as_json = pop_flag(argv, "--json")
     if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
+        print(help_text())
         raise SystemExit(0)
     flags = [a for a in argv if a.startswith("-")]
     if flags:
-        raise SystemExit(f"error: unknown flag(s) {' '.join(flags)}: python -m train takes -v and key=value overrides")
+        raise SystemExit(f"error: unknown flag(s) {' '.join(flags)}: python -m train takes -v, -q, --json and "
+                         "key=value overrides (python -m train --help lists them)")  # fmt: skip
+    from sidnet.progress import set_quiet
+
+    set_quiet(quiet)
     rank = _launch_rank()
-    quiet = rank not in (None, 0) and not verbose  # ranks > 0 repeat rank 0's log: warnings only
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
+    other_rank = rank not in (None, 0) and not verbose  # ranks > 0 repeat rank 0's log: warnings only
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if other_rank else logging.INFO,
                         format=LOG_FORMAT if rank is None else f"[rank {rank}]{LOG_FORMAT}")  # fmt: skip
-    return run_guarded(lambda: run(argv), verbose=verbose)
+    summary = run_guarded(lambda: run(argv), verbose=verbose)
+    if rank not in (None, 0):
+        return summary  # rank 0 prints the table
+    if as_json:
+        import json
+
+        print(json.dumps({k: v for k, v in summary.items() if k != "history"} | {"history": summary["history"]}))
+    else:
+        summary_table(summary, Path(summary["run_dir"]))
+    return summary
 
 
 if __name__ == "__main__":

@@ -25,20 +25,28 @@ from sidnet.io import atomic_write_text
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # YOLOv5 autoanchor leaves boxes under 2 px out of the fit: they are label noise at this scale and drag a cluster.
 MIN_FIT_SIZE = 2.0
+DEFAULT_MODEL = "sidnet_mobilenetv2"  # conf/train.yaml's default model
 # BPR levels shown in the table; the first one is the one written to the YAML (see sidnet.anchors for why 0.5).
 BPR_THRESHOLDS = (0.5, 0.25)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = OneLineParser(prog="python -m train.anchors", description=__doc__.splitlines()[0]).add_verbose()
+    parser = OneLineParser(prog="python -m train.anchors", description=__doc__.splitlines()[0],
+                           epilog="Example: python -m train.anchors --data conf/data/coco128.yaml --size 416 -k 3 "
+                           "--out runs/anchors/coco128_person.yaml, then python -m train "
+                           "model.anchors=runs/anchors/coco128_person.yaml").add_verbose()  # fmt: skip
     parser.add_argument("--data", required=True, help="data YAML (conf/data/*.yaml or your own)")
     parser.add_argument("--size", type=int, default=416, help="square network input size in pixels")
     parser.add_argument("-k", type=int, default=3, help="number of anchors")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--evolve", type=int, default=1000, help="generations of evolutionary refinement (0 = off)")
     parser.add_argument("--restarts", type=int, default=10, help="k-means restarts; the best mean IoU wins")
-    parser.add_argument("--current", help="anchors YAML to compare against (default: YOLOv2 VOC anchors)")
-    parser.add_argument("--out", help="where to write the tuned anchors YAML (omit to only print)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"compare against the anchors conf/model/<MODEL>.yaml trains with (default "
+                        f"{DEFAULT_MODEL}, the training default)")  # fmt: skip
+    parser.add_argument("--current", help="anchors YAML to compare against instead (yolov2-voc: YOLOv2's VOC anchors)")
+    parser.add_argument("--out", help="where to write the tuned anchors YAML, e.g. runs/anchors/mydata.yaml (omit to "
+                        "only print); train with it: python -m train model.anchors=FILE")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -83,15 +91,28 @@ def load_train_person_boxes(data_yaml: Path) -> tuple[np.ndarray, np.ndarray, in
     return np.concatenate(wh), np.concatenate(sizes).astype(np.float64), len(records), negatives
 
 
+def model_anchors_file(model: str) -> str:
+    """The anchors file ``conf/model/<model>.yaml`` trains with (``model.anchors``), relative to the repository."""
+    conf = Path(__file__).resolve().parents[1] / "conf" / "model" / f"{model}.yaml"
+    if not conf.is_file():
+        names = ", ".join(sorted(p.stem for p in conf.parent.glob("*.yaml")))
+        raise SystemExit(f"error: --model {model}: no {conf}; use one of {names}")
+    anchors = _read_yaml(conf, "model config").get("anchors")
+    if not isinstance(anchors, str):
+        raise SystemExit(f"error: --model {model} has no anchors file (model.anchors: {anchors!r}); pass --current")
+    return anchors
+
+
 def read_current_anchors(path: str | None, *, size: int) -> tuple[np.ndarray, str]:
     """Anchors to compare against, in pixels at ``size``, and a label for the table.
 
-    A YAML written for another input size is rescaled (anchors scale with the letterbox). Without a readable
-    ``path`` the YOLOv2 VOC anchors are used; they are defined in stride-32 grid units, so ``x32`` is pixels at
-    any input size.
+    A YAML written for another input size is rescaled (anchors scale with the letterbox). ``yolov2-voc`` gives the
+    YOLOv2 VOC anchors; they are defined in stride-32 grid units, so ``x32`` is pixels at any input size.
     """
-    if path is None or not Path(path).is_file():
+    if path == "yolov2-voc":
         return YOLOV2_VOC_ANCHORS.copy(), "yolov2-voc"
+    if path is None or not Path(path).is_file():
+        raise SystemExit(f"error: anchors file {path} not found; pass --current FILE or --current yolov2-voc")
     cfg = _read_yaml(Path(path), "anchors file")
     anchors = np.asarray(cfg.get("anchors", []), dtype=np.float64)
     if anchors.ndim != 2 or anchors.shape[1] != 2 or len(anchors) == 0 or (anchors <= 0).any():
@@ -179,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     # Read the comparison anchors before anything is written: --current and --out are usually the same file.
-    current = read_current_anchors(args.current, size=args.size)
+    current = read_current_anchors(args.current or model_anchors_file(args.model), size=args.size)
     wh_orig, image_sizes, num_images, negatives = load_train_person_boxes(Path(args.data))
     if len(wh_orig) == 0:
         raise SystemExit(f"error: no person boxes in the train split of {args.data}; check class_map and labels")

@@ -28,12 +28,19 @@ from sidnet.evaluation import evaluate_by_source, write_report
 from sidnet.evaluation.predict import predict_dataset
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = """Examples:
+  python -m train.evaluate --checkpoint runs/sidnet_mobilenetv2/best.pt            # the run's own val split
+  python -m train.evaluate --checkpoint runs/sidnet_mobilenetv2/best.pt --data conf/data/coco128.yaml --split val:1/2
+  python -m train.evaluate --onnx runs/sidnet_mobilenetv2/export/int8/model.onnx --data conf/data/coco128.yaml \\
+      --split val:1/2                                                              # an export, in onnxruntime
+Writes <report>.json, <report>_pr.png (precision-recall at IoU 0.5) and <report>_images/ (annotated)."""
 KEYS = ("AP", "AP50", "AP75", "AP_small", "recall", "recall_small", "precision", "fp_per_negative_image", "segm_AP",
         "segm_AP50")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = OneLineParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0]).add_verbose()
+    p = OneLineParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+                      formatter_class=argparse.RawDescriptionHelpFormatter).add_verbose()  # fmt: skip
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", type=Path, help="a .pt written by python -m train")
     what.add_argument("--onnx", type=Path, help="an exported .onnx (native target), run by onnxruntime (needs --data)")
@@ -44,8 +51,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
     p.add_argument("--boxes-only", action="store_true", help="Mask R-CNN: box metrics only (data without masks)")
-    p.add_argument("--out", type=Path, help="JSON report (default: next to the checkpoint)")
+    p.add_argument("--out", type=Path, help="JSON report (default: next to the checkpoint); the PR curve PNG and "
+                   "annotated images go beside it")  # fmt: skip
+    p.add_argument("--images", type=int, default=4, help="annotated validation images written beside the report "
+                   "(default 4; 0: none)")  # fmt: skip
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar (off anyway when stderr is no terminal)")
+    p.add_argument("--json", action="store_true", help="print the report's metrics as JSON on stdout (no table)")
     args = p.parse_args(argv)
+    if args.onnx is not None and args.data is None:  # before any work, not after loading the model
+        p.error("--onnx needs --data conf/data/<x>.yaml (an ONNX file carries no data config)")
+    from sidnet.progress import set_quiet
+
+    set_quiet(args.quiet)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
     return run_guarded(lambda: evaluate_onnx(args) if args.onnx is not None else evaluate(args), verbose=args.verbose)
@@ -102,16 +119,38 @@ def evaluate_onnx(args: argparse.Namespace) -> dict:
 def _evaluate(model, records, args, *, size: int, device: torch.device, source: Path, extra: dict, task=None,
               masks: bool = False) -> dict:  # fmt: skip
     dataset = DetectionDataset(records, size=size)
-    preds, pred_masks = predict_dataset(model, dataset, task=task, device=device, batch_size=args.batch_size)
+    preds, pred_masks = predict_dataset(model, dataset, task=task, device=device, batch_size=args.batch_size,
+                                        desc=f"evaluate {args.split}")  # fmt: skip
     report = evaluate_by_source(records, preds, operating_conf=args.conf, masks=pred_masks if masks else None)
     tag = args.split.replace(":", "_").replace("/", "of")  # val:1/2 -> val_1of2
     out = args.out or source.with_name(f"{source.stem}_{tag}_report.json")
     extra = {k: v for k, v in extra.items() if k not in report}
     write_report(report, out, extra=extra)
-    print(json.dumps({k: report.get(k) for k in KEYS}, indent=None))
-    for name, r in report.get("per_source", {}).items():
-        print(f"{name}: " + json.dumps({k: r.get(k) for k in KEYS if k in r}, indent=None))
-    print(f"report: {out}")
+    from sidnet.plots import annotated_images, pr_curve_png
+
+    stem = out.with_suffix("")
+    pictures = [pr_curve_png(report, stem.with_name(stem.name + "_pr.png"))]
+    if args.images > 0:
+        pictures += annotated_images(records, preds, stem.with_name(stem.name + "_images"), conf=args.conf,
+                                     count=args.images)  # fmt: skip
+    per_source = report.get("per_source", {})
+    if args.json:
+        print(json.dumps({k: report.get(k) for k in KEYS}, indent=None))
+        for name, r in per_source.items():
+            print(f"{name}: " + json.dumps({k: r.get(k) for k in KEYS if k in r}, indent=None))
+        return report
+    from sidnet.progress import print_table
+
+    rows = [(k, report[k]) for k in KEYS if report.get(k) is not None]
+    rows += [("images / person boxes", f"{report['num_images']} / {report['num_gt_boxes']}"),
+             (f"TP / FP / FN @{args.conf:g}", f"{report['tp']} / {report['fp']} / {report['fn']}")]  # fmt: skip
+    print_table(f"evaluation of {source} on {args.split}", ["metric", "value"], rows)
+    if per_source:
+        cols = [k for k in ("AP50", "AP", "AP_small", "recall", "recall_small") if report.get(k) is not None]
+        print_table("per source", ["source", *cols],
+                    [(name, *(r.get(k) for k in cols)) for name, r in per_source.items()])  # fmt: skip
+    print(f"report: {out}\nplots: {pictures[0]}" + (f", {pictures[1].parent}/ ({len(pictures) - 1} images)"
+                                                     if len(pictures) > 1 else ""))  # fmt: skip
     return report
 
 

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from sidnet.anchors import load_anchors
 from sidnet.checkpoint import (
     CheckpointError,
     build_model_from_spec,
+    deploy_state,
     load_checkpoint,
     numpy_rng_from_plain,
     numpy_rng_to_plain,
@@ -40,6 +40,7 @@ from sidnet.engine.tasks import build_task
 from sidnet.evaluation import evaluate_by_source
 from sidnet.evaluation.predict import predict_dataset
 from sidnet.io import remove_stale_temporaries
+from sidnet.progress import progress
 
 log = logging.getLogger("sidnet.train")
 
@@ -262,8 +263,8 @@ class Trainer:
             from sidnet.quant.qat import freeze_norm
 
             freeze_norm(self.model)
-        bar = tqdm(self._loader(self.epoch), total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                   dynamic_ncols=True, leave=False, disable=None if self.dist.is_main else True)  # fmt: skip
+        bar = progress(self._loader(self.epoch), total=self.steps_per_epoch, unit="step", enabled=self.dist.is_main,
+                       desc=f"epoch {self.epoch + 1}/{cfg.epochs}")  # fmt: skip
         sums: dict[str, float] = {}
         seen, t0, first_loss, pending = 0, time.perf_counter(), None, None
         image_ids: list[int] | None = [] if log.isEnabledFor(logging.DEBUG) else None
@@ -331,7 +332,8 @@ class Trainer:
         e = self.cfg.eval
         preds, masks = predict_dataset(model, self.val_set, task=self.task, device=self.device,
                                        batch_size=self.cfg.batch_size, conf_thresh=e.conf_thresh, nms_iou=e.nms_iou,
-                                       max_det=e.max_det, amp=self.amp)  # fmt: skip
+                                       max_det=e.max_det, amp=self.amp,
+                                       desc=f"validation {self.epoch}/{self.cfg.epochs}")  # fmt: skip
         report = evaluate_by_source(self.val_set.records, preds, operating_conf=e.operating_conf, masks=masks)
         for name, r in report.get("per_source", {}).items():
             log.info("val %s: AP50 %.4f AP %.4f AP_small %s recall@%.2g %.4f", name, r["AP50"] or 0, r["AP"] or 0,
@@ -381,7 +383,8 @@ class Trainer:
                 stats.update({f"val_{k}": report[k] for k in ("AP", "AP50", "recall", "precision") if k in report})
                 if (report.get("AP50") or 0.0) > self.best_ap50:
                     self.best_ap50 = report["AP50"]
-                    self._save({**self.state(), "metrics": report}, best)
+                    # EMA weights only (conv weights in fp16 outside QAT): a third of last.pt, see deploy_state
+                    self._save(deploy_state({**self.state(), "metrics": report}, half=self.quant is None), best)
             self.history.append({"epoch": self.epoch, **stats})
             if main:
                 log.info("epoch %d/%d %s", self.epoch, cfg.epochs, json.dumps(_round(stats)))

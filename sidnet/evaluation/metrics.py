@@ -153,11 +153,22 @@ def _coco_stats(
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    stats = {}
+    stats: dict[str, Any] = {}
     for name, index in _COCO_STATS_INDEX.items():
         value = float(evaluator.stats[index])
         stats[name] = None if value < 0 or math.isnan(value) else value
+    stats["pr_curve"] = _pr_curve(evaluator)
     return stats
+
+
+def _pr_curve(evaluator: COCOeval) -> dict[str, Any]:
+    """COCOeval's interpolated precision at IoU 0.5 over its 101 recall points (all areas, 100 detections), with
+    the score threshold reaching each point; ``None`` where a recall is never reached (COCOeval leaves 0 there)."""
+    p = evaluator.eval["precision"][0, :, 0, 0, -1]  # [T, R, K, A, M]: IoU 0.5, every recall, person, all, maxDets 100
+    sc = evaluator.eval["scores"][0, :, 0, 0, -1]
+    return {"iou": 0.5, "recall": [round(float(r), 2) for r in evaluator.params.recThrs],
+            "precision": [None if v <= 0 else round(float(v), 4) for v in p],
+            "score": [None if q <= 0 else round(float(v), 4) for v, q in zip(sc, p, strict=True)]}  # fmt: skip
 
 
 def evaluate_detections(

@@ -23,6 +23,7 @@ def predict_dataset(
     max_det: int = 100,
     amp: bool = False,
     workers: int = 0,
+    desc: str = "predict",
 ) -> tuple[dict[int, np.ndarray], dict[int, list[dict]] | None]:
     """``({image_id: (P, 6) float32 [x1, y1, x2, y2, score, class]}, masks)`` in the original image's pixels.
 
@@ -31,14 +32,16 @@ def predict_dataset(
 
     ``model`` may also be any object with ``detect(images, nms_iou=, max_det=)`` returning per-image rows in input
     pixels (an exported ONNX through :class:`sidnet.evaluation.onnx_detector.OnnxDetector`, ``task=None``): it goes
-    through the same unletterbox and evaluation.
+    through the same unletterbox and evaluation. ``desc`` labels the progress bar (:mod:`sidnet.progress`).
     """
+    from sidnet.progress import progress
+
     if isinstance(model, torch.nn.Module):
         model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
     out: dict[int, np.ndarray] = {}
     masks: dict[int, list[dict]] | None = {} if task is not None and "segm" in task.iou_types else None
-    for images, targets in loader:
+    for images, targets in progress(loader, desc=desc, total=len(loader), unit="batch"):
         if hasattr(model, "detect"):
             rows = model.detect(images, nms_iou=nms_iou, max_det=max_det)
             preds = [{"boxes": d[d[:, 4] >= conf_thresh, :4], "scores": d[d[:, 4] >= conf_thresh, 4],

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from sidnet.config import ModelConfig
 
 PRECISIONS = ("fp32", "fp16", "int8")
-BACKENDS = ("onnx", "tensorrt", "tensorrt-rtx", "compiled")
+BACKENDS = ("onnx", "tensorrt", "tensorrt-rtx", "compiled", "triton")
 TARGETS = ("plugins", "native")
 
 
@@ -51,9 +51,20 @@ class Int8Config:
     high_precision: str = "fp32"  # dtype outside Q/DQ: fp32, or fp16
     exclude: list[str] = field(default_factory=list)  # ONNX node names to keep out of INT8 by hand
     gate_data: str | None = None  # held-out labelled data YAML for the accuracy gate (default: `data`)
-    gate_split: str = "val"  # or NAME:K/N, part K of N by image id (val:0/2 to gate, val:1/2 to test)
+    gate_split: str = "val:0/2"  # part K of N by image id: gate on val:0/2, report test figures on val:1/2
     budget: float = 1.0  # allowed AP50 drop, in points (1.0 = 0.01 AP50)
     max_fallback: int = 8  # most layers the gate may move back to high precision
+
+
+@dataclass
+class TritonConfig:
+    """``--backend triton``: a Triton Inference Server model repository (:mod:`sidnet.export.triton`)."""
+
+    name: str | None = None  # model name (folder) in the repository; null: the model's registry name
+    format: str = "onnx"  # onnx (Triton's onnxruntime backend) | plan (TensorRT backend; built with full TensorRT)
+    instances: int = 1  # instance_group count
+    kind: str = "gpu"  # instance_group kind: gpu | cpu
+    queue_delay_us: int = 100  # dynamic_batching max_queue_delay_microseconds
 
 
 @dataclass
@@ -63,9 +74,9 @@ class ExportConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # only read with random_init; a checkpoint has its own
     ema: bool = True  # export the EMA weights when the checkpoint has them
     precision: str = "fp32"  # fp32 | fp16 (int8: the INT8 issue)
-    backend: str = "onnx"  # onnx | tensorrt | tensorrt-rtx | compiled (AOTInductor package)
+    backend: str = "onnx"  # onnx | tensorrt | tensorrt-rtx | compiled (AOTInductor package) | triton
     target: str | None = None  # plugins | native; null: plugins for tensorrt, native otherwise
-    out: str | None = None  # null: <checkpoint dir>/export, or outputs/export/<model>-random
+    out: str | None = None  # null: <checkpoint dir>/export/<precision> (<backend>_<precision> for engines)
     opset: int = 18
     conf_thresh: float = 0.001
     topk: int = 100
@@ -79,4 +90,5 @@ class ExportConfig:
     int8: Int8Config = field(default_factory=Int8Config)
     force: bool = False  # overwrite INT8 artifacts already in `out`
     compiled_device: str = "auto"  # --backend compiled: cuda | cpu | auto (cuda when torch sees a GPU)
+    triton: TritonConfig = field(default_factory=TritonConfig)
     compiled_mode: str = "default"  # --backend compiled: default | max-autotune (minutes longer)

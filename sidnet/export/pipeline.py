@@ -64,6 +64,8 @@ def resolve_options(cfg: ExportConfig) -> Options:
         if cfg.int8.images and cfg.int8.data:
             raise ExportError("pass one of --calib-images FOLDER or --calib-data conf/data/X.yaml, not both")
         import_modelopt()
+    if backend == "triton" and target == "plugins":
+        raise ExportError("--backend triton serves standard ONNX ops (or a plan built from them): use --target native")
     if backend == "compiled" and target == "plugins":
         raise ExportError("--backend compiled packages the PyTorch network: use --target native (the default)")
     if backend == "tensorrt-rtx" and target == "plugins":
@@ -80,11 +82,11 @@ def resolve_options(cfg: ExportConfig) -> Options:
 
 def preflight(opts: Options, cfg: ExportConfig) -> None:
     """Fail before the (slow) export when the engine backend or the plugins' kernels library is missing."""
-    if opts.backend in ("onnx", "compiled"):
+    if opts.backend in ("onnx", "compiled") or (opts.backend == "triton" and cfg.triton.format != "plan"):
         return
     from sidnet.export.engine import import_backend
 
-    import_backend(opts.backend)
+    import_backend("tensorrt" if opts.backend == "triton" else opts.backend)
     if opts.target == "plugins":
         from sidnet.export.trt_plugins import load_kernels
 
@@ -168,11 +170,16 @@ def _class_names(cfg: ExportConfig, from_checkpoint: list[str] | None, num_class
 
 
 def default_out_dir(cfg: ExportConfig, *, project_root: Path) -> Path:
+    """``out=``, else one folder per precision and backend beside the checkpoint, so that exports in several
+    precisions (the README's fp32 → fp16 → int8 sequence) never collide: ``<run>/export/fp32``,
+    ``<run>/export/int8``, ``<run>/export/tensorrt-rtx_fp16``, ``<run>/export/triton_fp32``."""
     if cfg.out:
         return Path(cfg.out)
+    precision, backend = str(cfg.precision).lower(), str(cfg.backend).lower()
+    leaf = precision if backend == "onnx" else f"{backend}_{precision}"
     if cfg.checkpoint:
-        return Path(cfg.checkpoint).parent / "export"
-    return project_root / "outputs" / "export" / f"{cfg.model.name}-random"
+        return Path(cfg.checkpoint).parent / "export" / leaf
+    return project_root / "outputs" / "export" / f"{cfg.model.name}-random" / leaf
 
 
 def _metadata_common(cfg: ExportConfig, opts: Options, name: str, source: str) -> dict:
@@ -256,6 +263,12 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
 
     opts = resolve_options(cfg)
     preflight(opts, cfg)
+    out_dir = default_out_dir(cfg, project_root=project_root)
+    ensure_writable_dir(out_dir, fix="pass --out a folder you can write to")
+    if opts.precision == "int8":  # before the minutes of ONNX export, calibration and gate, not after them
+        from sidnet.quant.ptq import refuse_overwrite
+
+        refuse_overwrite(out_dir, force=cfg.force)
     model, name, source, ckpt_names = load_model(cfg, project_root=project_root)
     qat = getattr(model, "qat", None)
     if opts.precision == "int8" and qat is None and not (cfg.int8.images or cfg.int8.data):
@@ -265,8 +278,6 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
         log.warning("export: %s is a QAT checkpoint; exporting its trained weights in %s with the fake quantization "
                     "removed (--precision int8 exports the Q/DQ graph with its ranges)", cfg.checkpoint, opts.precision)
     class_names = _class_names(cfg, ckpt_names, model.num_classes)
-    out_dir = default_out_dir(cfg, project_root=project_root)
-    ensure_writable_dir(out_dir, fix="pass --out a folder you can write to")
     log.info("export: %s, %s, target %s, backend %s -> %s", source, opts.precision, opts.target, opts.backend, out_dir)
 
     int8 = opts.precision == "int8"
@@ -324,7 +335,7 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
                                            device=cfg.compiled_device, mode=cfg.compiled_mode)  # fmt: skip
         report["compiled"] = sidecar
         report["files"][package.name] = sidecar["package_sha256"]
-    elif opts.backend != "onnx":
+    elif opts.backend != "onnx" and not (opts.backend == "triton" and cfg.triton.format != "plan"):
         from sidnet.export.engine import build_engine
 
         b = cfg.batch
@@ -332,7 +343,7 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
         engine = build_engine(
             onnx_path,
             out_dir,
-            backend=opts.backend,
+            backend="tensorrt" if opts.backend == "triton" else opts.backend,
             precision=opts.precision,
             batch=batch,
             plugin_library=cfg.plugin_library,
@@ -342,6 +353,17 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
         layers = {k: v for k, v in engine.layers.items() if k != "engine_layer_names"}
         report["engine"] = {"info": engine.info, "layers": layers}
         report["files"][engine.engine.name] = engine.info["engine_sha256"]
+    if opts.backend == "triton":
+        from sidnet.export.triton import write_repository
+
+        t, b = cfg.triton, cfg.batch
+        batch = (1, 1, 1) if adapter.static_batch else (b.min, b.opt, b.max)
+        config = write_repository(onnx_path, out_dir, name=t.name or name, batch=batch, fmt=t.format,
+                                  engine_path=engine.engine if engine is not None else None, instances=t.instances,
+                                  kind=t.kind, queue_delay_us=t.queue_delay_us)  # fmt: skip
+        report["triton"] = {"repository": str(out_dir), "config": str(config.relative_to(out_dir)),
+                            "format": t.format, "batch": list(batch)}  # fmt: skip
+        report["files"][str(config.relative_to(out_dir))] = sha256_file(config)
     report_path = write_report(out_dir, report)
     log.info("export: wrote %s and %s in %s", ", ".join(sorted(report["files"])), report_path.name, out_dir)
     return ExportResult(out_dir, onnx_path, report_path, opts, surgery, parity, engine, report)

@@ -37,7 +37,7 @@ def evaluate_ap50(model: onnx.ModelProto, records: Sequence, *, batch_size: int 
         detector = OnnxDetector(path)
         preds, _ = predict_dataset(
             detector, DetectionDataset(records, size=detector.input_size), task=None, device=torch.device("cpu"),
-            batch_size=batch_size,
+            batch_size=batch_size, desc="accuracy gate",
         )  # fmt: skip
     report = evaluate_detections(records, preds, operating_conf=0.3)
     return {k: float(report[k]) for k in ("AP", "AP50", "recall")}

@@ -219,9 +219,9 @@ def collect_statistics(model_bytes: bytes, tensors: Sequence[str], calib: Calibr
     exposed as outputs; returns one streaming |x| histogram per tensor. A tqdm bar shows the batches."""
     import onnx
     import onnxruntime as ort
-    from tqdm import tqdm
 
     from sidnet.graph.wrapper import INPUT_NAME
+    from sidnet.progress import progress
 
     model = onnx.load_from_string(model_bytes)
     model.graph.ClearField("output")
@@ -230,7 +230,7 @@ def collect_statistics(model_bytes: bytes, tensors: Sequence[str], calib: Calibr
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # requested outputs are kept
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     stats = {t: AbsHistogram() for t in tensors}
-    for batch in tqdm(calib, total=calib.num_batches, desc="int8 calibration", unit="batch"):
+    for batch in progress(calib, total=calib.num_batches, desc="int8 calibration", unit="batch"):
         for name, value in zip(tensors, session.run(list(tensors), {INPUT_NAME: batch}), strict=True):
             stats[name].add(value)
     return stats

@@ -6,6 +6,7 @@
 | ``*.onnx`` | ``onnxruntime`` | the ONNX metadata (``metadata_props``) |
 | ``*.pt`` | ``torch`` | the checkpoint (``sidnet.checkpoint.load_checkpoint``), read by the backend |
 | ``*.pt2`` | ``compiled`` | the JSON sidecar ``<package>.json`` written by ``python -m export --backend compiled`` |
+| ``triton://host:port/model`` | ``triton`` | the server (``sidnet.runtime.backends.triton``) |
 
 Torch-free: the TensorRT path imports this module without torch.
 """
@@ -19,12 +20,18 @@ from typing import Any
 
 from sidnet.runtime.errors import DeployError
 
-BACKENDS = ("tensorrt", "onnxruntime", "torch", "compiled")
+BACKENDS = ("tensorrt", "onnxruntime", "torch", "compiled", "triton")
+TRITON_SCHEME = "triton://"
 BACKEND_BY_SUFFIX = {".engine": "tensorrt", ".plan": "tensorrt", ".onnx": "onnxruntime", ".pt": "torch",
                      ".pt2": "compiled"}  # fmt: skip
 KIND = {"tensorrt": "a TensorRT engine", "onnxruntime": "an ONNX model", "torch": "a PyTorch checkpoint",
-        "compiled": "an AOTInductor package"}  # fmt: skip
-SUFFIX_HINT = {"tensorrt": ".engine", "onnxruntime": ".onnx", "torch": ".pt", "compiled": ".pt2"}
+        "compiled": "an AOTInductor package", "triton": "a model on a Triton server"}  # fmt: skip
+SUFFIX_HINT = {"tensorrt": ".engine", "onnxruntime": ".onnx", "torch": ".pt", "compiled": ".pt2",
+               "triton": "triton://host:port/model"}  # fmt: skip
+
+
+def is_triton_url(artifact: str | Path) -> bool:
+    return isinstance(artifact, str) and artifact.startswith(TRITON_SCHEME)
 
 
 @dataclass
@@ -50,6 +57,10 @@ def sidecar_path(path: Path) -> Path:
 
 def backend_for(path: str | Path, backend: str | None = None) -> str:
     """The backend that runs ``path``; a ``backend`` that does not fit the file is an error, never a conversion."""
+    if is_triton_url(path):
+        if backend not in (None, "triton"):
+            raise DeployError(f"{path} is {KIND['triton']}: drop --backend {backend}, or pass a file for it")
+        return "triton"
     path = Path(path)
     if not path.exists():
         raise DeployError(f"artifact not found: {path}; pass a .engine, .onnx, .pt or .pt2 written by python -m "
@@ -82,7 +93,8 @@ def read_sidecar(path: Path) -> dict[str, Any]:
     return data
 
 
-def _from_fields(path: Path, backend: str, d: dict[str, Any], source: str, **extra: Any) -> ArtifactInfo:
+def info_from_fields(path: Path, backend: str, d: dict[str, Any], source: str, **extra: Any) -> ArtifactInfo:
+    """ArtifactInfo from the exported metadata fields (ONNX metadata, a sidecar, a Triton model's sidnet_info)."""
     try:
         size = int(d["input_size"])
         names = list(d.get("class_names") or [])
@@ -113,12 +125,12 @@ def onnx_info(path: Path) -> ArtifactInfo:
             fields[key] = value
     if "input_size" not in fields:
         raise DeployError(f"{path} has no SIDNet metadata (input_size, anchors, ...): export it with python -m export")
-    return _from_fields(path, "onnxruntime", fields, "ONNX metadata")
+    return info_from_fields(path, "onnxruntime", fields, "ONNX metadata")
 
 
 def sidecar_info(path: Path, backend: str) -> ArtifactInfo:
     side = read_sidecar(path)
-    return _from_fields(path, backend, side, f"sidecar {sidecar_path(path).name}", sidecar=side)
+    return info_from_fields(path, backend, side, f"sidecar {sidecar_path(path).name}", sidecar=side)
 
 
 def inspect_artifact(path: str | Path, backend: str | None = None) -> ArtifactInfo | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from sidnet.letterbox import LetterboxInfo, letterbox
-from sidnet.runtime.artifact import backend_for
+from sidnet.runtime.artifact import backend_for, is_triton_url
 from sidnet.runtime.backends import load_backend
 from sidnet.runtime.errors import DeployError
 from sidnet.runtime.nms import Detections, finalize
@@ -50,7 +50,7 @@ class Detector:
 
     def __init__(self, artifact: str | Path, *, backend: str | None = None, conf_thresh: float = DEFAULT_CONF,
                  nms_iou: float = 0.45, max_det: int = 100, **options) -> None:  # fmt: skip
-        path = Path(artifact)
+        path = artifact if is_triton_url(artifact) else Path(artifact)  # a URL is not a path (// would collapse)
         self.backend_name = backend_for(path, backend)
         if not 0.0 <= conf_thresh < 1.0:
             raise DeployError(f"confidence threshold {conf_thresh} must be in [0, 1)")
@@ -59,7 +59,7 @@ class Detector:
         self.backend = load_backend(self.backend_name, path, **options)
         self.info = self.backend.info
         if conf_thresh < self.info.conf_thresh:
-            raise DeployError(f"threshold {conf_thresh} is below {path.name}'s export threshold "
+            raise DeployError(f"threshold {conf_thresh} is below {getattr(path, 'name', path)}'s export threshold "
                               f"{self.info.conf_thresh}: rows under it are already gone; raise --conf or re-export "
                               "with a lower conf_thresh")  # fmt: skip
         self.conf_thresh, self.nms_iou, self.max_det = conf_thresh, nms_iou, max_det

@@ -209,9 +209,11 @@ def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None,
     pacing = Pacing(time.monotonic() + 0.5, opts.fps) if opts.realtime else None  # +0.5 s: every decoder started
     bar = None
     if opts.progress:
-        from tqdm import tqdm
+        from sidnet.progress import progress
 
-        bar = tqdm(unit="frame", desc="deploy", dynamic_ncols=True, smoothing=0.1)
+        counts = [getattr(s, "num_frames", None) for s in sources.values()]  # None: live, unknown
+        counts = [min(n, opts.max_frames) if n and opts.max_frames else n for n in counts]
+        bar = progress(desc="deploy", unit="frame", smoothing=0.1, total=None if None in counts else sum(counts))
     writers = feeds = procs = nvdec = None
     stats, st = None, _Stages()
     batches, sizes_run, start = 0, [], time.perf_counter()

@@ -44,6 +44,7 @@ class ImageFolderSource:
             raise DeployError(f"image folder {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}): "
                               "point the source at a folder of frames, a video file or a stream URL")  # fmt: skip
         self.pos = 0
+        self.num_frames = len(self.files)
 
     def read(self) -> Frame | None:
         if self.pos >= len(self.files):
@@ -75,6 +76,7 @@ class VideoFileSource:
             raise DeployError(f"cannot read video {path}: OpenCV decodes no frame from it (corrupt, or a codec "
                               "this OpenCV lacks); re-encode it, e.g. ffmpeg -i in -c:v libx264 out.mp4")  # fmt: skip
         self.fps = self.cap.get(cv2.CAP_PROP_FPS) or 25.0
+        self.num_frames = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None  # the container's count: a bar's total
         self.size = (bgr.shape[1], bgr.shape[0])
         self._first, self.pos = bgr, 0
 

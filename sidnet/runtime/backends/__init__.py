@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import importlib
 
-MODULES = {"tensorrt": "tensorrt", "onnxruntime": "onnxruntime", "torch": "torch", "compiled": "compiled"}
+MODULES = {"tensorrt": "tensorrt", "onnxruntime": "onnxruntime", "torch": "torch", "compiled": "compiled",
+           "triton": "triton"}  # fmt: skip
 
 
 def load_backend(backend: str, path, **options):

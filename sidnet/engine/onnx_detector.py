@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms
 
+from sidnet.engine.predict import ExportedPredictor
 from sidnet.export.wrapper import INPUT_NAME, OUTPUT_NAMES
 
 
-class OnnxDetector:
+class OnnxDetector(ExportedPredictor):
     """``detect(images)`` → per-image ``(P, 6)`` float32 ``[x1, y1, x2, y2, score, class]`` in input pixels.
 
     The graph already thresholds (its ``conf_thresh``) and keeps the top-K rows; ``detect`` applies the evaluator's
@@ -45,4 +46,12 @@ class OnnxDetector:
             d = torch.from_numpy(np.ascontiguousarray(d[: int(n)]))
             keep = batched_nms(d[:, :4], d[:, 4], d[:, 5].long(), nms_iou)[:max_det]
             out.append(d[keep])
+        return out
+
+    def predict(self, images: torch.Tensor, *, conf_thresh: float, nms_iou: float,
+                max_det: int) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+        out = []
+        for d in self.detect(images, nms_iou=nms_iou, max_det=max_det):
+            d = d[d[:, 4] >= conf_thresh]
+            out.append({"boxes": d[:, :4], "scores": d[:, 4], "labels": d[:, 5].long()})
         return out

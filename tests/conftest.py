@@ -122,3 +122,12 @@ def video_frames(shared: Path, n: int) -> list:
         frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
     cap.release()
     return frames
+
+
+@pytest.fixture(scope="session")
+def golden(tmp_path_factory):
+    """One tiny trained run per registered model, made on first use and shared by the golden-path matrix and the
+    README test (:class:`tests.golden.GoldenRuns`)."""
+    from tests.golden import GoldenRuns
+
+    return GoldenRuns(tmp_path_factory.mktemp("golden"))

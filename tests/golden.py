@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -44,6 +45,12 @@ def run_cli(*args: str, ok: bool = True, timeout: int = TIMEOUT_S) -> subprocess
     return r
 
 
+def last_override_wins(args: list[str]) -> list[str]:
+    """Drop earlier ``key=value`` overrides of a key given again later (Hydra refuses a key given twice)."""
+    keys = [a.split("=", 1)[0] if re.match(r"^[\w.+~/-]+=", a) and not a.startswith("-") else None for a in args]
+    return [a for i, (a, k) in enumerate(zip(args, keys, strict=True)) if k is None or k not in keys[i + 1 :]]
+
+
 def one_line_error(r: subprocess.CompletedProcess) -> str:
     """The failure's stderr must end in exactly one ``error: ...`` line and hold no traceback; returns that line."""
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
@@ -55,9 +62,10 @@ def one_line_error(r: subprocess.CompletedProcess) -> str:
 
 def train_args(model: str, run_dir: Path, *extra: str) -> list[str]:
     """The tiny training command for ``model`` into ``run_dir`` (extra Hydra overrides last: they win)."""
-    return ["train", f"model={model}", f"data={DATA.get(model, 'sample')}", f"aug={AUG.get(model, 'default')}",
+    args = ["train", f"model={model}", f"data={DATA.get(model, 'sample')}", f"aug={AUG.get(model, 'default')}",
             f"model.input_size={SIZE[model]}", "batch_size=4", "workers=0", "tensorboard=false", "epochs=1",
             "eval.every=1", f"name={run_dir.name}", f"hydra.run.dir={run_dir}", *extra]  # fmt: skip
+    return last_override_wins(args)
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -84,6 +92,7 @@ class GoldenRuns:
 
     def __post_init__(self) -> None:
         self._done: dict[str, Path] = {}
+        self._exports: dict[str, Path] = {}
 
     def trained(self, model: str) -> Path:
         """The run folder of a 1-epoch training of ``model`` with an in-training evaluation (``last.pt``, ``best.pt``,
@@ -94,3 +103,27 @@ class GoldenRuns:
             (run_dir / "train.stderr").write_text(r.stderr)
             self._done[model] = run_dir
         return self._done[model]
+
+    def exported(self, model: str, kind: str, *flags: str) -> Path:
+        """``python -m export`` of the trained run's ``last.pt`` with ``flags``, once per (model, kind); returns the
+        output folder."""
+        key = f"{model}_export_{kind}"
+        if key not in self._exports:
+            out = self.base / key
+            run_cli("export", "--checkpoint", str(self.trained(model) / "last.pt"), "--out", str(out), *flags)
+            self._exports[key] = out
+        return self._exports[key]
+
+    def qat(self, model: str) -> Path:
+        """The run folder of a one-step QAT fine-tuning of the trained run (``quant=qat``, one calibration batch)."""
+        key = f"{model}_qat"
+        if key not in self._exports:
+            run_dir = self.base / key
+            run_cli(*qat_args(model, self.trained(model) / "last.pt", run_dir))
+            self._exports[key] = run_dir
+        return self._exports[key]
+
+
+def qat_args(model: str, init_from: Path, run_dir: Path) -> list[str]:
+    return train_args(model, run_dir, "quant=qat", f"quant.init_from={init_from}", "quant.calib_batches=1",
+                      "quant.calib_batch_size=4", "max_steps_per_epoch=1")  # fmt: skip

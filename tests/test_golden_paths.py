@@ -21,10 +21,8 @@ import cv2
 import onnx
 import pytest
 
-from tests.golden import MODELS, finite_metrics, one_line_error, read_checkpoint, read_json, run_cli, train_args
-from tests.golden import video_source as _video
+from tests import golden as g
 
-YOLO = ("sidnet", "sidnet_mobilenetv2", "yolov2")
 BOX_KEYS = ("AP", "AP50", "AP75", "recall", "precision")
 SEGM_KEYS = ("segm_AP", "segm_AP50")
 DATA_YAML = {"maskrcnn": "conf/data/sample_seg.yaml"}
@@ -41,8 +39,6 @@ try:
     import tensorrt_rtx  # noqa: F401
 except ImportError:
     HAS_RTX = False
-
-_exports: dict[tuple[str, str], Path] = {}
 
 
 def data_yaml(model: str) -> str:
@@ -71,77 +67,72 @@ def checkpoint(golden, model: str) -> Path:
 
 
 def export(golden, model: str, kind: str, *flags: str) -> Path:
-    """``python -m export`` of the model's trained checkpoint, once per (model, kind); returns the output folder."""
-    if (model, kind) not in _exports:
-        out = golden.base / f"{model}_export_{kind}"
-        run_cli("export", "--checkpoint", str(checkpoint(golden, model)), "--out", str(out), *flags)
-        _exports[model, kind] = out
-    return _exports[model, kind]
+    return golden.exported(model, kind, *flags)
 
 
 def assert_unsupported(model: str, cell: str, *args: str) -> None:
-    line = one_line_error(run_cli(*args, ok=False))
+    line = g.one_line_error(g.run_cli(*args, ok=False))
     assert UNSUPPORTED[model, cell] in line, line
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", g.MODELS)
 def test_train_with_evaluation(golden, model):
     run = golden.trained(model)
-    state = read_checkpoint(run / "last.pt")
+    state = g.read_checkpoint(run / "last.pt")
     assert state["epoch"] == 1 and state["model"]["name"] == model
     assert (run / "best.pt").is_file() and (run / "config.yaml").is_file()
     epoch_lines = [ln for ln in (run / "train.log").read_text().splitlines() if "epoch 1/1 {" in ln]
     assert epoch_lines, "the epoch summary line is missing from train.log"
     stats = json.loads(epoch_lines[-1].split("epoch 1/1 ", 1)[1])
-    finite_metrics(stats, ("loss", "val_AP", "val_AP50", "val_recall"))
+    g.finite_metrics(stats, ("loss", "val_AP", "val_AP50", "val_recall"))
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", g.MODELS)
 def test_resume(golden, model, tmp_path):
     """Resume a copy of the trained run for one more epoch: it continues at epoch 2 (not from scratch)."""
     import shutil
 
     run = tmp_path / f"{model}_resumed"
     shutil.copytree(golden.trained(model), run)
-    r = run_cli(*train_args(model, run, "epochs=2", "resume=true"))
+    r = g.run_cli(*g.train_args(model, run, "epochs=2", "resume=true"))
     assert "resumed from" in r.stderr
-    state = read_checkpoint(run / "last.pt")
+    state = g.read_checkpoint(run / "last.pt")
     assert state["epoch"] == 2
     assert (run / "last.prev.pt").is_file()  # the epoch-1 generation is kept
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", g.MODELS)
 def test_evaluate_checkpoint(golden, model, tmp_path):
     out = tmp_path / "report.json"
-    r = run_cli("train.evaluate", "--checkpoint", str(checkpoint(golden, model)), "--out", str(out))
-    report = read_json(out)
-    finite_metrics(report, BOX_KEYS + (SEGM_KEYS if model == "maskrcnn" else ()))
+    r = g.run_cli("train.evaluate", "--checkpoint", str(checkpoint(golden, model)), "--out", str(out))
+    report = g.read_json(out)
+    g.finite_metrics(report, BOX_KEYS + (SEGM_KEYS if model == "maskrcnn" else ()))
     assert report["model"] == model and f"report: {out}" in r.stdout
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", g.MODELS)
 def test_export_onnx_fp32(golden, model):
     out = export(golden, model, "onnx")
     graph = onnx.load(str(out / "model.onnx"))
     onnx.checker.check_model(graph)
     meta = {p.key: p.value for p in graph.metadata_props}
-    assert json.loads(meta["input_size"]) == read_checkpoint(checkpoint(golden, model))["model"]["input_size"]
+    assert json.loads(meta["input_size"]) == g.read_checkpoint(checkpoint(golden, model))["model"]["input_size"]
     assert meta["precision"] == "fp32"
-    report = read_json(out / "report.json")
+    report = g.read_json(out / "report.json")
     assert report["parity"]["passed"] is True, report["parity"]
     assert {o.name for o in graph.graph.output} >= {"detections", "num_detections"}
     if model == "maskrcnn":
         assert "masks" in {o.name for o in graph.graph.output}
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", g.MODELS)
 def test_export_int8(golden, model):
     args = int8_flags(model)
     if (model, "export_int8") in UNSUPPORTED:
         return assert_unsupported(model, "export_int8", "export", "--checkpoint", str(checkpoint(golden, model)),
                                   "--out", str(golden.base / f"{model}_int8_refused"), *args)  # fmt: skip
     out = export(golden, model, "int8", *args)
-    manifest = read_json(out / "int8_manifest.json")
+    manifest = g.read_json(out / "int8_manifest.json")
     assert manifest["calibration"]["method"] == "entropy"
     graph = onnx.load(str(out / "model.onnx"))
     assert any(n.op_type == "QuantizeLinear" for n in graph.graph.node)
@@ -149,15 +140,15 @@ def test_export_int8(golden, model):
 
 
 @pytest.mark.skipif(not HAS_RTX, reason="tensorrt_rtx not importable: pip install -e '.[tensorrt-rtx]'")
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", g.MODELS)
 def test_export_tensorrt_rtx(golden, model):
     out = export(golden, model, "rtx", "--backend", "tensorrt-rtx", "batch.opt=1", "batch.max=2")
-    engine, sidecar = out / "model.engine", read_json(out / "model.engine.json")
+    engine, sidecar = out / "model.engine", g.read_json(out / "model.engine.json")
     assert engine.stat().st_size > 1000 and sidecar["backend"] == "tensorrt-rtx"
-    assert read_json(out / "report.json")["files"]["model.engine"] == sidecar["engine_sha256"]
+    assert g.read_json(out / "report.json")["files"]["model.engine"] == sidecar["engine_sha256"]
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", g.MODELS)
 def test_export_tensorrt_plugins_needs_full_tensorrt(golden, model):
     """Full TensorRT is not installable on the CPU machines: the plugins target ends with its one-line error."""
     try:
@@ -166,12 +157,12 @@ def test_export_tensorrt_plugins_needs_full_tensorrt(golden, model):
         pytest.skip("full TensorRT is installed here: the plugins build is covered by -m gpu tests")
     except ImportError:
         pass
-    r = run_cli("export", "--checkpoint", str(checkpoint(golden, model)), "--backend", "tensorrt", "--out",
+    r = g.run_cli("export", "--checkpoint", str(checkpoint(golden, model)), "--backend", "tensorrt", "--out",
                 str(golden.base / f"{model}_trt"), ok=False)  # fmt: skip
-    assert "tensorrt" in one_line_error(r).lower()
+    assert "tensorrt" in g.one_line_error(r).lower()
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", g.MODELS)
 def test_export_compiled(golden, model):
     args = ("export", "--checkpoint", str(checkpoint(golden, model)), "--backend", "compiled", "--out")
     if (model, "export_compiled") in UNSUPPORTED:
@@ -179,10 +170,10 @@ def test_export_compiled(golden, model):
     if not os.environ.get("SIDNET_MATRIX_FULL"):
         pytest.skip("AOTInductor compiles ~90 s per model on a CPU: SIDNET_MATRIX_FULL=1 (test_runtime runs one)")
     out = export(golden, model, "compiled", "--backend", "compiled", "batch.max=2")
-    assert (out / "model.pt2").is_file() and read_json(out / "model.pt2.json")["backend"] == "compiled"
+    assert (out / "model.pt2").is_file() and g.read_json(out / "model.pt2.json")["backend"] == "compiled"
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", g.MODELS)
 @pytest.mark.parametrize("kind", ["onnx", "int8"])
 def test_evaluate_onnx(golden, model, kind, tmp_path):
     if kind == "int8" and (model, "export_int8") in UNSUPPORTED:
@@ -190,22 +181,22 @@ def test_evaluate_onnx(golden, model, kind, tmp_path):
     flags = () if kind == "onnx" else int8_flags(model)
     onnx_path = export(golden, model, kind, *flags) / "model.onnx"
     out = tmp_path / "report.json"
-    run_cli("train.evaluate", "--onnx", str(onnx_path), "--data", data_yaml(model), "--out", str(out))
-    report = read_json(out)
-    finite_metrics(report, BOX_KEYS + (SEGM_KEYS if model == "maskrcnn" else ()))
+    g.run_cli("train.evaluate", "--onnx", str(onnx_path), "--data", data_yaml(model), "--out", str(out))
+    report = g.read_json(out)
+    g.finite_metrics(report, BOX_KEYS + (SEGM_KEYS if model == "maskrcnn" else ()))
     assert report["onnx_precision"] == ("int8" if kind == "int8" else "fp32")
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", g.MODELS)
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 def test_deploy(golden, model, backend, tmp_path):
     """``python -m deploy`` on the first frames of the clip: JSON-lines, the annotated video and the summary."""
     artifact = export(golden, model, "onnx") / "model.onnx" if backend == "onnxruntime" else checkpoint(golden, model)
-    source = _video()
+    source = g.video_source()
     out = tmp_path / "deploy"
-    run_cli("deploy", str(artifact), f"cam={source}", "--out", str(out), "--max-frames", str(FRAMES), "--batch", "2",
+    g.run_cli("deploy", str(artifact), f"cam={source}", "--out", str(out), "--max-frames", str(FRAMES), "--batch", "2",
             "--no-progress", "--conf", "0.01", "--device", "cpu")  # fmt: skip
-    summary = read_json(out / "summary.json")
+    summary = g.read_json(out / "summary.json")
     assert summary["backend"] == backend and summary["model"] == model
     lines = [json.loads(ln) for ln in (out / "cam.jsonl").read_text().splitlines()]
     assert [ln["frame"] for ln in lines] == list(range(FRAMES)) and summary["frames"] == {"cam": FRAMES}
@@ -226,15 +217,12 @@ def test_deploy(golden, model, backend, tmp_path):
         assert len(list((out / "cam").glob("*.jpg"))) == FRAMES
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", g.MODELS)
 def test_qat(golden, model, tmp_path):
-    run = tmp_path / f"{model}_qat"
-    args = train_args(model, run, "quant=qat", f"quant.init_from={checkpoint(golden, model)}", "quant.calib_batches=1",
-                      "quant.calib_batch_size=4", "max_steps_per_epoch=1")  # fmt: skip
     if (model, "qat") in UNSUPPORTED:
-        return assert_unsupported(model, "qat", *args)
-    run_cli(*args)
-    state = read_checkpoint(run / "last.pt")
+        return assert_unsupported(model, "qat", *g.qat_args(model, checkpoint(golden, model), tmp_path / "qat"))
+    run = golden.qat(model)
+    state = g.read_checkpoint(run / "last.pt")
     assert state["quant"] and state["epoch"] == 1
     epoch = [ln for ln in (run / "train.log").read_text().splitlines() if "epoch 1/1 {" in ln][-1]
-    finite_metrics(json.loads(epoch.split("epoch 1/1 ", 1)[1]), ("loss", "val_AP", "val_AP50"))
+    g.finite_metrics(json.loads(epoch.split("epoch 1/1 ", 1)[1]), ("loss", "val_AP", "val_AP50"))

@@ -248,8 +248,11 @@ def test_deploy_two_streams_with_a_zone_end_to_end(tiny_onnx, shared_data, tmp_p
     # detections written equal the Detector's on the same frames
     direct = Detector(tiny_onnx, conf_thresh=CONF)(video_frames(shared_data, 6))
     for rec, d in zip(lines, direct, strict=True):
-        assert len(rec["detections"]) == len(d) == rec["zones"]["all"] + sum(
-            1 for b in d.boxes if not (0 <= (b[0] + b[2]) / 2 <= 767 and 0 <= b[3] <= 575))
+        assert (
+            len(rec["detections"])
+            == len(d)
+            == rec["zones"]["all"] + sum(1 for b in d.boxes if not (0 <= (b[0] + b[2]) / 2 <= 767 and 0 <= b[3] <= 575))
+        )
         np.testing.assert_allclose([x["box"] for x in rec["detections"]], d.boxes, atol=0.01)
     with pytest.raises(SystemExit, match="already exists: pass --force"):
         _deploy(tiny_onnx, f"a={video}", "--out", out, "--max-frames", 1)

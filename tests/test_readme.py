@@ -133,6 +133,14 @@ CASES: dict[str, tuple[Step, ...]] = {
         runr({"runs/maskrcnn/best.pt": "{maskrcnn}/best.pt"}, *EXPORT_OUT),),
     "python -m export --checkpoint runs/maskrcnn/best.pt --backend tensorrt": (
         fails("tensorrt", TRT, {"runs/maskrcnn/best.pt": "{maskrcnn}/best.pt"}, *EXPORT_OUT),),
+    "python -m export --checkpoint runs/maskrcnn/best.pt && python -m train.evaluate --onnx "
+    "runs/maskrcnn/export/model.onnx --data conf/data/coco128_seg.yaml": (
+        runr({"runs/maskrcnn/best.pt": "{maskrcnn}/best.pt"}, "--out", "{tmp}/export"),
+        runr({"runs/maskrcnn/export/model.onnx": "{tmp}/export/model.onnx",
+              "conf/data/coco128_seg.yaml": "conf/data/sample_seg.yaml"}, "--out", "{tmp}/report.json")),
+    "python -m deploy runs/maskrcnn/best.pt cam0=../shared/data/video/pedestrians_200.mp4 --out outputs/deploy_seg": (
+        runr({"runs/maskrcnn/best.pt": "{maskrcnn}/best.pt", "outputs/deploy_seg": "{tmp}/deploy"}, "--max-frames",
+             "2", "--no-progress", "--device", "cpu"),),
     "python -m deploy runs/sidnet_mobilenetv2/export/model.onnx cam0=../shared/data/video/pedestrians_200.mp4 "
     "cam1=rtsp://10.0.0.5/stream --zones benchmarks/zones_pedestrians.yaml --out outputs/deploy --batch 16": (
         runr({"runs/sidnet_mobilenetv2/export/model.onnx": "{mnv2_onnx}",

@@ -143,9 +143,12 @@ class Trainer:
             "step": self.step,
             "best_ap50": self.best_ap50,
             "history": self.history,
-            "rng": {"python": random.getstate(), "numpy": numpy_rng_to_plain(np.random.get_state()),
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},  # fmt: skip
+            "rng": {
+                "python": random.getstate(),
+                "numpy": numpy_rng_to_plain(np.random.get_state()),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },  # fmt: skip
             "config": _to_container(self.cfg),
             "quant": self.quant,
         }

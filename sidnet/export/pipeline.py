@@ -337,8 +337,12 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
         raise ExportError("INT8 needs a calibration set: pass exactly one of --calib-images FOLDER or "
                           "--calib-data conf/data/X.yaml (a QAT checkpoint brings its own ranges)")  # fmt: skip
     if qat is not None and opts.precision != "int8":
-        log.warning("export: %s is a QAT checkpoint; exporting its trained weights in %s with the fake quantization "
-                    "removed (--precision int8 exports the Q/DQ graph with its ranges)", cfg.checkpoint, opts.precision)
+        log.warning(
+            "export: %s is a QAT checkpoint; exporting its trained weights in %s with the fake quantization "
+            "removed (--precision int8 exports the Q/DQ graph with its ranges)",
+            cfg.checkpoint,
+            opts.precision,
+        )
     class_names = _class_names(cfg, ckpt_names, model.num_classes)
     out_dir = default_out_dir(cfg, project_root=project_root)
     ensure_writable_dir(out_dir, fix="pass --out a folder you can write to")

@@ -3,6 +3,7 @@
     with Detector("runs/sidnet/export/model.onnx") as det:       # backend chosen from the file
         results = det(frames)                                      # list of (H, W, 3) uint8 RGB
         results[0].boxes, results[0].scores, results[0].classes   # original pixels, NMS done
+        results[0].masks                                           # (P, H, W) bool for Mask R-CNN, else None
 
 Letterbox in (CPU, :func:`sidnet.letterbox.letterbox`, the one used in training and evaluation; on the GPU for the
 ``torch`` and ``compiled`` backends), backend, then threshold + NMS + un-letterbox
@@ -89,11 +90,13 @@ class Detector:
             chunk = batch[start : start + step]
             if self.gpu_preprocess:
                 dets, num, infos = self.backend.infer_frames([p.image for p in chunk])
+                masks = None
             else:
-                dets, num = self.backend.infer(np.stack([p.image for p in chunk]))
+                dets, num, *rest = self.backend.infer(np.stack([p.image for p in chunk]))
+                masks = rest[0] if rest else None  # instance segmentation: (N, K, M, M) per-row mask probabilities
                 infos = [p.info for p in chunk]
             out += finalize(dets, num, infos, conf_thresh=self.conf_thresh, nms_iou=self.nms_iou,
-                            max_det=self.max_det)  # fmt: skip
+                            max_det=self.max_det, masks=masks, input_size=self.info.input_size)  # fmt: skip
         return out
 
     def __call__(self, frames: Sequence[np.ndarray]) -> list[Detections]:

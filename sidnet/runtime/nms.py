@@ -19,11 +19,13 @@ from sidnet.letterbox import LetterboxInfo, unletterbox_boxes
 @dataclass
 class Detections:
     """One image's detections in original pixels: ``boxes`` (P, 4) float32 xyxy, ``scores`` (P,), ``classes`` (P,)
-    int64, score-descending."""
+    int64, score-descending; ``masks`` (P, H, W) bool instance masks of the original image when the artifact predicts
+    them (Mask R-CNN), else ``None``."""
 
     boxes: np.ndarray
     scores: np.ndarray
     classes: np.ndarray
+    masks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -61,14 +63,26 @@ def finalize(
     conf_thresh: float,
     nms_iou: float = 0.45,
     max_det: int = 100,
+    masks: np.ndarray | None = None,
+    input_size: int | None = None,
 ) -> list[Detections]:
-    """(N, K, 6) + (N,) in input pixels → N :class:`Detections` in original pixels (threshold, NMS, unletterbox)."""
+    """(N, K, 6) + (N,) in input pixels → N :class:`Detections` in original pixels (threshold, NMS, unletterbox).
+
+    ``masks`` (N, K, M, M): per-row mask probabilities inside each box (a Mask R-CNN artifact, ``input_size`` its
+    S); they are pasted and un-letterboxed exactly as the evaluator does (:func:`sidnet.data.masks.paste_masks`,
+    :func:`~sidnet.data.masks.unletterbox_masks`) and thresholded at 0.5."""
     out = []
-    for d, n, info in zip(dets, num, infos, strict=True):
+    for i, (d, n, info) in enumerate(zip(dets, num, infos, strict=True)):
         d = np.asarray(d[: int(n)], dtype=np.float32)
-        d = d[d[:, 4] >= conf_thresh]
-        keep = nms(d[:, :4], d[:, 4], d[:, 5], iou=nms_iou)[:max_det]
+        rows = np.nonzero(d[:, 4] >= conf_thresh)[0]
+        keep = rows[nms(d[rows, :4], d[rows, 4], d[rows, 5], iou=nms_iou)[:max_det]]
         d = d[keep]
         boxes = unletterbox_boxes(d[:, :4], info) if len(d) else np.zeros((0, 4), np.float32)
-        out.append(Detections(boxes=boxes, scores=d[:, 4].copy(), classes=d[:, 5].astype(np.int64)))
+        full = None
+        if masks is not None:
+            from sidnet.data.masks import paste_masks, unletterbox_masks
+
+            pasted = paste_masks(masks[i][keep], d[:, :4], size=int(input_size))
+            full = unletterbox_masks(pasted, info) >= 0.5
+        out.append(Detections(boxes=boxes, scores=d[:, 4].copy(), classes=d[:, 5].astype(np.int64), masks=full))
     return out

@@ -9,8 +9,10 @@ Threads, so the stages overlap and decoding does not starve the accelerator:
 - one **writer** applies the zones, writes JSON-lines, annotated video and events, and drives the progress bar.
 
 A live stream that drops reconnects inside its reader (:class:`~sidnet.runtime.sources.LiveSource`) while the other
-streams go on. Outputs in ``out_dir``: ``<stream>.jsonl`` (one line per frame), ``<stream>.mp4`` (or ``<stream>/``
-annotated images for folders), ``events.jsonl`` (alarms, reconnects), ``summary.json``.
+streams go on. Outputs in ``out_dir``: ``<stream>.jsonl`` (one line per frame; a Mask R-CNN artifact adds each
+detection's ``mask`` as COCO RLE of the frame, ``{"size": [h, w], "counts": str}``, which pycocotools
+``mask.decode`` reads), ``<stream>.mp4`` (or ``<stream>/`` annotated images for folders; masks drawn translucent),
+``events.jsonl`` (alarms, reconnects), ``summary.json``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from sidnet.data.masks import encode_masks
 from sidnet.runtime.detector import Detector
 from sidnet.runtime.errors import DeployError
 from sidnet.runtime.nms import Detections
@@ -32,6 +35,7 @@ from sidnet.runtime.sources import Frame, ImageFolderSource, VideoFileSource
 from sidnet.runtime.zones import ZoneConfig, check_zones_fit, update_zones
 
 _END = object()
+_MASK_COLORS = ((255, 64, 64), (64, 255, 64), (64, 64, 255), (255, 255, 64), (255, 64, 255), (64, 255, 255))
 OUTPUT_FILES = ("summary.json", "events.jsonl")
 
 
@@ -89,6 +93,10 @@ def annotate(frame: Frame, dets: Detections, *, class_names: list[str], zones=()
         cv2.polylines(img, [z.polygon.astype(np.int32).reshape(-1, 1, 2)], True, color, 2)
         cv2.putText(img, f"{z.name}: {counts.get(z.name, 0) if counts else 0}", tuple(int(v) for v in z.polygon[0]),
                     cv2.FONT_HERSHEY_SIMPLEX, 0.6, color, 2)  # fmt: skip
+    if dets.masks is not None and len(dets.masks):  # instance masks: a translucent fill per person
+        for k, m in enumerate(dets.masks):
+            color = np.array(_MASK_COLORS[k % len(_MASK_COLORS)], np.float32)
+            img[m] = (0.5 * img[m] + 0.5 * color).astype(np.uint8)
     for (x1, y1, x2, y2), s, c in zip(dets.boxes, dets.scores, dets.classes, strict=True):
         cv2.rectangle(img, (int(x1), int(y1)), (int(x2), int(y2)), (0, 255, 0), 2)
         cv2.putText(img, f"{class_names[c]} {s:.2f}", (int(x1), max(12, int(y1) - 4)), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
@@ -141,11 +149,12 @@ class _Writer(threading.Thread):
         for a in alarms:
             self.events(a)
         names = self.detector.class_names
+        rles = encode_masks(dets.masks) if dets.masks is not None else [None] * len(dets)
         record = {"frame": frame.index, "time": round(frame.time, 3), **({"file": frame.name} if frame.name else {}),
                   "width": frame.image.shape[1], "height": frame.image.shape[0],
                   "detections": [{"box": [round(float(v), 2) for v in b], "score": round(float(s), 4),
-                                  "class": names[c]} for b, s, c in zip(dets.boxes, dets.scores, dets.classes,
-                                                                        strict=True)],
+                                  "class": names[c], **({"mask": m} if m is not None else {})}
+                                 for b, s, c, m in zip(dets.boxes, dets.scores, dets.classes, rles, strict=True)],
                   **({"zones": counts} if zones else {})}  # fmt: skip
         self.jsonl[frame.stream].write(json.dumps(record) + "\n")
         if self.opts.write_video:

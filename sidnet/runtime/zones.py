@@ -5,13 +5,17 @@ Zones YAML::
     debounce_frames: 3        # a zone alarms after this many consecutive frames with someone inside
     cooldown_s: 10.0          # then stays quiet this long (stream time) before it may alarm again
     classes: [person]         # optional: class names that count (default: all)
+    inside: foot              # foot (default) | mask: what must be inside the polygon (mask: Mask R-CNN artifacts)
     streams:
       cam0:                   # the stream name given as name=source on the command line (or stream0, …)
         - name: gate
           polygon: [[100, 200], [400, 200], [400, 570], [100, 570]]   # frame pixels, >= 3 points
 
 A detection is inside a zone when its foot point (bottom centre of the box: where a person stands) is inside the
-polygon. Every frame gets a count per zone; an alarm event carries the zone, the frame, the time and the count.
+polygon, or, with ``inside: mask`` (instance masks from a Mask R-CNN artifact), when any pixel of its mask is: a
+person leaning over a fence into the zone enters it although their feet stay outside.
+
+Every frame gets a count per zone; an alarm event carries the zone, the frame, the time and the count.
 """
 
 from __future__ import annotations
@@ -35,6 +39,13 @@ class Zone:
     streak: int = 0
     last_alarm: float | None = None
     alarms: int = 0
+    _raster: np.ndarray | None = None  # the polygon filled at the frame size, for inside: mask
+
+    def raster(self, height: int, width: int) -> np.ndarray:
+        if self._raster is None or self._raster.shape != (height, width):
+            self._raster = np.zeros((height, width), np.uint8)
+            cv2.fillPoly(self._raster, [np.round(self.polygon).astype(np.int32).reshape(-1, 1, 2)], 1)
+        return self._raster.astype(bool)
 
     def contains(self, points: np.ndarray) -> np.ndarray:
         contour = self.polygon.reshape(-1, 1, 2)
@@ -46,6 +57,7 @@ class ZoneConfig:
     debounce_frames: int = 3
     cooldown_s: float = 10.0
     classes: list[str] | None = None
+    inside: str = "foot"  # foot | mask
     streams: dict[str, list[Zone]] = field(default_factory=dict)
 
 
@@ -60,12 +72,14 @@ def load_zones(path: str | Path, *, streams: list[str]) -> ZoneConfig:
         raise DeployError(f"zones file {path} is not valid YAML ({str(e).splitlines()[0]})") from e
     if not isinstance(raw, dict) or not isinstance(raw.get("streams"), dict):
         raise DeployError(f"zones file {path} needs a `streams:` mapping of stream name → list of zones")
-    unknown = set(raw) - {"debounce_frames", "cooldown_s", "classes", "streams"}
+    unknown = set(raw) - {"debounce_frames", "cooldown_s", "classes", "inside", "streams"}
     if unknown:
         raise DeployError(f"zones file {path}: unknown key(s) {sorted(unknown)}; allowed: debounce_frames, "
-                          "cooldown_s, classes, streams")  # fmt: skip
+                          "cooldown_s, classes, inside, streams")  # fmt: skip
     cfg = ZoneConfig(debounce_frames=int(raw.get("debounce_frames", 3)), cooldown_s=float(raw.get("cooldown_s", 10.0)),
-                     classes=raw.get("classes"))  # fmt: skip
+                     classes=raw.get("classes"), inside=str(raw.get("inside", "foot")))  # fmt: skip
+    if cfg.inside not in ("foot", "mask"):
+        raise DeployError(f"zones file {path}: inside: {cfg.inside!r}; use foot (the box's bottom centre) or mask")
     if cfg.debounce_frames < 1 or cfg.cooldown_s < 0:
         raise DeployError(f"zones file {path}: debounce_frames must be >= 1 and cooldown_s >= 0")
     for stream, zones in raw["streams"].items():
@@ -101,9 +115,15 @@ def update_zones(zones: list[Zone], dets: Detections, *, time: float, frame: int
         keep = np.array([class_names[c] in cfg.classes for c in dets.classes], bool)
     boxes = dets.boxes[keep]
     feet = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, boxes[:, 3]], 1) if len(boxes) else np.zeros((0, 2))
+    if cfg.inside == "mask" and dets.masks is None:
+        raise DeployError("zones inside: mask needs instance masks: deploy a Mask R-CNN artifact, or set inside: foot")
+    masks = dets.masks[keep] if cfg.inside == "mask" else None
     counts, events = {}, []
     for z in zones:
-        inside = z.contains(feet) if len(feet) else np.zeros(0, bool)
+        if masks is not None:
+            inside = (masks & z.raster(*masks.shape[1:])).any(axis=(1, 2)) if len(masks) else np.zeros(0, bool)
+        else:
+            inside = z.contains(feet) if len(feet) else np.zeros(0, bool)
         n = int(inside.sum())
         counts[z.name] = n
         z.streak = z.streak + 1 if n else 0

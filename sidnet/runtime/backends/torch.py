@@ -262,7 +262,7 @@ def _kernels_available() -> bool:
 
 
 def load_checkpoint_model(path: Path):
-    """(YOLOv2 in eval mode, ArtifactInfo) from a training checkpoint."""
+    """(the model in eval mode, ArtifactInfo) from a training checkpoint."""
     from sidnet.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 
     try:
@@ -276,10 +276,43 @@ def load_checkpoint_model(path: Path):
     names = (state.get("config") or {}).get("data", {}).get("class_names") or None
     num_classes = model.num_classes
     names = names or (["person"] if num_classes == 1 else [f"class{i}" for i in range(num_classes)])
+    anchors = model.anchors.tolist() if isinstance(getattr(model, "anchors", None), torch.Tensor) else []
     info = ArtifactInfo(path=path, backend="torch", input_size=model.input_size, class_names=list(names),
-                        anchors=model.anchors.tolist(), conf_thresh=0.0, topk=100,
-                        model=state["model"]["name"])  # fmt: skip
+                        anchors=anchors, conf_thresh=0.0, topk=100, model=state["model"]["name"])  # fmt: skip
     return model, info
+
+
+class MaskRCNNTorchBackend:
+    """A Mask R-CNN checkpoint run eagerly through the exported graph's own module
+    (:class:`~sidnet.export.maskrcnn_deploy.MaskRCNNDeploy`, the static-shape inference that ``python -m export``
+    traces), so the torch and onnxruntime backends return the same ``(dets, num, masks)`` contract. FP32; CPU or
+    CUDA; no CUDA graphs (``deploy.benchmark`` measures those separately)."""
+
+    name = "torch"
+    max_batch = None
+    gpu_preprocess = False
+
+    def __init__(self, model, info: ArtifactInfo, *, device: str = "auto", conf_thresh: float = 0.001,
+                 topk: int = 100, precision: str | None = None) -> None:  # fmt: skip
+        from sidnet.export.maskrcnn_deploy import MaskRCNNDeploy
+
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                           ("cpu" if device == "auto" else device))  # fmt: skip
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise DeployError("--device cuda but torch sees no CUDA GPU: use --device cpu")
+        if precision not in (None, "fp32"):
+            raise DeployError(f"Mask R-CNN on the torch backend runs in fp32 only, not {precision!r}")
+        info.precision, info.topk, info.conf_thresh = "fp32", topk, conf_thresh
+        self.info, self.device = info, dev
+        self.net = MaskRCNNDeploy(model.float(), topk=topk, conf_thresh=conf_thresh).eval().to(dev)
+
+    @torch.no_grad()
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        dets, num, masks = self.net(torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(self.device))
+        return dets.cpu().numpy(), num.cpu().numpy(), masks.cpu().numpy()
+
+    def close(self) -> None:
+        self.net = None
 
 
 class TorchBackend(GraphRunner):
@@ -324,6 +357,13 @@ class TorchBackend(GraphRunner):
         super().__init__(forward, info=info, device=dev, dtype=dtype, channels_last=cuda, graphs=graphs)
 
 
-def open_backend(path: Path, **options) -> TorchBackend:
+def open_backend(path: Path, **options) -> TorchBackend | MaskRCNNTorchBackend:
+    from sidnet.models.maskrcnn import PersonMaskRCNN
+
     model, info = load_checkpoint_model(Path(path))
+    if isinstance(model, PersonMaskRCNN):
+        unknown = set(options) - {"device", "conf_thresh", "topk", "precision"}
+        if unknown:
+            raise DeployError(f"torch backend options {sorted(unknown)} do not apply to a Mask R-CNN checkpoint")
+        return MaskRCNNTorchBackend(model, info, **options)
     return TorchBackend(model, info, **options)

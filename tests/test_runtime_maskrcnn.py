@@ -17,10 +17,11 @@ VAL = g.ROOT / "sidnet" / "sample" / "images" / "val2017"
 
 
 def _records():
-    from sidnet.engine.data import load_records
-    from train.evaluate import load_data_yaml
+    from sidnet.data.config import load_data_yaml
+    from sidnet.data.loading import load_records
 
-    return load_records(load_data_yaml(g.ROOT / "conf/data/sample_seg.yaml"), "val", project_root=g.ROOT, masks=True)
+    data = load_data_yaml(g.ROOT / "conf/data/sample_seg.yaml", project_root=g.ROOT)
+    return load_records(data, "val", project_root=g.ROOT, masks=True)
 
 
 def _mask_iou(a: dict, b: dict) -> float:
@@ -33,12 +34,12 @@ def _mask_iou(a: dict, b: dict) -> float:
 def test_onnx_maskrcnn_scores_like_its_checkpoint(golden):
     """Same images, same evaluator: the exported graph's box and segm AP equal the checkpoint's within 0.005, and its
     detections match row for row (box IoU >= 0.99, mask IoU >= 0.9 on the rows both keep)."""
+    from sidnet.checkpoint import load_checkpoint, model_from_checkpoint
     from sidnet.data import DetectionDataset
-    from sidnet.engine.checkpoint import load_checkpoint, model_from_checkpoint
-    from sidnet.engine.onnx_detector import OnnxDetector
-    from sidnet.engine.predict import predict_dataset
     from sidnet.engine.tasks import build_task
     from sidnet.evaluation import evaluate_detections
+    from sidnet.evaluation.onnx_detector import OnnxDetector
+    from sidnet.evaluation.predict import predict_dataset
 
     run = golden.trained("maskrcnn")
     model = model_from_checkpoint(load_checkpoint(run / "last.pt"))

@@ -17,35 +17,19 @@ from pathlib import Path
 
 import torch
 
+from sidnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from sidnet.cli import OneLineParser, run_guarded
-from sidnet.config import DataConfig, SplitConfig
 from sidnet.data import DetectionDataset
-from sidnet.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from sidnet.engine.data import load_records
-from sidnet.engine.predict import predict_dataset
+from sidnet.data.config import data_config, load_data_yaml
+from sidnet.data.loading import load_records
 from sidnet.engine.tasks import build_task
 from sidnet.engine.trainer import resolve_device
 from sidnet.environment import environment
 from sidnet.evaluation import evaluate_detections, write_report
-from sidnet.resolvers import register_resolvers
+from sidnet.evaluation.predict import predict_dataset
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("AP", "AP50", "AP75", "AP_small", "recall", "precision", "fp_per_negative_image", "segm_AP", "segm_AP50")
-
-
-def data_config(d: dict) -> DataConfig:
-    d = dict(d)
-    for split in ("train", "val"):
-        d[split] = SplitConfig(**d[split])
-    return DataConfig(**d)
-
-
-def load_data_yaml(path: Path) -> DataConfig:
-    """A conf/data/*.yaml, its interpolations (e.g. data=auto's ``${shared_or_sample:…}``) resolved."""
-    from omegaconf import OmegaConf
-
-    register_resolvers(project_root=PROJECT_ROOT)
-    return data_config(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -69,11 +53,16 @@ def main(argv: list[str] | None = None) -> dict:
 
 def evaluate(args: argparse.Namespace) -> dict:
     state = load_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(state, ema=not args.no_ema, fake_quant=bool(state.get("quant")))  # QAT: as trained
+    if state.get("quant"):  # QAT: the fake-quantized model, as trained
+        from sidnet.quant.qat import fake_quant_model
+
+        model = fake_quant_model(state, ema=not args.no_ema)
+    else:
+        model = model_from_checkpoint(state, ema=not args.no_ema)
     if args.data is not None:
         if not args.data.is_file():
             raise FileNotFoundError(f"data config not found: {args.data}; pass a YAML from conf/data/")
-        data = load_data_yaml(args.data)
+        data = load_data_yaml(args.data, project_root=PROJECT_ROOT)
     else:
         if not isinstance(state.get("config"), dict) or "data" not in state["config"]:
             raise CheckpointError(f"{args.checkpoint} records no data config; pass --data conf/data/<x>.yaml")
@@ -95,8 +84,8 @@ def evaluate_onnx(args: argparse.Namespace) -> dict:
     """The ``--onnx`` path: same records, same predict/evaluate, onnxruntime instead of PyTorch."""
     import onnxruntime
 
-    from sidnet.engine.onnx_detector import OnnxDetector
-    from sidnet.export.manifest import check_artifact
+    from sidnet.evaluation.onnx_detector import OnnxDetector
+    from sidnet.quant.manifest import check_artifact
 
     if args.data is None:
         raise FileNotFoundError("--onnx needs --data conf/data/<x>.yaml (an ONNX file carries no data config)")
@@ -107,7 +96,9 @@ def evaluate_onnx(args: argparse.Namespace) -> dict:
     check_artifact(args.onnx)
     detector = OnnxDetector(args.onnx)
     masks = "segm" in detector.iou_types and not args.boxes_only
-    records = load_records(load_data_yaml(args.data), args.split, project_root=PROJECT_ROOT, masks=masks)
+    records = load_records(
+        load_data_yaml(args.data, project_root=PROJECT_ROOT), args.split, project_root=PROJECT_ROOT, masks=masks
+    )
     extra = {"onnx": str(args.onnx), "model": detector.metadata.get("model"), "onnx_precision": detector.precision,
              "input_size": detector.input_size, "split": args.split, **environment("cpu"),
              "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}  # fmt: skip

@@ -7,7 +7,7 @@
 - FP16 weights and activations, channels_last (NHWC: the layout the tensor-core conv kernels read natively);
 - one CUDA graph per batch size (captured on first use), holding the network *and* the decode tail: the fused
   ``csrc/`` region decode + threshold + top-K kernel (:func:`sidnet.kernels.region_topk`) when the kernels library
-  is built, else the same computation in PyTorch (:class:`sidnet.export.wrapper.TopKDecode`; ``decode`` says which);
+  is built, else the same computation in PyTorch (:class:`sidnet.graph.wrapper.TopKDecode`; ``decode`` says which);
 - letterbox and normalisation on the GPU (:class:`GpuLetterbox`): uint8 frames go up as they were decoded (a third
   of the bytes of float, and no CPU resize), through pinned host buffers on a copy stream, while the compute stream
   works; results come back through pinned buffers too.
@@ -227,7 +227,7 @@ class GraphRunner:
 def decode_tail(model, *, conf_thresh: float, topk: int, use_kernel: bool | None) -> tuple[Callable, str]:
     """raw (N, A·(5+C), H, W) → (dets, num): the fused csrc kernel, or TopKDecode in PyTorch. ``use_kernel=None``:
     the kernel when its library loads. Returns (callable, description)."""
-    from sidnet.export.wrapper import TopKDecode
+    from sidnet.graph.wrapper import TopKDecode
 
     s = model.input_size
     if use_kernel is not False:
@@ -263,7 +263,7 @@ def _kernels_available() -> bool:
 
 def load_checkpoint_model(path: Path):
     """(the model in eval mode, ArtifactInfo) from a training checkpoint."""
-    from sidnet.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from sidnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 
     try:
         state = load_checkpoint(path)
@@ -282,11 +282,11 @@ def load_checkpoint_model(path: Path):
     return model, info
 
 
-class MaskRCNNTorchBackend:
-    """A Mask R-CNN checkpoint run eagerly through the exported graph's own module
-    (:class:`~sidnet.export.maskrcnn_deploy.MaskRCNNDeploy`, the static-shape inference that ``python -m export``
-    traces), so the torch and onnxruntime backends return the same ``(dets, num, masks)`` contract. FP32; CPU or
-    CUDA; no CUDA graphs (``deploy.benchmark`` measures those separately)."""
+class DeployModuleBackend:
+    """Any model with an export adapter (:mod:`sidnet.export.adapters`) run eagerly through the very module its export
+    traces (``adapter.deploy``): for Mask R-CNN the static-shape :class:`~sidnet.export.maskrcnn_deploy.MaskRCNNDeploy`,
+    so the torch and onnxruntime backends return the same ``(dets, num[, masks])`` contract. FP32; CPU or CUDA; no
+    CUDA graphs. The YOLOv2 family takes the tuned :class:`TorchBackend` instead."""
 
     name = "torch"
     max_batch = None
@@ -294,22 +294,23 @@ class MaskRCNNTorchBackend:
 
     def __init__(self, model, info: ArtifactInfo, *, device: str = "auto", conf_thresh: float = 0.001,
                  topk: int = 100, precision: str | None = None) -> None:  # fmt: skip
-        from sidnet.export.maskrcnn_deploy import MaskRCNNDeploy
+        from sidnet.export.adapters import adapter_for
 
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                            ("cpu" if device == "auto" else device))  # fmt: skip
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise DeployError("--device cuda but torch sees no CUDA GPU: use --device cpu")
+        adapter = adapter_for(model, source=str(info.path))
         if precision not in (None, "fp32"):
-            raise DeployError(f"Mask R-CNN on the torch backend runs in fp32 only, not {precision!r}")
+            raise DeployError(f"the torch backend runs a {adapter.family} checkpoint in fp32 only, not {precision!r}")
         info.precision, info.topk, info.conf_thresh = "fp32", topk, conf_thresh
         self.info, self.device = info, dev
-        self.net = MaskRCNNDeploy(model.float(), topk=topk, conf_thresh=conf_thresh).eval().to(dev)
+        self.net = adapter.deploy(model.float(), conf_thresh=conf_thresh, topk=topk, backend="onnx").eval().to(dev)
 
     @torch.no_grad()
-    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        dets, num, masks = self.net(torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(self.device))
-        return dets.cpu().numpy(), num.cpu().numpy(), masks.cpu().numpy()
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        outs = self.net(torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(self.device))
+        return tuple(o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy() for o in outs)
 
     def close(self) -> None:
         self.net = None
@@ -357,13 +358,14 @@ class TorchBackend(GraphRunner):
         super().__init__(forward, info=info, device=dev, dtype=dtype, channels_last=cuda, graphs=graphs)
 
 
-def open_backend(path: Path, **options) -> TorchBackend | MaskRCNNTorchBackend:
-    from sidnet.models.maskrcnn import PersonMaskRCNN
+def open_backend(path: Path, **options) -> TorchBackend | DeployModuleBackend:
+    """The tuned :class:`TorchBackend` for the YOLOv2 family, the exported module run eagerly for other families."""
+    from sidnet.models.yolo import YOLOv2
 
     model, info = load_checkpoint_model(Path(path))
-    if isinstance(model, PersonMaskRCNN):
-        unknown = set(options) - {"device", "conf_thresh", "topk", "precision"}
-        if unknown:
-            raise DeployError(f"torch backend options {sorted(unknown)} do not apply to a Mask R-CNN checkpoint")
-        return MaskRCNNTorchBackend(model, info, **options)
-    return TorchBackend(model, info, **options)
+    if isinstance(model, YOLOv2):
+        return TorchBackend(model, info, **options)
+    unknown = set(options) - {"device", "conf_thresh", "topk", "precision"}
+    if unknown:
+        raise DeployError(f"torch backend options {sorted(unknown)} apply to the YOLOv2 family only, not {info.model}")
+    return DeployModuleBackend(model, info, **options)

@@ -1,5 +1,5 @@
 """An exported SIDNet ONNX (FP32, FP16 or INT8 Q/DQ, native target) or Mask R-CNN ONNX run by onnxruntime's CPU
-provider, as an :class:`~sidnet.engine.predict.ExportedPredictor`, so one evaluator compares every artifact."""
+provider, as an :class:`~sidnet.evaluation.predict.ExportedPredictor`, so one evaluator compares every artifact."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms
 
-from sidnet.engine.predict import ExportedPredictor
-from sidnet.export.wrapper import INPUT_NAME, OUTPUT_NAMES
+from sidnet.evaluation.predict import ExportedPredictor
+from sidnet.graph.wrapper import INPUT_NAME, OUTPUT_NAMES
 
 
 class OnnxDetector(ExportedPredictor):

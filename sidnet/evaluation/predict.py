@@ -13,7 +13,7 @@ from sidnet.data.masks import encode_masks, unletterbox_masks
 
 
 class ExportedPredictor(ABC):
-    """An exported model run outside PyTorch (e.g. :class:`sidnet.engine.onnx_detector.OnnxDetector`), evaluated
+    """An exported model run outside PyTorch (e.g. :class:`sidnet.evaluation.onnx_detector.OnnxDetector`), evaluated
     through the same unletterbox and evaluator as a PyTorch model. Subclass it: :func:`predict_dataset` dispatches on
     this type, never on attribute names (a PyTorch model may have methods of any name).
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import onnx
 
-from sidnet.export.calibration import CalibrationError
 from sidnet.io import sha256_file
+from sidnet.quant.calibration import CalibrationError
 
 MANIFEST_NAME = "int8_manifest.json"
 FORMAT = "sidnet-int8-manifest"

@@ -31,8 +31,8 @@ FRAMES = 3
 # Cells a model does not support, and the one-line error each must end with (a substring of it).
 UNSUPPORTED = {
     ("maskrcnn", "export_int8"): "Mask R-CNN exports in fp32 only",
-    ("maskrcnn", "export_compiled"): "Mask R-CNN",
-    ("maskrcnn", "qat"): "QAT",
+    ("maskrcnn", "export_compiled"): "Mask R-CNN cannot be built for --backend compiled",
+    ("maskrcnn", "qat"): "quant=qat fine-tunes for an INT8 export, and Mask R-CNN exports in fp32 only",
 }
 HAS_RTX = True
 try:

@@ -156,8 +156,13 @@ class Trainer:
     def _start_qat(self) -> dict[str, Any]:
         """Fake quantization for a QAT run: on resume the run's own ranges (no recalibration), else ``init_from``'s
         weights calibrated as the INT8 export would (:mod:`sidnet.quant.qat`)."""
+        from sidnet.export.adapters import adapter_for
         from sidnet.quant import qat
 
+        adapter = adapter_for(self.model)
+        if "int8" not in adapter.precisions:  # QAT fine-tunes for the INT8 export: pointless where there is none
+            raise ValueError(f"quant=qat fine-tunes for an INT8 export, and {adapter.family} exports in "
+                             f"{', '.join(adapter.precisions)} only: drop quant=qat")  # fmt: skip
         q = self.cfg.quant
         if self.cfg.resume:
             last = self.run_dir / "last.pt"

@@ -280,6 +280,9 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
     if opts.precision not in adapter.precisions:
         raise ExportError(f"{adapter.family} exports in {', '.join(adapter.precisions)} only for now, not "
                           f"{opts.precision}; use --precision {adapter.precisions[0]}")  # fmt: skip
+    if opts.backend not in adapter.backends:
+        raise ExportError(f"{adapter.family} cannot be built for --backend {opts.backend} yet; use --backend "
+                          f"{' | '.join(adapter.backends)}")  # fmt: skip
     deploy = adapter.deploy(model, conf_thresh=cfg.conf_thresh, topk=cfg.topk, backend=opts.backend)
     exported, final, surgery = adapter.build_graph(deploy, target=graph_target, precision=graph_precision,
                                                    opset=cfg.opset)  # fmt: skip

@@ -15,6 +15,8 @@
 #     bench-compile  the torch backend vs torch.compile(max-autotune) in one run, SIDNet at batch 1 and 64 (minutes)
 #     bench-stem     the csrc/stem kernel's build variants side by side (benchmarks/stem_variants.py)
 #     bench-compiled-isolate  the AOTInductor load crash hunt (benchmarks/compiled_isolate.py, minutes)
+#     maskrcnn-fix   Mask R-CNN train (in-training evaluations) + train.evaluate + deploy (torch backend, masks) through
+#                    the entry points (benchmarks/maskrcnn_fix_smoke.sh $SIDNET_SEG_DATA $SIDNET_VIDEO)
 #     qat-smoke      QAT on CUDA through the entry points (benchmarks/qat_smoke.sh $SIDNET_QAT_DATA: a small YOLO-format
 #                    folder; needs nvidia-modelopt: .whl-qat/*.whl are installed when present. Made on a machine
 #                    with the int8 extra installed, for the GPU machine's Python 3.12:
@@ -140,6 +142,8 @@ for part in "${@:-all}"; do
         bench-deploy) part_build; bench_deploy ;;
         bench-compile) part_build; bench_compile ;;
         bench-stem) bench_stem ;;
+        maskrcnn-fix) step maskrcnn-fix maskrcnn_fix.log benchmarks/maskrcnn_fix_smoke.sh \
+            "${SIDNET_SEG_DATA:-../shared/data/coco128}" "${SIDNET_VIDEO:-../shared/data/video/pedestrians_200.mp4}" ;;
         qat-smoke) step qat-smoke qat_smoke.log benchmarks/qat_smoke.sh "${SIDNET_QAT_DATA:-.data/mini}" cuda ;;
         bench-compiled-isolate) part_build; bench_compiled_isolate ;;
         all) part_build; gpu_pytest tests-gpu tests_gpu.log tests/; part_bench; part_sanitize ;;

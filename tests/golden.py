@@ -12,8 +12,10 @@ import json
 import math
 import os
 import re
+import resource
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ SIZE = {"sidnet": 64, "sidnet_mobilenetv2": 64, "yolov2": 64, "maskrcnn": 128}
 DATA = {"maskrcnn": "sample_seg"}  # data group per model (default: sample)
 AUG = {"maskrcnn": "seg"}
 TIMEOUT_S = 600
+TIMINGS: list[tuple[str, float, float]] = []  # (command, wall s, CPU s of the process): conftest prints the totals
 
 
 def video_source() -> Path:
@@ -36,8 +39,13 @@ def video_source() -> Path:
 def run_cli(*args: str, ok: bool = True, timeout: int = TIMEOUT_S) -> subprocess.CompletedProcess:
     """``python -m <args>`` from the repository root; ``ok``: assert exit status 0 (else assert it failed)."""
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1", "OPENCV_FFMPEG_LOGLEVEL": "-8"}
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     r = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=timeout)  # fmt: skip
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    TIMINGS.append((" ".join(args[:1] + [a for a in args[1:3] if not a.startswith("/")]), time.perf_counter() - start,
+                    cpu))  # fmt: skip
     if ok:
         assert r.returncode == 0, f"python -m {' '.join(args)} failed ({r.returncode}):\n{r.stderr[-3000:]}"
     else:

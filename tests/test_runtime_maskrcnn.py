@@ -28,12 +28,14 @@ def _mask_iou(a: dict, b: dict) -> float:
     from pycocotools import mask as mask_utils
 
     enc = [{"size": r["size"], "counts": r["counts"].encode()} for r in (a, b)]
+    if not mask_utils.area(enc[0]) and not mask_utils.area(enc[1]):
+        return 1.0  # both empty (a degenerate box of an undertrained model): equal
     return float(mask_utils.iou([enc[0]], [enc[1]], [0])[0, 0])
 
 
 def test_onnx_maskrcnn_scores_like_its_checkpoint(golden):
     """Same images, same evaluator: the exported graph's box and segm AP equal the checkpoint's within 0.005, and its
-    detections match row for row (box IoU >= 0.99, mask IoU >= 0.9 on the rows both keep)."""
+    detections match row for row (box corners within 1 px and scores within 1e-3, then mask IoU >= 0.9)."""
     from sidnet.checkpoint import load_checkpoint, model_from_checkpoint
     from sidnet.data import DetectionDataset
     from sidnet.engine.tasks import build_task
@@ -51,19 +53,15 @@ def test_onnx_maskrcnn_scores_like_its_checkpoint(golden):
     ref_boxes, ref_masks = predict_dataset(model, dataset, task=build_task(model), device=cpu, conf_thresh=0.05)
     got_boxes, got_masks = predict_dataset(onnx, dataset, task=None, device=cpu, conf_thresh=0.05)
     assert sum(len(v) for v in ref_boxes.values()) > 0, "the checkpoint detects nothing: the comparison is empty"
-    from torchvision.ops import box_iou
-
     rows = matched = 0
     for image_id, ref in ref_boxes.items():
         got = got_boxes[image_id]
         assert abs(len(ref) - len(got)) <= max(2, len(ref) // 10), (image_id, len(ref), len(got))
-        if not len(ref) or not len(got):
-            continue
-        iou = box_iou(torch.from_numpy(ref[:, :4]), torch.from_numpy(got[:, :4])).numpy()
-        for k in range(len(ref)):  # near-ties in score may swap rows: match each row to its best box
-            j = int(iou[k].argmax())
+        for k in range(len(ref)):  # near-ties in score may swap rows: find each row's twin (boxes may be degenerate)
             rows += 1
-            if iou[k, j] >= 0.99 and abs(ref[k, 4] - got[j, 4]) <= 1e-3:
+            close = (np.abs(got[:, :4] - ref[k, :4]).max(1) <= 1.0) & (np.abs(got[:, 4] - ref[k, 4]) <= 1e-3)
+            if close.any():
+                j = int(np.nonzero(close)[0][0])
                 assert _mask_iou(ref_masks[image_id][k], got_masks[image_id][j]) >= 0.9, (image_id, k)
                 matched += 1
     assert rows > 0 and matched >= 0.9 * rows, f"only {matched} of {rows} checkpoint rows found in the export"

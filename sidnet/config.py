@@ -92,6 +92,29 @@ class QuantConfig:
 
 
 @dataclass
+class LoaderConfig:
+    """How training batches are produced (:mod:`sidnet.engine.loader`); none of it changes what a batch holds
+    except ``gpu_aug``, which runs the same augmentation on the device with float arithmetic."""
+
+    cache: str = "none"  # none | ram | disk: decoded + letterboxed uint8 images, built once (Ultralytics cache=)
+    cache_dir: str = "runs/.cache"  # loader.cache=disk: where the .npy lives (relative: to the working directory)
+    pin_memory: bool = True  # CUDA only: page-locked batches, asynchronous host-to-device copies
+    prefetch_factor: int = 4  # batches each worker keeps ready
+    persistent_workers: bool = True
+    gpu_aug: bool = False  # flip, scale/translate and photometric ops as batch ops on the device
+    channels_last: bool = False  # NHWC batches and weights on CUDA (faster convolutions under AMP)
+
+
+@dataclass
+class DDPConfig:
+    """Multi-process training, launched by ``torchrun --nproc_per_node=N -m train ...``
+    (:mod:`sidnet.engine.distributed`); ``batch_size`` stays the global batch, split evenly over the processes."""
+
+    sync_bn: bool = False  # SyncBatchNorm: batch statistics over all processes (small per-GPU batches)
+    timeout_s: int = 1800  # collective timeout (rank 0 evaluates while the others wait at a barrier)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -100,6 +123,8 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
     name: str = "sidnet"
     epochs: int = 100
     batch_size: int = 16
@@ -128,6 +153,9 @@ def validate_train_config(cfg: TrainConfig) -> None:
     _check(cfg.epochs >= 1, "epochs", cfg.epochs, "use a positive number of epochs")
     _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "use a positive batch size, e.g. batch_size=16")
     _check(cfg.workers >= 0, "workers", cfg.workers, "use 0 (load in the main process) or more")
+    _check(cfg.loader.cache in ("none", "ram", "disk"), "loader.cache", cfg.loader.cache, "use none, ram or disk")
+    _check(cfg.loader.prefetch_factor >= 1, "loader.prefetch_factor", cfg.loader.prefetch_factor, "use 1 or more")
+    _check(cfg.ddp.timeout_s >= 1, "ddp.timeout_s", cfg.ddp.timeout_s, "use a positive number of seconds")
     _check(cfg.max_steps_per_epoch >= 0, "max_steps_per_epoch", cfg.max_steps_per_epoch, "use 0 (whole epoch) or more")
     _check(m.input_size >= 32 and m.input_size % 32 == 0, "model.input_size", m.input_size,
            "the network downsamples by 32, use a multiple of 32 such as 320, 416 or 608")  # fmt: skip

@@ -7,11 +7,16 @@ failure ends with one ``error: ...`` line (``-v``: the traceback). The run folde
 ``config.yaml`` (resolved), ``.hydra/{config,overrides}.yaml`` and ``train.log``. ``hydra.run.dir=PATH`` still picks
 the folder (default ``runs/${name}``, relative to the working directory). Everything below ``train(cfg)`` takes plain
 arguments.
+
+Several processes: ``torchrun --nproc_per_node=N -m train ...`` (NCCL on GPUs, gloo with ``device=cpu``). Every process
+composes and checks the same config; rank 0 alone locks and writes the run folder (config, ``train.log``,
+checkpoints, TensorBoard) and evaluates; the other ranks log warnings only (``-v``: everything, prefixed by rank).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +26,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("sidnet.train")
 EXAMPLES = "python -m train model=sidnet epochs=50 | python -m train name=x resume=true"
 USAGE = __doc__.split("\n\n")[0] + f"\nExamples: {EXAMPLES}"
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
 def compose(overrides: list[str]):
@@ -54,6 +60,7 @@ def _bad_config(e: Exception) -> ValueError:
 def run(overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
 
+    from sidnet.engine import distributed
     from sidnet.engine.runlock import acquire_run_lock
     from sidnet.engine.trainer import check_run_dir, check_train_config, train
     from sidnet.io import atomic_write_text
@@ -63,17 +70,35 @@ def run(overrides: list[str]) -> dict:
     except Exception as e:  # noqa: BLE001  (Hydra/OmegaConf raise many types for one bad override)
         raise _bad_config(e) from e
     check_train_config(config, project_root=PROJECT_ROOT)  # nothing is written before the config is known good
-    acquire_run_lock(run_dir)
-    check_run_dir(run_dir, resume=config.resume)  # a refused start must not overwrite the run's config.yaml
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-    logging.getLogger().addHandler(handler)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    atomic_write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
-    atomic_write_text(run_dir / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
-    summary = train(config, run_dir=run_dir, project_root=PROJECT_ROOT)
+    ctx = distributed.setup(device=config.device, batch_size=config.batch_size, timeout_s=config.ddp.timeout_s)
+    try:
+        if ctx.is_main:
+            acquire_run_lock(run_dir)
+        check_run_dir(run_dir, resume=config.resume)  # a refused start must not overwrite the run's config.yaml
+        if ctx.is_main:
+            handler = logging.FileHandler(run_dir / "train.log")
+            handler.setFormatter(logging.Formatter(LOG_FORMAT))
+            logging.getLogger().addHandler(handler)
+            atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            atomic_write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
+            overrides_yaml = OmegaConf.to_yaml(OmegaConf.create(list(overrides)))
+            atomic_write_text(run_dir / ".hydra" / "overrides.yaml", overrides_yaml)
+        if ctx.enabled:
+            log.info("%d processes (%s), %d images per process per step", ctx.world_size, ctx.backend,
+                     config.batch_size // ctx.world_size)  # fmt: skip
+        summary = train(config, run_dir=run_dir, project_root=PROJECT_ROOT, dist=ctx)
+    finally:
+        distributed.teardown(ctx)
     log.info("done: %d epochs, best AP50 %.4f, checkpoints in %s", summary["epochs"], summary["best_ap50"], run_dir)
     return summary
+
+
+def _launch_rank() -> int | None:
+    """This process's rank under torchrun (for log prefixes), None for one process; a bad launch is reported later."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    except ValueError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -84,8 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
     flags = [a for a in argv if a.startswith("-")]
     if flags:
         raise SystemExit(f"error: unknown flag(s) {' '.join(flags)}: python -m train takes -v and key=value overrides")
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")  # fmt: skip
+    rank = _launch_rank()
+    quiet = rank not in (None, 0) and not verbose  # ranks > 0 repeat rank 0's log: warnings only
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
+                        format=LOG_FORMAT if rank is None else f"[rank {rank}]{LOG_FORMAT}")  # fmt: skip
     return run_guarded(lambda: run(argv), verbose=verbose)
 
 

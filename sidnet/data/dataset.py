@@ -39,22 +39,35 @@ class SeededSampler(Sampler):
 
     Order and seeds of epoch ``e`` depend only on ``(seed, e)``: call :meth:`set_epoch` before each epoch (as with
     ``DistributedSampler``). Yields ``(index, sample_seed)`` for :class:`DetectionDataset`.
+
+    With ``num_replicas > 1`` (DDP) every rank draws the same global permutation and seeds, pads it by wrapping
+    around to a multiple of ``num_replicas`` (as ``DistributedSampler`` does) and takes positions
+    ``rank, rank + num_replicas, ...``: the ranks' shards are disjoint up to the padding, and a sample keeps the
+    augmentation seed it has in a one-process run, whatever the number of processes.
     """
 
-    def __init__(self, num_samples: int, *, seed: int) -> None:
+    def __init__(self, num_samples: int, *, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
         self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+        self.num_replicas, self.rank = num_replicas, rank
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.num_samples
+        return -(-self.num_samples // self.num_replicas)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.num_samples, generator=g).tolist()
         seeds = torch.randint(0, 2**62, (self.num_samples,), generator=g).tolist()
-        return iter(zip(order, seeds, strict=True))
+        pairs = list(zip(order, seeds, strict=True))
+        if self.num_replicas > 1:
+            total = len(self) * self.num_replicas
+            pairs = (pairs * -(-total // len(pairs)))[:total] if pairs else pairs
+            pairs = pairs[self.rank :: self.num_replicas]
+        return iter(pairs)
 
 
 def dataset_summary(records: Sequence[ImageRecord]) -> dict[str, int]:
@@ -214,7 +227,7 @@ class DetectionDataset(Dataset):
             image = out["image"]
             boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
             labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
-        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+        tensor = self.image_tensor(image)
         target = {
             "boxes": torch.from_numpy(boxes),
             "labels": torch.from_numpy(labels),
@@ -225,6 +238,12 @@ class DetectionDataset(Dataset):
         if masks is not None:
             target["masks"] = torch.from_numpy(np.ascontiguousarray(masks))
         return tensor, target
+
+    @staticmethod
+    def image_tensor(image: np.ndarray) -> torch.Tensor:
+        """``(S, S, 3)`` uint8 → float32 ``(3, S, S)`` in ``[0, 1]`` (the training loader overrides this to hand
+        uint8 to the device and divide there: a quarter of the bytes through worker IPC, pinning and the copy)."""
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
 
     def _transform_with_masks(self, image, boxes, labels, masks):
         """Augment image, boxes and masks together; boxes come back as the augmented masks' extents."""

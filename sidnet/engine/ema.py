@@ -24,11 +24,16 @@ class ModelEMA:
         self.updates += 1
         d = self.decay * (1 - math.exp(-self.updates / self.warmup))
         msd = model.state_dict()
+        ema, new = [], []
         for k, v in self.module.state_dict().items():
             if v.dtype.is_floating_point:
-                v.mul_(d).add_(msd[k].detach(), alpha=1 - d)
+                ema.append(v)
+                new.append(msd[k].detach())
             else:
                 v.copy_(msd[k])
+        # Two multi-tensor kernels on CUDA instead of two launches per tensor (hundreds per step for MobileNetV2).
+        torch._foreach_mul_(ema, d)
+        torch._foreach_add_(ema, new, alpha=1 - d)
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates}

@@ -1,11 +1,13 @@
 """The training loop: AdamW/SGD, warm-up + cosine, AMP, EMA, gradient clipping, atomic checkpoints, resume,
-TensorBoard, periodic COCO evaluation with the best checkpoint kept by AP50."""
+TensorBoard, periodic COCO evaluation with the best checkpoint kept by AP50; one process or several (DDP, launched by
+torchrun: :mod:`sidnet.engine.distributed`), with rank 0 writing and evaluating."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import asdict
@@ -14,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -27,9 +30,10 @@ from sidnet.checkpoint import (
     save_checkpoint,
 )
 from sidnet.config import ConfigError, TrainConfig, validate_anchors, validate_train_config
-from sidnet.data import SeededSampler, collate
 from sidnet.data.loading import build_datasets, load_records
+from sidnet.engine.distributed import DistContext, all_reduce_mean
 from sidnet.engine.ema import ModelEMA
+from sidnet.engine.loader import build_train_loader, to_device, train_dataset_for_loader
 from sidnet.engine.runlock import acquire_run_lock, release_run_lock
 from sidnet.engine.tasks import build_task
 from sidnet.evaluation import evaluate_detections
@@ -90,19 +94,33 @@ def build_optimizer(model: torch.nn.Module, *, name: str, lr: float, weight_deca
 
 
 class Trainer:
-    """Owns model, EMA, optimizer, scaler and loaders for one run directory. ``fit()`` → summary dict."""
+    """Owns model, EMA, optimizer, scaler and loaders for one run directory. ``fit()`` → summary dict.
 
-    def __init__(self, cfg: TrainConfig, *, run_dir: Path, project_root: Path) -> None:
+    ``dist``: this process's place in a multi-process run (:func:`sidnet.engine.distributed.setup`); every process
+    builds the same model and data, trains on its shard with gradients averaged by DDP, and rank 0 alone evaluates
+    and writes (TensorBoard, checkpoints)."""
+
+    def __init__(self, cfg: TrainConfig, *, run_dir: Path, project_root: Path, dist: DistContext | None = None) -> None:
         self.cfg, self.run_dir, self.project_root = cfg, Path(run_dir), Path(project_root)
-        self.device = resolve_device(cfg.device)
+        self.dist = dist or DistContext()
+        self.device = self.dist.device if self.dist.enabled else resolve_device(cfg.device)
         self.amp = cfg.amp and self.device.type == "cuda"
         seed_everything(cfg.seed)
         m = cfg.model
         self.anchors = None if m.anchors is None else load_anchors(m.anchors, project_root=self.project_root)
         self.model_spec = {"name": m.name, "anchors": self.anchors, "num_classes": m.num_classes,
                            "input_size": m.input_size, "kwargs": dict(m.kwargs)}  # fmt: skip
-        self.model = build_model_from_spec(self.model_spec).to(self.device)
+        self.model = build_model_from_spec(self.model_spec)
+        if self.dist.enabled and cfg.ddp.sync_bn:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.channels_last = cfg.loader.channels_last and self.device.type == "cuda"
+        self.model = self.model.to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.task = build_task(self.model, loss=asdict(cfg.loss)).to(self.device)
+        if self.dist.enabled and "segm" in self.task.iou_types:
+            raise ConfigError(f"model.name={m.name}: multi-process training covers the region (YOLOv2-family) "
+                              "models; train this one in one process (python -m train)")  # fmt: skip
         self.train_set, self.val_set = build_datasets(cfg.data, input_size=m.input_size, aug=dict(cfg.aug),
                                                       seed=cfg.seed, project_root=self.project_root,
                                                       masks="segm" in self.task.iou_types)  # fmt: skip
@@ -113,7 +131,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
                                          momentum=o.momentum)  # fmt: skip
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        steps = math.ceil(len(self.train_set) / cfg.batch_size)
+        self.rank_batch = cfg.batch_size // self.dist.world_size  # batch_size is the global batch
+        steps = math.ceil(math.ceil(len(self.train_set) / self.dist.world_size) / self.rank_batch)
         self.steps_per_epoch = min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch > 0 else steps
         self.ema = None
         if o.ema_halflife_epochs > 0:
@@ -124,8 +143,12 @@ class Trainer:
         self.warmup_steps = max(1, int(o.warmup_epochs * self.steps_per_epoch))
         self.epoch, self.step, self.best_ap50, self.history = 0, 0, -1.0, []
         self._train_loader, self._sampler = None, None
+        self.ddp_model = self.model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
         self.writer = None
-        if cfg.tensorboard:
+        if cfg.tensorboard and self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
@@ -227,12 +250,15 @@ class Trainer:
         # Order and augmentation of epoch e depend only on (seed, e) through the sampler, not on worker state, so a
         # resumed run replays them exactly and workers can persist across epochs (tiny epochs were spawn-bound).
         if self._train_loader is None:
-            self._sampler = SeededSampler(len(self.train_set), seed=self.cfg.seed)
-            w = self.cfg.workers
-            self._train_loader = DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=self._sampler,
-                                            num_workers=w, collate_fn=collate, worker_init_fn=_seed_worker,
-                                            pin_memory=self.device.type == "cuda", persistent_workers=w > 0,
-                                            prefetch_factor=4 if w > 0 else None)  # fmt: skip
+            lc, w = self.cfg.loader, self.cfg.workers
+            dataset = train_dataset_for_loader(self.train_set, cache=lc.cache, cache_dir=Path(lc.cache_dir),
+                                               gpu_aug=lc.gpu_aug, aug=dict(self.cfg.aug),
+                                               threads=os.cpu_count() or 1)  # fmt: skip
+            self._train_loader, self._sampler = build_train_loader(
+                dataset, batch_size=self.rank_batch, seed=self.cfg.seed, workers=w, rank=self.dist.rank,
+                world_size=self.dist.world_size, pin_memory=lc.pin_memory and self.device.type == "cuda",
+                prefetch_factor=lc.prefetch_factor, persistent_workers=lc.persistent_workers,
+                worker_init_fn=_seed_worker)  # fmt: skip
         self._sampler.set_epoch(epoch)
         return self._train_loader
 
@@ -244,9 +270,10 @@ class Trainer:
 
             freeze_norm(self.model)
         bar = tqdm(self._loader(self.epoch), total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                   dynamic_ncols=True, leave=False, disable=None)  # fmt: skip
+                   dynamic_ncols=True, leave=False, disable=None if self.dist.is_main else True)  # fmt: skip
         sums: dict[str, float] = {}
-        seen, t0, first_loss = 0, time.perf_counter(), None
+        seen, t0, first_loss, pending = 0, time.perf_counter(), None, None
+        image_ids: list[int] | None = [] if log.isEnabledFor(logging.DEBUG) else None
         for i, (images, targets) in enumerate(bar):
             if i >= self.steps_per_epoch:
                 break
@@ -254,11 +281,10 @@ class Trainer:
                                   min_ratio=o.min_lr_ratio)  # fmt: skip
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            images = images.to(self.device, non_blocking=True)
-            loss, parts = self.task.loss(self.model, images, targets, amp=self.amp)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {self.epoch + 1} step {self.step}; lower "
-                                         "optim.lr or check the data (boxes, anchors)")  # fmt: skip
+            images, targets = to_device(images, targets, device=self.device, channels_last=self.channels_last)
+            if image_ids is not None:
+                image_ids.extend(t["image_id"] for t in targets)
+            loss, parts = self.task.loss(self.ddp_model, images, targets, amp=self.amp)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if o.grad_clip > 0:
@@ -270,20 +296,38 @@ class Trainer:
                 self.ema.update(self.model)
             self.step += 1
             seen += images.shape[0]
-            first_loss = loss.item() if first_loss is None else first_loss
-            for k, v in {"loss": loss, **parts}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            ips = seen / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
-            if self.writer:
-                self.writer.add_scalar("train/loss", loss.item(), self.step)
-                self.writer.add_scalar("train/lr", lr, self.step)
-                for k, v in parts.items():
-                    self.writer.add_scalar(f"train/{k}", float(v.detach()), self.step)
+            # The step's numbers reach the host one step late (an async copy and an event), so the CPU queues step
+            # i+1 while the GPU runs step i instead of draining the GPU at every step with .item().
+            staged = _stage(torch.stack([loss.detach(), *(v.detach() for v in parts.values())]).float())
+            if pending:
+                self._account(pending, sums, lr=lr, seen=seen, t0=t0, bar=bar)
+            pending = (staged, ["loss", *parts], self.step - 1)
+            if first_loss is None:
+                first_loss = staged
+        if pending:
+            self._account(pending, sums, lr=lr, seen=seen, t0=t0, bar=bar)
+        first_loss = _read(first_loss)[0] if first_loss is not None else None
         n = max(1, min(i + 1, self.steps_per_epoch))
-        stats = {k: v / n for k, v in sums.items()}
-        stats.update(first_step_loss=first_loss, img_per_s=seen / (time.perf_counter() - t0), lr=lr)
+        stats = all_reduce_mean({**{k: v / n for k, v in sums.items()}, "first_step_loss": first_loss}, self.dist)
+        stats.update(img_per_s=seen * self.dist.world_size / (time.perf_counter() - t0), lr=lr)
+        if image_ids is not None:
+            log.debug("rank %d epoch %d image ids %s", self.dist.rank, self.epoch + 1, json.dumps(image_ids))
         return stats
+
+    def _account(self, pending, sums: dict[str, float], *, lr: float, seen: int, t0: float, bar) -> None:
+        """Add a finished step's loss and parts (from :func:`_stage`) to ``sums``; raise on a non-finite loss."""
+        staged, names, step = pending
+        values = _read(staged)
+        if not math.isfinite(values[0]):
+            raise FloatingPointError(f"loss is {values[0]} at epoch {self.epoch + 1} step {step}; lower optim.lr or "
+                                     "check the data (boxes, anchors)")  # fmt: skip
+        for k, v in zip(names, values, strict=True):
+            sums[k] = sums.get(k, 0.0) + v
+        bar.set_postfix(loss=f"{values[0]:.3f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+        if self.writer:
+            self.writer.add_scalar("train/lr", lr, step)
+            for k, v in zip(names, values, strict=True):
+                self.writer.add_scalar(f"train/{k}", v, step)
 
     def evaluate(self) -> dict[str, Any]:
         model = self.ema.module if self.ema else self.model
@@ -324,22 +368,44 @@ class Trainer:
         cfg = self.cfg
         last, best = self.run_dir / "last.pt", self.run_dir / "best.pt"
         report: dict[str, Any] = {}
+        main = self.dist.is_main
         while self.epoch < cfg.epochs:
             stats = self.train_one_epoch()
             self.epoch += 1
-            if self.epoch % cfg.eval.every == 0 or self.epoch == cfg.epochs:
+            if main and (self.epoch % cfg.eval.every == 0 or self.epoch == cfg.epochs):
                 report = self.evaluate()
                 stats.update({f"val_{k}": report[k] for k in ("AP", "AP50", "recall", "precision") if k in report})
                 if (report.get("AP50") or 0.0) > self.best_ap50:
                     self.best_ap50 = report["AP50"]
                     self._save({**self.state(), "metrics": report}, best)
             self.history.append({"epoch": self.epoch, **stats})
-            log.info("epoch %d/%d %s", self.epoch, cfg.epochs, json.dumps(_round(stats)))
-            self._save(self.state(), last)
+            if main:
+                log.info("epoch %d/%d %s", self.epoch, cfg.epochs, json.dumps(_round(stats)))
+                self._save(self.state(), last)
+                log.debug("rank %d wrote %s", self.dist.rank, last)
+            self.dist.barrier()  # the others wait while rank 0 evaluates and writes
         if self.writer:
             self.writer.close()
         return {"epochs": self.epoch, "steps": self.step, "best_ap50": self.best_ap50, "last": str(last),
                 "best": str(best) if best.exists() else None, "history": self.history, "report": report}  # fmt: skip
+
+
+def _stage(values: torch.Tensor):
+    """Start copying a 1-D device tensor to the host without waiting; :func:`_read` gets the list."""
+    if values.device.type != "cuda":
+        return values, None
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+def _read(staged) -> list[float]:
+    host, done = staged
+    if done is not None:
+        done.synchronize()  # waits for that step only, not for the steps queued after it
+    return host.tolist()
 
 
 def _round(d: dict) -> dict:
@@ -374,19 +440,24 @@ def check_run_dir(run_dir: Path, *, resume: bool) -> Path:
     return last
 
 
-def train(cfg: TrainConfig, *, run_dir: Path, project_root: Path) -> dict[str, Any]:
+def train(cfg: TrainConfig, *, run_dir: Path, project_root: Path, dist: DistContext | None = None) -> dict[str, Any]:
     """Train one run in ``run_dir``. An existing ``last.pt`` there is continued with ``cfg.resume``, and is never
-    overwritten without it."""
+    overwritten without it. ``dist``: this process's rank in a multi-process run; rank 0 holds the run folder's lock
+    and writes, every rank reads ``last.pt`` to resume."""
     check_train_config(cfg, project_root=project_root)
+    dist = dist or DistContext()
     run_dir = Path(run_dir)
-    held = acquire_run_lock(run_dir)  # a second training into the same folder refuses here, before touching it
+    # A second training into the same folder refuses here, before touching it.
+    held = acquire_run_lock(run_dir) if dist.is_main else None
     try:
-        for stale in remove_stale_temporaries(run_dir):
-            log.warning("removed %s, left by a writer that was killed mid-write", stale.name)
+        if dist.is_main:
+            for stale in remove_stale_temporaries(run_dir):
+                log.warning("removed %s, left by a writer that was killed mid-write", stale.name)
         last = check_run_dir(run_dir, resume=cfg.resume)
-        trainer = Trainer(cfg, run_dir=run_dir, project_root=project_root)
+        trainer = Trainer(cfg, run_dir=run_dir, project_root=project_root, dist=dist)
         if cfg.resume:
             trainer.resume(last)
         return trainer.fit()
     finally:
-        release_run_lock(held)
+        if held is not None:
+            release_run_lock(held)

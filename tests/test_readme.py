@@ -87,6 +87,10 @@ CASES: dict[str, tuple[Step, ...]] = {
         run("data=sample", *TINY_YOLO, *RUN_OUT),),
     "python -m train name=sidnet_mobilenetv2 resume=true": (
         run("data=sample", *TINY_YOLO, "epochs=2", "hydra.run.dir={resume}"),),  # epochs=2: one more than it has
+    "python -m train loader.cache=ram loader.gpu_aug=true loader.channels_last=true workers=14 batch_size=64": (
+        run("data=sample", *TINY_YOLO, *RUN_OUT),),
+    "torchrun --nproc_per_node=2 -m train batch_size=128 workers=14": (
+        run("data=sample", *TINY_YOLO, "device=cpu", *RUN_OUT),),  # 2 gloo processes on the CPU, global batch 4
     "python -m train.anchors --data conf/data/coco128.yaml --size 416 -k 3 --evolve 1000 --out "
     "conf/anchors/coco128_person.yaml": (
         runr({"conf/data/coco128.yaml": "conf/data/sample.yaml", "--evolve 1000": "--evolve 20",
@@ -215,6 +219,8 @@ def test_readme_command(command, golden, tmp_path):
             assert old in text, f"replacement {old!r} not in the README command {text!r}: update CASES"
             text = text.replace(old, new)
         args = [_expand(a, ctx) for a in shlex.split(text)] + [_expand(a, ctx) for a in step.extra]
+        if args[0] == "torchrun":  # the same launcher, as a module of this interpreter
+            args = ["python", "-m", "torch.distributed.run", *args[1:]]
         assert args[:2] == ["python", "-m"], f"not a python -m command: {text}"
         args = g.last_override_wins(args)
         if step.kind == "fails":

@@ -445,7 +445,8 @@ def test_pipeline_matches_mains_outputs_on_the_clip(tiny_onnx, shared_data, tmp_
         _same_records(streams[s], golden["streams"][s], box_atol=0.02)
     want = sorted(golden["events"], key=lambda e: (e["stream"], e["frame"], e["zone"]))
     assert [{k: v for k, v in e.items() if k != "boxes"} for e in events] == [
-        {k: v for k, v in e.items() if k != "boxes"} for e in want]
+        {k: v for k, v in e.items() if k != "boxes"} for e in want
+    ]
     assert summary["alarms"] == golden["alarms"] and summary["decode"] == {"a": decode, "b": decode}
     assert (out / "b.mp4").exists() == (decode == "thread") and not (out / "a.mp4").exists()
     assert summary["all_streams_kept_up"] and summary["latency_ms"]["p50"] > 0

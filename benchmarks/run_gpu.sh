@@ -25,6 +25,8 @@
 #                    MobileNetV2 with and without mosaic/multi-scale; $SIDNET_PERSONS_DATA: a data YAML (a packed copy
 #                    from `python benchmarks/recipe_persons.py pack`), $SIDNET_PERSONS_WEIGHTS: the MobileNetV2 .pt
 #     bench-compiled-isolate  the AOTInductor load crash hunt (benchmarks/compiled_isolate.py, minutes)
+#     maskrcnn-fix   Mask R-CNN train (in-training evaluations) + train.evaluate + deploy (torch backend, masks) through
+#                    the entry points (benchmarks/maskrcnn_fix_smoke.sh $SIDNET_SEG_DATA $SIDNET_VIDEO)
 #     bench-loader   loader-only and training img/s per loader option (benchmarks/loader_throughput.py) on
 #                    $SIDNET_LOADER_DATA (a YOLO folder with images/{train,val}, labels/boxes/{train,val}; default
 #                    ../shared/data/capston2): SIDNet-MobileNetV2, 416², batch 64, AMP, 14 workers
@@ -189,6 +191,8 @@ for part in "${@:-all}"; do
         bench-compile) part_build; bench_compile ;;
         bench-pipeline) part_build; bench_pipeline ;;
         bench-stem) bench_stem ;;
+        maskrcnn-fix) step maskrcnn-fix maskrcnn_fix.log benchmarks/maskrcnn_fix_smoke.sh \
+            "${SIDNET_SEG_DATA:-../shared/data/coco128}" "${SIDNET_VIDEO:-../shared/data/video/pedestrians_200.mp4}" ;;
         qat-smoke) step qat-smoke qat_smoke.log benchmarks/qat_smoke.sh "${SIDNET_QAT_DATA:-.data/mini}" cuda ;;
         recipe-persons)  # the persons recipe's training stage; score it where nvidia-modelopt and OpenCV < 5 are
             step recipe-persons recipe_train.log benchmarks/recipe_persons.sh --stage train --few-files --out "$OUT" \

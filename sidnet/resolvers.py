@@ -55,7 +55,9 @@ def register_resolvers(*, project_root: Path) -> None:
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver(
-        "shared_or_sample", lambda path: shared_or_sample(path, project_root=project_root), replace=True,
+        "shared_or_sample",
+        lambda path: shared_or_sample(path, project_root=project_root),
+        replace=True,
         use_cache=True,  # resolved once per run: one log line, and the choice cannot change mid-run
     )
     OmegaConf.register_new_resolver("auto_data", lambda key: auto_data(key, project_root=project_root), replace=True)

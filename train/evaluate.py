@@ -3,8 +3,9 @@ precision at confidence 0.3, false positives per person-free image (and COCO seg
 has masks); writes a JSON report.
 
 The data defaults to the checkpoint's own validation split; ``--data conf/data/<x>.yaml`` evaluates elsewhere.
-``--onnx model.onnx --data conf/data/<x>.yaml`` evaluates an exported ONNX (FP32, FP16 or INT8 Q/DQ, native target)
-in onnxruntime through the same evaluator and report; an INT8 model is checked against its provenance manifest first.
+``--onnx model.onnx --data conf/data/<x>.yaml`` evaluates an exported ONNX (FP32, FP16 or INT8 Q/DQ, native target;
+a Mask R-CNN export: box and segm AP) in onnxruntime through the same evaluator and report; an INT8 model is checked
+against its provenance manifest first.
 """
 
 from __future__ import annotations
@@ -108,12 +109,15 @@ def evaluate_onnx(args: argparse.Namespace) -> dict:
         raise FileNotFoundError(f"ONNX file not found: {args.onnx}; pass a model.onnx written by python -m export")
     check_artifact(args.onnx)
     detector = OnnxDetector(args.onnx)
-    records = load_records(load_data_yaml(args.data, project_root=PROJECT_ROOT), args.split, project_root=PROJECT_ROOT)
+    masks = "segm" in detector.iou_types and not args.boxes_only
+    records = load_records(
+        load_data_yaml(args.data, project_root=PROJECT_ROOT), args.split, project_root=PROJECT_ROOT, masks=masks
+    )
     extra = {"onnx": str(args.onnx), "model": detector.metadata.get("model"), "onnx_precision": detector.precision,
              "input_size": detector.input_size, "split": args.split, **environment("cpu"),
              "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}  # fmt: skip
     return _evaluate(detector, records, args, size=detector.input_size, device=torch.device("cpu"), source=args.onnx,
-                     extra=extra)  # fmt: skip
+                     extra=extra, masks=masks)  # fmt: skip
 
 
 def _evaluate(model, records, args, *, size: int, device: torch.device, source: Path, extra: dict, task=None,

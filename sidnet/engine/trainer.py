@@ -168,9 +168,12 @@ class Trainer:
             "step": self.step,
             "best_ap50": self.best_ap50,
             "history": self.history,
-            "rng": {"python": random.getstate(), "numpy": numpy_rng_to_plain(np.random.get_state()),
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},  # fmt: skip
+            "rng": {
+                "python": random.getstate(),
+                "numpy": numpy_rng_to_plain(np.random.get_state()),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },  # fmt: skip
             "config": _to_container(self.cfg),
             "quant": self.quant,
         }
@@ -178,8 +181,13 @@ class Trainer:
     def _start_qat(self) -> dict[str, Any]:
         """Fake quantization for a QAT run: on resume the run's own ranges (no recalibration), else ``init_from``'s
         weights calibrated as the INT8 export would (:mod:`sidnet.quant.qat`)."""
+        from sidnet.export.adapters import adapter_for
         from sidnet.quant import qat
 
+        adapter = adapter_for(self.model)
+        if "int8" not in adapter.precisions:  # QAT fine-tunes for the INT8 export: pointless where there is none
+            raise ValueError(f"quant=qat fine-tunes for an INT8 export, and {adapter.family} exports in "
+                             f"{', '.join(adapter.precisions)} only: drop quant=qat")  # fmt: skip
         q = self.cfg.quant
         if self.cfg.resume:
             last = self.run_dir / "last.pt"

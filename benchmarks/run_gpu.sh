@@ -166,7 +166,7 @@ bench_ddp() {
     root=$(realpath "$LOADER_DATA")
     export NCCL_NVLS_ENABLE=0  # NVLink multicast off (KINDS.md)
     step bench-ddp ddp_throughput.log python3 benchmarks/ddp_throughput.py --gpus 1 2 \
-        --out "$OUT/ddp_h200x2.md" -- model.kwargs.pretrained=null "data.root=$root" data.train.images=images/train \
+        --out "$OUT/ddp_h200x2.md" -- model.kwargs.pretrained=null data=starter "data.root=$root" data.train.images=images/train \
         data.train.labels=labels/boxes/train data.val.images=images/val data.val.labels=labels/boxes/val \
         data.num_label_classes=1 data.negative_ratio=-1 batch_size=64 workers=14 epochs=5 eval.every=100 \
         tensorboard=false loader.cache=ram loader.gpu_aug=true loader.channels_last=true

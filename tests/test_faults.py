@@ -13,9 +13,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys

@@ -12,7 +12,7 @@ OUT=${OUT:-$PWD/outputs/qat_smoke}
 RUNS=$(mktemp -d)
 mkdir -p "$OUT"
 TINY=(model=sidnet "model.anchors=[[12,24],[30,60],[70,110]]" model.input_size=128 model.kwargs.width=0.125 batch_size=4
-      workers=0 "device=$DEVICE" tensorboard=false aug=none "data.root=$DATA" data.negative_ratio=-1)
+      workers=0 "device=$DEVICE" tensorboard=false aug=none data=starter "data.root=$DATA" data.negative_ratio=-1)
 for s in train val; do TINY+=("data.$s.format=yolo" "data.$s.images=$s/images" "data.$s.labels=$s/labels"); done
 python3 -m train "${TINY[@]}" epochs=3 max_steps_per_epoch=4 optim.lr=1e-3 name=fp32 "hydra.run.dir=$RUNS/fp32" 2>&1 | tail -3
 python3 -m train "${TINY[@]}" quant=qat "quant.init_from=$RUNS/fp32/last.pt" quant.calib_method=minmax \

@@ -21,7 +21,12 @@
 #                    The 1080p clip is made with PyAV (pip install av) unless SIDNET_CLIP_1080 names one.
 #     bench-compile  the torch backend vs torch.compile(max-autotune) in one run, SIDNet at batch 1 and 64 (minutes)
 #     bench-stem     the csrc/stem kernel's build variants side by side (benchmarks/stem_variants.py)
+#     recipe-persons the persons recipe's training stage (benchmarks/recipe_persons.sh --stage train): anchors, SIDNet-
+#                    MobileNetV2 with and without mosaic/multi-scale; $SIDNET_PERSONS_DATA: a data YAML (a packed copy
+#                    from `python benchmarks/recipe_persons.py pack`), $SIDNET_PERSONS_WEIGHTS: the MobileNetV2 .pt
 #     bench-compiled-isolate  the AOTInductor load crash hunt (benchmarks/compiled_isolate.py, minutes)
+#     maskrcnn-fix   Mask R-CNN train (in-training evaluations) + train.evaluate + deploy (torch backend, masks) through
+#                    the entry points (benchmarks/maskrcnn_fix_smoke.sh $SIDNET_SEG_DATA $SIDNET_VIDEO)
 #     bench-loader   loader-only and training img/s per loader option (benchmarks/loader_throughput.py) on
 #                    $SIDNET_LOADER_DATA (a YOLO folder with images/{train,val}, labels/boxes/{train,val}; default
 #                    ../shared/data/capston2): SIDNet-MobileNetV2, 416², batch 64, AMP, 14 workers
@@ -186,7 +191,13 @@ for part in "${@:-all}"; do
         bench-compile) part_build; bench_compile ;;
         bench-pipeline) part_build; bench_pipeline ;;
         bench-stem) bench_stem ;;
+        maskrcnn-fix) step maskrcnn-fix maskrcnn_fix.log benchmarks/maskrcnn_fix_smoke.sh \
+            "${SIDNET_SEG_DATA:-../shared/data/coco128}" "${SIDNET_VIDEO:-../shared/data/video/pedestrians_200.mp4}" ;;
         qat-smoke) step qat-smoke qat_smoke.log benchmarks/qat_smoke.sh "${SIDNET_QAT_DATA:-.data/mini}" cuda ;;
+        recipe-persons)  # the persons recipe's training stage; score it where nvidia-modelopt and OpenCV < 5 are
+            step recipe-persons recipe_train.log benchmarks/recipe_persons.sh --stage train --few-files --out "$OUT" \
+                --data "${SIDNET_PERSONS_DATA:-conf/data/persons.yaml}" ${SIDNET_PERSONS_WEIGHTS:+--weights "$SIDNET_PERSONS_WEIGHTS"} \
+                --epochs "${SIDNET_PERSONS_EPOCHS:-16}" --train-limit 440 ;;
         bench-compiled-isolate) part_build; bench_compiled_isolate ;;
         bench-loader) bench_loader ;;
         bench-ddp) bench_ddp ;;

@@ -22,25 +22,42 @@ class ModelConfig:
 
 
 @dataclass
-class SplitConfig:
-    format: str = "yolo"
-    images: str = "images"
-    annotations: str | None = None
-    labels: str | None = None
-    polygons: bool = False  # yolo: labels are 'cls x1 y1 x2 y2 ...' polygons (YOLO-seg)
-    skip_unlabeled: bool = False  # yolo: images without a label file are dropped, not negatives
-
-
-@dataclass
 class DataConfig:
     root: str | None = None  # null: the bundled sample shipped in sidnet/sample
-    train: SplitConfig = field(default_factory=SplitConfig)
-    val: SplitConfig = field(default_factory=SplitConfig)
+    # One source or a list of sources, each a mapping with the keys of sidnet.data.sources.SOURCE_KEYS (format, root,
+    # images, annotations | labels, class_map, ...). Typed Any because OmegaConf cannot type a "mapping or list" field;
+    # sidnet.data.sources.split_sources checks the keys, one line per mistake, before anything is written.
+    train: Any = None
+    val: Any = None
     class_names: list[str] = field(default_factory=lambda: ["person"])
     class_map: dict[int, int] = field(default_factory=lambda: {0: 0})
     num_label_classes: int = 80
     negative_ratio: float = 0.25
     lenient: bool = False
+
+
+@dataclass
+class AugConfig:
+    """Train augmentation (``conf/aug/*.yaml``): the keyword arguments of :func:`sidnet.data.build_train_transform`
+    plus the two dataset/batch-level ones, ``mosaic`` and ``multiscale``."""
+
+    enabled: bool = True
+    flip_p: float = 0.5
+    scale: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    translate: float = 0.1
+    brightness: float = 0.3
+    contrast: float = 0.3
+    hue: float = 0.015
+    saturation: float = 0.25
+    value: float = 0.1
+    blur_p: float = 0.1
+    noise_p: float = 0.1
+    gray_p: float = 0.05
+    lowlight_p: float = 0.1
+    min_visibility: float = 0.3
+    mosaic: float = 0.0  # probability of a 4-image mosaic per sample
+    # [min, max] input size in pixels: each batch is resized to a multiple of 32 drawn from it (null: off).
+    multiscale: list[int] | None = None
 
 
 @dataclass
@@ -119,7 +136,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    aug: dict[str, Any] = field(default_factory=dict)  # keyword arguments of build_train_transform
+    aug: AugConfig = field(default_factory=AugConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -175,6 +192,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
     for k in ("coord_scale", "obj_scale", "noobj_scale", "class_scale"):
         _check(getattr(loss, k) >= 0, f"loss.{k}", getattr(loss, k), "use 0 or more")
     _check(0 <= loss.ignore_thresh <= 1, "loss.ignore_thresh", loss.ignore_thresh, "use a value in [0, 1]")
+    validate_aug(cfg.aug, input_size=m.input_size)
     q = cfg.quant
     if q.enabled:
         _check(bool(q.init_from), "quant.init_from", q.init_from,
@@ -186,6 +204,19 @@ def validate_train_config(cfg: TrainConfig) -> None:
                (q.calib_batches, q.calib_batch_size), "use 1 or more")  # fmt: skip
         _check(not (q.calib_data and q.calib_images), "quant.calib_images", q.calib_images,
                "pass quant.calib_data or quant.calib_images, not both")  # fmt: skip
+
+
+def validate_aug(a: AugConfig, *, input_size: int) -> None:
+    probs = ("flip_p", "blur_p", "noise_p", "gray_p", "lowlight_p", "min_visibility", "mosaic")
+    for k in probs:
+        _check(0 <= getattr(a, k) <= 1, f"aug.{k}", getattr(a, k), "use a probability in [0, 1]")
+    _check(len(a.scale) == 2 and 0 < a.scale[0] <= a.scale[1], "aug.scale", a.scale,
+           "use [min, max] with 0 < min <= max")  # fmt: skip
+    if a.multiscale is not None:
+        lo, hi = (list(a.multiscale) + [0, 0])[:2]
+        _check(len(a.multiscale) == 2 and 32 <= lo <= hi and math.ceil(lo / 32) * 32 <= hi, "aug.multiscale",
+               a.multiscale, f"use [min, max] input sizes in pixels holding a multiple of 32, e.g. [320, 512] "
+               f"around model.input_size={input_size}, or null (off)")  # fmt: skip
 
 
 def validate_anchors(anchors: list[list[float]], *, num_anchors: int, source: Any) -> None:

@@ -122,3 +122,22 @@ def video_frames(shared: Path, n: int) -> list:
         frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
     cap.release()
     return frames
+
+
+@pytest.fixture(scope="session")
+def golden(tmp_path_factory):
+    """One tiny trained run per registered model, made on first use and shared by the golden-path matrix and the
+    README test (:class:`tests.golden.GoldenRuns`)."""
+    from tests.golden import GoldenRuns
+
+    return GoldenRuns(tmp_path_factory.mktemp("golden"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Wall and CPU seconds of the ``python -m`` processes the golden-path and README tests ran (the CPU total is what
+    a quiet 2-core CI machine needs; wall time on a shared machine says little)."""
+    from tests.golden import TIMINGS
+
+    if TIMINGS:
+        wall, cpu = sum(t[1] for t in TIMINGS), sum(t[2] for t in TIMINGS)
+        terminalreporter.write_line(f"python -m processes: {len(TIMINGS)}, wall {wall:.0f} s, CPU {cpu:.0f} s")

@@ -177,8 +177,9 @@ def test_seeded_sampler_makes_samples_independent_of_history():
 
     from sidnet.data import DetectionDataset, SeededSampler, build_train_transform, load_split, sample_root
 
-    records, _ = load_split(format="yolo", root=sample_root(), images="images/train2017",
-                            labels="labels/boxes/train2017")
+    records, _ = load_split(
+        format="yolo", root=sample_root(), images="images/train2017", labels="labels/boxes/train2017"
+    )
     ds = DetectionDataset(records, size=128, transform=build_train_transform(size=128), mosaic=0.5)
     sampler = SeededSampler(len(ds), seed=3)
     sampler.set_epoch(1)

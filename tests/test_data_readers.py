@@ -90,9 +90,10 @@ def test_load_split_from_configs(shared_data: Path) -> None:
     assert dataset_summary(train)["boxes"] == 254 and dataset_summary(val)["boxes"] == 350
 
 
-@pytest.mark.parametrize("config", ["sample.yaml", "auto.yaml"])
+@pytest.mark.parametrize("config", ["sample.yaml", "starter.yaml"])
 def test_sample_loads(config: str) -> None:
-    """The bundled sample reads with its own config and with data=auto's splits (auto falls back to the sample)."""
+    """The bundled sample reads with its own config and with data=starter's splits (the README's first command
+    falls back to the sample)."""
     path = REPO / "conf/data" / config
     if not path.is_file():
         pytest.skip(f"{path} not present")

@@ -298,8 +298,11 @@ def test_config_fault_one_line(tmp_path, capsys, fault, overrides, message):
 ANCHOR_FAULTS = [
     ("data YAML missing", ["--data", "nope.yaml"], r"data config nope\.yaml not found"),
     ("k=0", ["--data", "conf/data/sample.yaml", "-k", "0"], r"k must be >= 1, got 0"),
-    ("more anchors than boxes", ["--data", "conf/data/sample.yaml", "-k", "50", "--evolve", "0"],
-     r"k=50 anchors requested but only 17 boxes"),
+    (
+        "more anchors than boxes",
+        ["--data", "conf/data/sample.yaml", "-k", "50", "--evolve", "0"],
+        r"k=50 anchors requested but only 17 boxes",
+    ),
     ("size not a number", ["--data", "conf/data/sample.yaml", "--size", "x"], r"argument --size: invalid int"),
 ]
 

@@ -83,7 +83,7 @@ def setup(shared_data, tmp_path_factory):
     ckpt = tmp / "fp32.pt"
     save_checkpoint({"model": SPEC, "model_state": model.state_dict(), "ema": None,
                      "config": {"data": {"class_names": ["person"]}}}, ckpt)  # fmt: skip
-    data_args = [f"data.{k}={v}" for k, v in (("root", tmp / "data"), ("negative_ratio", -1))]
+    data_args = ["data=starter"] + [f"data.{k}={v}" for k, v in (("root", tmp / "data"), ("negative_ratio", -1))]
     data_args += [f"data.{s}.{k}={v}" for s in ("train", "val") for k, v in
                   (("format", "yolo"), ("images", f"{s}/images"), ("labels", f"{s}/labels"))]  # fmt: skip
     base = [*TINY, *data_args, "quant.calib_method=minmax", "quant.calib_batch_size=4", "optim.lr=1e-3"]

@@ -289,8 +289,11 @@ def test_deploy_two_streams_with_a_zone_end_to_end(tiny_onnx, shared_data, tmp_p
     # detections written equal the Detector's on the same frames
     direct = Detector(tiny_onnx, conf_thresh=CONF)(video_frames(shared_data, 6))
     for rec, d in zip(lines, direct, strict=True):
-        assert len(rec["detections"]) == len(d) == rec["zones"]["all"] + sum(
-            1 for b in d.boxes if not (0 <= (b[0] + b[2]) / 2 <= 767 and 0 <= b[3] <= 575))
+        assert (
+            len(rec["detections"])
+            == len(d)
+            == rec["zones"]["all"] + sum(1 for b in d.boxes if not (0 <= (b[0] + b[2]) / 2 <= 767 and 0 <= b[3] <= 575))
+        )
         np.testing.assert_allclose([x["box"] for x in rec["detections"]], d.boxes, atol=0.01)
     with pytest.raises(SystemExit, match="already exists: pass --force"):
         _deploy(tiny_onnx, f"a={video}", "--out", out, "--max-frames", 1)
@@ -442,7 +445,8 @@ def test_pipeline_matches_mains_outputs_on_the_clip(tiny_onnx, shared_data, tmp_
         _same_records(streams[s], golden["streams"][s], box_atol=0.02)
     want = sorted(golden["events"], key=lambda e: (e["stream"], e["frame"], e["zone"]))
     assert [{k: v for k, v in e.items() if k != "boxes"} for e in events] == [
-        {k: v for k, v in e.items() if k != "boxes"} for e in want]
+        {k: v for k, v in e.items() if k != "boxes"} for e in want
+    ]
     assert summary["alarms"] == golden["alarms"] and summary["decode"] == {"a": decode, "b": decode}
     assert (out / "b.mp4").exists() == (decode == "thread") and not (out / "a.mp4").exists()
     assert summary["all_streams_kept_up"] and summary["latency_ms"]["p50"] > 0

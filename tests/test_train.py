@@ -35,7 +35,7 @@ def test_config_composes_with_overrides():
     assert isinstance(cfg, TrainConfig)
     assert cfg.model.name == "yolov2" and len(cfg.model.anchors) == 5
     assert cfg.optim.name == "sgd" and cfg.optim.lr == 0.02 and cfg.epochs == 7
-    assert cfg.data.train.format == "coco"
+    assert cfg.data.train["format"] == "coco"
 
 
 def test_config_rejects_unknown_keys_and_types():
@@ -120,7 +120,7 @@ def test_cli_trains_and_evaluates(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert {"AP", "AP50", "AP75", "AP_small", "recall", "precision", "fp_per_negative_image", "device"} <= set(report)
     other = subprocess.run([sys.executable, "-m", "train.evaluate", "--checkpoint", f"{tmp_path}/run/last.pt",
-                            "--data", "conf/data/auto.yaml", "--out", f"{tmp_path}/auto.json"],
+                            "--data", "conf/data/starter.yaml", "--out", f"{tmp_path}/auto.json"],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert other.returncode == 0, other.stderr[-2000:]
     assert json.loads((tmp_path / "auto.json").read_text())["num_images"] in (4, 128)  # sample or coco128 val
@@ -149,13 +149,15 @@ def test_overfit_sample_scores_perfect_ap_on_its_own_images(tmp_path):
 
 
 def test_default_data_falls_back_to_the_bundled_sample_when_shared_is_absent(tmp_path, caplog):
-    """data=auto (the README's first command) on a machine without ../shared: the sample, and it says so."""
+    """data=starter (the README's first command) and data=auto on a machine without ../shared: the sample, and
+    they say so."""
     from sidnet.data import sample_root
-    from sidnet.data.loading import data_root
-    from sidnet.resolvers import shared_or_sample
+    from sidnet.data.loading import data_sources
+    from sidnet.resolvers import auto_data_name, shared_or_sample
 
     assert shared_or_sample("../shared/data/coco128", project_root=tmp_path / "repo") is None
     assert "bundled sample" in caplog.text
-    cfg = _compose([])
+    assert auto_data_name(tmp_path / "repo") == "sample"
+    cfg = _compose(["data=starter"])
     cfg.data.root = None
-    assert data_root(cfg.data, project_root=ROOT) == sample_root()
+    assert data_sources(cfg.data, "train", project_root=ROOT)[0].root == sample_root()

@@ -27,6 +27,7 @@ log = logging.getLogger("sidnet.train")
 EXAMPLES = [
     "python -m train epochs=10                                  # SIDNet-MobileNetV2 on data=auto",
     "python -m train model=sidnet data=coco128 epochs=50        # Darknet-19 SIDNet on the COCO JSON split",
+    "python -m train data=path/to/mine.yaml                     # your own data YAML (roots relative to it)",
     "python -m train model=yolov2 optim=sgd optim.lr=0.01 name=yolo_ref",
     "python -m train name=sidnet_mobilenetv2 resume=true        # continue a run exactly where it stopped",
     "python -m train model.anchors=runs/anchors/mine.yaml       # anchors from python -m train.anchors --out",
@@ -66,12 +67,33 @@ def compose(overrides: list[str]):
 
     register_configs()
     register_resolvers(project_root=PROJECT_ROOT)
+    overrides = data_file_override(overrides)
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=True)
     run_dir = Path(str(cfg.hydra.run.dir))
     with open_dict(cfg):
         del cfg["hydra"]
     return OmegaConf.to_object(cfg), cfg, run_dir
+
+
+def data_file_override(overrides: list[str]) -> list[str]:
+    """``data=path/to/mine.yaml`` (a value ending in .yaml/.yml) → that file, read with its relative roots made
+    absolute against its own folder (:func:`sidnet.data.sources.read_data_yaml`) and offered to Hydra as the data
+    option ``file`` in the ConfigStore; other overrides such as ``data.negative_ratio=0`` still apply on top. A missing
+    or malformed file is a one-line error before Hydra sees it."""
+    from hydra.core.config_store import ConfigStore
+
+    from sidnet.data.sources import is_data_file, read_data_yaml
+
+    out = list(overrides)
+    for i, item in enumerate(out):
+        key, sep, value = item.partition("=")
+        if sep and key == "data" and is_data_file(value):
+            node = read_data_yaml(value, project_root=PROJECT_ROOT)
+            ConfigStore.instance().store(group="data", name="file", node=node)
+            log.info("data: %s", Path(value).resolve())
+            out[i] = "data=file"
+    return out
 
 
 def _bad_config(e: Exception) -> ValueError:
@@ -97,6 +119,7 @@ def summary_table(summary: dict, run_dir: Path) -> None:
 def run(overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
 
+    from sidnet.data import DataError
     from sidnet.engine import distributed
     from sidnet.engine.runlock import acquire_run_lock
     from sidnet.engine.trainer import check_run_dir, check_train_config, train
@@ -104,6 +127,8 @@ def run(overrides: list[str]) -> dict:
 
     try:
         config, cfg, run_dir = compose(overrides)
+    except DataError:
+        raise  # a data=<file>.yaml problem: already one line naming the file
     except Exception as e:  # noqa: BLE001  (Hydra/OmegaConf raise many types for one bad override)
         raise _bad_config(e) from e
     check_train_config(config, project_root=PROJECT_ROOT)  # nothing is written before the config is known good

@@ -2,7 +2,8 @@
 
 Reads the data YAML, loads the *train* split's person boxes, letterboxes their sizes to ``--size``, clusters them
 with IoU k-means (+ optional evolution), prints avg IoU / BPR for the tuned and the current anchors, and writes the
-anchors YAML atomically. Run from the repository root: relative paths resolve against the working directory.
+anchors YAML atomically. Run from the repository root: relative paths resolve against the working directory; relative
+roots inside a data YAML resolve as everywhere (:mod:`sidnet.data.sources`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import yaml
 
 from sidnet.anchors import YOLOV2_VOC_ANCHORS, anchor_metrics, kmeans_anchors, letterboxed_wh
 from sidnet.cli import OneLineParser, run_guarded
-from sidnet.data import load_split, resolve_root
 from sidnet.io import atomic_write_text
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # YOLOv5 autoanchor leaves boxes under 2 px out of the fit: they are label noise at this scale and drag a cluster.
 MIN_FIT_SIZE = 2.0
 DEFAULT_MODEL = "sidnet_mobilenetv2"  # conf/train.yaml's default model
@@ -34,7 +35,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                            epilog="Example: python -m train.anchors --data conf/data/coco128.yaml --size 416 -k 3 "
                            "--out runs/anchors/coco128_person.yaml, then python -m train "
                            "model.anchors=runs/anchors/coco128_person.yaml").add_verbose()  # fmt: skip
-    parser.add_argument("--data", required=True, help="data YAML (conf/data/*.yaml)")
+    parser.add_argument("--data", required=True, help="data YAML (conf/data/*.yaml or your own)")
     parser.add_argument("--size", type=int, default=416, help="square network input size in pixels")
     parser.add_argument("-k", type=int, default=3, help="number of anchors")
     parser.add_argument("--seed", type=int, default=0)
@@ -62,44 +63,23 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
 
 
 def load_train_person_boxes(data_yaml: Path) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Load the train split of ``data_yaml`` and return its person boxes.
+    """Load the train split of ``data_yaml`` (every source of it) and return its person boxes.
 
     Returns:
         ``(wh, image_sizes, num_images, num_negative_images)`` with ``wh`` the ``(K, 2)`` box sizes in original
         pixels and ``image_sizes`` the ``(K, 2)`` ``(w, h)`` of each box's image.
     """
-    cfg = _read_yaml(data_yaml, "data config")
-    split = cfg.get("train")
-    if not isinstance(split, dict) or "format" not in split or "images" not in split:
-        raise SystemExit(f"error: {data_yaml} needs a 'train' mapping with at least 'format' and 'images'")
-    class_names = cfg.get("class_names", ["person"])
-    if "person" not in class_names:
-        raise SystemExit(f"error: {data_yaml} class_names {class_names} has no 'person'")
-    person = class_names.index("person")
-    if "${" in str(cfg.get("root")):
-        # PyYAML cannot resolve OmegaConf interpolations, and an anchors file must name one concrete dataset.
-        raise SystemExit(
-            f"error: {data_yaml} root {cfg['root']!r} is an interpolation; use a data YAML with a "
-            "concrete root (conf/data/coco128.yaml, conf/data/sample.yaml)"
-        )
-    root = resolve_root(cfg.get("root"), base=Path.cwd())  # None = bundled sample; relative = from the repo root
+    from sidnet.data.config import load_data_yaml
+    from sidnet.data.loading import load_records
 
-    try:
-        records, skipped = load_split(
-            format=split["format"],
-            root=root,
-            images=split["images"],
-            annotations=split.get("annotations"),
-            labels=split.get("labels"),
-            class_names=class_names,
-            class_map=cfg.get("class_map"),
-            num_label_classes=cfg.get("num_label_classes", 80),
-            lenient=bool(cfg.get("lenient", False)),
-        )
+    try:  # relative roots: the project root for conf/data/*.yaml, else the YAML's own folder
+        cfg = load_data_yaml(data_yaml, project_root=PROJECT_ROOT)
+        records = load_records(cfg, "train", project_root=PROJECT_ROOT)
     except (ValueError, OSError) as exc:  # the data layer's DataError is a ValueError with a one-line message
         raise SystemExit(f"error: {data_yaml}: {exc}") from exc
-    if skipped.total:
-        print(f"data: {skipped}")
+    if "person" not in cfg.class_names:
+        raise SystemExit(f"error: {data_yaml} class_names {cfg.class_names} has no 'person'")
+    person = cfg.class_names.index("person")
     wh, sizes, negatives = [], [], 0
     for record in records:
         boxes = np.asarray(record.boxes, dtype=np.float64).reshape(-1, 4)[np.asarray(record.labels) == person]

@@ -3,8 +3,9 @@ precision at confidence 0.3, false positives per person-free image (and COCO seg
 has masks); writes a JSON report.
 
 The data defaults to the checkpoint's own validation split; ``--data conf/data/<x>.yaml`` evaluates elsewhere.
-``--onnx model.onnx --data conf/data/<x>.yaml`` evaluates an exported ONNX (FP32, FP16 or INT8 Q/DQ, native target)
-in onnxruntime through the same evaluator and report; an INT8 model is checked against its provenance manifest first.
+``--onnx model.onnx --data conf/data/<x>.yaml`` evaluates an exported ONNX (FP32, FP16 or INT8 Q/DQ, native target;
+a Mask R-CNN export: box and segm AP) in onnxruntime through the same evaluator and report; an INT8 model is checked
+against its provenance manifest first.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from sidnet.data.loading import load_records
 from sidnet.engine.tasks import build_task
 from sidnet.engine.trainer import resolve_device
 from sidnet.environment import environment
-from sidnet.evaluation import evaluate_detections, write_report
+from sidnet.evaluation import evaluate_by_source, write_report
 from sidnet.evaluation.predict import predict_dataset
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +35,8 @@ EXAMPLES = """Examples:
   python -m train.evaluate --onnx runs/sidnet_mobilenetv2/export/int8/model.onnx --data conf/data/coco128.yaml \\
       --split val:1/2                                                              # an export, in onnxruntime
 Writes <report>.json, <report>_pr.png (precision-recall at IoU 0.5) and <report>_images/ (annotated)."""
-KEYS = ("AP", "AP50", "AP75", "AP_small", "recall", "precision", "fp_per_negative_image", "segm_AP", "segm_AP50")
+KEYS = ("AP", "AP50", "AP75", "AP_small", "recall", "recall_small", "precision", "fp_per_negative_image", "segm_AP",
+        "segm_AP50")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -76,8 +78,6 @@ def evaluate(args: argparse.Namespace) -> dict:
     else:
         model = model_from_checkpoint(state, ema=not args.no_ema)
     if args.data is not None:
-        if not args.data.is_file():
-            raise FileNotFoundError(f"data config not found: {args.data}; pass a YAML from conf/data/")
         data = load_data_yaml(args.data, project_root=PROJECT_ROOT)
     else:
         if not isinstance(state.get("config"), dict) or "data" not in state["config"]:
@@ -107,16 +107,17 @@ def evaluate_onnx(args: argparse.Namespace) -> dict:
         raise FileNotFoundError("--onnx needs --data conf/data/<x>.yaml (an ONNX file carries no data config)")
     if not args.onnx.is_file():
         raise FileNotFoundError(f"ONNX file not found: {args.onnx}; pass a model.onnx written by python -m export")
-    if not args.data.is_file():
-        raise FileNotFoundError(f"data config not found: {args.data}; pass a YAML from conf/data/")
     check_artifact(args.onnx)
     detector = OnnxDetector(args.onnx)
-    records = load_records(load_data_yaml(args.data, project_root=PROJECT_ROOT), args.split, project_root=PROJECT_ROOT)
+    masks = "segm" in detector.iou_types and not args.boxes_only
+    records = load_records(
+        load_data_yaml(args.data, project_root=PROJECT_ROOT), args.split, project_root=PROJECT_ROOT, masks=masks
+    )
     extra = {"onnx": str(args.onnx), "model": detector.metadata.get("model"), "onnx_precision": detector.precision,
              "input_size": detector.input_size, "split": args.split, **environment("cpu"),
              "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}  # fmt: skip
     return _evaluate(detector, records, args, size=detector.input_size, device=torch.device("cpu"), source=args.onnx,
-                     extra=extra)  # fmt: skip
+                     extra=extra, masks=masks)  # fmt: skip
 
 
 def _evaluate(model, records, args, *, size: int, device: torch.device, source: Path, extra: dict, task=None,
@@ -124,7 +125,7 @@ def _evaluate(model, records, args, *, size: int, device: torch.device, source: 
     dataset = DetectionDataset(records, size=size)
     preds, pred_masks = predict_dataset(model, dataset, task=task, device=device, batch_size=args.batch_size,
                                         desc=f"evaluate {args.split}")  # fmt: skip
-    report = evaluate_detections(records, preds, operating_conf=args.conf, masks=pred_masks if masks else None)
+    report = evaluate_by_source(records, preds, operating_conf=args.conf, masks=pred_masks if masks else None)
     tag = args.split.replace(":", "_").replace("/", "of")  # val:1/2 -> val_1of2
     out = args.out or source.with_name(f"{source.stem}_{tag}_report.json")
     extra = {k: v for k, v in extra.items() if k not in report}
@@ -136,8 +137,11 @@ def _evaluate(model, records, args, *, size: int, device: torch.device, source: 
     if args.images > 0:
         pictures += annotated_images(records, preds, stem.with_name(stem.name + "_images"), conf=args.conf,
                                      count=args.images)  # fmt: skip
+    per_source = report.get("per_source", {})
     if args.json:
         print(json.dumps({k: report.get(k) for k in KEYS}, indent=None))
+        for name, r in per_source.items():
+            print(f"{name}: " + json.dumps({k: r.get(k) for k in KEYS if k in r}, indent=None))
         return report
     from sidnet.progress import print_table
 
@@ -145,6 +149,10 @@ def _evaluate(model, records, args, *, size: int, device: torch.device, source: 
     rows += [("images / person boxes", f"{report['num_images']} / {report['num_gt_boxes']}"),
              (f"TP / FP / FN @{args.conf:g}", f"{report['tp']} / {report['fp']} / {report['fn']}")]  # fmt: skip
     print_table(f"evaluation of {source} on {args.split}", ["metric", "value"], rows)
+    if per_source:
+        cols = [k for k in ("AP50", "AP", "AP_small", "recall", "recall_small") if report.get(k) is not None]
+        print_table("per source", ["source", *cols],
+                    [(name, *(r.get(k) for k in cols)) for name, r in per_source.items()])  # fmt: skip
     print(f"report: {out}\nplots: {pictures[0]}" + (f", {pictures[1].parent}/ ({len(pictures) - 1} images)"
                                                      if len(pictures) > 1 else ""))  # fmt: skip
     return report

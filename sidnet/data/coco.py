@@ -173,7 +173,13 @@ def read_coco(
             rles.append(seg if isinstance(seg, dict) else None)
         records.append(
             make_record(
-                path=path, width=width, height=height, boxes=boxes, labels=labels, image_id=image_id, polygons=polys,
+                path=path,
+                width=width,
+                height=height,
+                boxes=boxes,
+                labels=labels,
+                image_id=image_id,
+                polygons=polys,
                 rles=rles,
             )
         )

@@ -29,9 +29,12 @@ def check_polygons(polygons: list[np.ndarray], *, width: int, height: int, check
     return False (lenient) — strict mode raises."""
     tol = BOX_TOLERANCE_PX
     for pts in polygons:
-        if (pts[:, 0] < -tol).any() or (pts[:, 1] < -tol).any() or (pts[:, 0] > width + tol).any() or (
-            pts[:, 1] > height + tol
-        ).any():
+        if (
+            (pts[:, 0] < -tol).any()
+            or (pts[:, 1] < -tol).any()
+            or (pts[:, 0] > width + tol).any()
+            or (pts[:, 1] > height + tol).any()
+        ):
             lo, hi = pts.min(axis=0), pts.max(axis=0)
             checker.problem(MASK_OUTSIDE_IMAGE, f"mask polygon spans x {lo[0]:.1f}..{hi[0]:.1f}, y {lo[1]:.1f}.."
                             f"{hi[1]:.1f} outside the {width}x{height} image in {where} (tolerance {tol:g} px); "
@@ -108,6 +111,20 @@ def unletterbox_masks(masks: np.ndarray, info: LetterboxInfo) -> np.ndarray:
         crop = np.ascontiguousarray(m[info.pad_y : info.pad_y + new_h, info.pad_x : info.pad_x + new_w], np.float32)
         out[k] = cv2.resize(crop, (info.orig_w, info.orig_h), interpolation=cv2.INTER_LINEAR)
     return out
+
+
+def paste_masks(masks: np.ndarray, boxes: np.ndarray, *, size: int) -> np.ndarray:
+    """Per-box mask probabilities ``(P, M, M)`` (an exported Mask R-CNN's ``masks`` rows) + their ``(P, 4)`` xyxy
+    boxes in network pixels → ``(P, size, size)`` float32 probabilities, pasted as torchvision's Mask R-CNN does in
+    eval mode (``paste_masks_in_image``, one pixel of padding), so an export is scored like its checkpoint."""
+    import torch
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    if len(masks) == 0:
+        return np.zeros((0, size, size), np.float32)
+    pasted = paste_masks_in_image(torch.from_numpy(np.ascontiguousarray(masks, np.float32))[:, None],
+                                  torch.from_numpy(np.ascontiguousarray(boxes, np.float32)), (size, size))  # fmt: skip
+    return pasted[:, 0].numpy()
 
 
 def encode_masks(masks: np.ndarray) -> list[dict]:

@@ -22,6 +22,7 @@ class ImageRecord:
         polygons: empty when unknown; otherwise one entry per box, each a tuple of ``(P_i, 2)`` float32 arrays
             in absolute pixels (an empty tuple for a box whose mask is RLE-encoded).
         rles: empty, or one entry per box: the box's COCO RLE dict when its mask is RLE-encoded, else ``None``.
+        source: name of the data source it came from (a split may hold several, :mod:`sidnet.data.sources`).
     """
 
     path: Path
@@ -32,6 +33,7 @@ class ImageRecord:
     image_id: int
     polygons: tuple = ()
     rles: tuple = ()
+    source: str = ""
 
     @property
     def is_negative(self) -> bool:
@@ -49,6 +51,7 @@ def make_record(
     image_id: int,
     polygons: list[tuple] | None = None,
     rles: list | None = None,
+    source: str = "",
 ) -> ImageRecord:
     """Build an :class:`ImageRecord` from Python lists, fixing dtypes and the empty ``(0, 4)`` shape."""
     return ImageRecord(
@@ -60,4 +63,5 @@ def make_record(
         image_id=int(image_id),
         polygons=tuple(polygons) if polygons is not None else (),
         rles=tuple(rles) if rles is not None else (),
+        source=source,
     )

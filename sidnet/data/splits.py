@@ -46,7 +46,10 @@ def load_split(
         if not annotations:
             raise DataError(f"format 'coco' needs an annotations path (images: {images}); set data.<split>.annotations")
         return read_coco(
-            annotations=root / annotations, images=root / images, class_names=tuple(class_names), masks=masks,
+            annotations=root / annotations,
+            images=root / images,
+            class_names=tuple(class_names),
+            masks=masks,
             lenient=lenient,
         )
     if format == "yolo":

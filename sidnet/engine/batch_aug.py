@@ -31,7 +31,7 @@ from sidnet.letterbox import LETTERBOX_FILL
 COLUMNS = ("flip", "scale", "tx", "ty", "contrast", "brightness", "hue", "saturation", "value", "gamma",
            "lowlight_std", "gray", "blur_kind", "blur_k", "blur_param", "noise_std")  # fmt: skip
 _COL = {name: i for i, name in enumerate(COLUMNS)}
-_NOT_PIXEL_OPS = {"size", "enabled", "masks", "mosaic"}
+_NOT_PIXEL_OPS = {"size", "enabled", "masks", "mosaic", "multiscale"}  # multiscale: the trainer's batch resize
 
 
 def params_from_aug_config(aug: dict[str, Any], *, size: int) -> dict[str, Any]:

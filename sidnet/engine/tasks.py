@@ -55,7 +55,7 @@ class RegionTask:
     def loss(self, model, images, targets, *, amp):
         with _autocast(images.device, amp):
             raw = model(images)
-        return self.criterion(raw.float(), targets)
+        return self.criterion(raw.float(), targets, input_size=images.shape[-1])
 
     def predict(self, model, images, *, conf_thresh, nms_iou, max_det, amp):
         from sidnet.postprocess import postprocess

@@ -30,13 +30,14 @@ from sidnet.checkpoint import (
     save_checkpoint,
 )
 from sidnet.config import ConfigError, TrainConfig, validate_anchors, validate_train_config
-from sidnet.data.loading import build_datasets, load_records
+from sidnet.data.loading import build_datasets, data_sources, load_records
+from sidnet.data.multiscale import multiscale_size, rescale_batch
 from sidnet.engine.distributed import DistContext, all_reduce_mean
 from sidnet.engine.ema import ModelEMA
 from sidnet.engine.loader import build_train_loader, to_device, train_dataset_for_loader
 from sidnet.engine.runlock import acquire_run_lock, release_run_lock
 from sidnet.engine.tasks import build_task
-from sidnet.evaluation import evaluate_detections
+from sidnet.evaluation import evaluate_by_source
 from sidnet.evaluation.predict import predict_dataset
 from sidnet.io import remove_stale_temporaries
 from sidnet.progress import progress
@@ -122,7 +123,7 @@ class Trainer:
         if self.dist.enabled and "segm" in self.task.iou_types:
             raise ConfigError(f"model.name={m.name}: multi-process training covers the region (YOLOv2-family) "
                               "models; train this one in one process (python -m train)")  # fmt: skip
-        self.train_set, self.val_set = build_datasets(cfg.data, input_size=m.input_size, aug=dict(cfg.aug),
+        self.train_set, self.val_set = build_datasets(cfg.data, input_size=m.input_size, aug=asdict(cfg.aug),
                                                       seed=cfg.seed, project_root=self.project_root,
                                                       masks="segm" in self.task.iou_types)  # fmt: skip
         if len(self.train_set) == 0:
@@ -167,9 +168,12 @@ class Trainer:
             "step": self.step,
             "best_ap50": self.best_ap50,
             "history": self.history,
-            "rng": {"python": random.getstate(), "numpy": numpy_rng_to_plain(np.random.get_state()),
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},  # fmt: skip
+            "rng": {
+                "python": random.getstate(),
+                "numpy": numpy_rng_to_plain(np.random.get_state()),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },  # fmt: skip
             "config": _to_container(self.cfg),
             "quant": self.quant,
         }
@@ -177,8 +181,13 @@ class Trainer:
     def _start_qat(self) -> dict[str, Any]:
         """Fake quantization for a QAT run: on resume the run's own ranges (no recalibration), else ``init_from``'s
         weights calibrated as the INT8 export would (:mod:`sidnet.quant.qat`)."""
+        from sidnet.export.adapters import adapter_for
         from sidnet.quant import qat
 
+        adapter = adapter_for(self.model)
+        if "int8" not in adapter.precisions:  # QAT fine-tunes for the INT8 export: pointless where there is none
+            raise ValueError(f"quant=qat fine-tunes for an INT8 export, and {adapter.family} exports in "
+                             f"{', '.join(adapter.precisions)} only: drop quant=qat")  # fmt: skip
         q = self.cfg.quant
         if self.cfg.resume:
             last = self.run_dir / "last.pt"
@@ -245,7 +254,7 @@ class Trainer:
         if self._train_loader is None:
             lc, w = self.cfg.loader, self.cfg.workers
             dataset = train_dataset_for_loader(self.train_set, cache=lc.cache, cache_dir=Path(lc.cache_dir),
-                                               gpu_aug=lc.gpu_aug, aug=dict(self.cfg.aug),
+                                               gpu_aug=lc.gpu_aug, aug=asdict(self.cfg.aug),
                                                threads=os.cpu_count() or 1)  # fmt: skip
             self._train_loader, self._sampler = build_train_loader(
                 dataset, batch_size=self.rank_batch, seed=self.cfg.seed, workers=w, rank=self.dist.rank,
@@ -275,6 +284,10 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             images, targets = to_device(images, targets, device=self.device, channels_last=self.channels_last)
+            if cfg.aug.multiscale:  # one input size per batch, from (seed, epoch, batch index): resume stays exact
+                size = multiscale_size(seed=cfg.seed, epoch=self.epoch, index=i, low=cfg.aug.multiscale[0],
+                                       high=cfg.aug.multiscale[1])  # fmt: skip
+                images, targets = rescale_batch(images, targets, size=size)
             if image_ids is not None:
                 image_ids.extend(t["image_id"] for t in targets)
             loss, parts = self.task.loss(self.ddp_model, images, targets, amp=self.amp)
@@ -329,11 +342,18 @@ class Trainer:
                                        batch_size=self.cfg.batch_size, conf_thresh=e.conf_thresh, nms_iou=e.nms_iou,
                                        max_det=e.max_det, amp=self.amp,
                                        desc=f"validation {self.epoch}/{self.cfg.epochs}")  # fmt: skip
-        report = evaluate_detections(self.val_set.records, preds, operating_conf=e.operating_conf, masks=masks)
+        report = evaluate_by_source(self.val_set.records, preds, operating_conf=e.operating_conf, masks=masks)
+        for name, r in report.get("per_source", {}).items():
+            log.info("val %s: AP50 %.4f AP %.4f AP_small %s recall@%.2g %.4f", name, r["AP50"] or 0, r["AP"] or 0,
+                     r["AP_small"] if r["AP_small"] is None else round(r["AP_small"], 4), e.operating_conf,
+                     r["recall"])  # fmt: skip
         if self.writer:
-            for k in ("AP", "AP50", "AP75", "recall", "precision", "fp_per_negative_image", "segm_AP", "segm_AP50"):
-                if isinstance(report.get(k), (int, float)):
-                    self.writer.add_scalar(f"val/{k}", report[k], self.epoch)
+            keys = ("AP", "AP50", "AP75", "AP_small", "recall", "recall_small", "precision", "fp_per_negative_image",
+                    "segm_AP", "segm_AP50")  # fmt: skip
+            for prefix, r in [("val", report), *((f"val_{n}", r) for n, r in report.get("per_source", {}).items())]:
+                for k in keys:
+                    if isinstance(r.get(k), (int, float)):
+                        self.writer.add_scalar(f"{prefix}/{k}", r[k], self.epoch)
             self._log_sample_image(model)
         return report
 
@@ -417,8 +437,11 @@ def _to_container(cfg: TrainConfig) -> dict:
 
 
 def check_train_config(cfg: TrainConfig, *, project_root: Path) -> None:
-    """Every check that needs no data: value ranges, the anchors (file, shape, count) and the device."""
+    """Every check that needs no data: value ranges, the data splits' keys, the anchors (file, shape, count) and the
+    device."""
     validate_train_config(cfg)
+    for split in ("train", "val"):
+        data_sources(cfg.data, split, project_root=project_root)
     if cfg.model.anchors is not None:  # null: the model has no anchor list (maskrcnn: RPN anchors per FPN level)
         anchors = load_anchors(cfg.model.anchors, project_root=project_root)
         validate_anchors(anchors, num_anchors=cfg.model.num_anchors, source=cfg.model.anchors)

@@ -33,12 +33,14 @@ from pycocotools.cocoeval import COCOeval
 
 from sidnet.io import atomic_write_text
 
-__all__ = ["COCO_STAT_NAMES", "box_iou", "evaluate_detections", "match_detections", "write_report"]
+__all__ = ["COCO_STAT_NAMES", "box_iou", "evaluate_by_source", "evaluate_detections", "match_detections",
+           "write_report"]
 
 # Order of COCOeval.stats for iouType="bbox"; only the names listed here are reported.
 _COCO_STATS_INDEX = {"AP": 0, "AP50": 1, "AP75": 2, "AP_small": 3, "AP_medium": 4, "AP_large": 5, "AR100": 8}
 COCO_STAT_NAMES: tuple[str, ...] = tuple(_COCO_STATS_INDEX)
 
+SMALL_AREA = 32**2  # COCO's "small": box area under 32 x 32 original pixels (as AP_small here)
 _PERSON_CATEGORY_ID = 1  # COCO's id for person; the evaluation only ever has this one category.
 
 
@@ -83,18 +85,23 @@ def match_detections(
     Returns:
         ``(tp, fp, fn)`` counts for the image.
     """
+    matched = _matched_gt(gt_boxes, det_boxes, det_scores, iou_match=iou_match)
+    tp = int(matched.sum())
+    return tp, len(np.asarray(det_boxes).reshape(-1, 4)) - tp, len(matched) - tp
+
+
+def _matched_gt(gt_boxes: np.ndarray, det_boxes: np.ndarray, det_scores: np.ndarray, *, iou_match: float) -> np.ndarray:
+    """:func:`match_detections`' greedy matching; returns which ground-truth boxes were matched, ``(G,)`` bool."""
     gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
     det_boxes = np.asarray(det_boxes, dtype=np.float64).reshape(-1, 4)
     order = np.argsort(-np.asarray(det_scores, dtype=np.float64), kind="stable")
     iou = box_iou(det_boxes[order], gt_boxes)
     matched = np.zeros(len(gt_boxes), dtype=bool)
-    tp = 0
     for row in iou:
         candidates = np.where(matched, -1.0, row)
         if len(candidates) and candidates.max() >= iou_match:
             matched[candidates.argmax()] = True
-            tp += 1
-    return tp, len(det_boxes) - tp, len(gt_boxes) - tp
+    return matched
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -189,8 +196,9 @@ def evaluate_detections(
 
     Returns:
         A flat JSON-ready dict: the COCO metrics (float or None), ``operating_conf``, ``iou_match``, ``tp``,
-        ``fp``, ``fn``, ``recall``, ``precision``, ``fp_per_negative_image``, ``fp_on_negative_images``,
-        ``num_images``, ``num_negative_images``, ``num_gt_boxes``, ``num_predictions``,
+        ``fp``, ``fn``, ``recall``, ``recall_small`` (the same recall over ground truth smaller than 32 x 32
+        original pixels, ``num_small_gt_boxes`` of them), ``precision``, ``fp_per_negative_image``,
+        ``fp_on_negative_images``, ``num_images``, ``num_negative_images``, ``num_gt_boxes``, ``num_predictions``,
         ``num_predictions_at_conf``.
     """
     image_ids = [int(r.image_id) for r in records]
@@ -202,7 +210,7 @@ def evaluate_detections(
 
     images, gt_annotations, detections = [], [], []
     gt_segm, det_segm = [], []
-    tp = fp = fn = fp_negative = num_negative = num_gt = num_at_conf = 0
+    tp = fp = fn = fp_negative = num_negative = num_gt = num_at_conf = small_tp = num_small = 0
     for record in records:
         image_id = int(record.image_id)
         gt = _person_gt(record, person_label)
@@ -234,8 +242,12 @@ def evaluate_detections(
             )
 
         keep = pred[:, 4] >= operating_conf
-        image_tp, image_fp, image_fn = match_detections(gt, pred[keep, :4], pred[keep, 4], iou_match=iou_match)
+        matched = _matched_gt(gt, pred[keep, :4], pred[keep, 4], iou_match=iou_match)
+        image_tp = int(matched.sum())
+        image_fp, image_fn = int(keep.sum()) - image_tp, len(gt) - image_tp
         tp, fp, fn = tp + image_tp, fp + image_fp, fn + image_fn
+        small = (gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1]) < SMALL_AREA
+        small_tp, num_small = small_tp + int(matched[small].sum()), num_small + int(small.sum())
         num_gt += len(gt)
         num_at_conf += int(keep.sum())
         if len(gt) == 0:
@@ -253,6 +265,8 @@ def evaluate_detections(
         fp=fp,
         fn=fn,
         recall=_ratio(tp, tp + fn),
+        recall_small=_ratio(small_tp, num_small),
+        num_small_gt_boxes=num_small,
         precision=_ratio(tp, tp + fp),
         fp_per_negative_image=_ratio(fp_negative, num_negative),
         fp_on_negative_images=fp_negative,
@@ -262,6 +276,29 @@ def evaluate_detections(
         num_predictions=len(detections),
         num_predictions_at_conf=num_at_conf,
     )
+    return report
+
+
+def evaluate_by_source(
+    records: Sequence[GroundTruthRecord],
+    predictions: Mapping[int, np.ndarray],
+    *,
+    masks: Mapping[int, list[dict]] | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """:func:`evaluate_detections` over all ``records``, plus ``per_source``: the same report for the records of each
+    source (``record.source``, :mod:`sidnet.data.sources`) when there are several, in their order of appearance.
+    Each source's COCO metrics come from pycocotools on that source's image ids alone."""
+    report = evaluate_detections(records, predictions, masks=masks, **kwargs)
+    names = list(dict.fromkeys(getattr(r, "source", "") for r in records))
+    if len(names) > 1:
+        report["per_source"] = {}
+        for name in names:
+            subset = [r for r in records if getattr(r, "source", "") == name]
+            ids = {int(r.image_id) for r in subset}
+            preds = {i: v for i, v in predictions.items() if int(i) in ids}
+            sub_masks = None if masks is None else {i: v for i, v in masks.items() if int(i) in ids}
+            report["per_source"][name or "unnamed"] = evaluate_detections(subset, preds, masks=sub_masks, **kwargs)
     return report
 
 

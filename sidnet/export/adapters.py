@@ -34,6 +34,7 @@ class ExportAdapter(Protocol):
     family: str  # named in messages
     precisions: tuple[str, ...]  # the --precision values its graph supports
     static_batch: bool  # its ONNX has batch 1 (the engine profile is then 1/1/1)
+    backends: tuple[str, ...]  # the --backend values it can be built for
 
     def prepare_random(self, model: nn.Module, *, seed: int) -> nn.Module: ...  # --random-init: usable untrained
 
@@ -81,6 +82,7 @@ class RegionExport:
     family = "YOLOv2 family"
     precisions = ("fp32", "fp16", "int8")
     static_batch = False
+    backends = ("onnx", "tensorrt", "tensorrt-rtx", "compiled")
 
     def prepare_random(self, model, *, seed):
         return calibrate_batchnorm(model, seed=seed)

@@ -182,6 +182,7 @@ class MaskRCNNExport:
     family = "Mask R-CNN"
     precisions = ("fp32",)  # the FP16 rewrite assumes the YOLOv2 head's 'raw' boundary; INT8 is not built
     static_batch = True
+    backends = ("onnx", "tensorrt", "tensorrt-rtx")  # no AOTInductor package (compiled) of the static module yet
 
     def prepare_random(self, model, *, seed):  # (torchvision's initialisation is usable as it is)
         return model.eval()

@@ -109,7 +109,9 @@ def _greedy_scan(over: torch.Tensor) -> torch.Tensor:
         return suppressed | (row & alive), alive
 
     n = over.shape[0]
-    _, keep = scan(step, torch.zeros(n, dtype=torch.bool), (over, torch.eye(n, dtype=torch.bool)))
+    dev = over.device  # the torch runtime backend runs this module on CUDA too (eagerly)
+    start, eye = torch.zeros(n, dtype=torch.bool, device=dev), torch.eye(n, dtype=torch.bool, device=dev)
+    _, keep = scan(step, start, (over, eye))
     return keep
 
 
@@ -181,7 +183,7 @@ class MaskRCNNDeploy(nn.Module):
             b = self.rpn_coder.decode_single(dd.reshape(-1, 4), anchors.reshape(-1, 4)).reshape(n, k, 4)
             boxes.append(b.clamp(0.0, size))
             scores.append(torch.sigmoid(top))
-            level_ids.append(torch.full((k,), float(lvl)))
+            level_ids.append(torch.full((k,), float(lvl), device=o.device))
             start += count
         boxes, scores, lvl = torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(level_ids)
         wh = boxes[..., 2:] - boxes[..., :2]

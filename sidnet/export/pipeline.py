@@ -275,8 +275,12 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
         raise ExportError("INT8 needs a calibration set: pass exactly one of --calib-images FOLDER or "
                           "--calib-data conf/data/X.yaml (a QAT checkpoint brings its own ranges)")  # fmt: skip
     if qat is not None and opts.precision != "int8":
-        log.warning("export: %s is a QAT checkpoint; exporting its trained weights in %s with the fake quantization "
-                    "removed (--precision int8 exports the Q/DQ graph with its ranges)", cfg.checkpoint, opts.precision)
+        log.warning(
+            "export: %s is a QAT checkpoint; exporting its trained weights in %s with the fake quantization "
+            "removed (--precision int8 exports the Q/DQ graph with its ranges)",
+            cfg.checkpoint,
+            opts.precision,
+        )
     class_names = _class_names(cfg, ckpt_names, model.num_classes)
     log.info("export: %s, %s, target %s, backend %s -> %s", source, opts.precision, opts.target, opts.backend, out_dir)
 
@@ -287,6 +291,9 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
     if opts.precision not in adapter.precisions:
         raise ExportError(f"{adapter.family} exports in {', '.join(adapter.precisions)} only for now, not "
                           f"{opts.precision}; use --precision {adapter.precisions[0]}")  # fmt: skip
+    if opts.backend not in adapter.backends:
+        raise ExportError(f"{adapter.family} cannot be built for --backend {opts.backend} yet; use --backend "
+                          f"{' | '.join(adapter.backends)}")  # fmt: skip
     deploy = adapter.deploy(model, conf_thresh=cfg.conf_thresh, topk=cfg.topk, backend=opts.backend)
     exported, final, surgery = adapter.build_graph(deploy, target=graph_target, precision=graph_precision,
                                                    opset=cfg.opset)  # fmt: skip

@@ -404,6 +404,7 @@ def to_fp16(graph: gs.Graph, slog: SurgeryLog) -> gs.Graph:
 
 # -- INT8 --------------------------------------------------------------------------------------------------------------
 
+
 def native_to_plugins(model: onnx.ModelProto, *, decode_attrs: dict) -> tuple[onnx.ModelProto, list[str]]:
     """The plugins target of an already quantized native graph (INT8 quantizes the native graph, which onnxruntime
     can run): each ``SpaceToDepth`` → ``sidnet::Reorg`` (same channel order, Q/DQ around it untouched), everything

@@ -44,8 +44,14 @@ def _yolo(*, backbone: nn.Module, anchors: list, num_classes: int, input_size: i
 @register_model
 def sidnet(*, anchors: list, num_classes: int = 1, input_size: int = 416, width: float = 1.0) -> YOLOv2:
     """SIDNet: Darknet-19 with BatchNorm + ReLU, reorg passthrough, 3 tuned anchors, person only."""
-    return _yolo(backbone=Darknet19(width=width, act_layer=nn.ReLU), anchors=_check_anchors(anchors, 3),
-                 num_classes=num_classes, input_size=input_size, head_channels=int(1024 * width), act_layer=nn.ReLU)
+    return _yolo(
+        backbone=Darknet19(width=width, act_layer=nn.ReLU),
+        anchors=_check_anchors(anchors, 3),
+        num_classes=num_classes,
+        input_size=input_size,
+        head_channels=int(1024 * width),
+        act_layer=nn.ReLU,
+    )
 
 
 @register_model

@@ -61,11 +61,16 @@ class RegionLoss(nn.Module):
         self.coord_scale, self.obj_scale, self.noobj_scale = coord_scale, obj_scale, noobj_scale
         self.class_scale, self.ignore_thresh = class_scale, ignore_thresh
 
-    def forward(self, raw: torch.Tensor, targets: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, raw: torch.Tensor, targets: list[dict], *, input_size: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``input_size``: the side of the images ``raw`` came from when it differs from the configured one
+        (multi-scale training, :mod:`sidnet.data.multiscale`); the stride and the box-size weight follow it."""
         n, _, h, w = raw.shape
         a = self.anchors.shape[0]
         p = raw.float().reshape(n, a, 5 + self.num_classes, h, w).permute(0, 1, 3, 4, 2)  # (N, A, H, W, 5+C)
-        sx, sy = self.input_size / w, self.input_size / h
+        size = input_size or self.input_size
+        sx, sy = size / w, size / h
         anchors = self.anchors.to(p.device)
 
         pxy = torch.sigmoid(p[..., 0:2])
@@ -101,7 +106,7 @@ class RegionLoss(nn.Module):
             noobj_mask[bidx, best_a, gj, gi] = False
 
             pr = p[bidx, best_a, gj, gi]  # (K, 5+C) responsible predictions
-            scale = self.coord_scale * (2.0 - gw * gh / (self.input_size**2))
+            scale = self.coord_scale * (2.0 - gw * gh / (size**2))
             txy = torch.stack([gcx - gi, gcy - gj], 1)
             twh = torch.log(torch.stack([gw / anchors[best_a, 0], gh / anchors[best_a, 1]], 1))
             parts["xy"] = (scale[:, None] * (torch.sigmoid(pr[:, 0:2]) - txy) ** 2).sum()

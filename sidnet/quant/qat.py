@@ -178,8 +178,13 @@ def prepare(model: nn.Module, *, cset, source: str, method: str, percentile: flo
         "sites": sites,
         "method": method,
         "percentile": percentile if method == "percentile" else None,
-        "calibration": {"source": source, "images": len(cset.used), "batches": cset.num_batches,
-                        "batch_size": cset.batch_size, "image_list_sha256": cset.digest()},  # fmt: skip
+        "calibration": {
+            "source": source,
+            "images": len(cset.used),
+            "batches": cset.num_batches,
+            "batch_size": cset.batch_size,
+            "image_list_sha256": cset.digest(),
+        },  # fmt: skip
         "weight_ranges": "per-output-channel symmetric, amax = current per-channel max (dynamic)",
         "init_from": init_from,
         "modelopt": md.version("nvidia-modelopt"),

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import re
 import tempfile
 from collections.abc import Sequence
@@ -80,9 +79,10 @@ def quantize_with_modelopt(
     if high_precision not in HIGH_PRECISION:
         raise ExportError(f"int8.high_precision={high_precision!r}: use fp32 or fp16 (outside Q/DQ)")
     quantize = import_modelopt()
-    fd, tmp = tempfile.mkstemp(suffix=".onnx")
-    os.close(fd)
-    try:
+    # modelopt writes its intermediates beside output_path, named after the input file: a private folder keeps two
+    # exports running at once (CI, several users) from reading each other's (seen: a 64² export got a 416² graph).
+    with tempfile.TemporaryDirectory(prefix="sidnet_int8_") as work:
+        tmp = str(Path(work) / "qdq.onnx")
         with contextlib.redirect_stdout(io.StringIO()):
             quantize(
                 str(fp32_path),
@@ -97,8 +97,6 @@ def quantize_with_modelopt(
                 log_level="CRITICAL",  # its NVML probe logs an ERROR on machines without a GPU
             )
         return onnx.load(tmp)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:

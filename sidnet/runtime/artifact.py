@@ -98,7 +98,7 @@ def info_from_fields(path: Path, backend: str, d: dict[str, Any], source: str, *
     try:
         size = int(d["input_size"])
         names = list(d.get("class_names") or [])
-        anchors = [list(map(float, a)) for a in d["anchors"]]
+        anchors = [list(map(float, a)) for a in d["anchors"] or []]  # Mask R-CNN: null (its anchors are inside)
         num_classes = int(d.get("num_classes", len(names)))
         conf, topk = float(d["conf_thresh"]), int(d["topk"])
     except (KeyError, TypeError, ValueError) as e:

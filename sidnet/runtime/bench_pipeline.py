@@ -38,8 +38,10 @@ def make_clip(src: Path, dst: Path, *, width: int, height: int, crf: int = 23) -
     try:
         import av
     except ImportError as e:
-        raise DeployError(f"making the {width}x{height} H.264 clip needs PyAV ({e}): pip install av (the video "
-                          "extra), or pass --clip-1080") from e
+        raise DeployError(
+            f"making the {width}x{height} H.264 clip needs PyAV ({e}): pip install av (the video "
+            "extra), or pass --clip-1080"
+        ) from e
     import cv2
 
     cap = cv2.VideoCapture(str(src))

@@ -196,8 +196,13 @@ def write_results(results: dict, out_dir: Path, *, stem: str) -> list[Path]:
         rows = [r for r in results["rows"] if r["mode"] == mode]
         if not rows:
             continue
-        lines += ["", f"## {mode.replace('_', ' ')}", "",
-                  "| model | variant | batch | img/s | ms/batch | p50 ms | p99 ms |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {mode.replace('_', ' ')}",
+            "",
+            "| model | variant | batch | img/s | ms/batch | p50 ms | p99 ms |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
             lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['img_s']:,.0f} | "
                          f"{r['ms_per_batch']:.3f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} |")  # fmt: skip
@@ -366,8 +371,12 @@ def run_benchmark(*, parts: set[str], models: list[str], batches: list[int], com
             with Detector(ckpt, conf_thresh=0.3) as det:
                 for bs in batches:
                     batch = [Prepared(frames[i % len(frames)], None) for i in range(bs)]
-                    add("end_to_end", name, f"torch backend, {decode['size']} frames",
-                        time_host(lambda b=batch, d=det: d.detect_prepared(b), batch=bs, iters=max(10, 400 // bs)))
+                    add(
+                        "end_to_end",
+                        name,
+                        f"torch backend, {decode['size']} frames",
+                        time_host(lambda b=batch, d=det: d.detect_prepared(b), batch=bs, iters=max(10, 400 // bs)),
+                    )
         if "ort" in parts:
             res["notes"]["onnxruntime"] = "CPU provider only on the GPU machine (onnxruntime 1.30, no CUDA EP)"
             from sidnet.export.config import ExportConfig
@@ -496,8 +505,7 @@ def summary_tables(res: dict) -> dict[str, list[str]]:
                 f"{c['copy_gbps']:,.0f} GB/s (read + write).")  # fmt: skip
     tables = {"roofline": roof}
     net = [r for r in res["rows"] if r["mode"] == "network"]
-    ratio = ["| model | batch | best torch backend img/s | vs | other img/s | ratio |",
-             "|---|---|---|---|---|---|"]
+    ratio = ["| model | batch | best torch backend img/s | vs | other img/s | ratio |", "|---|---|---|---|---|---|"]
     for name in res["work"]:
         for bs in sorted({r["batch"] for r in net if r["model"] == name}):
             rows = [r for r in net if r["model"] == name and r["batch"] == bs]
@@ -508,8 +516,10 @@ def summary_tables(res: dict) -> dict[str, list[str]]:
             for other in rows:
                 if other["variant"].startswith("torch backend"):
                     continue
-                ratio.append(f"| {name} | {bs} | {best['img_s']:,.0f} ({best['variant'][14:]}) | "
-                             f"{other['variant']} | {other['img_s']:,.0f} | {best['img_s'] / other['img_s']:.2f}x |")
+                ratio.append(
+                    f"| {name} | {bs} | {best['img_s']:,.0f} ({best['variant'][14:]}) | "
+                    f"{other['variant']} | {other['img_s']:,.0f} | {best['img_s'] / other['img_s']:.2f}x |"
+                )
     tables["ratios (same run)"] = ratio
     prof = []
     for key, rows in res["profile"].items():
@@ -522,5 +532,6 @@ def summary_tables(res: dict) -> dict[str, list[str]]:
     if "decode" in res:
         d = res["decode"]
         tables["decode cost (CPU, OpenCV, one thread)"] = [
-            f"{d['frames']} frames {d['size']}: {d['decode_fps']:,.0f} frames/s ({d['ms_per_frame']:.2f} ms/frame)"]
+            f"{d['frames']} frames {d['size']}: {d['decode_fps']:,.0f} frames/s ({d['ms_per_frame']:.2f} ms/frame)"
+        ]
     return tables

@@ -3,6 +3,7 @@
     with Detector("runs/sidnet/export/model.onnx") as det:       # backend chosen from the file
         results = det(frames)                                      # list of (H, W, 3) uint8 RGB
         results[0].boxes, results[0].scores, results[0].classes   # original pixels, NMS done
+        results[0].masks                                           # (P, H, W) bool for Mask R-CNN, else None
 
 Letterbox in (CPU, :func:`sidnet.letterbox.letterbox`, the one used in training and evaluation; on the GPU for the
 ``torch`` and ``compiled`` backends), backend, then threshold + NMS + un-letterbox
@@ -92,12 +93,14 @@ class Detector:
             t0 = time.perf_counter()
             if self.gpu_preprocess:
                 dets, num, infos = self.backend.infer_frames([p.image for p in chunk])
+                masks = None
             else:
-                dets, num = self.backend.infer(np.stack([p.image for p in chunk]))
+                dets, num, *rest = self.backend.infer(np.stack([p.image for p in chunk]))
+                masks = rest[0] if rest else None  # instance segmentation: (N, K, M, M) per-row mask probabilities
                 infos = [p.info for p in chunk]
             t1 = time.perf_counter()
             out += finalize(dets, num, infos, conf_thresh=self.conf_thresh, nms_iou=self.nms_iou,
-                            max_det=self.max_det)  # fmt: skip
+                            max_det=self.max_det, masks=masks, input_size=self.info.input_size)  # fmt: skip
             _add(timings, inference=t1 - t0, postprocess=time.perf_counter() - t1)
         return out
 

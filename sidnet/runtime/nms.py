@@ -19,11 +19,13 @@ from sidnet.letterbox import LetterboxInfo
 @dataclass
 class Detections:
     """One image's detections in original pixels: ``boxes`` (P, 4) float32 xyxy, ``scores`` (P,), ``classes`` (P,)
-    int64, score-descending."""
+    int64, score-descending; ``masks`` (P, H, W) bool instance masks of the original image when the artifact predicts
+    them (Mask R-CNN), else ``None``."""
 
     boxes: np.ndarray
     scores: np.ndarray
     classes: np.ndarray
+    masks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -61,6 +63,8 @@ def finalize(
     conf_thresh: float,
     nms_iou: float = 0.45,
     max_det: int = 100,
+    masks: np.ndarray | None = None,
+    input_size: int | None = None,
 ) -> list[Detections]:
     """(N, K, 6) + (N,) in input pixels → N :class:`Detections` in original pixels (threshold, NMS, unletterbox).
 
@@ -68,6 +72,10 @@ def finalize(
     of an (N, M, M) IoU tensor, M the most boxes any image keeps after the threshold, so its cost grows with M, not
     with N. Same arithmetic as :func:`nms` per image (float32 class offsets, ``inter / max(union, 1e-12) > iou``),
     hence the same boxes.
+
+    ``masks`` (N, K, M, M): per-row mask probabilities inside each box (a Mask R-CNN artifact, ``input_size`` its
+    S); they are pasted and un-letterboxed exactly as the evaluator does (:func:`sidnet.data.masks.paste_masks`,
+    :func:`~sidnet.data.masks.unletterbox_masks`) and thresholded at 0.5 into ``Detections.masks``.
     """
     dets = np.asarray(dets, dtype=np.float32)
     n, k = dets.shape[:2]
@@ -99,5 +107,12 @@ def finalize(
     out = []
     for j in range(n):
         keep = alive[j]
-        out.append(Detections(boxes=orig[j][keep], scores=d[j, keep, 4].copy(), classes=d[j, keep, 5].astype(np.int64)))
+        full = None
+        if masks is not None:
+            from sidnet.data.masks import paste_masks, unletterbox_masks
+
+            pasted = paste_masks(np.asarray(masks[j])[order[j][keep]], d[j, keep, :4], size=int(input_size))
+            full = unletterbox_masks(pasted, infos[j]) >= 0.5
+        out.append(Detections(boxes=orig[j][keep], scores=d[j, keep, 4].copy(),
+                              classes=d[j, keep, 5].astype(np.int64), masks=full))  # fmt: skip
     return out

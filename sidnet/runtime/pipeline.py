@@ -286,8 +286,9 @@ def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None,
                     seconds=seconds, warmup_s=warmup_s)  # fmt: skip
 
 
-def _summary(detector, opts, zones, stats, st, feeds: dict, paths, events, *, batches, sizes, seconds,
-             warmup_s) -> dict:
+def _summary(
+    detector, opts, zones, stats, st, feeds: dict, paths, events, *, batches, sizes, seconds, warmup_s
+) -> dict:
     total = sum(stats["frames"].values())
     lat = stats["latency_ms"]
     drops = {n: {"pipeline_behind": d, "decoder_behind": late} for n, (d, late, _) in feeds.items()}

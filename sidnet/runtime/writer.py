@@ -22,10 +22,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from sidnet.data.masks import encode_masks
 from sidnet.runtime.errors import DeployError
 from sidnet.runtime.nms import Detections
 from sidnet.runtime.sources import Frame
 from sidnet.runtime.zones import ZoneConfig, check_zones_fit, update_zones_batch
+
+MASK_COLORS = ((255, 64, 64), (64, 255, 64), (64, 64, 255), (255, 255, 64), (255, 64, 255), (64, 255, 255))
 
 
 @dataclass
@@ -46,6 +49,9 @@ def annotate(frame: Frame, dets: Detections, *, class_names: list[str], zones=()
         cv2.polylines(img, [z.polygon.astype(np.int32).reshape(-1, 1, 2)], True, color, 2)
         cv2.putText(img, f"{z.name}: {counts.get(z.name, 0) if counts else 0}", tuple(int(v) for v in z.polygon[0]),
                     cv2.FONT_HERSHEY_SIMPLEX, 0.6, color, 2)  # fmt: skip
+    if dets.masks is not None:  # instance masks: a translucent fill per person
+        for k, m in enumerate(dets.masks):
+            img[m] = (0.5 * img[m] + 0.5 * np.array(MASK_COLORS[k % len(MASK_COLORS)], np.float32)).astype(np.uint8)
     for (x1, y1, x2, y2), s, c in zip(dets.boxes, dets.scores, dets.classes, strict=True):
         cv2.rectangle(img, (int(x1), int(y1)), (int(x2), int(y2)), (0, 255, 0), 2)
         cv2.putText(img, f"{class_names[c]} {s:.2f}", (int(x1), max(12, int(y1) - 4)), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
@@ -60,8 +66,22 @@ def batch_message(frames: list[Frame], dets: list[Detections], *, video: set[str
         "meta": [(f.stream, f.index, f.time, f.capture, f.name, f.image.shape[1], f.image.shape[0]) for f in frames],
         "counts": [len(a) for a in arrays],
         "dets": np.concatenate(arrays) if arrays else np.zeros((0, 6), np.float32),
+        # Mask R-CNN: each frame's masks as COCO RLE (compact to send; the JSON-lines carry them as they are)
+        "rles": [None if d.masks is None else encode_masks(d.masks) for d in dets],
         "images": {i: _host(f.image) for i, f in enumerate(frames) if f.stream in video},
     }
+
+
+def decode_masks(rles: list[dict] | None, height: int, width: int) -> np.ndarray | None:
+    """COCO RLEs of one frame → (P, H, W) bool, or None when the artifact predicts no masks."""
+    if rles is None:
+        return None
+    if not rles:
+        return np.zeros((0, height, width), bool)
+    from pycocotools import mask as mask_utils
+
+    enc = [{"size": r["size"], "counts": r["counts"].encode()} for r in rles]
+    return mask_utils.decode(enc).transpose(2, 0, 1).astype(bool)
 
 
 def _host(image) -> np.ndarray:
@@ -88,7 +108,9 @@ class OutputWriter:
         t0 = time.perf_counter()
         names = self.cfg.class_names
         split = np.split(msg["dets"], np.cumsum(msg["counts"])[:-1]) if msg["counts"] else []
-        dets = [Detections(a[:, :4], a[:, 4], a[:, 5].astype(np.int64)) for a in split]
+        rles = msg.get("rles") or [None] * len(split)
+        dets = [Detections(a[:, :4], a[:, 4], a[:, 5].astype(np.int64), masks=decode_masks(r, m[6], m[5]))
+                for a, r, m in zip(split, rles, msg["meta"], strict=True)]  # fmt: skip
         by_stream: dict[str, list[int]] = {}
         for i, m in enumerate(msg["meta"]):
             by_stream.setdefault(m[0], []).append(i)
@@ -116,7 +138,9 @@ class OutputWriter:
             d, zones = dets[i], self._zones(stream)
             record = {"frame": index, "time": round(t, 3), **({"file": name} if name else {}), "width": w, "height": h,
                       "detections": [{"box": [round(float(v), 2) for v in b], "score": round(float(s), 4),
-                                      "class": names[c]} for b, s, c in zip(d.boxes, d.scores, d.classes, strict=True)],
+                                      "class": names[c], **({"mask": r} if r is not None else {})}
+                                     for b, s, c, r in zip(d.boxes, d.scores, d.classes, rles[i] or [None] * len(d),
+                                                           strict=True)],
                       **({"zones": counts[i]} if zones else {})}  # fmt: skip
             self.jsonl[stream].write(json.dumps(record) + "\n")
             if i in msg["images"]:

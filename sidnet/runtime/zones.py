@@ -5,13 +5,17 @@ Zones YAML::
     debounce_frames: 3        # a zone alarms after this many consecutive frames with someone inside
     cooldown_s: 10.0          # then stays quiet this long (stream time) before it may alarm again
     classes: [person]         # optional: class names that count (default: all)
+    inside: foot              # foot (default) | mask: what must be inside the polygon (mask: Mask R-CNN artifacts)
     streams:
       cam0:                   # the stream name given as name=source on the command line (or stream0, …)
         - name: gate
           polygon: [[100, 200], [400, 200], [400, 570], [100, 570]]   # frame pixels, >= 3 points
 
 A detection is inside a zone when its foot point (bottom centre of the box: where a person stands) is inside the
-polygon. Every frame gets a count per zone; an alarm event carries the zone, the frame, the time and the count.
+polygon, or, with ``inside: mask`` (instance masks from a Mask R-CNN artifact), when any pixel of its mask is: a
+person leaning over a fence into the zone enters it although their feet stay outside.
+
+Every frame gets a count per zone; an alarm event carries the zone, the frame, the time and the count.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import yaml
 
@@ -34,6 +39,13 @@ class Zone:
     streak: int = 0
     last_alarm: float | None = None
     alarms: int = 0
+    _raster: np.ndarray | None = None  # the polygon filled at the frame size, for inside: mask
+
+    def raster(self, height: int, width: int) -> np.ndarray:
+        if self._raster is None or self._raster.shape != (height, width):
+            self._raster = np.zeros((height, width), np.uint8)
+            cv2.fillPoly(self._raster, [np.round(self.polygon).astype(np.int32).reshape(-1, 1, 2)], 1)
+        return self._raster.astype(bool)
 
     def contains(self, points: np.ndarray) -> np.ndarray:
         """(P, 2) points → (P,) inside or on the edge (``cv2.pointPolygonTest(…) >= 0``), vectorised."""
@@ -64,6 +76,7 @@ class ZoneConfig:
     debounce_frames: int = 3
     cooldown_s: float = 10.0
     classes: list[str] | None = None
+    inside: str = "foot"  # foot | mask
     streams: dict[str, list[Zone]] = field(default_factory=dict)
 
 
@@ -78,12 +91,14 @@ def load_zones(path: str | Path, *, streams: list[str]) -> ZoneConfig:
         raise DeployError(f"zones file {path} is not valid YAML ({str(e).splitlines()[0]})") from e
     if not isinstance(raw, dict) or not isinstance(raw.get("streams"), dict):
         raise DeployError(f"zones file {path} needs a `streams:` mapping of stream name → list of zones")
-    unknown = set(raw) - {"debounce_frames", "cooldown_s", "classes", "streams"}
+    unknown = set(raw) - {"debounce_frames", "cooldown_s", "classes", "inside", "streams"}
     if unknown:
         raise DeployError(f"zones file {path}: unknown key(s) {sorted(unknown)}; allowed: debounce_frames, "
-                          "cooldown_s, classes, streams")  # fmt: skip
+                          "cooldown_s, classes, inside, streams")  # fmt: skip
     cfg = ZoneConfig(debounce_frames=int(raw.get("debounce_frames", 3)), cooldown_s=float(raw.get("cooldown_s", 10.0)),
-                     classes=raw.get("classes"))  # fmt: skip
+                     classes=raw.get("classes"), inside=str(raw.get("inside", "foot")))  # fmt: skip
+    if cfg.inside not in ("foot", "mask"):
+        raise DeployError(f"zones file {path}: inside: {cfg.inside!r}; use foot (the box's bottom centre) or mask")
     if cfg.debounce_frames < 1 or cfg.cooldown_s < 0:
         raise DeployError(f"zones file {path}: debounce_frames must be >= 1 and cooldown_s >= 0")
     for stream, zones in raw["streams"].items():
@@ -119,20 +134,36 @@ def update_zones(zones: list[Zone], dets: Detections, *, time: float, frame: int
     return counts[0], events
 
 
+def _mask_inside(masks: np.ndarray, zone: Zone) -> np.ndarray:
+    """(P, H, W) bool masks → (P,) whether each has a pixel inside the zone's polygon."""
+    if not len(masks):
+        return np.zeros(0, bool)
+    return (masks & zone.raster(*masks.shape[1:])).any(axis=(1, 2))
+
+
 def update_zones_batch(zones: list[Zone], dets: list[Detections], *, times: list[float], frames: list[int],
                        stream: str, cfg: ZoneConfig,
                        class_names: list[str]) -> tuple[list[dict[str, int]], list[dict]]:  # fmt: skip
     """:func:`update_zones` for consecutive frames of one stream: one point-in-polygon call per zone for all of
     them, then the (sequential) debounce/cooldown state per frame. Returns (counts per frame, alarm events)."""
     allowed = None if cfg.classes is None else np.array([n in cfg.classes for n in class_names], bool)
-    kept = [d.boxes if allowed is None else d.boxes[allowed[d.classes]] for d in dets]
+    rows = [np.arange(len(d)) if allowed is None else np.nonzero(allowed[d.classes])[0] for d in dets]
+    kept = [d.boxes[r] for d, r in zip(dets, rows, strict=True)]
     sizes = np.array([len(b) for b in kept])
     boxes = np.concatenate(kept) if sizes.sum() else np.zeros((0, 4), np.float32)
     feet = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, boxes[:, 3]], 1)
     starts = np.concatenate([[0], np.cumsum(sizes)])
     counts: list[dict[str, int]] = [{} for _ in dets]
     events: list[dict] = []
-    inside = {z.name: z.contains(feet) for z in zones}
+    if cfg.inside == "mask":
+        if any(d.masks is None for d in dets):
+            raise DeployError(
+                "zones inside: mask needs instance masks: deploy a Mask R-CNN artifact, or set inside: foot"
+            )
+        inside = {z.name: np.concatenate([_mask_inside(d.masks[r], z) for d, r in zip(dets, rows, strict=True)])
+                  for z in zones}  # fmt: skip
+    else:
+        inside = {z.name: z.contains(feet) for z in zones}
     for j, (t, f) in enumerate(zip(times, frames, strict=True)):
         lo, hi = starts[j], starts[j + 1]
         for z in zones:

@@ -55,6 +55,16 @@ def _write(record, split: str) -> None:
     (HERE / "labels" / "boxes" / split / f"{record.path.stem}.txt").write_text("".join(lines))
 
 
+def _write_segments(root: Path, stem: str, split: str) -> None:
+    """Person polygons (YOLO-seg, normalised, so the re-encoding size does not matter) from coco128's
+    ``labels/segments`` (person = id 1 there), rewritten with class 0: Mask R-CNN runs on the sample too."""
+    src = root / "labels" / "segments" / split / f"{stem}.txt"
+    lines = [ln for ln in (src.read_text().splitlines() if src.is_file() else []) if ln.split()[:1] == ["1"]]
+    out = HERE / "labels" / "segments" / split
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.txt").write_text("".join("0" + ln[1:] + "\n" for ln in lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=Path("../shared/data"))
@@ -72,6 +82,7 @@ def main() -> None:
         for stem in stems:
             r = by_stem[stem]
             _write(r, split)
+            _write_segments(root, stem, split)
             if split == "train2017":
                 im = meta[r.image_id]
                 lic = licenses[im["license"]]
@@ -88,7 +99,8 @@ def main() -> None:
         "https://cocodataset.org/#termsofuse).\n\n"
         "**Annotations** are derived from the COCO annotations (c) COCO Consortium, licensed under "
         "[CC BY 4.0](https://creativecommons.org/licenses/by/4.0/): person boxes only (non-crowd), rewritten as "
-        "YOLO `0 cx cy w h` lines; train from `instances_train2017.json`, val from the coco128 YOLO box labels.\n\n"
+        "YOLO `0 cx cy w h` lines; train from `instances_train2017.json`, val from the coco128 YOLO box labels; "
+        "person polygons (`labels/segments`, YOLO-seg `0 x1 y1 x2 y2 ...`) from coco128's segment labels.\n\n"
         "| split | file | COCO image id | persons | licence / source |\n|---|---|---|---|---|\n"
         + "\n".join(rows)
         + "\n"

@@ -41,10 +41,13 @@ class OnnxRuntimeBackend:
                               "re-export with python -m export")  # fmt: skip
         self.dtype = _NP_TYPES[inp.type]
         self.providers = self.session.get_providers()
+        self.has_masks = "masks" in [o.name for o in self.session.get_outputs()]  # a Mask R-CNN export
+        self.max_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None  # static batch: Mask R-CNN's 1
 
-    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        dets, num = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(images, dtype=self.dtype)})
-        return dets.astype(np.float32, copy=False), num
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        outs = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(images, dtype=self.dtype)})
+        dets, num = outs[0].astype(np.float32, copy=False), outs[1]
+        return (dets, num, outs[2].astype(np.float32, copy=False)) if self.has_masks else (dets, num)
 
     def close(self) -> None:
         self.session = None

@@ -388,7 +388,7 @@ def _kernels_available() -> bool:
 
 
 def load_checkpoint_model(path: Path):
-    """(YOLOv2 in eval mode, ArtifactInfo) from a training checkpoint."""
+    """(the model in eval mode, ArtifactInfo) from a training checkpoint."""
     from sidnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 
     try:
@@ -402,10 +402,44 @@ def load_checkpoint_model(path: Path):
     names = (state.get("config") or {}).get("data", {}).get("class_names") or None
     num_classes = model.num_classes
     names = names or (["person"] if num_classes == 1 else [f"class{i}" for i in range(num_classes)])
+    anchors = model.anchors.tolist() if isinstance(getattr(model, "anchors", None), torch.Tensor) else []
     info = ArtifactInfo(path=path, backend="torch", input_size=model.input_size, class_names=list(names),
-                        anchors=model.anchors.tolist(), conf_thresh=0.0, topk=100,
-                        model=state["model"]["name"])  # fmt: skip
+                        anchors=anchors, conf_thresh=0.0, topk=100, model=state["model"]["name"])  # fmt: skip
     return model, info
+
+
+class DeployModuleBackend:
+    """Any model with an export adapter (:mod:`sidnet.export.adapters`) run eagerly through the very module its export
+    traces (``adapter.deploy``): for Mask R-CNN the static-shape :class:`~sidnet.export.maskrcnn_deploy.MaskRCNNDeploy`,
+    so the torch and onnxruntime backends return the same ``(dets, num[, masks])`` contract. FP32; CPU or CUDA; no
+    CUDA graphs. The YOLOv2 family takes the tuned :class:`TorchBackend` instead."""
+
+    name = "torch"
+    max_batch = None
+    gpu_preprocess = False
+
+    def __init__(self, model, info: ArtifactInfo, *, device: str = "auto", conf_thresh: float = 0.001,
+                 topk: int = 100, precision: str | None = None) -> None:  # fmt: skip
+        from sidnet.export.adapters import adapter_for
+
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                           ("cpu" if device == "auto" else device))  # fmt: skip
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise DeployError("--device cuda but torch sees no CUDA GPU: use --device cpu")
+        adapter = adapter_for(model, source=str(info.path))
+        if precision not in (None, "fp32"):
+            raise DeployError(f"the torch backend runs a {adapter.family} checkpoint in fp32 only, not {precision!r}")
+        info.precision, info.topk, info.conf_thresh = "fp32", topk, conf_thresh
+        self.info, self.device = info, dev
+        self.net = adapter.deploy(model.float(), conf_thresh=conf_thresh, topk=topk, backend="onnx").eval().to(dev)
+
+    @torch.no_grad()
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        outs = self.net(torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(self.device))
+        return tuple(o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy() for o in outs)
+
+    def close(self) -> None:
+        self.net = None
 
 
 class TorchBackend(GraphRunner):
@@ -450,6 +484,14 @@ class TorchBackend(GraphRunner):
         super().__init__(forward, info=info, device=dev, dtype=dtype, channels_last=cuda, graphs=graphs)
 
 
-def open_backend(path: Path, **options) -> TorchBackend:
+def open_backend(path: Path, **options) -> TorchBackend | DeployModuleBackend:
+    """The tuned :class:`TorchBackend` for the YOLOv2 family, the exported module run eagerly for other families."""
+    from sidnet.models.yolo import YOLOv2
+
     model, info = load_checkpoint_model(Path(path))
-    return TorchBackend(model, info, **options)
+    if isinstance(model, YOLOv2):
+        return TorchBackend(model, info, **options)
+    unknown = set(options) - {"device", "conf_thresh", "topk", "precision"}
+    if unknown:
+        raise DeployError(f"torch backend options {sorted(unknown)} apply to the YOLOv2 family only, not {info.model}")
+    return DeployModuleBackend(model, info, **options)

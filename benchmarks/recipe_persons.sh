@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# The persons recipe: SIDNet-MobileNetV2 on coco128 + capston2 + cctv (conf/data/persons.yaml), anchors re-tuned first,
+# mosaic + multi-scale (aug=small); FP32 and INT8 (PTQ) ONNX; one table of AP50 / AP / AP_small / recall@0.3 per val set
+# for the checkpoint, both ONNX files and the reference detector (same evaluator, same images), plus the small-person
+# before/after: the same training without mosaic and multi-scale (the "ablation" row), trained alongside.
+#
+#   benchmarks/recipe_persons.sh [--smoke] [--stage train|score|all] [--data YAML] [--eval-data YAML] [--out DIR]
+#       [--epochs N] [--weights MOBILENETV2.pt] [--ref-python PYTHON] [--train-limit SECONDS] [--few-files]
+#       [--aug "OVERRIDES"] [--no-ablation]
+#
+#   --stage train  anchors + the two trainings (GPU machine; ~8 min with the defaults); slim checkpoints in OUT
+#   --stage score  FP32 + INT8 export, every evaluation, the reference, the table (needs nvidia-modelopt for INT8 and
+#                  an OpenCV < 5 Python for the reference: --ref-python, e.g. a venv with opencv-python-headless<5)
+#   --stage all    both, on one machine (default)
+#   --aug          the main run's augmentation overrides (default "aug=small"); --no-ablation: train it alone, with
+#                  every loader worker
+#   --few-files    train stage: logs, configs and anchors into OUT/train_logs.tgz (the GPU machine returns 8 files)
+#   --smoke        CPU check of the whole script: a tiny packed copy of the data, 1 epoch, 64 px steps, few images
+#
+# --data: the training YAML (default conf/data/persons.yaml; on the GPU machine a packed copy made by
+# `python benchmarks/recipe_persons.py pack`, which fits its 64 MiB). --eval-data: what the table is scored on (default
+# conf/data/persons.yaml: the original images, the ones the reference detector's published figures use).
+# Writes OUT/{anchors_persons.yaml, train_*.log, persons.pt(.0,.1), persons_ablation.pt(.0,.1), reports/*.json,
+# table.md}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STAGE=all SMOKE=0 DATA=conf/data/persons.yaml EVAL_DATA="" OUT=${OUT:-outputs/recipe_persons} EPOCHS=18 WEIGHTS=""
+REF_PYTHON=${REF_PYTHON:-python3} TRAIN_LIMIT=400 WORKERS=${WORKERS:-$(nproc)} FEW_FILES=0 ABLATION=1
+MAIN_AUG=(aug=small)
+while (($#)); do
+  case $1 in
+    --smoke) SMOKE=1 ;;
+    --stage) STAGE=$2; shift ;;
+    --data) DATA=$2; shift ;;
+    --eval-data) EVAL_DATA=$2; shift ;;
+    --out) OUT=$2; shift ;;
+    --epochs) EPOCHS=$2; shift ;;
+    --weights) WEIGHTS=$2; shift ;;
+    --ref-python) REF_PYTHON=$2; shift ;;
+    --train-limit) TRAIN_LIMIT=$2; shift ;;
+    --few-files) FEW_FILES=1 ;;
+    --aug) read -r -a MAIN_AUG <<<"$2"; shift ;;
+    --no-ablation) ABLATION=0 ;;
+    *) echo "error: unknown argument $1 (see the header of $0)" >&2; exit 1 ;;
+  esac
+  shift
+done
+EVAL_DATA=${EVAL_DATA:-$DATA}
+mkdir -p "$OUT/reports"
+RUNS=${RUNS:-${TMPDIR:-/tmp}/recipe_persons_runs}
+SPLIT=val
+# The main model gets more loader workers: mosaic reads four images per sample, the ablation one.
+W_MAIN=$(( WORKERS > 4 ? WORKERS * 9 / 16 : 1 )) W_ABL=$(( WORKERS > 4 ? WORKERS - WORKERS * 9 / 16 : 1 ))
+((ABLATION)) || W_MAIN=$WORKERS
+TRAIN=(batch_size=64 optim.warmup_epochs=2 eval.every=1000 "epochs=$EPOCHS")
+if ((SMOKE)); then
+  python3 benchmarks/recipe_persons.py pack --data "$DATA" --out "$RUNS/smoke_data" --limit 12 --quality 80
+  DATA=$RUNS/smoke_data/persons.yaml EVAL_DATA=$RUNS/smoke_data/persons.yaml
+  TRAIN=(batch_size=8 "epochs=1" max_steps_per_epoch=2 device=cpu model.input_size=160 aug.multiscale=[128,192]
+         eval.every=1000)
+  W_MAIN=0 W_ABL=0
+fi
+[[ -n $WEIGHTS ]] && TRAIN+=("model.kwargs.pretrained=$WEIGHTS")
+log() { echo "=== $(date -u +%H:%M:%S) $*"; }
+
+stage_train() {
+  log "anchors on $DATA"
+  python3 -m train.anchors --data "$DATA" --size 416 -k 3 --evolve 1000 --out "$OUT/anchors_persons.yaml" \
+    | tee "$OUT/anchors.log"
+  rm -rf "$RUNS/persons" "$RUNS/persons_ablation"
+  local common=(model=sidnet_mobilenetv2 "data=$DATA" "model.anchors=$(realpath -m "$OUT/anchors_persons.yaml")"
+                "${TRAIN[@]}")
+  log "training persons (${MAIN_AUG[*]})$( ((ABLATION)) && echo " and persons_ablation (no mosaic, one scale)")"
+  local start=$SECONDS
+  timeout "$TRAIN_LIMIT" python3 -m train "${common[@]}" "${MAIN_AUG[@]}" "workers=$W_MAIN" name=persons \
+    "hydra.run.dir=$RUNS/persons" >"$OUT/train_persons.log" 2>&1 &
+  local main=$! ablation="" rc=0
+  if ((ABLATION)); then
+    timeout "$TRAIN_LIMIT" python3 -m train "${common[@]}" aug=default aug.mosaic=0 "workers=$W_ABL" \
+      name=persons_ablation "hydra.run.dir=$RUNS/persons_ablation" >"$OUT/train_persons_ablation.log" 2>&1 &
+    ablation=$!
+  fi
+  wait $main || rc=$?
+  log "persons: exit $rc after $((SECONDS - start)) s (124: stopped by --train-limit)"
+  [[ -z $ablation ]] || wait $ablation || log "persons_ablation: exit $? after $((SECONDS - start)) s"
+  tail -n 3 "$OUT"/train_persons*.log
+  # The last epoch's EMA weights (val is the test set: no best.pt selection), float16 parts of <= 15 MiB, and the
+  # logs in one archive: the GPU machine returns 8 files of <= 16 MiB.
+  for run in persons persons_ablation; do
+    [[ -f $RUNS/$run/last.pt ]] && python3 benchmarks/recipe_persons.py slim "$RUNS/$run/last.pt" "$OUT/$run.pt"
+    [[ -f $RUNS/$run/config.yaml ]] && cp "$RUNS/$run/config.yaml" "$OUT/config_$run.yaml"
+  done
+  if ((FEW_FILES)); then
+    (cd "$OUT" && tar czf train_logs.tgz anchors* train_*.log config_*.yaml && rm -f anchors.log train_*.log config_*.yaml)
+  fi
+  [[ -f $OUT/persons.pt.0 ]] || { echo "error: no checkpoint from the training run, see $OUT/train_persons.log" >&2
+                                  return 1; }
+}
+
+stage_score() {
+  local ck=$OUT/persons.pt
+  for run in persons persons_ablation; do
+    [[ -f $OUT/$run.pt.0 ]] && python3 benchmarks/recipe_persons.py join "$OUT/$run.pt" "$OUT/$run.pt"
+  done
+  log "export FP32 and INT8 (PTQ, entropy, gate on val:0/2) of $ck"
+  python3 -m export --checkpoint "$ck" --out "$OUT/export_fp32" 2>&1 | tail -n 5
+  python3 -m export --checkpoint "$ck" --precision int8 --calib-data "$DATA" --calib-batches $((SMOKE ? 2 : 64)) \
+    --gate-split val:0/2 --out "$OUT/export_int8" int8.budget=0.5 2>&1 | tail -n 8
+  log "evaluate on $EVAL_DATA split $SPLIT"
+  local ev=(--data "$EVAL_DATA" --split "$SPLIT")
+  python3 -m train.evaluate --checkpoint "$ck" "${ev[@]}" --out "$OUT/reports/checkpoint.json" | tail -n 4
+  python3 -m train.evaluate --onnx "$OUT/export_fp32/model.onnx" "${ev[@]}" --out "$OUT/reports/onnx_fp32.json" \
+    | tail -n 4
+  python3 -m train.evaluate --onnx "$OUT/export_int8/model.onnx" "${ev[@]}" --out "$OUT/reports/onnx_int8.json" \
+    | tail -n 4
+  [[ ! -f $OUT/persons_ablation.pt ]] || python3 -m train.evaluate --checkpoint "$OUT/persons_ablation.pt" "${ev[@]}" \
+    --out "$OUT/reports/ablation.json" | tail -n 4
+  log "reference detector ($REF_PYTHON)"
+  "$REF_PYTHON" benchmarks/recipe_persons.py reference --data "$EVAL_DATA" --split "$SPLIT" \
+    --out "$OUT/reports/reference.json" || echo "reference not scored (needs OpenCV < 5: --ref-python)"
+  python3 benchmarks/recipe_persons.py table --reports "$OUT/reports" --out "$OUT/table.md"
+}
+
+case $STAGE in
+  train) stage_train || exit 1 ;;
+  score) stage_score || exit 1 ;;
+  all) { stage_train && stage_score; } || exit 1 ;;
+  *) echo "error: --stage $STAGE: use train, score or all" >&2; exit 1 ;;
+esac
+log "done: $OUT"

@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -430,13 +431,13 @@ def test_disk_full_during_checkpoint_write_keeps_the_old_checkpoint(tmp_path, re
 def test_damaged_last_checkpoint_is_refused_and_the_previous_generation_kept(tmp_path, reference, damage):
     """One generation on disk after a clean run (last.prev.pt exists only while a write is in flight); a damaged
     last.pt is refused with one line, which names last.prev.pt and the cp that continues from it when a writer
-    killed after its rename left one (simulated here as that writer leaves it: a hard link to the old file)."""
+    killed after its rename left one (simulated here by putting a complete copy there)."""
     done = _train(tmp_path)
     assert done.returncode == 0
     last, prev = tmp_path / "last.pt", previous_generation(tmp_path / "last.pt")
     assert not prev.exists() and not (tmp_path / "best.prev.pt").exists()  # one generation kept on disk
     data = last.read_bytes()
-    os.link(last, tmp_path / "complete.pt")
+    shutil.copyfile(last, tmp_path / "complete.pt")  # a copy: damaging last.pt in place would damage a hard link
     last.write_bytes(data[: len(data) // 3] if damage == "truncated" else b"")
     again = _train(tmp_path, "resume=true", "epochs=4")
     line = _one_error_line(again.returncode, again.stderr)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sidnet.cli import OneLineParser
+    from sidnet.cli import OneLineParser, non_negative_int, positive_float, positive_int, unit_interval
 
     p = OneLineParser(prog="python -m deploy", description=__doc__.split("\n\n")[0])
     p.add_argument("artifact", help=".engine | .onnx | .pt | .pt2")
@@ -29,15 +29,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", help="tensorrt | onnxruntime | torch | compiled (must match the artifact)")
     p.add_argument("--zones", type=Path, help="intrusion zones YAML (see sidnet/runtime/zones.py)")
     p.add_argument("--out", type=Path, default=Path("outputs/deploy"), help="output folder (default outputs/deploy)")
-    p.add_argument("--conf", type=float, default=0.3, help="score threshold (default 0.3, the SIDNet report's)")
-    p.add_argument("--nms-iou", type=float, default=0.45)
-    p.add_argument("--batch", type=int, default=8, help="frames per inference batch, across streams (default 8)")
-    p.add_argument("--max-frames", type=int, help="stop each stream after this many frames")
+    p.add_argument("--conf", type=unit_interval, default=0.3, help="score threshold in (0, 1] (default 0.3, the "
+                   "SIDNet report's)")  # fmt: skip
+    p.add_argument("--nms-iou", type=unit_interval, default=0.45)
+    p.add_argument("--batch", type=positive_int, default=8, help="frames per inference batch, across streams "
+                   "(default 8)")  # fmt: skip
+    p.add_argument("--max-frames", type=positive_int, help="stop each stream after this many frames (>= 1)")
     p.add_argument("--device", help="torch/onnxruntime device: cuda | cpu (default: cuda when available for torch)")
     p.add_argument("--plugin-library", help="tensorrt: libsidnet_kernels.so the engine's plugins were built with")
     p.add_argument("--no-video", action="store_true", help="write JSON-lines and events only")
-    p.add_argument("--reconnect-retries", type=int, default=10,
-                   help="live streams: failed reconnects in a row before a stream is given up (default 10)")
+    p.add_argument("--reconnect-retries", type=non_negative_int, default=10,
+                   help="live streams that delivered frames: failed reconnects in a row before the stream is given up "
+                   "(default 10)")  # fmt: skip
+    p.add_argument("--first-frame-timeout", type=positive_float, default=20.0,
+                   help="live streams: seconds to wait for the first frame before the run fails (default 20); a "
+                   "stream that never delivered a frame is not retried")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--force", action="store_true", help="overwrite outputs of an earlier run in --out")
     return p.add_verbose()
@@ -70,7 +76,8 @@ def run(args) -> dict:
     sources = {}
     try:
         for name, target in named:
-            sources[name] = open_source(name, target, max_retries=args.reconnect_retries, max_frames=args.max_frames)
+            sources[name] = open_source(name, target, max_retries=args.reconnect_retries, max_frames=args.max_frames,
+                                        first_frame_timeout=args.first_frame_timeout)  # fmt: skip
         detector = Detector(args.artifact, backend=backend, conf_thresh=args.conf, nms_iou=args.nms_iou,
                             **_backend_options(args, backend))  # fmt: skip
     except BaseException:
@@ -90,7 +97,9 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     from sidnet.cli import run_guarded
 
-    summary = run_guarded(lambda: run(args), verbose=args.verbose)  # one error line; -v shows the traceback
+    stopped = (f"deploy interrupted: the outputs in {args.out} are complete up to the last frame processed "
+               "(summary.json says interrupted: true), or were not started")  # fmt: skip
+    summary = run_guarded(lambda: run(args), verbose=args.verbose, interrupted=stopped)  # one line; -v: traceback
     alarms = sum(n for zs in summary["alarms"].values() for n in zs.values())
     print(json.dumps({k: summary[k] for k in ("frames", "frames_per_s", "alarms")}))
     frames = sum(summary["frames"].values())

@@ -15,7 +15,8 @@ import logging
 import sys
 from pathlib import Path
 
-from sidnet.cli import pop_verbose, run_guarded
+from sidnet.cli import TRAIN_INTERRUPTED, pop_verbose, run_guarded
+from sidnet.safety import UnsafeInputError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("sidnet.train")
@@ -31,11 +32,16 @@ def compose(overrides: list[str]):
 
     from sidnet.config import register_configs
     from sidnet.resolvers import register_resolvers
+    from sidnet.safety import refuse_env_interpolations
 
     register_configs()
     register_resolvers(project_root=PROJECT_ROOT)
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    raw = OmegaConf.to_container(cfg, resolve=False)  # before anything is resolved: no env var is ever read
+    run_paths = {k: raw["hydra"][k] for k in ("run", "sweep")}
+    refuse_env_interpolations({**{k: v for k, v in raw.items() if k != "hydra"}, "hydra": run_paths},
+                              where="the training config")  # fmt: skip
     run_dir = Path(str(cfg.hydra.run.dir))
     with open_dict(cfg):
         del cfg["hydra"]
@@ -57,12 +63,16 @@ def run(overrides: list[str]) -> dict:
     from sidnet.engine.runlock import acquire_run_lock
     from sidnet.engine.trainer import check_run_dir, check_train_config, train
     from sidnet.io import atomic_write_text
+    from sidnet.safety import claim_run_dir
 
     try:
         config, cfg, run_dir = compose(overrides)
+    except UnsafeInputError:
+        raise
     except Exception as e:  # noqa: BLE001  (Hydra/OmegaConf raise many types for one bad override)
         raise _bad_config(e) from e
     check_train_config(config, project_root=PROJECT_ROOT)  # nothing is written before the config is known good
+    claim_run_dir(run_dir)  # new, empty or a run of ours: never an unrelated folder's config.yaml
     acquire_run_lock(run_dir)
     check_run_dir(run_dir, resume=config.resume)  # a refused start must not overwrite the run's config.yaml
     handler = logging.FileHandler(run_dir / "train.log")
@@ -86,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: unknown flag(s) {' '.join(flags)}: python -m train takes -v and key=value overrides")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")  # fmt: skip
-    return run_guarded(lambda: run(argv), verbose=verbose)
+    return run_guarded(lambda: run(argv), verbose=verbose, interrupted=TRAIN_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sidnet.cli import OneLineParser, run_guarded
+from sidnet.cli import OneLineParser, positive_int, run_guarded, unit_interval
 from sidnet.config import DataConfig, SplitConfig
 from sidnet.data import DetectionDataset
 from sidnet.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
@@ -27,6 +27,7 @@ from sidnet.engine.trainer import resolve_device
 from sidnet.environment import environment
 from sidnet.evaluation import evaluate_detections, write_report
 from sidnet.resolvers import register_resolvers
+from sidnet.safety import check_output_file
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("AP", "AP50", "AP75", "AP_small", "recall", "precision", "fp_per_negative_image", "segm_AP", "segm_AP50")
@@ -43,8 +44,17 @@ def load_data_yaml(path: Path) -> DataConfig:
     """A conf/data/*.yaml, its interpolations (e.g. data=auto's ``${shared_or_sample:…}``) resolved."""
     from omegaconf import OmegaConf
 
+    from sidnet.safety import load_yaml, refuse_env_interpolations
+
     register_resolvers(project_root=PROJECT_ROOT)
-    return data_config(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+    raw = load_yaml(path, what="data config", fix="pass a YAML like those in conf/data/")
+    if not isinstance(raw, dict) or not {"train", "val"} <= set(raw):
+        raise ValueError(f"data config {path} is not a mapping with train: and val: splits; see conf/data/sample.yaml")
+    refuse_env_interpolations(raw, where=str(path))
+    try:
+        return data_config(OmegaConf.to_container(OmegaConf.create(raw), resolve=True))
+    except Exception as e:  # noqa: BLE001  (OmegaConf and the dataclasses raise many types for one bad key)
+        raise ValueError(f"data config {path}: {' '.join(str(e).split())[:200]}; see conf/data/sample.yaml") from e
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -54,8 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
     what.add_argument("--onnx", type=Path, help="an exported .onnx (native target), run by onnxruntime (needs --data)")
     p.add_argument("--data", type=Path, help="data YAML (default: the checkpoint's data config)")
     p.add_argument("--split", default="val", help="train | val, or part K of N of one by image id: val:1/2")
-    p.add_argument("--conf", type=float, default=0.3, help="operating confidence for recall/precision/FP")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--conf", type=unit_interval, default=0.3, help="operating confidence in (0, 1] for recall/"
+                   "precision/FP")  # fmt: skip
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
     p.add_argument("--boxes-only", action="store_true", help="Mask R-CNN: box metrics only (data without masks)")
@@ -63,7 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
-    return run_guarded(lambda: evaluate_onnx(args) if args.onnx is not None else evaluate(args), verbose=args.verbose)
+    stopped = "evaluation interrupted: no report was written (it is written whole at the end); run it again"
+    return run_guarded(lambda: evaluate_onnx(args) if args.onnx is not None else evaluate(args), verbose=args.verbose,
+                       interrupted=stopped)  # fmt: skip
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -115,11 +128,11 @@ def evaluate_onnx(args: argparse.Namespace) -> dict:
 
 def _evaluate(model, records, args, *, size: int, device: torch.device, source: Path, extra: dict, task=None,
               masks: bool = False) -> dict:  # fmt: skip
+    tag = args.split.replace(":", "_").replace("/", "of")  # val:1/2 -> val_1of2
+    out = check_output_file(args.out or source.with_name(f"{source.stem}_{tag}_report.json"))  # before the long part
     dataset = DetectionDataset(records, size=size)
     preds, pred_masks = predict_dataset(model, dataset, task=task, device=device, batch_size=args.batch_size)
     report = evaluate_detections(records, preds, operating_conf=args.conf, masks=pred_masks if masks else None)
-    tag = args.split.replace(":", "_").replace("/", "of")  # val:1/2 -> val_1of2
-    out = args.out or source.with_name(f"{source.stem}_{tag}_report.json")
     extra = {k: v for k, v in extra.items() if k not in report}
     write_report(report, out, extra=extra)
     print(json.dumps({k: report.get(k) for k in KEYS}, indent=None))

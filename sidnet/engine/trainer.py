@@ -35,6 +35,7 @@ from sidnet.engine.runlock import acquire_run_lock, release_run_lock
 from sidnet.engine.tasks import build_task
 from sidnet.evaluation import evaluate_detections
 from sidnet.io import remove_stale_temporaries
+from sidnet.safety import claim_run_dir
 
 log = logging.getLogger("sidnet.train")
 
@@ -372,7 +373,7 @@ def train(cfg: TrainConfig, *, run_dir: Path, project_root: Path) -> dict[str, A
     """Train one run in ``run_dir``. An existing ``last.pt`` there is continued with ``cfg.resume``, and is never
     overwritten without it."""
     check_train_config(cfg, project_root=project_root)
-    run_dir = Path(run_dir)
+    run_dir = claim_run_dir(run_dir)
     held = acquire_run_lock(run_dir)  # a second training into the same folder refuses here, before touching it
     try:
         for stale in remove_stale_temporaries(run_dir):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from sidnet.export.parity import ParityResult, check_parity
 from sidnet.export.report import write_report
 from sidnet.export.surgery import op_counts, rewrite
 from sidnet.export.wrapper import DeployModel
-from sidnet.io import ensure_writable_dir, sha256_file
+from sidnet.io import ensure_writable_dir, sha256_file, staged_output
 from sidnet.models import PersonMaskRCNN, Reorg, YOLOv2, build_model
 
 log = logging.getLogger("sidnet.export")
@@ -344,85 +344,100 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
     ensure_writable_dir(out_dir, fix="pass --out a folder you can write to")
     log.info("export: %s, %s, target %s, backend %s -> %s", source, opts.precision, opts.target, opts.backend, out_dir)
 
-    int8 = opts.precision == "int8"
-    graph_precision, graph_target = ("fp32", "native") if int8 else (opts.precision, opts.target)
-    int8_result = None
-    if isinstance(model, PersonMaskRCNN):
-        from sidnet.export import maskrcnn as mr
+    if opts.precision == "int8":
+        from sidnet.export.int8_export import refuse_overwrite
 
-        if opts.precision != "fp32":  # int8 too
-            raise ExportError("Mask R-CNN exports in fp32 only for now (the FP16 rewrite assumes the YOLOv2 head's "
-                              "'raw' boundary); use --precision fp32")  # fmt: skip
-        deploy = mr.maskrcnn_deploy(model, topk=cfg.topk, conf_thresh=cfg.conf_thresh, backend=opts.backend)
-        exported, final, surgery = mr.build_maskrcnn_graph(deploy, target=opts.target, opset=cfg.opset)
-        meta = {**_metadata_common(cfg, opts, name, source), **mr.metadata(model, deploy)}
-        final.doc_string = f"SIDNet person Mask R-CNN. {mr.PREPROCESSING} {mr.OUTPUTS}"
-    else:
-        deploy = DeployModel(model, conf_thresh=cfg.conf_thresh, topk=cfg.topk).eval()
-        exported, final, surgery = build_graph(deploy, target=graph_target, precision=graph_precision, opset=cfg.opset)
-        meta = _metadata(cfg, opts, model, name, source, class_names)
-        final.doc_string = f"SIDNet {model.num_classes}-class detector. {PREPROCESSING} {OUTPUTS}"
-    final.producer_name, final.producer_version = "sidnet", sidnet.__version__
-    set_metadata(final, {**meta, "precision": "fp32", "target": "native"} if int8 else meta)
-    if int8:
-        final, int8_result, surgery = _quantize(cfg, opts, exported, final, meta, surgery, out_dir, model,
-                                                project_root)  # fmt: skip
-    try:
-        onnx.checker.check_model(final, full_check=opts.target == "native")
-        checker = "passed" + ("" if opts.target == "native" else " (sidnet:: ops are not checked by schema)")
-    except onnx.checker.ValidationError as e:
-        raise ExportError(f"onnx.checker rejected the exported graph: {str(e).splitlines()[0]}") from e
-    onnx_path = out_dir / "model.onnx"
-    onnx.save(final, str(onnx_path))
+        refuse_overwrite(out_dir, force=cfg.force)
+    # Everything is written aside and moved into out_dir only once all of it passed: an error or Ctrl-C leaves out_dir
+    # as it was (a finished artifact set or none), never a model.onnx without its parity check and report.
+    with staged_output(out_dir) as work:
+        int8 = opts.precision == "int8"
+        graph_precision, graph_target = ("fp32", "native") if int8 else (opts.precision, opts.target)
+        int8_result = None
+        if isinstance(model, PersonMaskRCNN):
+            from sidnet.export import maskrcnn as mr
 
-    if isinstance(model, PersonMaskRCNN):
-        parity = mr.check_maskrcnn_parity(deploy, final, images=mr.sample_images(model.input_size))
-    else:
-        # INT8: parity of the calibrated FP32 graph (the surgery); INT8 vs FP32 accuracy is the gate's job.
-        tolerance = dict(getattr(cfg.parity, graph_precision))
-        probe = onnx.load(str(int8_result.fp32_path)) if int8 else final
-        parity = check_parity(deploy, probe, batches=list(cfg.parity.batches), seed=cfg.seed, tolerance=tolerance)
-    log.info("parity%s: %s", " (FP32 source of the INT8 graph)" if int8 else "", parity.summary())
-    report = _report(opts, meta, exported, final, surgery, checker, parity)
-    report["files"][onnx_path.name] = sha256_file(onnx_path)
-    if int8:
-        from sidnet.export.int8_export import finish_manifest
+            if opts.precision != "fp32":  # int8 too
+                raise ExportError("Mask R-CNN exports in fp32 only for now (the FP16 rewrite assumes the YOLOv2 head's "
+                                  "'raw' boundary); use --precision fp32")  # fmt: skip
+            deploy = mr.maskrcnn_deploy(model, topk=cfg.topk, conf_thresh=cfg.conf_thresh, backend=opts.backend)
+            exported, final, surgery = mr.build_maskrcnn_graph(deploy, target=opts.target, opset=cfg.opset)
+            meta = {**_metadata_common(cfg, opts, name, source), **mr.metadata(model, deploy)}
+            final.doc_string = f"SIDNet person Mask R-CNN. {mr.PREPROCESSING} {mr.OUTPUTS}"
+        else:
+            deploy = DeployModel(model, conf_thresh=cfg.conf_thresh, topk=cfg.topk).eval()
+            exported, final, surgery = build_graph(deploy, target=graph_target, precision=graph_precision,
+                                                   opset=cfg.opset)  # fmt: skip
+            meta = _metadata(cfg, opts, model, name, source, class_names)
+            final.doc_string = f"SIDNet {model.num_classes}-class detector. {PREPROCESSING} {OUTPUTS}"
+        final.producer_name, final.producer_version = "sidnet", sidnet.__version__
+        set_metadata(final, {**meta, "precision": "fp32", "target": "native"} if int8 else meta)
+        if int8:
+            final, int8_result, surgery = _quantize(cfg, opts, exported, final, meta, surgery, work, model,
+                                                    project_root)  # fmt: skip
+        try:
+            onnx.checker.check_model(final, full_check=opts.target == "native")
+            checker = "passed" + ("" if opts.target == "native" else " (sidnet:: ops are not checked by schema)")
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f"onnx.checker rejected the exported graph: {str(e).splitlines()[0]}") from e
+        onnx_path = work / "model.onnx"
+        onnx.save(final, str(onnx_path))
 
-        manifest_path = finish_manifest(out_dir, int8_result.manifest, onnx_path)
-        report["int8"] = int8_result.manifest
-        for path in (int8_result.fp32_path, int8_result.cache, manifest_path):
-            report["files"][path.name] = sha256_file(path)
-    if not parity.passed:
-        write_report(out_dir, report)
-        raise ParityError(f"exported graph does not match PyTorch: {parity.summary()}; see {out_dir / 'report.md'}")
+        if isinstance(model, PersonMaskRCNN):
+            parity = mr.check_maskrcnn_parity(deploy, final, images=mr.sample_images(model.input_size))
+        else:
+            # INT8: parity of the calibrated FP32 graph (the surgery); INT8 vs FP32 accuracy is the gate's job.
+            tolerance = dict(getattr(cfg.parity, graph_precision))
+            probe = onnx.load(str(int8_result.fp32_path)) if int8 else final
+            parity = check_parity(deploy, probe, batches=list(cfg.parity.batches), seed=cfg.seed, tolerance=tolerance)
+        log.info("parity%s: %s", " (FP32 source of the INT8 graph)" if int8 else "", parity.summary())
+        report = _report(opts, meta, exported, final, surgery, checker, parity)
+        report["files"][onnx_path.name] = sha256_file(onnx_path)
+        if int8:
+            from sidnet.export.int8_export import finish_manifest
 
-    engine = None
-    if opts.backend == "compiled":
-        from sidnet.export.compiled import export_compiled
+            manifest_path = finish_manifest(work, int8_result.manifest, onnx_path)
+            report["int8"] = int8_result.manifest
+            for path in (int8_result.fp32_path, int8_result.cache, manifest_path):
+                report["files"][path.name] = sha256_file(path)
+        if not parity.passed:  # nothing joins the artifact set; the report says why, in a folder of its own
+            failed = out_dir / "parity_failed"
+            failed.mkdir(exist_ok=True)
+            write_report(failed, report)
+            raise ParityError(f"exported graph does not match PyTorch: {parity.summary()}; nothing exported, see "
+                              f"{failed / 'report.md'}")
 
-        package, sidecar = export_compiled(model, out_dir, precision=opts.precision, conf_thresh=cfg.conf_thresh,
-                                           topk=cfg.topk, max_batch=cfg.batch.max, meta=meta,
-                                           device=cfg.compiled_device, mode=cfg.compiled_mode)  # fmt: skip
-        report["compiled"] = sidecar
-        report["files"][package.name] = sidecar["package_sha256"]
-    elif opts.backend != "onnx":
-        from sidnet.export.engine import build_engine
+        engine = None
+        if opts.backend == "compiled":
+            from sidnet.export.compiled import export_compiled
 
-        b = cfg.batch
-        batch = (1, 1, 1) if isinstance(model, PersonMaskRCNN) else (b.min, b.opt, b.max)  # its ONNX is static
-        engine = build_engine(
-            onnx_path,
-            out_dir,
-            backend=opts.backend,
-            precision=opts.precision,
-            batch=batch,
-            plugin_library=cfg.plugin_library,
-            timing_cache=cfg.timing_cache,
-            workspace_mib=cfg.workspace_mib,
-        )
-        layers = {k: v for k, v in engine.layers.items() if k != "engine_layer_names"}
-        report["engine"] = {"info": engine.info, "layers": layers}
-        report["files"][engine.engine.name] = engine.info["engine_sha256"]
-    report_path = write_report(out_dir, report)
+            package, sidecar = export_compiled(model, work, precision=opts.precision, conf_thresh=cfg.conf_thresh,
+                                               topk=cfg.topk, max_batch=cfg.batch.max, meta=meta,
+                                               device=cfg.compiled_device, mode=cfg.compiled_mode)  # fmt: skip
+            report["compiled"] = sidecar
+            report["files"][package.name] = sidecar["package_sha256"]
+        elif opts.backend != "onnx":
+            from sidnet.export.engine import build_engine
+
+            b = cfg.batch
+            batch = (1, 1, 1) if isinstance(model, PersonMaskRCNN) else (b.min, b.opt, b.max)  # its ONNX is static
+            engine = build_engine(
+                onnx_path,
+                work,
+                backend=opts.backend,
+                precision=opts.precision,
+                batch=batch,
+                plugin_library=cfg.plugin_library,
+                timing_cache=cfg.timing_cache or out_dir / "timing.cache",  # a cache, reused across exports
+                workspace_mib=cfg.workspace_mib,
+            )
+            layers = {k: v for k, v in engine.layers.items() if k != "engine_layer_names"}
+            report["engine"] = {"info": engine.info, "layers": layers}
+            report["files"][engine.engine.name] = engine.info["engine_sha256"]
+        write_report(work, report)
+    onnx_path, report_path = out_dir / onnx_path.name, out_dir / "report.md"
+    if engine is not None:
+        engine = replace(engine, engine=out_dir / engine.engine.name, sidecar=out_dir / engine.sidecar.name,
+                         layer_report=out_dir / engine.layer_report.name)  # fmt: skip
     log.info("export: wrote %s and %s in %s", ", ".join(sorted(report["files"])), report_path.name, out_dir)
     return ExportResult(out_dir, onnx_path, report_path, opts, surgery, parity, engine, report)

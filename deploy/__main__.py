@@ -86,8 +86,18 @@ def run(args) -> dict:
         raise
     with detector:
         opts = PipelineOptions(out_dir=args.out, batch_size=args.batch, write_video=not args.no_video,
-                               max_frames=args.max_frames, progress=not args.no_progress)  # fmt: skip
+                               max_frames=args.max_frames, progress=not args.no_progress,
+                               first_frame_timeout=args.first_frame_timeout)  # fmt: skip
         return run_pipeline(detector, sources, zones=zones, opts=opts)
+
+
+def _interrupted(e: KeyboardInterrupt, out: Path) -> str:
+    summary = getattr(e, "summary", None)  # sidnet.runtime.pipeline.Interrupted: the outputs were finished
+    if summary is None:
+        return f"deploy interrupted before the first frame: nothing was written to {out}"
+    frames = sum(summary["frames"].values())
+    return (f"deploy interrupted after {frames} frames: the outputs in {out} are complete up to there (summary.json "
+            "says interrupted: true)")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -97,9 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     from sidnet.cli import run_guarded
 
-    stopped = (f"deploy interrupted: the outputs in {args.out} are complete up to the last frame processed "
-               "(summary.json says interrupted: true), or were not started")  # fmt: skip
-    summary = run_guarded(lambda: run(args), verbose=args.verbose, interrupted=stopped)  # one line; -v: traceback
+    summary = run_guarded(lambda: run(args), verbose=args.verbose, interrupted=lambda e: _interrupted(e, args.out))
     alarms = sum(n for zs in summary["alarms"].values() for n in zs.values())
     print(json.dumps({k: summary[k] for k in ("frames", "frames_per_s", "alarms")}))
     frames = sum(summary["frames"].values())

@@ -36,18 +36,19 @@ def error_line(e: BaseException) -> str:
     return f"error: internal error ({type(e).__name__}: {one_line(e)[:300]}); rerun with -v for the traceback"
 
 
-def run_guarded(fn: Callable[[], T], *, verbose: bool, interrupted: str | Callable[[], str]) -> T:
+def run_guarded(fn: Callable[[], T], *, verbose: bool, interrupted: str | Callable[[KeyboardInterrupt], str]) -> T:
     """Call ``fn()``; on an exception print one line and exit non-zero (``verbose``: let the traceback through).
 
-    ``interrupted``: what Ctrl-C stopped and what it left, in the command's own words (or a callable giving them)."""
+    ``interrupted``: what Ctrl-C stopped and what it left, in the command's own words (or a function of the
+    ``KeyboardInterrupt`` giving them)."""
     try:
         return fn()
     except SystemExit:
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if verbose:
             raise
-        print(f"error: {interrupted() if callable(interrupted) else interrupted}", file=sys.stderr)
+        print(f"error: {interrupted(e) if callable(interrupted) else interrupted}", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
     except Exception as e:  # noqa: BLE001  (the one place that turns every failure into one line)
         if verbose:

@@ -25,11 +25,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from sidnet.io import atomic_write_text
 from sidnet.runtime.detector import Detector
 from sidnet.runtime.errors import DeployError
 from sidnet.runtime.nms import Detections
 from sidnet.runtime.sources import Frame, ImageFolderSource, VideoFileSource
 from sidnet.runtime.zones import ZoneConfig, check_zones_fit, update_zones
+from sidnet.safety import check_output_file, open_output, read_image
 
 _END = object()
 OUTPUT_FILES = ("summary.json", "events.jsonl")
@@ -43,12 +45,21 @@ class PipelineOptions:
     max_frames: int | None = None  # per stream
     progress: bool = True
     queue_size: int = 64
+    first_frame_timeout: float = 20.0  # seconds a live stream may take to deliver its first frame
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during the run: the outputs were finished (files closed, ``summary.json`` says ``interrupted``)."""
+
+    def __init__(self, summary: dict) -> None:
+        super().__init__()
+        self.summary = summary
 
 
 class _Events:
     def __init__(self, path: Path) -> None:
         self.lock = threading.Lock()
-        self.f = open(path, "w")  # noqa: SIM115  (closed in close())
+        self.f = open_output(path)
         self.counts: dict[str, int] = {}
 
     def __call__(self, event: dict) -> None:
@@ -65,18 +76,20 @@ class _Events:
 def check_out_dir(out_dir: Path, streams: list[str], *, force: bool) -> None:
     if not out_dir.exists():
         return
-    ours = [out_dir / n for n in OUTPUT_FILES] + [out_dir / f"{s}{x}" for s in streams for x in (".jsonl", ".mp4", "")]
-    existing = [p for p in ours if p.exists()]
+    files = [out_dir / n for n in OUTPUT_FILES] + [out_dir / f"{s}{x}" for s in streams for x in (".jsonl", ".mp4")]
+    existing = [p for p in [*files, *(out_dir / s for s in streams)] if p.exists() or p.is_symlink()]
     if existing and not force:
         raise DeployError(f"{existing[0]} already exists: pass --force to overwrite, or choose another --out")
+    for p in files:  # even with --force: never a FIFO, a device or a folder in place of an output file
+        check_output_file(p)
 
 
 def _first_size(src) -> tuple[int, int] | None:
     if isinstance(src, VideoFileSource):
         return src.size
     if isinstance(src, ImageFolderSource):
-        img = cv2.imread(str(src.files[0]), cv2.IMREAD_COLOR)
-        return None if img is None else (img.shape[1], img.shape[0])
+        img = read_image(src.files[0], what="image", fix="remove it or replace it with a readable image")
+        return img.shape[1], img.shape[0]
     return None
 
 
@@ -103,7 +116,7 @@ class _Writer(threading.Thread):
         self.detector, self.sources, self.zone_cfg, self.opts, self.events, self.bar = (
             detector, sources, zones, opts, events, bar)  # fmt: skip
         self.q: queue.Queue = queue.Queue(maxsize=4)
-        self.jsonl = {s: open(opts.out_dir / f"{s}.jsonl", "w") for s in sources}  # noqa: SIM115
+        self.jsonl = {s: open_output(opts.out_dir / f"{s}.jsonl") for s in sources}
         self.videos: dict[str, cv2.VideoWriter] = {}
         self.frames = dict.fromkeys(sources, 0)
         self.detections = dict.fromkeys(sources, 0)
@@ -118,13 +131,13 @@ class _Writer(threading.Thread):
         if isinstance(src, ImageFolderSource):
             folder = self.opts.out_dir / frame.stream
             folder.mkdir(exist_ok=True)
-            cv2.imwrite(str(folder / (Path(frame.name).stem + ".jpg")), img)
+            cv2.imwrite(str(check_output_file(folder / (Path(frame.name).stem + ".jpg"))), img)
             return
         writer = self.videos.get(frame.stream)
         if writer is None:
             fps = getattr(src, "fps", 25.0) or 25.0
-            writer = cv2.VideoWriter(str(self.opts.out_dir / f"{frame.stream}.mp4"), cv2.VideoWriter_fourcc(*"mp4v"),
-                                     fps, (img.shape[1], img.shape[0]))  # fmt: skip
+            path = check_output_file(self.opts.out_dir / f"{frame.stream}.mp4")
+            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (img.shape[1], img.shape[0]))
             self.videos[frame.stream] = writer
         writer.write(img)
 
@@ -216,14 +229,19 @@ def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None,
     writer.start()
     stop, errors = threading.Event(), []
     queues = {name: queue.Queue(maxsize=opts.queue_size) for name in sources}
-    readers = [threading.Thread(target=_reader, args=(src, detector, queues[name], opts.max_frames, errors, stop),
-                                daemon=True, name=f"deploy-read-{name}") for name, src in sources.items()]  # fmt: skip
-    for t in readers:
+    readers = {name: threading.Thread(target=_reader, name=f"deploy-read-{name}", daemon=True,
+                                      args=(src, detector, queues[name], opts.max_frames, errors, stop))
+               for name, src in sources.items()}  # fmt: skip
+    for t in readers.values():
         t.start()
     active = list(sources)
+    waiting = {name for name, src in sources.items() if getattr(src, "live", False)}  # no first frame yet
     batches, infer_s, start = 0, 0.0, time.perf_counter()
+    interrupted = False
     try:
         while active and not errors and writer.error is None:
+            if waiting and time.perf_counter() - start > opts.first_frame_timeout:  # OpenCV's own waits may be longer
+                raise sources[min(waiting)].never_delivered(f"gave no frame within {opts.first_frame_timeout:g} s")
             batch: list[tuple[Frame, object]] = []
             progressed = True
             while len(batch) < opts.batch_size and progressed and active:
@@ -238,6 +256,7 @@ def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None,
                         active.remove(name)
                     else:
                         batch.append(item)
+                        waiting.discard(name)
                     if len(batch) >= opts.batch_size:
                         break
             if not batch:
@@ -249,6 +268,8 @@ def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None,
             infer_s += time.perf_counter() - t0
             batches += 1
             writer.q.put([(f, d) for (f, _), d in zip(batch, results, strict=True)])
+    except KeyboardInterrupt:  # Ctrl-C: finish what was decoded so far, then say so in the summary
+        interrupted = True
     finally:
         stop.set()
         for q in queues.values():  # unblock readers waiting on a full queue
@@ -257,8 +278,10 @@ def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None,
         writer.q.put(_END)
         writer.join()
         writer.close()
-        for src in sources.values():
-            src.close()
+        for name, src in sources.items():
+            readers[name].join(timeout=2.0)
+            if not readers[name].is_alive():  # one still blocked inside OpenCV's read: releasing under it is unsafe
+                src.close()
         events.close()
         if bar is not None:
             bar.close()
@@ -275,7 +298,9 @@ def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None,
         "batch_size": opts.batch_size, "frames": writer.frames, "detections": writer.detections,
         "alarms": zone_alarms, "events": dict(events.counts), "batches": batches,
         "seconds": round(seconds, 3), "frames_per_s": round(total / seconds, 2) if seconds else None,
-        "inference_s": round(infer_s, 3), "warmup_s": round(warmup_s, 3),
+        "inference_s": round(infer_s, 3), "warmup_s": round(warmup_s, 3), "interrupted": interrupted,
     }  # fmt: skip
-    (opts.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(opts.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if interrupted:
+        raise Interrupted(summary)
     return summary

@@ -3,8 +3,8 @@
 Fault injection for the fault campaign (``tests/test_faults.py``), the way SQLite tests its journal: the environment
 variable ``SIDNET_FAULT=<fault>:<file name>:<n>`` makes the ``n``-th atomic write of a file with that name (1-based,
 counted per process) fail after half of it reached the temporary file and before the rename:
-``kill`` sends this process SIGKILL, ``enospc`` raises ``OSError(ENOSPC)`` as a full disk does. Unset, it costs one
-dictionary lookup per write.
+``kill`` sends this process SIGKILL, ``enospc`` raises ``OSError(ENOSPC)`` as a full disk does, ``sigint`` is Ctrl-C.
+Unset, it costs one dictionary lookup per write.
 """
 
 from __future__ import annotations
@@ -42,7 +42,10 @@ def _inject_fault(path: Path, f: IO[bytes]) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if fault == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    raise ValueError(f"SIDNET_FAULT={spec}: unknown fault {fault!r}; use kill or enospc")
+    if fault == "sigint":
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: Python raises KeyboardInterrupt at its next instruction
+        return
+    raise ValueError(f"SIDNET_FAULT={spec}: unknown fault {fault!r}; use kill, enospc or sigint")
 
 
 def atomic_write(

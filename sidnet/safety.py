@@ -75,8 +75,9 @@ def _legacy_run(folder: Path) -> bool:
     return (folder / ".hydra" / "config.yaml").is_file() and (folder / "train.log").is_file()
 
 
-def claim_run_dir(run_dir: str | os.PathLike[str]) -> Path:
-    """Create ``run_dir`` (or accept it: empty, or a run of this project) and mark it as a SIDNet run folder."""
+def claim_run_dir(run_dir: str | os.PathLike[str], *, create: bool = True) -> Path:
+    """Create ``run_dir`` (or accept it: empty, or a run of this project) and mark it as a SIDNet run folder
+    (``create=False``: only the check, nothing written)."""
     run_dir = Path(run_dir)
     fix = "choose a new name=... (or hydra.run.dir=...) for this run"
     if run_dir.exists() or run_dir.is_symlink():
@@ -85,6 +86,8 @@ def claim_run_dir(run_dir: str | os.PathLike[str]) -> Path:
         if not (run_dir / RUN_MARKER).is_file() and any(run_dir.iterdir()) and not _legacy_run(run_dir):
             raise UnsafeInputError(f"{run_dir} exists and is not a SIDNet run folder (no {RUN_MARKER} in it): training "
                                    f"writes only into new or its own folders; {fix}")  # fmt: skip
+    if not create:
+        return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     marker = run_dir / RUN_MARKER
     if not marker.exists():
@@ -279,6 +282,7 @@ def read_image(path: str | os.PathLike[str], *, what: str = "image", fix: str = 
     """A regular image file (bounded read) decoded to BGR uint8 (H, W, 3), its pixel count checked from the header
     before decoding (a 30,000² PNG is refused, not decoded); undecodable → :class:`UnsafeInputError`."""
     import io
+    import warnings
 
     import cv2
     import numpy as np
@@ -286,8 +290,13 @@ def read_image(path: str | os.PathLike[str], *, what: str = "image", fix: str = 
 
     data = read_bytes(path, kind="image", what=what, fix=fix)
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our bound below is the policy
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+    except Image.DecompressionBombError as e:  # over PIL's own limit, which is far above ours
+        raise UnsafeInputError(f"{what} {path} is over the {MAX_IMAGE_PIXELS // 10**6} MP bound on a decoded frame "
+                               f"({one_line(e)[:60]}); downscale it or {fix}") from None
     except Exception:  # noqa: BLE001  (PIL raises a zoo of types; OpenCV may still read what PIL cannot)
         w = h = 0
     if w * h > MAX_IMAGE_PIXELS:

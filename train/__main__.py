@@ -60,8 +60,7 @@ def _bad_config(e: Exception) -> ValueError:
 def run(overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
 
-    from sidnet.engine.runlock import acquire_run_lock
-    from sidnet.engine.trainer import check_run_dir, check_train_config, train
+    from sidnet.config import validate_train_config
     from sidnet.io import atomic_write_text
     from sidnet.safety import claim_run_dir
 
@@ -71,6 +70,11 @@ def run(overrides: list[str]) -> dict:
         raise
     except Exception as e:  # noqa: BLE001  (Hydra/OmegaConf raise many types for one bad override)
         raise _bad_config(e) from e
+    validate_train_config(config)  # names, ranges and the run folder first: answered before torch is imported
+    claim_run_dir(run_dir, create=False)
+    from sidnet.engine.runlock import acquire_run_lock
+    from sidnet.engine.trainer import check_run_dir, check_train_config, train
+
     check_train_config(config, project_root=PROJECT_ROOT)  # nothing is written before the config is known good
     claim_run_dir(run_dir)  # new, empty or a run of ours: never an unrelated folder's config.yaml
     acquire_run_lock(run_dir)

@@ -14,20 +14,12 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
 from sidnet.cli import OneLineParser, positive_int, run_guarded, unit_interval
 from sidnet.config import DataConfig, SplitConfig
-from sidnet.data import DetectionDataset
-from sidnet.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from sidnet.engine.data import load_records
-from sidnet.engine.predict import predict_dataset
-from sidnet.engine.tasks import build_task
-from sidnet.engine.trainer import resolve_device
-from sidnet.environment import environment
-from sidnet.evaluation import evaluate_detections, write_report
 from sidnet.resolvers import register_resolvers
 from sidnet.safety import check_output_file
+
+# torch and the data pipeline are imported where used: a mistyped flag is answered in a fraction of a second.
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("AP", "AP50", "AP75", "AP_small", "recall", "precision", "fp_per_negative_image", "segm_AP", "segm_AP50")
@@ -80,16 +72,27 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
+    import torch
+
+    from sidnet.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from sidnet.engine.data import load_records
+    from sidnet.engine.tasks import build_task
+    from sidnet.engine.trainer import resolve_device
+    from sidnet.environment import environment
+
     state = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(state, ema=not args.no_ema, fake_quant=bool(state.get("quant")))  # QAT: as trained
     if args.data is not None:
-        if not args.data.is_file():
+        if not args.data.exists():
             raise FileNotFoundError(f"data config not found: {args.data}; pass a YAML from conf/data/")
         data = load_data_yaml(args.data)
     else:
-        if not isinstance(state.get("config"), dict) or "data" not in state["config"]:
-            raise CheckpointError(f"{args.checkpoint} records no data config; pass --data conf/data/<x>.yaml")
-        data = data_config(state["config"]["data"])
+        recorded = state.get("config", {}).get("data") if isinstance(state.get("config"), dict) else None
+        try:
+            data = data_config(recorded)
+        except (KeyError, TypeError) as e:  # none, or one this version cannot read
+            raise CheckpointError(f"{args.checkpoint} records no usable data config ({type(e).__name__}: {e}); pass "
+                                  "--data conf/data/<x>.yaml") from e  # fmt: skip
     task = build_task(model)
     masks = "segm" in task.iou_types and not args.boxes_only
     records = load_records(data, args.split, project_root=PROJECT_ROOT, masks=masks)
@@ -106,15 +109,18 @@ def evaluate(args: argparse.Namespace) -> dict:
 def evaluate_onnx(args: argparse.Namespace) -> dict:
     """The ``--onnx`` path: same records, same predict/evaluate, onnxruntime instead of PyTorch."""
     import onnxruntime
+    import torch
 
+    from sidnet.engine.data import load_records
     from sidnet.engine.onnx_detector import OnnxDetector
+    from sidnet.environment import environment
     from sidnet.export.manifest import check_artifact
 
     if args.data is None:
         raise FileNotFoundError("--onnx needs --data conf/data/<x>.yaml (an ONNX file carries no data config)")
-    if not args.onnx.is_file():
+    if not args.onnx.exists():
         raise FileNotFoundError(f"ONNX file not found: {args.onnx}; pass a model.onnx written by python -m export")
-    if not args.data.is_file():
+    if not args.data.exists():
         raise FileNotFoundError(f"data config not found: {args.data}; pass a YAML from conf/data/")
     check_artifact(args.onnx)
     detector = OnnxDetector(args.onnx)
@@ -126,8 +132,12 @@ def evaluate_onnx(args: argparse.Namespace) -> dict:
                      extra=extra)  # fmt: skip
 
 
-def _evaluate(model, records, args, *, size: int, device: torch.device, source: Path, extra: dict, task=None,
+def _evaluate(model, records, args, *, size: int, device, source: Path, extra: dict, task=None,
               masks: bool = False) -> dict:  # fmt: skip
+    from sidnet.data import DetectionDataset
+    from sidnet.engine.predict import predict_dataset
+    from sidnet.evaluation import evaluate_detections, write_report
+
     tag = args.split.replace(":", "_").replace("/", "of")  # val:1/2 -> val_1of2
     out = check_output_file(args.out or source.with_name(f"{source.stem}_{tag}_report.json"))  # before the long part
     dataset = DetectionDataset(records, size=size)

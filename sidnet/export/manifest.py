@@ -72,7 +72,7 @@ def check_artifact(onnx_path: str | Path) -> dict | None:
     if not is_qdq(model):
         return None
     path = onnx_path.parent / MANIFEST_NAME
-    if not path.is_file():
+    if not path.exists():  # present but not a regular file: read_manifest says so
         raise CalibrationError(
             f"{onnx_path} is an INT8 Q/DQ model without its {MANIFEST_NAME}: its provenance is unknown; "
             "export it again with python -m export --precision int8"

@@ -20,6 +20,7 @@ from sidnet.export.surgery import op_counts, rewrite
 from sidnet.export.wrapper import DeployModel
 from sidnet.io import ensure_writable_dir, sha256_file, staged_output
 from sidnet.models import PersonMaskRCNN, Reorg, YOLOv2, build_model
+from sidnet.safety import check_input_size
 
 log = logging.getLogger("sidnet.export")
 
@@ -92,8 +93,7 @@ def preflight(opts: Options, cfg: ExportConfig) -> None:
 
 
 def _check_input_size(size: int, where: str) -> None:
-    if size % 32 or size <= 0:
-        raise ExportError(f"input size {size} ({where}) is not a positive multiple of 32: use e.g. 416 or 320")
+    check_input_size(size, where=where, fix="use e.g. 416 or 320")
 
 
 def load_model(cfg: ExportConfig, *, project_root: Path) -> tuple[YOLOv2, str, str, list[str] | None]:

@@ -215,7 +215,10 @@ def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None,
     if hasattr(detector.backend, "warmup"):  # CUDA graphs + cuDNN autotuning for every batch bucket, up front
         detector.backend.warmup(opts.batch_size)
     warmup_s = time.perf_counter() - warm_start
+    made_dir = not opts.out_dir.exists()
     opts.out_dir.mkdir(parents=True, exist_ok=True)
+    fresh = [opts.out_dir / n for n in ("events.jsonl", *(f"{s}.jsonl" for s in sources))]
+    fresh = [p for p in fresh if not p.exists()]  # what this run creates (removed again if no frame ever came)
     events = _Events(opts.out_dir / "events.jsonl")
     for src in sources.values():
         if getattr(src, "live", False):
@@ -241,7 +244,9 @@ def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None,
     try:
         while active and not errors and writer.error is None:
             if waiting and time.perf_counter() - start > opts.first_frame_timeout:  # OpenCV's own waits may be longer
-                raise sources[min(waiting)].never_delivered(f"gave no frame within {opts.first_frame_timeout:g} s")
+                late = sources[min(waiting)]
+                errors.append(late.never_delivered(f"gave no frame in {opts.first_frame_timeout:g} s"))
+                break
             batch: list[tuple[Frame, object]] = []
             progressed = True
             while len(batch) < opts.batch_size and progressed and active:
@@ -285,6 +290,13 @@ def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None,
         events.close()
         if bar is not None:
             bar.close()
+    if (errors or writer.error is not None or interrupted) and not any(writer.frames.values()):
+        for p in fresh:  # failed before the first frame (a stream that never worked): leave nothing behind
+            p.unlink(missing_ok=True)
+        if made_dir and not any(opts.out_dir.iterdir()):
+            opts.out_dir.rmdir()
+        if interrupted:
+            raise KeyboardInterrupt
     if errors:
         raise errors[0]
     if writer.error is not None:

@@ -26,19 +26,19 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from sidnet.checkpoint import load_checkpoint, model_from_checkpoint
 from sidnet.data import DetectionDataset
-from sidnet.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from sidnet.engine.data import load_records
-from sidnet.engine.predict import predict_dataset
+from sidnet.data.config import load_data_yaml
+from sidnet.data.loading import load_records
 from sidnet.environment import environment
 from sidnet.evaluation import evaluate_detections
-from sidnet.export import calibration as calib
-from sidnet.export import int8 as q
-from sidnet.export.accuracy_gate import fallback_loop
+from sidnet.evaluation.predict import predict_dataset
 from sidnet.export.config import ExportConfig, Int8Config
-from sidnet.export.int8_export import _versions
 from sidnet.export.pipeline import run_export
-from train.evaluate import load_data_yaml
+from sidnet.quant import calibration as calib
+from sidnet.quant import qdq as q
+from sidnet.quant.accuracy_gate import fallback_loop
+from sidnet.quant.ptq import _versions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def score(model, records: list, parts: dict[str, list], *, task=None) -> dict[st
     evaluator's AP / AP50 / recall@0.3 on each named subset of them."""
     import tempfile
 
-    from sidnet.engine.onnx_detector import OnnxDetector
+    from sidnet.evaluation.onnx_detector import OnnxDetector
 
     if isinstance(model, torch.nn.Module):
         preds, _ = predict_dataset(model, DetectionDataset(records, size=model.input_size), task=task,
@@ -99,7 +99,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    data = load_data_yaml(Path(args.data))
+    data = load_data_yaml(Path(args.data), project_root=ROOT)
     val = load_records(data, "val", project_root=ROOT)
     gate_records = load_records(data, args.gate_split, project_root=ROOT)
     test = load_records(data, args.test_split, project_root=ROOT)

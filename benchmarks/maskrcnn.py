@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from sidnet.checkpoint import load_checkpoint, model_from_checkpoint
 from sidnet.data import letterbox
 from sidnet.data.validate import list_images
-from sidnet.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from sidnet.models import build_model
 from sidnet.runtime.benchmark import median_ms
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from sidnet.engine.checkpoint import load_checkpoint, save_checkpoint
+from sidnet.checkpoint import load_checkpoint, save_checkpoint
 
 KEEP = ("model", "epoch", "step", "best_ap50", "history", "config", "metrics")
 

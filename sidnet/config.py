@@ -78,7 +78,7 @@ class EvalConfig:
 
 @dataclass
 class QuantConfig:
-    """Quantization-aware fine-tuning (``quant=qat``, :mod:`sidnet.engine.qat`): fake INT8 where the Q/DQ export puts
+    """Quantization-aware fine-tuning (``quant=qat``, :mod:`sidnet.quant.qat`): fake INT8 where the Q/DQ export puts
     it, starting from ``init_from`` calibrated exactly as ``python -m export --precision int8`` would."""
 
     enabled: bool = False

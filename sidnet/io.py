@@ -59,7 +59,7 @@ def atomic_write(
 
     ``mode``: mkstemp creates 0600 files; reports, configs and checkpoints are meant to be shared.
     ``before_replace``: called once the new content is safely on disk, just before the rename (keeps a previous
-    generation, see :func:`sidnet.engine.checkpoint.save_checkpoint`).
+    generation, see :func:`sidnet.checkpoint.save_checkpoint`).
     An existing ``path`` that is not a regular file (FIFO, device, folder, symlink) is refused, never replaced.
     """
     path = check_output_file(path)

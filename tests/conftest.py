@@ -86,8 +86,8 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     varied untrained outputs. Saved the way ``python -m train`` saves (``save_checkpoint``)."""
     import torch
 
-    from sidnet.engine.checkpoint import save_checkpoint
-    from sidnet.export.pipeline import calibrate_batchnorm
+    from sidnet.checkpoint import save_checkpoint
+    from sidnet.export.adapters import calibrate_batchnorm
     from sidnet.models import build_model
 
     torch.manual_seed(0)

@@ -20,14 +20,15 @@ import pytest
 import torch
 from onnx.reference import ReferenceEvaluator
 
-from sidnet.engine.checkpoint import save_checkpoint
+from sidnet.checkpoint import save_checkpoint
+from sidnet.export.adapters import calibrate_batchnorm
 from sidnet.export.config import BatchConfig, ExportConfig
-from sidnet.export.errors import ExportError, SurgeryError
-from sidnet.export.onnx_export import export_onnx, module_scopes, read_metadata
-from sidnet.export.pipeline import calibrate_batchnorm, run_export
+from sidnet.export.pipeline import run_export
 from sidnet.export.reference_ops import REFERENCE_OPS, region_topk_numpy, reorg_numpy
-from sidnet.export.surgery import SurgeryLog, fold_batchnorm, remove_noops, rewrite
-from sidnet.export.wrapper import DeployModel, TopKDecode
+from sidnet.graph.errors import ExportError, SurgeryError
+from sidnet.graph.onnx_export import export_onnx, module_scopes, read_metadata
+from sidnet.graph.surgery import SurgeryLog, fold_batchnorm, remove_noops, rewrite
+from sidnet.graph.wrapper import DeployModel, TopKDecode
 from sidnet.models import build_model, region_topk, reorg
 
 ROOT = Path(__file__).resolve().parents[1]

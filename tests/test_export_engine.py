@@ -15,11 +15,12 @@ import onnx
 import pytest
 import torch
 
-from sidnet.engine.checkpoint import save_checkpoint
+from sidnet.checkpoint import save_checkpoint
+from sidnet.export.adapters import calibrate_batchnorm
 from sidnet.export.config import ExportConfig
 from sidnet.export.engine import build_engine
-from sidnet.export.errors import BackendUnavailable, EngineBuildError, PluginError
-from sidnet.export.pipeline import calibrate_batchnorm, run_export
+from sidnet.export.pipeline import run_export
+from sidnet.graph.errors import BackendUnavailable, EngineBuildError, PluginError
 from sidnet.io import sha256_file
 from sidnet.models import build_model
 

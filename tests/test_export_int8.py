@@ -20,15 +20,16 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from sidnet.engine.checkpoint import save_checkpoint
+from sidnet.checkpoint import save_checkpoint
 from sidnet.evaluation import box_iou
-from sidnet.export.calibration import CalibrationError, CalibrationSet, preprocess, read_cache
+from sidnet.export.adapters import calibrate_batchnorm
 from sidnet.export.config import ExportConfig, Int8Config
-from sidnet.export.errors import ExportError
-from sidnet.export.int8 import activation_scales, quantized_layers
-from sidnet.export.manifest import check_artifact, check_cache
-from sidnet.export.pipeline import calibrate_batchnorm, run_export
+from sidnet.export.pipeline import run_export
+from sidnet.graph.errors import ExportError
 from sidnet.models import build_model
+from sidnet.quant.calibration import CalibrationError, CalibrationSet, preprocess, read_cache
+from sidnet.quant.manifest import check_artifact, check_cache
+from sidnet.quant.qdq import activation_scales, quantized_layers
 
 # A mark, not a module-level importorskip: on the GPU machine (`-m gpu`, no modelopt there) these CPU tests are
 # deselected instead of reported as a skipped module, which benchmarks/run_gpu.sh counts as a failure.

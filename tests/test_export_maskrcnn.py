@@ -13,7 +13,7 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign
 
-from sidnet.engine.checkpoint import build_model_from_spec, save_checkpoint
+from sidnet.checkpoint import build_model_from_spec, save_checkpoint
 from sidnet.export.config import ExportConfig
 from sidnet.export.maskrcnn_deploy import MaskRCNNDeploy, PyramidRoIAlign
 from sidnet.export.pipeline import run_export
@@ -106,7 +106,7 @@ def test_native_target_builds_a_tensorrt_rtx_engine(checkpoint, tmp_path):
 
 
 def test_fp16_is_refused_with_one_line(checkpoint, tmp_path):
-    from sidnet.export.errors import ExportError
+    from sidnet.graph.errors import ExportError
 
     with pytest.raises(ExportError, match="fp32 only"):
         run_export(ExportConfig(checkpoint=str(checkpoint), precision="fp16", out=str(tmp_path)), project_root=ROOT)

@@ -27,10 +27,10 @@ import pytest
 import torch
 from PIL import Image
 
+from sidnet.checkpoint import VERSION, load_checkpoint, previous_generation
 from sidnet.data import DetectionDataset, load_split
 from sidnet.data import errors as E
 from sidnet.data.errors import DataError
-from sidnet.engine.checkpoint import VERSION, load_checkpoint, previous_generation
 from tests.conftest import write_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -582,7 +582,7 @@ def test_version1_checkpoint_still_loads_and_resumes(tmp_path):
     assert np.array_equal(np.random.get_state()[1], np_state[1])
     resumed.fit()
     assert load_checkpoint(tmp_path / "last.pt")["version"] == VERSION
-    upgrade = subprocess.run([sys.executable, "-m", "sidnet.engine.checkpoint", "--upgrade",
+    upgrade = subprocess.run([sys.executable, "-m", "sidnet.checkpoint", "--upgrade",
                               str(tmp_path / "last.pt")], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert upgrade.returncode == 0, upgrade.stderr
 

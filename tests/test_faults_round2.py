@@ -158,7 +158,7 @@ def _qdq(c: Ctx, mutate: Callable[[dict, Path], None]) -> list[str]:
     import onnx
     from onnx import TensorProto, helper
 
-    from sidnet.export.manifest import FORMAT, MANIFEST_NAME, graph_sha256
+    from sidnet.quant.manifest import FORMAT, MANIFEST_NAME, graph_sha256
     from sidnet.io import sha256_file
 
     art = c.tmp / "int8"

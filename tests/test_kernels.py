@@ -105,7 +105,7 @@ def test_missing_library_names_the_fix(monkeypatch, tmp_path):
 
 
 def test_import_does_not_load_torch_or_library():
-    code = "import sys, sidnet.kernels; assert 'torch' not in sys.modules; assert not sidnet.kernels._loaded"
+    code = "import sys, sidnet.kernels; assert 'torch' not in sys.modules; assert not sidnet.kernels.library._loaded"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=kbuild.REPO_ROOT)
 
 
@@ -355,7 +355,7 @@ def test_wrappers_use_the_current_stream_and_capture_in_cuda_graphs(lib):
 def test_launch_error_is_reported(lib):
     # The wrappers check cudaError_t: an error from the launcher surfaces as RuntimeError with CUDA's text.
     with pytest.raises(RuntimeError, match="invalid argument"):
-        kernels._check(lib, INVALID, "regionTopK")
+        kernels.library._check(lib, INVALID, "regionTopK")
     assert isinstance(lib, ctypes.CDLL)
 
 

@@ -22,19 +22,20 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from sidnet.checkpoint import load_checkpoint, save_checkpoint
 from sidnet.config import register_configs
 from sidnet.data import DataError
-from sidnet.engine.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from sidnet.engine.data import load_records
+from sidnet.data.config import data_config
+from sidnet.data.loading import load_records
 from sidnet.engine.trainer import train
 from sidnet.evaluation import box_iou
-from sidnet.export.calibration import preprocess
+from sidnet.export.adapters import calibrate_batchnorm
 from sidnet.export.config import ExportConfig, Int8Config
-from sidnet.export.int8 import activation_scales
-from sidnet.export.pipeline import calibrate_batchnorm, run_export
+from sidnet.export.pipeline import run_export
 from sidnet.models import build_model
+from sidnet.quant.calibration import preprocess
+from sidnet.quant.qdq import activation_scales
 from sidnet.resolvers import register_resolvers
-from train.evaluate import data_config
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("modelopt") is None,
                                 reason="pip install -e '.[int8]' (nvidia-modelopt)")  # fmt: skip
@@ -115,7 +116,7 @@ def test_qat_checkpoint_is_plain_data_starts_from_the_export_calibration_and_res
     ptq = run_export(ExportConfig(checkpoint=str(setup["ckpt"]), out=str(setup["tmp"] / "ptq"), precision="int8",
                                   int8=Int8Config(images=str(setup["tmp"] / "data/train/images"), method="minmax",
                                                   batch_size=4)), project_root=ROOT)  # fmt: skip
-    from sidnet.export.int8 import model_placement, qat_tensor_amax
+    from sidnet.quant.qdq import model_placement, qat_tensor_amax
 
     sites, weights = model_placement(plain)
     assert sites == quant["sites"] and weights == quant["weights"]
@@ -128,7 +129,7 @@ def test_qat_checkpoint_is_plain_data_starts_from_the_export_calibration_and_res
     assert all(mapped[t] / 127 == pytest.approx(s, rel=1e-4) for t, s in ptq_scales.items())
 
     # resume=true continues with the run's own ranges: no calibration pass
-    import sidnet.engine.qat as qat
+    import sidnet.quant.qat as qat
 
     monkeypatch.setattr(qat, "calibrate", lambda *a, **k: pytest.fail("resume must not recalibrate"))
     summary = train(_compose([*setup["qat"], "epochs=3", "max_steps_per_epoch=1", "resume=true"]),
@@ -138,8 +139,8 @@ def test_qat_checkpoint_is_plain_data_starts_from_the_export_calibration_and_res
 
 
 def test_qat_export_takes_the_checkpoint_ranges_without_calibration(setup, monkeypatch):
-    import sidnet.engine.qat as qat
-    import sidnet.export.calibration as calib
+    import sidnet.quant.calibration as calib
+    import sidnet.quant.qat as qat
 
     monkeypatch.setattr(calib, "collect_statistics", lambda *a, **k: pytest.fail("QAT export must not calibrate"))
     monkeypatch.setattr(qat, "calibrate", lambda *a, **k: pytest.fail("QAT export must not calibrate"))
@@ -177,9 +178,10 @@ def test_qdq_onnx_follows_the_fake_quantized_model_on_real_images(setup):
     if not (out / "model.onnx").is_file():
         run_export(ExportConfig(checkpoint=str(ckpt), out=str(out), precision="int8"), project_root=ROOT)
     images = np.stack([preprocess(p, 128) for p in setup["images"][20:28]])
-    from sidnet.export.wrapper import DeployModel
+    from sidnet.graph.wrapper import DeployModel
+    from sidnet.quant.qat import fake_quant_model
 
-    fake = model_from_checkpoint(load_checkpoint(ckpt), fake_quant=True)
+    fake = fake_quant_model(load_checkpoint(ckpt))
     with torch.no_grad():
         raw_fq = fake(torch.from_numpy(images)).numpy()
         dets_fq = DeployModel(fake, conf_thresh=0.001, topk=100).eval()(torch.from_numpy(images))[0].numpy()

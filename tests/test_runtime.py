@@ -54,10 +54,10 @@ def test_backend_follows_the_artifact(tiny_onnx, tmp_path):
 def test_onnxruntime_detector_matches_the_evaluate_prediction_path(tiny_checkpoint, tiny_onnx, shared_data):
     """Same images, same checkpoint: ``predict_dataset`` (what ``python -m train.evaluate`` runs, PyTorch) and the
     Detector over the exported ONNX give the same detections in original-image pixels."""
+    from sidnet.checkpoint import load_checkpoint, model_from_checkpoint
     from sidnet.data import DetectionDataset, ImageRecord
-    from sidnet.engine.checkpoint import load_checkpoint, model_from_checkpoint
-    from sidnet.engine.predict import predict_dataset
     from sidnet.engine.tasks import build_task
+    from sidnet.evaluation.predict import predict_dataset
 
     paths = sorted((shared_data / "coco128" / "images" / "val2017").glob("*.jpg"))[:6]
     records = []

@@ -92,7 +92,7 @@ def test_detector_on_gpu_matches_cpu_onnxruntime(tiny_checkpoint, tiny_onnx, sha
 
 
 def test_compiled_backend_on_cuda_matches_torch_backend(tiny_checkpoint, shared_data, tmp_path):
-    from sidnet.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from sidnet.checkpoint import load_checkpoint, model_from_checkpoint
     from sidnet.export.compiled import export_compiled
     from sidnet.runtime.backends.compiled import CompiledBackend
     from sidnet.runtime.backends.torch import open_backend

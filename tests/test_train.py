@@ -11,8 +11,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from sidnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from sidnet.config import TrainConfig, register_configs
-from sidnet.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from sidnet.engine.trainer import train
 from sidnet.resolvers import register_resolvers
 
@@ -122,8 +122,8 @@ def test_cli_trains_and_evaluates(tmp_path):
 def test_overfit_sample_scores_perfect_ap_on_its_own_images(tmp_path):
     """End to end: train → predict → unletterbox → NMS → pycocotools. A model that memorised the bundled training
     images must find every person there (a decode, letterbox or evaluation bug caps this far below 1)."""
-    from sidnet.engine.predict import predict_dataset
     from sidnet.evaluation import evaluate_detections
+    from sidnet.evaluation.predict import predict_dataset
 
     cfg = _compose(["data=sample", "aug=none", "epochs=100", "batch_size=8", "workers=0", "device=cpu",
                     "model.input_size=160", "model.anchors=conf/anchors/sample_person.yaml", "optim.warmup_epochs=5",
@@ -141,7 +141,7 @@ def test_overfit_sample_scores_perfect_ap_on_its_own_images(tmp_path):
 def test_default_data_falls_back_to_the_bundled_sample_when_shared_is_absent(tmp_path, caplog):
     """data=auto (the README's first command) on a machine without ../shared: the sample, and it says so."""
     from sidnet.data import sample_root
-    from sidnet.engine.data import data_root
+    from sidnet.data.loading import data_root
     from sidnet.resolvers import shared_or_sample
 
     assert shared_or_sample("../shared/data/coco128", project_root=tmp_path / "repo") is None

@@ -15,38 +15,13 @@ import logging
 from pathlib import Path
 
 from sidnet.cli import OneLineParser, positive_int, run_guarded, unit_interval
-from sidnet.config import DataConfig, SplitConfig
-from sidnet.resolvers import register_resolvers
+from sidnet.data.config import data_config, load_data_yaml
 from sidnet.safety import check_output_file
 
 # torch and the data pipeline are imported where used: a mistyped flag is answered in a fraction of a second.
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("AP", "AP50", "AP75", "AP_small", "recall", "precision", "fp_per_negative_image", "segm_AP", "segm_AP50")
-
-
-def data_config(d: dict) -> DataConfig:
-    d = dict(d)
-    for split in ("train", "val"):
-        d[split] = SplitConfig(**d[split])
-    return DataConfig(**d)
-
-
-def load_data_yaml(path: Path) -> DataConfig:
-    """A conf/data/*.yaml, its interpolations (e.g. data=auto's ``${shared_or_sample:…}``) resolved."""
-    from omegaconf import OmegaConf
-
-    from sidnet.safety import load_yaml, refuse_env_interpolations
-
-    register_resolvers(project_root=PROJECT_ROOT)
-    raw = load_yaml(path, what="data config", fix="pass a YAML like those in conf/data/")
-    if not isinstance(raw, dict) or not {"train", "val"} <= set(raw):
-        raise ValueError(f"data config {path} is not a mapping with train: and val: splits; see conf/data/sample.yaml")
-    refuse_env_interpolations(raw, where=str(path))
-    try:
-        return data_config(OmegaConf.to_container(OmegaConf.create(raw), resolve=True))
-    except Exception as e:  # noqa: BLE001  (OmegaConf and the dataclasses raise many types for one bad key)
-        raise ValueError(f"data config {path}: {' '.join(str(e).split())[:200]}; see conf/data/sample.yaml") from e
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -74,18 +49,23 @@ def main(argv: list[str] | None = None) -> dict:
 def evaluate(args: argparse.Namespace) -> dict:
     import torch
 
-    from sidnet.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-    from sidnet.engine.data import load_records
+    from sidnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from sidnet.data.loading import load_records
     from sidnet.engine.tasks import build_task
     from sidnet.engine.trainer import resolve_device
     from sidnet.environment import environment
 
     state = load_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(state, ema=not args.no_ema, fake_quant=bool(state.get("quant")))  # QAT: as trained
+    if state.get("quant"):  # QAT: the fake-quantized model, as trained
+        from sidnet.quant.qat import fake_quant_model
+
+        model = fake_quant_model(state, ema=not args.no_ema)
+    else:
+        model = model_from_checkpoint(state, ema=not args.no_ema)
     if args.data is not None:
         if not args.data.exists():
             raise FileNotFoundError(f"data config not found: {args.data}; pass a YAML from conf/data/")
-        data = load_data_yaml(args.data)
+        data = load_data_yaml(args.data, project_root=PROJECT_ROOT)
     else:
         recorded = state.get("config", {}).get("data") if isinstance(state.get("config"), dict) else None
         try:
@@ -111,10 +91,10 @@ def evaluate_onnx(args: argparse.Namespace) -> dict:
     import onnxruntime
     import torch
 
-    from sidnet.engine.data import load_records
-    from sidnet.engine.onnx_detector import OnnxDetector
+    from sidnet.data.loading import load_records
     from sidnet.environment import environment
-    from sidnet.export.manifest import check_artifact
+    from sidnet.evaluation.onnx_detector import OnnxDetector
+    from sidnet.quant.manifest import check_artifact
 
     if args.data is None:
         raise FileNotFoundError("--onnx needs --data conf/data/<x>.yaml (an ONNX file carries no data config)")
@@ -124,7 +104,7 @@ def evaluate_onnx(args: argparse.Namespace) -> dict:
         raise FileNotFoundError(f"data config not found: {args.data}; pass a YAML from conf/data/")
     check_artifact(args.onnx)
     detector = OnnxDetector(args.onnx)
-    records = load_records(load_data_yaml(args.data), args.split, project_root=PROJECT_ROOT)
+    records = load_records(load_data_yaml(args.data, project_root=PROJECT_ROOT), args.split, project_root=PROJECT_ROOT)
     extra = {"onnx": str(args.onnx), "model": detector.metadata.get("model"), "onnx_precision": detector.precision,
              "input_size": detector.input_size, "split": args.split, **environment("cpu"),
              "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}  # fmt: skip
@@ -135,8 +115,8 @@ def evaluate_onnx(args: argparse.Namespace) -> dict:
 def _evaluate(model, records, args, *, size: int, device, source: Path, extra: dict, task=None,
               masks: bool = False) -> dict:  # fmt: skip
     from sidnet.data import DetectionDataset
-    from sidnet.engine.predict import predict_dataset
     from sidnet.evaluation import evaluate_detections, write_report
+    from sidnet.evaluation.predict import predict_dataset
 
     tag = args.split.replace(":", "_").replace("/", "of")  # val:1/2 -> val_1of2
     out = check_output_file(args.out or source.with_name(f"{source.stem}_{tag}_report.json"))  # before the long part

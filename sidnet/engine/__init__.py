@@ -1,1 +1,1 @@
-"""Training, prediction and checkpoint utilities (plain arguments, no Hydra)."""
+"""Training workflow: trainer, per-family tasks, EMA, run lock (plain arguments, no Hydra)."""

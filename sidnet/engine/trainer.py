@@ -18,9 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from sidnet.anchors import load_anchors
-from sidnet.config import ConfigError, TrainConfig, validate_anchors, validate_train_config
-from sidnet.data import SeededSampler, collate
-from sidnet.engine.checkpoint import (
+from sidnet.checkpoint import (
     CheckpointError,
     build_model_from_spec,
     load_checkpoint,
@@ -28,12 +26,14 @@ from sidnet.engine.checkpoint import (
     numpy_rng_to_plain,
     save_checkpoint,
 )
-from sidnet.engine.data import build_datasets, load_records
+from sidnet.config import ConfigError, TrainConfig, validate_anchors, validate_train_config
+from sidnet.data import SeededSampler, collate
+from sidnet.data.loading import build_datasets, load_records
 from sidnet.engine.ema import ModelEMA
-from sidnet.engine.predict import predict_dataset
 from sidnet.engine.runlock import acquire_run_lock, release_run_lock
 from sidnet.engine.tasks import build_task
 from sidnet.evaluation import evaluate_detections
+from sidnet.evaluation.predict import predict_dataset
 from sidnet.io import remove_stale_temporaries
 from sidnet.safety import claim_run_dir
 
@@ -153,8 +153,8 @@ class Trainer:
 
     def _start_qat(self) -> dict[str, Any]:
         """Fake quantization for a QAT run: on resume the run's own ranges (no recalibration), else ``init_from``'s
-        weights calibrated as the INT8 export would (:mod:`sidnet.engine.qat`)."""
-        from sidnet.engine import qat
+        weights calibrated as the INT8 export would (:mod:`sidnet.quant.qat`)."""
+        from sidnet.quant import qat
 
         q = self.cfg.quant
         if self.cfg.resume:
@@ -171,15 +171,13 @@ class Trainer:
                            init_from={"path": str(q.init_from), "sha256": digest})  # fmt: skip
 
     def _calibration_set(self):
-        from sidnet.export.calibration import CalibrationSet
-        from sidnet.export.config import Int8Config
-        from sidnet.export.int8_export import calibration_set
+        from sidnet.quant.calibration import CalibrationSet, calibration_set
 
         q, size = self.cfg.quant, self.cfg.model.input_size
         if q.calib_data or q.calib_images:
-            int8 = Int8Config(images=q.calib_images, data=q.calib_data, split=q.calib_split,
-                              batches=q.calib_batches, batch_size=q.calib_batch_size)  # fmt: skip
-            return calibration_set(int8, size=size, project_root=self.project_root)
+            return calibration_set(images=q.calib_images, data=q.calib_data, split=q.calib_split, size=size,
+                                   batches=q.calib_batches, batch_size=q.calib_batch_size,
+                                   project_root=self.project_root)  # fmt: skip
         records = load_records(self.cfg.data, q.calib_split, project_root=self.project_root)
         return (CalibrationSet([r.path for r in records], size=size, batch_size=q.calib_batch_size,
                                batches=q.calib_batches), f"this run's data split {q.calib_split}")  # fmt: skip
@@ -235,7 +233,7 @@ class Trainer:
         cfg, o = self.cfg, self.cfg.optim
         self.model.train()
         if self.quant is not None and cfg.quant.freeze_bn:
-            from sidnet.engine.qat import freeze_norm
+            from sidnet.quant.qat import freeze_norm
 
             freeze_norm(self.model)
         bar = tqdm(self._loader(self.epoch), total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",

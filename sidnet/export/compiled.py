@@ -1,6 +1,6 @@
 """``python -m export --backend compiled``: the network compiled ahead of time into an AOTInductor package.
 
-``torch.export`` traces the BatchNorm-folded network plus its top-K decode (:class:`~sidnet.export.wrapper.DeployModel`
+``torch.export`` traces the BatchNorm-folded network plus its top-K decode (:class:`~sidnet.graph.wrapper.DeployModel`
 contract: ``images`` → ``detections``, ``num_detections``) with a dynamic batch axis, and
 ``torch._inductor.aoti_compile_and_package`` compiles it to ``model.pt2`` (generated C++/Triton kernels in a zip). A
 GPU without TensorRT then loads it in seconds (``torch._inductor.aoti_load_package``) instead of spending minutes in
@@ -8,7 +8,7 @@ GPU without TensorRT then loads it in seconds (``torch._inductor.aoti_load_packa
 compiled on: the sidecar ``model.pt2.json`` records them and the ``compiled`` runtime backend checks them first.
 
 The fused ``csrc/`` region kernel is a ctypes call and cannot live inside a package: here the decode tail is
-Inductor's own code generated from :class:`~sidnet.export.wrapper.TopKDecode`.
+Inductor's own code generated from :class:`~sidnet.graph.wrapper.TopKDecode`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from sidnet.export.errors import ExportError
-from sidnet.export.wrapper import INPUT_NAME, DeployModel
+from sidnet.graph.errors import ExportError
+from sidnet.graph.wrapper import INPUT_NAME, DeployModel
 from sidnet.io import sha256_file
 from sidnet.models.fuse import fuse_for_inference
 

@@ -39,7 +39,7 @@ class ParityConfig:
 
 @dataclass
 class Int8Config:
-    """``--precision int8``: calibration set, method, accuracy gate (see :mod:`sidnet.export.int8_export`)."""
+    """``--precision int8``: calibration set, method, accuracy gate (see :mod:`sidnet.quant.ptq`)."""
 
     images: str | None = None  # a folder of calibration images (deployment-like frames)
     data: str | None = None  # or a data YAML (conf/data/*.yaml) ...

@@ -1,7 +1,7 @@
 """ONNX → TensorRT / TensorRT-RTX engine, with a JSON sidecar and a layer report.
 
 Both backends get the same path (``tensorrt_rtx`` exposes TensorRT's Python API): a strongly typed network, so the
-precision is the ONNX's own (FP16 = the FP16 ONNX from :func:`sidnet.export.surgery.to_fp16`; TensorRT-RTX has no
+precision is the ONNX's own (FP16 = the FP16 ONNX from :func:`sidnet.graph.surgery.to_fp16`; TensorRT-RTX has no
 FP16 builder flag, and TensorRT deprecated weak typing in 10.12), one optimisation profile over the batch axis, a
 timing cache file (full TensorRT; TensorRT-RTX ignores timing caches since 1.2, so none is written for it).
 
@@ -22,8 +22,8 @@ from types import ModuleType
 
 import onnx
 
-from sidnet.export.errors import BackendUnavailable, EngineBuildError
-from sidnet.export.wrapper import INPUT_NAME
+from sidnet.graph.errors import BackendUnavailable, EngineBuildError
+from sidnet.graph.wrapper import INPUT_NAME
 from sidnet.io import sha256_file
 
 log = logging.getLogger("sidnet.export.engine")

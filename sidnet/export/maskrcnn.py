@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass, field
 import onnx
 import torch
 
-from sidnet.export.errors import ExportError
 from sidnet.export.maskrcnn_deploy import OUTPUT_NAMES, MaskRCNNDeploy, PyramidRoIAlign
-from sidnet.export.onnx_export import MIN_OPSET, module_scopes, quiet_exporter
-from sidnet.export.surgery import rewrite
-from sidnet.export.wrapper import INPUT_NAME
+from sidnet.graph.errors import ExportError
+from sidnet.graph.onnx_export import MIN_OPSET, module_scopes, quiet_exporter
+from sidnet.graph.surgery import rewrite
+from sidnet.graph.wrapper import INPUT_NAME
 from sidnet.models.maskrcnn import PersonMaskRCNN
 
 log = logging.getLogger("sidnet.export")
@@ -174,3 +174,32 @@ def check_maskrcnn_parity(deploy: MaskRCNNDeploy, model_onnx: onnx.ModelProto, *
 
 def maskrcnn_deploy(model: PersonMaskRCNN, *, topk: int, conf_thresh: float, backend: str) -> MaskRCNNDeploy:
     return MaskRCNNDeploy(model, topk=topk, conf_thresh=conf_thresh, nms=nms_mode(backend)).eval()
+
+
+class MaskRCNNExport:
+    """The export adapter of :class:`~sidnet.models.maskrcnn.PersonMaskRCNN` (see :mod:`sidnet.export.adapters`)."""
+
+    family = "Mask R-CNN"
+    precisions = ("fp32",)  # the FP16 rewrite assumes the YOLOv2 head's 'raw' boundary; INT8 is not built
+    static_batch = True
+
+    def prepare_random(self, model, *, seed):  # (torchvision's initialisation is usable as it is)
+        return model.eval()
+
+    def deploy(self, model, *, conf_thresh, topk, backend):
+        return maskrcnn_deploy(model, topk=topk, conf_thresh=conf_thresh, backend=backend)
+
+    def build_graph(self, deploy, *, target, precision, opset):  # (fp32 only)
+        return build_maskrcnn_graph(deploy, target=target, opset=opset)
+
+    def metadata(self, model, deploy, *, class_names, conf_thresh, topk):  # (person only; deploy's)
+        return metadata(model, deploy)
+
+    def doc_string(self, model):
+        return f"SIDNet person Mask R-CNN. {PREPROCESSING} {OUTPUTS}"
+
+    def check_parity(self, deploy, graph, *, batches, seed, tolerance):  # (real images, own tolerance)
+        return check_maskrcnn_parity(deploy, graph, images=sample_images(deploy.model.input_size))
+
+    def int8_plugins(self, qdq, deploy):
+        raise ExportError("Mask R-CNN has no INT8 export")

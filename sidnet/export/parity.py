@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import torch
 
-from sidnet.export.wrapper import INPUT_NAME, OUTPUT_NAMES, RAW_NAME, DeployModel
+from sidnet.graph.wrapper import INPUT_NAME, OUTPUT_NAMES, RAW_NAME, DeployModel
 from sidnet.models.region import region_topk
 
 

@@ -10,16 +10,16 @@ from typing import Any
 import onnx
 import torch
 
-from sidnet.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from sidnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from sidnet.export.adapters import ExportAdapter, adapter_for
 from sidnet.export.config import BACKENDS, PRECISIONS, TARGETS, ExportConfig
-from sidnet.export.errors import ExportError, ParityError
-from sidnet.export.onnx_export import OUTPUTS, PREPROCESSING, export_onnx, module_scopes, set_metadata
-from sidnet.export.parity import ParityResult, check_parity
+from sidnet.export.parity import ParityResult
 from sidnet.export.report import write_report
-from sidnet.export.surgery import op_counts, rewrite
-from sidnet.export.wrapper import DeployModel
+from sidnet.graph.errors import ExportError, ParityError
+from sidnet.graph.onnx_export import set_metadata
+from sidnet.graph.surgery import op_counts
 from sidnet.io import ensure_writable_dir, sha256_file, staged_output
-from sidnet.models import PersonMaskRCNN, Reorg, YOLOv2, build_model
+from sidnet.models import build_model
 from sidnet.safety import check_input_size
 
 log = logging.getLogger("sidnet.export")
@@ -57,8 +57,8 @@ def resolve_options(cfg: ExportConfig) -> Options:
     if target not in TARGETS:
         raise ExportError(f"unsupported target {cfg.target!r}: use plugins (TensorRT) or native (any backend)")
     if precision == "int8":
-        from sidnet.export.calibration import METHODS
-        from sidnet.export.int8 import import_modelopt
+        from sidnet.quant.calibration import METHODS
+        from sidnet.quant.qdq import import_modelopt
 
         if cfg.int8.method not in METHODS:
             raise ExportError(f"unknown calibration method {cfg.int8.method!r}: use {', '.join(METHODS)}")
@@ -96,7 +96,7 @@ def _check_input_size(size: int, where: str) -> None:
     check_input_size(size, where=where, fix="use e.g. 416 or 320")
 
 
-def load_model(cfg: ExportConfig, *, project_root: Path) -> tuple[YOLOv2, str, str, list[str] | None]:
+def load_model(cfg: ExportConfig, *, project_root: Path) -> tuple[torch.nn.Module, str, str, list[str] | None]:
     """(model in eval mode, registry name, description of the weights, the checkpoint's class names or None)."""
     if cfg.checkpoint and cfg.random_init:
         raise ExportError("pass either --checkpoint or --random-init, not both")
@@ -124,8 +124,7 @@ def load_model(cfg: ExportConfig, *, project_root: Path) -> tuple[YOLOv2, str, s
             f"{path}: cannot rebuild {spec['name']!r} from it ({type(e).__name__}: {first[:200]}); "
             "use a checkpoint written by `python -m train` with this sidnet version"
         ) from e
-    if not isinstance(model, (YOLOv2, PersonMaskRCNN)):
-        raise ExportError(f"{path} holds a {type(model).__name__}, not a YOLOv2-family detector or Mask R-CNN")
+    adapter_for(model, source=str(path))  # an exportable family, or one line naming those that are
     names = (state.get("config") or {}).get("data", {}).get("class_names")
     ema = " (EMA weights)" if cfg.ema and state.get("ema") is not None else ""
     if state.get("quant"):  # QAT: the trained weights without fake quantization, its ranges kept beside them
@@ -134,7 +133,7 @@ def load_model(cfg: ExportConfig, *, project_root: Path) -> tuple[YOLOv2, str, s
     return model, str(spec["name"]), f"checkpoint {path} sha256 {sha256_file(path)}{ema}", names
 
 
-def _random_model(cfg: ExportConfig, *, project_root: Path) -> YOLOv2:
+def _random_model(cfg: ExportConfig, *, project_root: Path) -> torch.nn.Module:
     m = cfg.model
     _check_input_size(int(m.input_size), "model.input_size")
     anchors = m.anchors
@@ -156,29 +155,7 @@ def _random_model(cfg: ExportConfig, *, project_root: Path) -> YOLOv2:
         model = build_model(m.name, num_classes=m.num_classes, input_size=m.input_size, **kwargs)
     except (KeyError, ValueError, TypeError) as e:
         raise ExportError(f"cannot build model {m.name!r}: {e.args[0] if e.args else e}") from e
-    return calibrate_batchnorm(model, seed=cfg.seed) if isinstance(model, YOLOv2) else model.eval()
-
-
-def calibrate_batchnorm(model: YOLOv2, *, seed: int = 0, batches: int = 2, batch_size: int = 2) -> YOLOv2:
-    """Set BatchNorm running statistics from a few random images; returns the model in eval mode.
-
-    With default initialisation and unit running variance, activations shrink layer after layer until the head
-    outputs little more than its bias: every cell gets the same score and a parity check compares ties. Measured
-    statistics keep each layer's activations at unit scale, so an untrained model gives distinct, varied outputs.
-    """
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    momenta = [bn.momentum for bn in norms]
-    for bn in norms:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the calibration batches
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    with torch.no_grad():
-        for _ in range(batches):
-            model(torch.rand(batch_size, 3, model.input_size, model.input_size, generator=gen))
-    for bn, momentum in zip(norms, momenta, strict=True):
-        bn.momentum = momentum
-    return model.eval()
+    return adapter_for(model, source=f"model {m.name!r}").prepare_random(model, seed=cfg.seed)
 
 
 def _class_names(cfg: ExportConfig, from_checkpoint: list[str] | None, num_classes: int) -> list[str]:
@@ -198,24 +175,6 @@ def default_out_dir(cfg: ExportConfig, *, project_root: Path) -> Path:
     return project_root / "outputs" / "export" / f"{cfg.model.name}-random"
 
 
-def build_graph(
-    deploy: DeployModel, *, target: str, precision: str, opset: int
-) -> tuple[onnx.ModelProto, onnx.ModelProto, list[str]]:
-    """Trace ``deploy`` and run the surgery: (as exported by torch, final graph, surgery log lines)."""
-    exported = export_onnx(deploy, opset=opset)
-    decode_attrs = _decode_attrs(deploy)
-    final, slog = rewrite(
-        exported,
-        module_scopes(exported),
-        target=target,
-        reorgs={path: m.stride for path, m in deploy.named_modules() if isinstance(m, Reorg)},
-        decode_path="decode",
-        decode_attrs=decode_attrs,
-        fp16=precision == "fp16",
-    )
-    return exported, final, slog.lines
-
-
 def _metadata_common(cfg: ExportConfig, opts: Options, name: str, source: str) -> dict:
     import sidnet
 
@@ -226,22 +185,6 @@ def _metadata_common(cfg: ExportConfig, opts: Options, name: str, source: str) -
         "target": opts.target,
         "precision": opts.precision,
         "exporter": f"torch {torch.__version__} torch.onnx.export(dynamo=True), opset {cfg.opset}",
-    }
-
-
-def _metadata(cfg: ExportConfig, opts: Options, model: YOLOv2, name: str, source: str, class_names: list[str]) -> dict:
-    size = model.input_size
-    return {
-        **_metadata_common(cfg, opts, name, source),
-        "anchors": model.anchors.tolist(),
-        "num_classes": model.num_classes,
-        "class_names": class_names,
-        "input_size": size,
-        "input": f"images float32 [N, 3, {size}, {size}]",
-        "preprocessing": PREPROCESSING,
-        "outputs": OUTPUTS,
-        "conf_thresh": cfg.conf_thresh,
-        "topk": cfg.topk,
     }
 
 
@@ -284,16 +227,16 @@ def _report(opts: Options, meta: dict, exported, final, surgery: list[str], chec
     }
 
 
-def _quantize(cfg, opts, exported, final, meta, surgery, out_dir, model, project_root):
+def _quantize(cfg, opts, exported, final, meta, surgery, out_dir, model, deploy, adapter, project_root):
     """FP32 native graph → Q/DQ graph (+ plugins surgery when asked); returns (graph, Int8Result, surgery log)."""
-    from sidnet.export.int8 import graph_placement, qat_tensor_amax
-    from sidnet.export.int8_export import quantize_export
-    from sidnet.export.surgery import native_to_plugins
+    from sidnet.graph.onnx_export import module_scopes
+    from sidnet.quant.ptq import quantize_export
+    from sidnet.quant.qdq import graph_placement, qat_tensor_amax
 
     qat = getattr(model, "qat", None)
     qat_amax = None
     if qat is not None:
-        sites, _ = graph_placement(exported, final, size=model.input_size, exclude=cfg.int8.exclude)
+        sites, _ = graph_placement(final, module_scopes(exported), size=model.input_size, exclude=cfg.int8.exclude)
         qat_amax = qat_tensor_amax(sites, qat["amax"])
     result = quantize_export(final, cfg.int8, out_dir, size=model.input_size, project_root=project_root,
                              force=cfg.force, qat_amax=qat_amax, qat=qat)  # fmt: skip
@@ -301,28 +244,10 @@ def _quantize(cfg, opts, exported, final, meta, surgery, out_dir, model, project
     surgery = [*surgery, f"int8: modelopt Q/DQ on {len(result.manifest['quantized_layers'])} layers, "
                f"{result.manifest['cache']['tensors']} activation scales from {result.cache.name}"]  # fmt: skip
     if opts.target == "plugins":
-        deploy = DeployModel(model, conf_thresh=cfg.conf_thresh, topk=cfg.topk).eval()
-        qdq, lines = native_to_plugins(qdq, decode_attrs=_decode_attrs(deploy))
+        qdq, lines = adapter.int8_plugins(qdq, deploy)
         surgery += lines
     set_metadata(qdq, meta)
     return qdq, result, surgery
-
-
-def _decode_attrs(deploy: DeployModel) -> dict:
-    """The ``sidnet::RegionDecode`` attributes of ``deploy`` (anchors in input pixels, strides, threshold, K)."""
-    model = deploy.model
-    with torch.no_grad():
-        raw = model(torch.zeros(1, 3, model.input_size, model.input_size))
-    stride_x, stride_y = deploy.decode.stride(raw)
-    return {
-        "anchors": [float(v) for v in model.anchors.flatten().tolist()],
-        "num_anchors": int(model.anchors.shape[0]),
-        "num_classes": model.num_classes,
-        "stride_x": float(stride_x),
-        "stride_y": float(stride_y),
-        "conf_thresh": float(deploy.decode.conf_thresh),
-        "topk": int(deploy.decode.topk),
-    }
 
 
 def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
@@ -345,7 +270,7 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
     log.info("export: %s, %s, target %s, backend %s -> %s", source, opts.precision, opts.target, opts.backend, out_dir)
 
     if opts.precision == "int8":
-        from sidnet.export.int8_export import refuse_overwrite
+        from sidnet.quant.ptq import refuse_overwrite
 
         refuse_overwrite(out_dir, force=cfg.force)
     # Everything is written aside and moved into out_dir only once all of it passed: an error or Ctrl-C leaves out_dir
@@ -354,27 +279,23 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
         int8 = opts.precision == "int8"
         graph_precision, graph_target = ("fp32", "native") if int8 else (opts.precision, opts.target)
         int8_result = None
-        if isinstance(model, PersonMaskRCNN):
-            from sidnet.export import maskrcnn as mr
-
-            if opts.precision != "fp32":  # int8 too
-                raise ExportError("Mask R-CNN exports in fp32 only for now (the FP16 rewrite assumes the YOLOv2 head's "
-                                  "'raw' boundary); use --precision fp32")  # fmt: skip
-            deploy = mr.maskrcnn_deploy(model, topk=cfg.topk, conf_thresh=cfg.conf_thresh, backend=opts.backend)
-            exported, final, surgery = mr.build_maskrcnn_graph(deploy, target=opts.target, opset=cfg.opset)
-            meta = {**_metadata_common(cfg, opts, name, source), **mr.metadata(model, deploy)}
-            final.doc_string = f"SIDNet person Mask R-CNN. {mr.PREPROCESSING} {mr.OUTPUTS}"
-        else:
-            deploy = DeployModel(model, conf_thresh=cfg.conf_thresh, topk=cfg.topk).eval()
-            exported, final, surgery = build_graph(deploy, target=graph_target, precision=graph_precision,
-                                                   opset=cfg.opset)  # fmt: skip
-            meta = _metadata(cfg, opts, model, name, source, class_names)
-            final.doc_string = f"SIDNet {model.num_classes}-class detector. {PREPROCESSING} {OUTPUTS}"
+        adapter: ExportAdapter = adapter_for(model)
+        if opts.precision not in adapter.precisions:
+            raise ExportError(f"{adapter.family} exports in {', '.join(adapter.precisions)} only for now, not "
+                              f"{opts.precision}; use --precision {adapter.precisions[0]}")  # fmt: skip
+        deploy = adapter.deploy(model, conf_thresh=cfg.conf_thresh, topk=cfg.topk, backend=opts.backend)
+        exported, final, surgery = adapter.build_graph(deploy, target=graph_target, precision=graph_precision,
+                                                       opset=cfg.opset)  # fmt: skip
+        meta = {
+            **_metadata_common(cfg, opts, name, source),
+            **adapter.metadata(model, deploy, class_names=class_names, conf_thresh=cfg.conf_thresh, topk=cfg.topk),
+        }
+        final.doc_string = adapter.doc_string(model)
         final.producer_name, final.producer_version = "sidnet", sidnet.__version__
         set_metadata(final, {**meta, "precision": "fp32", "target": "native"} if int8 else meta)
         if int8:
-            final, int8_result, surgery = _quantize(cfg, opts, exported, final, meta, surgery, work, model,
-                                                    project_root)  # fmt: skip
+            final, int8_result, surgery = _quantize(cfg, opts, exported, final, meta, surgery, work, model, deploy,
+                                                    adapter, project_root)  # fmt: skip
         try:
             onnx.checker.check_model(final, full_check=opts.target == "native")
             checker = "passed" + ("" if opts.target == "native" else " (sidnet:: ops are not checked by schema)")
@@ -383,18 +304,15 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
         onnx_path = work / "model.onnx"
         onnx.save(final, str(onnx_path))
 
-        if isinstance(model, PersonMaskRCNN):
-            parity = mr.check_maskrcnn_parity(deploy, final, images=mr.sample_images(model.input_size))
-        else:
-            # INT8: parity of the calibrated FP32 graph (the surgery); INT8 vs FP32 accuracy is the gate's job.
-            tolerance = dict(getattr(cfg.parity, graph_precision))
-            probe = onnx.load(str(int8_result.fp32_path)) if int8 else final
-            parity = check_parity(deploy, probe, batches=list(cfg.parity.batches), seed=cfg.seed, tolerance=tolerance)
+        # INT8: parity of the calibrated FP32 graph (the surgery); INT8 vs FP32 accuracy is the gate's job.
+        probe = onnx.load(str(int8_result.fp32_path)) if int8 else final
+        parity = adapter.check_parity(deploy, probe, batches=list(cfg.parity.batches), seed=cfg.seed,
+                                      tolerance=dict(getattr(cfg.parity, graph_precision)))  # fmt: skip
         log.info("parity%s: %s", " (FP32 source of the INT8 graph)" if int8 else "", parity.summary())
         report = _report(opts, meta, exported, final, surgery, checker, parity)
         report["files"][onnx_path.name] = sha256_file(onnx_path)
         if int8:
-            from sidnet.export.int8_export import finish_manifest
+            from sidnet.quant.ptq import finish_manifest
 
             manifest_path = finish_manifest(work, int8_result.manifest, onnx_path)
             report["int8"] = int8_result.manifest
@@ -420,7 +338,7 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
             from sidnet.export.engine import build_engine
 
             b = cfg.batch
-            batch = (1, 1, 1) if isinstance(model, PersonMaskRCNN) else (b.min, b.opt, b.max)  # its ONNX is static
+            batch = (1, 1, 1) if adapter.static_batch else (b.min, b.opt, b.max)  # a static ONNX has batch 1
             engine = build_engine(
                 onnx_path,
                 work,

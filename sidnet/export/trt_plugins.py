@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from sidnet.export.errors import PluginError
+from sidnet.graph.errors import PluginError
 from sidnet.io import sha256_file
 
 NAMESPACE = "sidnet"

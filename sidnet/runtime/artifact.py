@@ -4,7 +4,7 @@
 |---|---|---|
 | ``*.engine`` / ``*.plan`` | ``tensorrt`` | the JSON sidecar ``<engine>.json`` written by ``python -m export`` |
 | ``*.onnx`` | ``onnxruntime`` | the ONNX metadata (``metadata_props``) |
-| ``*.pt`` | ``torch`` | the checkpoint (``sidnet.engine.checkpoint.load_checkpoint``), read by the backend |
+| ``*.pt`` | ``torch`` | the checkpoint (``sidnet.checkpoint.load_checkpoint``), read by the backend |
 | ``*.pt2`` | ``compiled`` | the JSON sidecar ``<package>.json`` written by ``python -m export --backend compiled`` |
 
 Torch-free: the TensorRT path imports this module without torch.

@@ -26,7 +26,7 @@ ANCHORS_SIDNET = [[40.0, 90.0], [100.0, 220.0], [220.0, 360.0]]
 
 
 def build_random(name: str, *, input_size: int = 416, seed: int = 0, width: float | None = None) -> nn.Module:
-    from sidnet.export.pipeline import calibrate_batchnorm
+    from sidnet.export.adapters import calibrate_batchnorm
     from sidnet.models import build_model
 
     torch.manual_seed(seed)
@@ -137,7 +137,7 @@ def graph_of(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> Callable[
 
 def eager_fp16_forward(model: nn.Module, *, conf_thresh: float = 0.3, topk: int = 100):
     """The platform baseline: the unfused model in FP16 channels_last (+ TopKDecode in PyTorch)."""
-    from sidnet.export.wrapper import DeployModel
+    from sidnet.graph.wrapper import DeployModel
 
     return DeployModel(model, conf_thresh=conf_thresh, topk=topk).cuda().half().to(memory_format=torch.channels_last)
 
@@ -248,7 +248,7 @@ def time_host(fn: Callable, *, batch: int, iters: int) -> dict:
 
 
 def _save_checkpoint(model: nn.Module, name: str, path: Path) -> Path:
-    from sidnet.engine.checkpoint import save_checkpoint
+    from sidnet.checkpoint import save_checkpoint
 
     spec = {"name": name, "anchors": model.anchors.tolist(), "num_classes": model.num_classes,
             "input_size": model.input_size, "kwargs": {}}  # fmt: skip

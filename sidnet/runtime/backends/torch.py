@@ -7,7 +7,7 @@
 - FP16 weights and activations, channels_last (NHWC: the layout the tensor-core conv kernels read natively);
 - one CUDA graph per batch size (captured on first use), holding the network *and* the decode tail: the fused
   ``csrc/`` region decode + threshold + top-K kernel (:func:`sidnet.kernels.region_topk`) when the kernels library
-  is built, else the same computation in PyTorch (:class:`sidnet.export.wrapper.TopKDecode`; ``decode`` says which);
+  is built, else the same computation in PyTorch (:class:`sidnet.graph.wrapper.TopKDecode`; ``decode`` says which);
 - letterbox and normalisation on the GPU (:class:`GpuLetterbox`): uint8 frames go up as they were decoded (a third
   of the bytes of float, and no CPU resize), through pinned host buffers on a copy stream, while the compute stream
   works; results come back through pinned buffers too.
@@ -227,7 +227,7 @@ class GraphRunner:
 def decode_tail(model, *, conf_thresh: float, topk: int, use_kernel: bool | None) -> tuple[Callable, str]:
     """raw (N, A·(5+C), H, W) → (dets, num): the fused csrc kernel, or TopKDecode in PyTorch. ``use_kernel=None``:
     the kernel when its library loads. Returns (callable, description)."""
-    from sidnet.export.wrapper import TopKDecode
+    from sidnet.graph.wrapper import TopKDecode
 
     s = model.input_size
     if use_kernel is not False:
@@ -263,7 +263,7 @@ def _kernels_available() -> bool:
 
 def load_checkpoint_model(path: Path):
     """(YOLOv2 in eval mode, ArtifactInfo) from a training checkpoint."""
-    from sidnet.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from sidnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 
     try:
         state = load_checkpoint(path)

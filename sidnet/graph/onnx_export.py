@@ -20,8 +20,8 @@ import warnings
 import onnx
 import torch
 
-from sidnet.export.errors import ExportError
-from sidnet.export.wrapper import INPUT_NAME, OUTPUT_NAMES, DeployModel
+from sidnet.graph.errors import ExportError
+from sidnet.graph.wrapper import INPUT_NAME, OUTPUT_NAMES, DeployModel
 
 log = logging.getLogger("sidnet.export")
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms
 
-from sidnet.export.wrapper import INPUT_NAME, OUTPUT_NAMES
+from sidnet.graph.wrapper import INPUT_NAME, OUTPUT_NAMES
 from sidnet.safety import check_input_size, load_onnx, parse_json
 
 

@@ -19,17 +19,17 @@ import numpy as np
 import onnx
 import torch
 
-from sidnet.export.wrapper import INPUT_NAME
+from sidnet.graph.wrapper import INPUT_NAME
 
-log = logging.getLogger("sidnet.export.int8")
+log = logging.getLogger("sidnet.quant.qdq")
 
 
 def evaluate_ap50(model: onnx.ModelProto, records: Sequence, *, batch_size: int = 8) -> dict:
     """AP / AP50 / recall@0.3 of an ONNX graph on ``records`` through the project's one evaluator."""
     from sidnet.data import DetectionDataset
-    from sidnet.engine.onnx_detector import OnnxDetector
-    from sidnet.engine.predict import predict_dataset
     from sidnet.evaluation import evaluate_detections
+    from sidnet.evaluation.onnx_detector import OnnxDetector
+    from sidnet.evaluation.predict import predict_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import onnx
 
-from sidnet.export.calibration import CalibrationError
 from sidnet.io import sha256_file
+from sidnet.quant.calibration import CalibrationError
 from sidnet.safety import contained_file, load_onnx, parse_json, read_bytes
 
 MANIFEST_NAME = "int8_manifest.json"

@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from sidnet.safety import check_input_size
 
 FORMAT = "sidnet-checkpoint"
 VERSION = 2
+_QUANTIZER_KEY = re.compile(r"(^|\.)(input|weight|output)_quantizer\.")  # modelopt's entries in a QAT state
 
 # Globals a version-1 checkpoint may name: numpy's ndarray/scalar reconstruction, nothing callable beyond it.
 _NUMPY_GLOBALS = {
@@ -187,6 +189,12 @@ def numpy_rng_from_plain(d: dict[str, Any]) -> tuple:
     return (d["name"], keys.astype(np.uint32), d["pos"], d["has_gauss"], d["cached_gaussian"])
 
 
+def fp32_weights(state_dict: dict) -> dict:
+    """A QAT model state without its quantizer entries (modelopt's ``*_quantizer.*``): the trained weights, fake
+    quantization removed."""
+    return {k: v for k, v in state_dict.items() if not _QUANTIZER_KEY.search(k)}
+
+
 def build_model_from_spec(spec: dict[str, Any], *, initial_weights: bool = True) -> torch.nn.Module:
     """Build the model a checkpoint's ``model`` spec (name, anchors or None, num_classes, input_size, kwargs)
     describes. ``initial_weights=False`` skips the builder's weight files (``pretrained``, ``weights``): the caller
@@ -205,11 +213,14 @@ def build_model_from_spec(spec: dict[str, Any], *, initial_weights: bool = True)
     return build_model(spec["name"], num_classes=spec["num_classes"], input_size=size, **kwargs)
 
 
-def model_from_checkpoint(state: dict[str, Any], *, ema: bool = True, fake_quant: bool = False) -> torch.nn.Module:
+def model_from_checkpoint(
+    state: dict[str, Any], *, ema: bool = True, before_load: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+) -> torch.nn.Module:
     """Rebuild the model a checkpoint describes and load its (EMA, when present and asked for) weights.
 
-    A QAT checkpoint (``state["quant"]``, :mod:`sidnet.engine.qat`) gives its trained weights with the fake
-    quantization removed, or with ``fake_quant`` the fake-quantized model it trained (needs modelopt)."""
+    ``before_load`` turns the built model into the one the weights were saved from before they are loaded (e.g.
+    :func:`sidnet.quant.qat.fake_quant_model` inserts a QAT checkpoint's fake quantizers). Without it a QAT checkpoint
+    (``state["quant"]``) gives its trained weights with the fake quantization removed (:func:`fp32_weights`)."""
     spec = state["model"]
     try:
         model = build_model_from_spec(spec, initial_weights=False)
@@ -217,13 +228,10 @@ def model_from_checkpoint(state: dict[str, Any], *, ema: bool = True, fake_quant
         raise CheckpointError(f"checkpoint describes model {spec.get('name')!r}, which this sidnet does not know "
                               f"({e}); upgrade sidnet or use another checkpoint") from e  # fmt: skip
     weights = state.get("ema") if ema and state.get("ema") is not None else state["model_state"]
-    if state.get("quant"):
-        from sidnet.engine import qat
-
-        if fake_quant:
-            model = qat.insert_quantizers(model, state["quant"]["amax"], state["quant"]["weights"])
-        else:
-            weights = qat.fp32_weights(weights)
+    if before_load is not None:
+        model = before_load(model)
+    elif state.get("quant"):
+        weights = fp32_weights(weights)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
@@ -234,10 +242,10 @@ def model_from_checkpoint(state: dict[str, Any], *, ema: bool = True, fake_quant
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m sidnet.engine.checkpoint --upgrade FILE...``: re-save version-1 checkpoints as version 2."""
+    """``python -m sidnet.checkpoint --upgrade FILE...``: re-save version-1 checkpoints as version 2."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m sidnet.engine.checkpoint", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m sidnet.checkpoint", description=main.__doc__)
     p.add_argument("--upgrade", nargs="+", type=Path, required=True, metavar="FILE")
     args = p.parse_args(argv)
     for path in args.upgrade:

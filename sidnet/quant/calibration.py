@@ -1,6 +1,6 @@
 """INT8 calibration data and activation ranges, streamed: images → deployment preprocessing → batches → histograms.
 
-The calibration images go through exactly the deployment contract (:data:`sidnet.export.onnx_export.PREPROCESSING`):
+The calibration images go through exactly the deployment contract (:data:`sidnet.graph.onnx_export.PREPROCESSING`):
 decode as RGB, :func:`sidnet.data.transforms.letterbox` (the one implementation train/eval/deploy share), CHW
 float32 in [0, 1]. Batches are produced one at a time and folded into per-tensor statistics, so memory holds one
 batch of activations plus one 2048-bin histogram per tensor, whatever the number of batches (the SIDNet report
@@ -28,10 +28,10 @@ import numpy as np
 
 from sidnet.data.transforms import letterbox
 from sidnet.data.validate import Checker, check_image
-from sidnet.export.errors import ExportError
+from sidnet.graph.errors import ExportError
 from sidnet.safety import read_image
 
-log = logging.getLogger("sidnet.export.int8")
+log = logging.getLogger("sidnet.quant.qdq")
 
 METHODS = ("entropy", "minmax", "percentile")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -61,6 +61,38 @@ def folder_images(folder: str | Path) -> list[Path]:
             "deployment-like frames"
         )
     return paths
+
+
+def calibration_set(*, images: str | None, data: str | None, split: str, size: int, batches: int, batch_size: int,
+                    project_root: Path) -> tuple[CalibrationSet, str]:  # fmt: skip
+    """The images from ``images`` (a folder) or ``data`` (a data YAML) split ``split``, and a line naming the source
+    (the export's ``--calib-images`` / ``--calib-data``, QAT's ``quant.calib_images`` / ``quant.calib_data``)."""
+    if bool(images) == bool(data):
+        raise CalibrationError(
+            "INT8 needs a calibration set: pass exactly one of --calib-images FOLDER or --calib-data conf/data/X.yaml"
+        )
+    if images:
+        paths, source = folder_images(images), f"folder {images}"
+    else:
+        paths, source = [r.path for r in split_records(data, split, project_root=project_root)], f"{data} split {split}"
+        if not paths:
+            raise CalibrationError(f"{data} split {split} has no images to calibrate with")
+    return CalibrationSet(list(paths), size=size, batch_size=batch_size, batches=batches), source
+
+
+def split_records(data_yaml: str, split: str, *, project_root: Path) -> list:
+    """The validated records of ``split`` of a data YAML; a missing file or bad data raises CalibrationError."""
+    from sidnet.data.config import load_data_yaml
+    from sidnet.data.errors import DataError
+    from sidnet.data.loading import load_records
+
+    path = Path(data_yaml)
+    if not path.is_file():
+        raise CalibrationError(f"data config not found: {path}; pass a YAML from conf/data/")
+    try:
+        return load_records(load_data_yaml(path, project_root=project_root), split, project_root=project_root)
+    except (DataError, FileNotFoundError) as e:
+        raise CalibrationError(str(e)) from e
 
 
 @dataclass
@@ -197,7 +229,7 @@ def collect_statistics(model_bytes: bytes, tensors: Sequence[str], calib: Calibr
     import onnxruntime as ort
     from tqdm import tqdm
 
-    from sidnet.export.wrapper import INPUT_NAME
+    from sidnet.graph.wrapper import INPUT_NAME
 
     model = onnx.load_from_string(model_bytes)
     model.graph.ClearField("output")

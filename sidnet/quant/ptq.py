@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from sidnet.export import calibration as calib
-from sidnet.export import int8 as q
-from sidnet.export.errors import ExportError
-from sidnet.export.manifest import MANIFEST_NAME, graph_sha256, write_manifest
+from sidnet.graph.errors import ExportError
 from sidnet.io import sha256_file
+from sidnet.quant import calibration as calib
+from sidnet.quant import qdq as q
+from sidnet.quant.manifest import MANIFEST_NAME, graph_sha256, write_manifest
 
-log = logging.getLogger("sidnet.export.int8")
+log = logging.getLogger("sidnet.quant.qdq")
 
 FILES = ("model.onnx", "model_fp32.onnx", "calibration.cache", MANIFEST_NAME)
 CACHE_TRT_VERSION = "100100"  # the header TensorRT 10.x writes (major*10000 + minor*100 + patch)
@@ -45,36 +45,6 @@ def refuse_overwrite(out_dir: Path, *, force: bool) -> None:
         )
 
 
-def calibration_set(int8, *, size: int, project_root: Path) -> tuple[calib.CalibrationSet, str]:
-    """The images from ``int8.images`` (a folder) or ``int8.data`` (a data YAML) split ``int8.split``."""
-    if bool(int8.images) == bool(int8.data):
-        raise calib.CalibrationError(
-            "INT8 needs a calibration set: pass exactly one of --calib-images FOLDER or --calib-data conf/data/X.yaml"
-        )
-    if int8.images:
-        paths, source = calib.folder_images(int8.images), f"folder {int8.images}"
-    else:
-        records = _records(int8.data, int8.split, project_root=project_root)
-        paths, source = [r.path for r in records], f"{int8.data} split {int8.split}"
-        if not paths:
-            raise calib.CalibrationError(f"{int8.data} split {int8.split} has no images to calibrate with")
-    return calib.CalibrationSet(list(paths), size=size, batch_size=int8.batch_size, batches=int8.batches), source
-
-
-def _records(data_yaml: str, split: str, *, project_root: Path) -> list:
-    from sidnet.data.errors import DataError
-    from sidnet.engine.data import load_records
-    from train.evaluate import load_data_yaml
-
-    path = Path(data_yaml)
-    if not path.is_file():
-        raise calib.CalibrationError(f"data config not found: {path}; pass a YAML from conf/data/")
-    try:
-        return load_records(load_data_yaml(path), split, project_root=project_root)
-    except (DataError, FileNotFoundError) as e:
-        raise calib.CalibrationError(str(e)) from e
-
-
 def quantize_export(
     fp32: onnx.ModelProto,
     int8,
@@ -92,7 +62,9 @@ def quantize_export(
     if qat_amax is not None and not (int8.images or int8.data):
         cset, source = None, None
     else:
-        cset, source = calibration_set(int8, size=size, project_root=project_root)
+        cset, source = calib.calibration_set(images=int8.images, data=int8.data, split=int8.split, size=size,
+                                             batches=int8.batches, batch_size=int8.batch_size,
+                                             project_root=project_root)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="sidnet-int8-") as tmp:  # nothing lands in out_dir unless all succeeds
         result = _quantize(fp32, int8, Path(tmp), cset, source, size=size, project_root=project_root,
                            qat_amax=qat_amax, qat=qat)  # fmt: skip
@@ -185,13 +157,13 @@ def _meta(model: onnx.ModelProto, key: str) -> str | None:
 
 
 def _gate(fp32, qdq, requantize, layers, int8, cset, *, size: int, project_root: Path):
-    from sidnet.export.accuracy_gate import fallback_loop
+    from sidnet.quant.accuracy_gate import fallback_loop
 
     data = int8.gate_data or int8.data
     if not data:
         log.warning("int8: accuracy gate not run (no held-out labelled split: pass int8.gate_data=conf/data/X.yaml)")
         return None
-    records = _records(data, int8.gate_split, project_root=project_root)
+    records = calib.split_records(data, int8.gate_split, project_root=project_root)
     used = {Path(p).resolve() for p in (cset.used if cset is not None else [])}
     overlap = [r.path for r in records if Path(r.path).resolve() in used]
     if overlap:

@@ -3,7 +3,7 @@
 modelopt (``modelopt.onnx.quantization``, NVIDIA's tool for TensorRT explicit quantization) decides where Q/DQ pairs
 go (TensorRT-friendly: per-channel symmetric weights, per-tensor symmetric activations on the inputs of Conv/Add/…,
 so Conv+BN+ReLU fuse in INT8). Activation ranges come from our own streaming calibration
-(:mod:`sidnet.export.calibration`): modelopt's calibrators keep every batch's activations in memory and know only
+(:mod:`sidnet.quant.calibration`): modelopt's calibrators keep every batch's activations in memory and know only
 entropy and max, so we hand it a TensorRT calibration cache instead (``calibration_cache_path``), which it reads back
 into the Q/DQ scales. That one cache is also the file implicit-INT8 TensorRT users load, so the Q/DQ model and the
 cache come from the same calibration by construction.
@@ -29,11 +29,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from sidnet.export.calibration import CalibrationError
-from sidnet.export.errors import ExportError
-from sidnet.export.wrapper import INPUT_NAME, RAW_NAME
+from sidnet.graph.errors import ExportError
+from sidnet.graph.wrapper import INPUT_NAME, RAW_NAME
+from sidnet.quant.calibration import CalibrationError
 
-log = logging.getLogger("sidnet.export.int8")
+log = logging.getLogger("sidnet.quant.qdq")
 
 INSTALL_HINT = "pip install -e '.[int8]' (nvidia-modelopt and the few packages it imports)"
 HIGH_PRECISION = ("fp32", "fp16")
@@ -138,12 +138,12 @@ def check_cache_applied(qdq: onnx.ModelProto, scales: dict[str, float]) -> None:
 
 def placement(qdq: onnx.ModelProto, scopes: dict) -> tuple[dict[str, str], list[str]]:
     """modelopt's Q/DQ placement in module terms: ``({module path: the quantized activation tensor it reads}, [conv
-    paths whose weights are quantized])`` — what QAT fake-quantizes (:mod:`sidnet.engine.qat`).
+    paths whose weights are quantized])`` — what QAT fake-quantizes (:mod:`sidnet.quant.qat`).
 
     A node reading a DequantizeLinear output of an activation is a site: a Conv is named by its weight initializer
-    (``model.<path>.weight``, the network being ``model`` in :class:`~sidnet.export.wrapper.DeployModel`), any other
+    (``model.<path>.weight``, the network being ``model`` in :class:`~sidnet.graph.wrapper.DeployModel`), any other
     node (MaxPool, a residual Add) by the innermost module that traced it (``scopes``:
-    :func:`sidnet.export.onnx_export.module_scopes` of the graph before surgery, whose node names surgery keeps and
+    :func:`sidnet.graph.onnx_export.module_scopes` of the graph before surgery, whose node names surgery keeps and
     modelopt too). For an Add that module's input is the tensor (MobileNetV2's ``x + conv(x)``).
     """
     inits = {t.name for t in qdq.graph.initializer}
@@ -181,26 +181,26 @@ def placement(qdq: onnx.ModelProto, scopes: dict) -> tuple[dict[str, str], list[
 
 def model_placement(model, *, opset: int = 18, exclude: Sequence[str] = ()) -> tuple[dict[str, str], list[str]]:
     """:func:`placement` of ``model`` as ``python -m export --precision int8`` would quantize it (FP32 native graph
-    after surgery, last 1x1 conv and decode excluded, modelopt on one random batch: placement only). The graph is
-    traced from an FP32 CPU copy, as ``python -m export`` does: QAT calls this on a model already on the GPU, and
-    torch 2.11's exporter failed on the CUDA model ("always_classified is unsupported", H100)."""
+    after surgery, :func:`sidnet.graph.build.build_graph`, last 1x1 conv and decode excluded, modelopt on one random
+    batch: placement only). The graph is traced from an FP32 CPU copy, as ``python -m export`` does: QAT calls this
+    on a model already on the GPU, and torch 2.11's exporter failed on the CUDA model ("always_classified is
+    unsupported", H100)."""
     import copy
 
-    from sidnet.export.pipeline import build_graph
-    from sidnet.export.wrapper import DeployModel
+    from sidnet.graph.build import build_graph
+    from sidnet.graph.onnx_export import module_scopes
+    from sidnet.graph.wrapper import DeployModel
 
     model = copy.deepcopy(model).float().cpu().eval()
     exported, final, _ = build_graph(DeployModel(model, conf_thresh=0.001, topk=100).eval(), target="native",
                                      precision="fp32", opset=opset)  # fmt: skip
-    return graph_placement(exported, final, size=model.input_size, exclude=exclude)
+    return graph_placement(final, module_scopes(exported), size=model.input_size, exclude=exclude)
 
 
-def graph_placement(exported, final: onnx.ModelProto, *, size: int, exclude: Sequence[str] = ()):
-    """:func:`placement` of an exported graph: ``exported`` (torch.onnx's program, for module scopes) and ``final``
-    (its FP32 ONNX after surgery, what modelopt quantizes)."""
-    from sidnet.export.onnx_export import module_scopes
-
-    return placement(placement_probe(final, size=size, exclude=exclude), module_scopes(exported))
+def graph_placement(final: onnx.ModelProto, scopes: dict, *, size: int, exclude: Sequence[str] = ()):
+    """:func:`placement` of an exported graph: ``final`` (its FP32 ONNX after surgery, what modelopt quantizes) and
+    ``scopes`` (:func:`sidnet.graph.onnx_export.module_scopes` of torch.onnx's program: node → module path)."""
+    return placement(placement_probe(final, size=size, exclude=exclude), scopes)
 
 
 def placement_probe(fp32: onnx.ModelProto, *, size: int, exclude: Sequence[str] = ()) -> onnx.ModelProto:

@@ -30,7 +30,7 @@ def predict_dataset(
     at 0.5 after mapping it back to the original image, row for row with the detections.
 
     ``model`` may also be any object with ``detect(images, nms_iou=, max_det=)`` returning per-image rows in input
-    pixels (an exported ONNX through :class:`sidnet.engine.onnx_detector.OnnxDetector`, ``task=None``): it goes
+    pixels (an exported ONNX through :class:`sidnet.evaluation.onnx_detector.OnnxDetector`, ``task=None``): it goes
     through the same unletterbox and evaluation.
     """
     if isinstance(model, torch.nn.Module):

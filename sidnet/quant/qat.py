@@ -1,7 +1,7 @@
 """Quantization-aware training (QAT): fake INT8 in PyTorch exactly where ``python -m export --precision int8`` puts
 Q/DQ nodes, starting from the same calibration.
 
-Placement is taken from the export itself (:func:`sidnet.export.int8.model_placement`): the model is exported to
+Placement is taken from the export itself (:func:`sidnet.quant.qdq.model_placement`): the model is exported to
 its FP32 graph after surgery and modelopt's ONNX quantizer places Q/DQ on it (last 1x1 conv and decode excluded, as
 the export does); every quantized activation tensor becomes a module input to fake-quantize (a conv's, a MaxPool's,
 or a residual block's whose Add reads it), every quantized conv weight a per-output-channel weight quantizer.
@@ -10,14 +10,14 @@ symmetric, ``amax`` = the current per-channel max, recomputed every step, which 
 exported weights (BatchNorm folding scales output channels, which per-channel symmetric quantization commutes with).
 Fake quantization and its straight-through gradient are modelopt's (``modelopt.torch.quantization``).
 
-Calibration: :mod:`sidnet.export.calibration`'s streaming |x| histograms and amax methods (entropy, minmax,
+Calibration: :mod:`sidnet.quant.calibration`'s streaming |x| histograms and amax methods (entropy, minmax,
 percentile), the deployment preprocessing, collected at each of those module inputs — the tensor its ONNX Q/DQ pair
 quantizes. A QAT run therefore starts from the PTQ model that the export would build.
 
 Checkpoint (plain data, ``weights_only=True``): ``state["quant"]`` = :func:`prepare`'s record (``amax``: module path →
 float, ``weights``: conv paths, the calibration's provenance); the model state also holds modelopt's
 ``<module>.input_quantizer._amax`` tensors. :func:`insert_quantizers` rebuilds the fake-quant model from it;
-:func:`fp32_weights` drops the quantizer entries (the trained weights with fake quantization removed).
+:func:`sidnet.checkpoint.fp32_weights` drops the quantizer entries (the trained weights with fake quantization removed).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
@@ -36,18 +35,21 @@ from sidnet.config import ConfigError
 
 log = logging.getLogger("sidnet.qat")
 
-_QUANTIZER_KEY = re.compile(r"(^|\.)(input|weight|output)_quantizer\.")
-
 
 def import_mtq():
-    from sidnet.export.int8 import import_quietly
+    from sidnet.quant.qdq import import_quietly
 
     return import_quietly("modelopt.torch.quantization", needed_by="quant=qat", error=ConfigError)
 
 
-def fp32_weights(state_dict: dict) -> dict:
-    """A QAT model state without its quantizer entries: the trained weights, fake quantization removed."""
-    return {k: v for k, v in state_dict.items() if not _QUANTIZER_KEY.search(k)}
+def fake_quant_model(state: dict, *, ema: bool = True) -> nn.Module:
+    """The fake-quantized model a QAT checkpoint (``state["quant"]``) trained, its weights loaded (needs modelopt)."""
+    from sidnet.checkpoint import model_from_checkpoint
+
+    quant = state["quant"]
+    return model_from_checkpoint(
+        state, ema=ema, before_load=lambda m: insert_quantizers(m, quant["amax"], quant["weights"])
+    )
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -55,11 +57,11 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def calibrate(model: nn.Module, layers: list[str], cset, *, method: str, percentile: float) -> dict[str, float]:
-    """``{layer path: input amax}`` from ``cset`` (a :class:`~sidnet.export.calibration.CalibrationSet`), the same
+    """``{layer path: input amax}`` from ``cset`` (a :class:`~sidnet.quant.calibration.CalibrationSet`), the same
     streaming histograms and ``method`` as the INT8 export's calibration. ``model`` must not be quantized yet."""
     from tqdm import tqdm
 
-    from sidnet.export.calibration import AbsHistogram, activation_amax
+    from sidnet.quant.calibration import AbsHistogram, activation_amax
 
     modules = dict(model.named_modules())
     stats = {n: AbsHistogram() for n in layers}
@@ -118,7 +120,7 @@ def _quantize_input(module: nn.Module, args: tuple) -> tuple:
 def load_init_weights(model: nn.Module, *, path: str | Path, spec: dict) -> str:
     """Load ``quant.init_from``'s weights (EMA when present) into ``model`` built from ``spec``; returns its sha256.
     A checkpoint of another model, or one that is already QAT, raises one line."""
-    from sidnet.engine.checkpoint import CheckpointError, load_checkpoint
+    from sidnet.checkpoint import CheckpointError, load_checkpoint
     from sidnet.io import sha256_file
 
     path = Path(path)
@@ -153,13 +155,13 @@ def _same_anchors(a, b) -> bool:
 
 
 def prepare(model: nn.Module, *, cset, source: str, method: str, percentile: float, init_from: dict) -> dict:
-    """Find where the INT8 export puts Q/DQ (:func:`sidnet.export.int8.model_placement`), calibrate those inputs
+    """Find where the INT8 export puts Q/DQ (:func:`sidnet.quant.qdq.model_placement`), calibrate those inputs
     of ``model`` (trained FP32 weights) on ``cset`` and insert the fake quantizers; returns the plain record the
     checkpoint keeps as ``state["quant"]``."""
     import importlib.metadata as md
 
-    from sidnet.export.int8 import model_placement
     from sidnet.models import YOLOv2
+    from sidnet.quant.qdq import model_placement
 
     if not isinstance(model, YOLOv2):
         raise ConfigError(f"quant=qat supports the YOLOv2 family (sidnet, sidnet_mobilenetv2, yolov2), not a "
@@ -186,7 +188,7 @@ def prepare(model: nn.Module, *, cset, source: str, method: str, percentile: flo
 
 def _check_shared(sites: dict[str, str], amax: dict[str, float]) -> None:
     """Modules the export says read one tensor must have measured the same input (else the mapping is wrong)."""
-    from sidnet.export.int8 import ranges_by_tensor
+    from sidnet.quant.qdq import ranges_by_tensor
 
     for tensor, ranges in ranges_by_tensor(sites, amax).items():
         values = list(ranges.values())

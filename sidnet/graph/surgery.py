@@ -15,7 +15,7 @@ Mask R-CNN (:mod:`sidnet.export.maskrcnn_deploy`): each ``PyramidRoIAlign`` modu
 :mod:`sidnet.export.reference_ops`, TensorRT plugin in :mod:`sidnet.export.trt_plugins`), or kept as standard ops
 (native). NMS is already ONNX ``NonMaxSuppression`` (or a ``Scan`` loop) as traced.
 
-Subgraphs are found by the module path that traced them (:func:`sidnet.export.onnx_export.module_scopes`), then
+Subgraphs are found by the module path that traced them (:func:`sidnet.graph.onnx_export.module_scopes`), then
 checked: exactly the expected loose ends (one input; one output, or the two graph outputs), else :class:`SurgeryError`.
 The decode's input is renamed ``raw`` so that checks and the FP16 rewrite (:func:`to_fp16`) can find the head output.
 Plugin nodes carry ``plugin_namespace``/``plugin_version`` string attributes: TensorRT's ONNX parser looks the
@@ -32,10 +32,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from sidnet.export.errors import SurgeryError
-from sidnet.export.wrapper import RAW_NAME
+from sidnet.graph.errors import SurgeryError
+from sidnet.graph.wrapper import RAW_NAME
 
-log = logging.getLogger("sidnet.export.surgery")
+log = logging.getLogger("sidnet.graph.surgery")
 
 DOMAIN = "sidnet"
 PLUGIN_VERSION = 1

@@ -158,8 +158,8 @@ def _qdq(c: Ctx, mutate: Callable[[dict, Path], None]) -> list[str]:
     import onnx
     from onnx import TensorProto, helper
 
-    from sidnet.quant.manifest import FORMAT, MANIFEST_NAME, graph_sha256
     from sidnet.io import sha256_file
+    from sidnet.quant.manifest import FORMAT, MANIFEST_NAME, graph_sha256
 
     art = c.tmp / "int8"
     art.mkdir()

@@ -94,7 +94,7 @@ class Trainer:
     """Owns model, EMA, optimizer, scaler and loaders for one run directory. ``fit()`` → summary dict."""
 
     def __init__(self, cfg: TrainConfig, *, run_dir: Path, project_root: Path) -> None:
-        self.cfg, self.run_dir, self.project_root = cfg, Path(run_dir), Path(project_root)
+        self.cfg, self.run_dir, self.project_root = cfg, claim_run_dir(run_dir), Path(project_root)
         self.device = resolve_device(cfg.device)
         self.amp = cfg.amp and self.device.type == "cuda"
         seed_everything(cfg.seed)

@@ -20,7 +20,7 @@ from sidnet.graph.onnx_export import set_metadata
 from sidnet.graph.surgery import op_counts
 from sidnet.io import ensure_writable_dir, sha256_file, staged_output
 from sidnet.models import build_model
-from sidnet.safety import check_input_size
+from sidnet.safety import check_input_size, check_output_file
 
 log = logging.getLogger("sidnet.export")
 
@@ -269,6 +269,8 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
     ensure_writable_dir(out_dir, fix="pass --out a folder you can write to")
     log.info("export: %s, %s, target %s, backend %s -> %s", source, opts.precision, opts.target, opts.backend, out_dir)
 
+    for name in ("model.onnx", "report.json", "report.md"):  # every export writes these: refuse a FIFO/folder now
+        check_output_file(out_dir / name)
     if opts.precision == "int8":
         from sidnet.quant.ptq import refuse_overwrite
 

@@ -39,11 +39,12 @@ def write_manifest(out_dir: Path, manifest: dict) -> Path:
 
 
 def read_manifest(path: Path) -> dict:
-    try:
-        data = parse_json(read_bytes(path, kind="json", what="INT8 manifest"), what=f"INT8 manifest {path}",
-                          fix="export again")  # fmt: skip
-    except (OSError, ValueError) as e:
-        raise CalibrationError(f"INT8 manifest {path} cannot be read ({e}); export again") from e
+    fix = "export again with python -m export --precision int8 --force"
+    try:  # a FIFO, a folder, an oversized or garbled file: the safety readers' own one-line errors
+        data = parse_json(read_bytes(path, kind="json", what="INT8 manifest", fix=fix), what=f"INT8 manifest {path}",
+                          fix=fix)  # fmt: skip
+    except OSError as e:
+        raise CalibrationError(f"INT8 manifest {path} cannot be read ({e.strerror or e}); {fix}") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CalibrationError(f"{path} is not a SIDNet INT8 manifest (format {FORMAT!r}); export again")
     return data

@@ -260,7 +260,7 @@ CONFIG_FAULTS = [
     ("batch_size=0", ["batch_size=0"], r"batch_size=0 is invalid: use a positive batch size"),
     ("negative batch_size", ["batch_size=-4"], r"batch_size=-4 is invalid"),
     ("negative lr", ["optim.lr=-0.01"], r"optim\.lr=-0\.01 is invalid: use a positive learning rate"),
-    ("input size not a multiple of 32", ["model.input_size=100"], r"input size 100 \(model\.input_size\) must be a multiple"),
+    ("input size not a multiple of 32", ["model.input_size=100"], r"input size 100 \(model\.input_size\) must be"),
     ("anchors YAML with 5 anchors for SIDNet", _five_anchors, r"has 5 anchors but this model is defined with 3"),
     ("unknown device", ["device=gpu0"], r"device='gpu0' is not a device"),
     ("unknown flag", ["--epochs", "3"], r"unknown flag\(s\) --epochs"),

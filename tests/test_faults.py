@@ -553,6 +553,7 @@ def test_bad_checkpoint_on_resume_is_refused(tmp_path, capsys):
 
     evil = _malicious(tmp_path)
     (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".sidnet-run").write_text("")  # a run folder of ours whose last.pt was tampered with
     (tmp_path / "run" / "last.pt").write_bytes(evil.read_bytes())
     line = _one_error_line(*_run_main(main, [*TINY, f"hydra.run.dir={tmp_path / 'run'}", "resume=true"], capsys))
     assert "it names Python objects" in line and not (tmp_path / "PWNED").exists()

@@ -12,6 +12,13 @@
 #     deploy    build, the runtime GPU tests (tests/test_runtime_gpu.py)
 #     bench-deploy   python -m deploy.benchmark (eager baseline, torch and compiled backends, end to end, onnxruntime
 #                    CPU; SIDNet and YOLOv2) and python -m deploy on the shared clip (two streams, zones)
+#     bench-pipeline the multi-stream pipeline end to end (python -m deploy.benchmark --parts e2e): 1/4/16/32 streams of
+#                    the 768x576 clip, the old thread decode, H.264 at 576p and 1080p on CPU processes and on NVDEC,
+#                    paced cameras at 30 fps; the network-only img/s beside every row. NVDEC needs PyNvVideoCodec:
+#                    .whl-pipeline/*.whl are installed when present (made on any machine for the GPU machine's Python:
+#                    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#                      --platform manylinux_2_28_x86_64 -d .whl-pipeline pynvvideocodec==2.2.4).
+#                    The 1080p clip is made with PyAV (pip install av) unless SIDNET_CLIP_1080 names one.
 #     bench-compile  the torch backend vs torch.compile(max-autotune) in one run, SIDNet at batch 1 and 64 (minutes)
 #     bench-stem     the csrc/stem kernel's build variants side by side (benchmarks/stem_variants.py)
 #     bench-compiled-isolate  the AOTInductor load crash hunt (benchmarks/compiled_isolate.py, minutes)
@@ -41,6 +48,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then  # wheels the GPU machine lacks (../
     fi
 fi
 
+if compgen -G ".whl-pipeline/*.whl" >/dev/null &&  # PyNvVideoCodec, for --decode nvdec
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site-pipeline .whl-pipeline/*.whl; then
+    export PYTHONPATH="$PYTHONPATH:/tmp/site-pipeline"
+fi
+
 if compgen -G ".whl-qat/*.whl" >/dev/null &&  # nvidia-modelopt and its dependencies, for qat-smoke
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site-qat .whl-qat/*.whl; then
     export PYTHONPATH="$PYTHONPATH:/tmp/site-qat"
@@ -61,7 +73,8 @@ step() {  # step NAME LOG CMD...: run CMD, tee its output to $OUT/LOG, record a 
 gpu_pytest() {  # gpu_pytest NAME LOG PATH...: pytest -m gpu, where a skip counts as a failure
     local name=$1 log=$2
     shift 2
-    step "$name" "$log" python3 -m pytest -m gpu -q -rs -p no:cacheprovider "$@" || return 1
+    # SIDNET_GPU_TESTS_K: a pytest -k expression to run part of them (a short device budget)
+    step "$name" "$log" python3 -m pytest -m gpu -q -rs -p no:cacheprovider ${SIDNET_GPU_TESTS_K:+-k "$SIDNET_GPU_TESTS_K"} "$@" || return 1
     if grep -Eq '[0-9]+ skipped' "$OUT/$log"; then
         failed+=("$name (GPU tests skipped)")
         echo "=== $name FAILED: GPU tests were skipped on a GPU machine"
@@ -73,6 +86,10 @@ built=0
 part_build() {
     [[ $built == 1 ]] && return 0
     built=1
+    if [[ ${SIDNET_PREBUILT_KERNELS:-0} == 1 && -f build/kernels/libsidnet_kernels.so ]]; then
+        echo "=== build: using the prebuilt build/kernels/libsidnet_kernels.so (SIDNET_PREBUILT_KERNELS=1)"
+        return 0
+    fi
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
     step build build.log python3 -m sidnet.kernels.build --resource-usage
 }
@@ -102,7 +119,7 @@ bench_maskrcnn() {
 }
 VIDEO=${SIDNET_VIDEO:-../shared/data/video/pedestrians_200.mp4}
 bench_deploy() {
-    step bench-deploy bench_deploy.log python3 -m deploy.benchmark --parts eager torch compiled e2e \
+    step bench-deploy bench_deploy.log python3 -m deploy.benchmark --parts eager torch compiled e2e-host \
         --compiled-models sidnet --video "$VIDEO" --out "$OUT" --stem deploy_h100 --work-dir "${TMPDIR:-/tmp}/sidnet_bench"
     local ckpt=${SIDNET_DEPLOY_CHECKPOINT:-${TMPDIR:-/tmp}/sidnet_bench/sidnet.pt}
     [[ -f $ckpt ]] || { echo "no checkpoint $ckpt for the pipeline run"; failed+=(deploy-e2e); return 1; }
@@ -111,6 +128,13 @@ bench_deploy() {
     python3 -c "import cv2,sys; c=cv2.VideoCapture(sys.argv[1]); c.set(cv2.CAP_PROP_POS_FRAMES, 60); ok,f=c.read(); \
 ok and cv2.imwrite(sys.argv[2], cv2.resize(f, (384, 288)), [cv2.IMWRITE_JPEG_QUALITY, 70])" \
         "$OUT/deploy_e2e/cam0.mp4" "$OUT/deploy_frame.jpg"
+}
+bench_pipeline() {
+    step bench-pipeline bench_pipeline.log python3 -m deploy.benchmark --parts e2e --video "$VIDEO" \
+        --e2e-cases ${SIDNET_E2E_CASES:-32:576p:process 32:1080p-h264:process 32:1080p-h264:nvdec 32:576p-h264:nvdec \
+        32:576p:thread 32:576p-h264:process 1:576p:process 4:576p:process 16:576p:process} \
+        --e2e-realtime ${SIDNET_CAMERAS:-128} --e2e-fps 30 --out "$OUT" --stem pipeline_h200 \
+        --work-dir "${TMPDIR:-/tmp}/sidnet_bench" ${SIDNET_CLIP_1080:+--clip-1080 "$SIDNET_CLIP_1080"}
 }
 bench_compile() {
     # max-autotune takes minutes per batch size: the two sizes of the goal, 64 first (add compile-ours to --parts
@@ -121,7 +145,7 @@ bench_compile() {
 }
 bench_stem() { step bench-stem bench_stem.log python3 benchmarks/stem_variants.py --out "$OUT"; }
 bench_compiled_isolate() { step bench-compiled-isolate compiled_isolate.log python3 benchmarks/compiled_isolate.py --out "$OUT"; }
-part_bench() { bench_kernels; bench_stem; bench_train; bench_deploy; bench_maskrcnn; }
+part_bench() { bench_kernels; bench_stem; bench_train; bench_deploy; bench_pipeline; bench_maskrcnn; }
 
 for part in "${@:-all}"; do
     case $part in
@@ -139,6 +163,7 @@ for part in "${@:-all}"; do
         deploy) part_build; gpu_pytest tests-deploy tests_deploy.log tests/test_runtime_gpu.py ;;
         bench-deploy) part_build; bench_deploy ;;
         bench-compile) part_build; bench_compile ;;
+        bench-pipeline) part_build; bench_pipeline ;;
         bench-stem) bench_stem ;;
         qat-smoke) step qat-smoke qat_smoke.log benchmarks/qat_smoke.sh "${SIDNET_QAT_DATA:-.data/mini}" cuda ;;
         bench-compiled-isolate) part_build; bench_compiled_isolate ;;

@@ -38,6 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch/onnxruntime device: cuda | cpu (default: cuda when available for torch)")
     p.add_argument("--plugin-library", help="tensorrt: libsidnet_kernels.so the engine's plugins were built with")
     p.add_argument("--no-video", action="store_true", help="write JSON-lines and events only")
+    p.add_argument("--video-streams", nargs="+", metavar="NAME",
+                   help="annotated video only for these streams (default: every stream, unless --no-video)")
+    p.add_argument("--decode", choices=("process", "thread", "nvdec"), default="process",
+                   help="video files: decode in worker processes (default), in a thread per stream (the previous "
+                        "pipeline's path), or on the GPU's NVDEC (PyNvVideoCodec; falls back to processes, logged)")
+    p.add_argument("--decoders", type=int, help="decode processes (default: one per stream, at most cores - 2)")
+    p.add_argument("--writers", type=int, default=1, help="output processes (0: a thread; default 1)")
+    p.add_argument("--queue", type=int, default=8, help="frames decoded ahead per stream (default 8)")
+    p.add_argument("--realtime", action="store_true",
+                   help="pace video files at their fps like cameras; frames the pipeline cannot take are dropped "
+                        "and counted per stream")
+    p.add_argument("--fps", type=float, help="with --realtime: pace every file at this rate instead of its own")
     p.add_argument("--reconnect-retries", type=non_negative_int, default=10,
                    help="live streams that delivered frames: failed reconnects in a row before the stream is given up "
                    "(default 10)")  # fmt: skip
@@ -86,8 +98,10 @@ def run(args) -> dict:
         raise
     with detector:
         opts = PipelineOptions(out_dir=args.out, batch_size=args.batch, write_video=not args.no_video,
-                               max_frames=args.max_frames, progress=not args.no_progress,
-                               first_frame_timeout=args.first_frame_timeout)  # fmt: skip
+                               video_streams=args.video_streams, max_frames=args.max_frames,
+                               progress=not args.no_progress, queue_size=args.queue, decode=args.decode,
+                               decoders=args.decoders, writers=args.writers, realtime=args.realtime,
+                               fps=args.fps, first_frame_timeout=args.first_frame_timeout)  # fmt: skip
         return run_pipeline(detector, sources, zones=zones, opts=opts)
 
 
@@ -111,7 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
     alarms = sum(n for zs in summary["alarms"].values() for n in zs.values())
     print(json.dumps({k: summary[k] for k in ("frames", "frames_per_s", "alarms")}))
     frames = sum(summary["frames"].values())
-    print(f"{frames} frames, {alarms} alarms, {summary['frames_per_s']} frames/s -> {args.out}")
+    lat, kept = summary["latency_ms"], summary["all_streams_kept_up"]
+    print(f"{frames} frames, {alarms} alarms, {summary['frames_per_s']} frames/s, latency p50 {lat['p50']} / p99 "
+          f"{lat['p99']} ms{'' if kept else ', frames dropped (summary.json: drops)'} -> {args.out}")
     return summary
 
 

@@ -106,5 +106,5 @@ def non_negative_int(text: str) -> int:
 def positive_float(text: str) -> float:
     v = _number(text, float)
     if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"{text} must be a positive number of seconds")
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
     return v

@@ -477,7 +477,7 @@ ROWS = [
     Row("deploy --conf 1.5", _deploy("--conf", "1.5"), r"--conf: 1\.5 is outside \(0, 1\]"),
     Row("deploy --nms-iou nan", _deploy("--nms-iou", "nan"), r"--nms-iou: nan is outside \(0, 1\]"),
     Row("deploy --reconnect-retries -1", _deploy("--reconnect-retries", "-1"), r"must be 0 or more"),
-    Row("deploy --first-frame-timeout 0", _deploy("--first-frame-timeout", "0"), r"positive number of seconds"),
+    Row("deploy --first-frame-timeout 0", _deploy("--first-frame-timeout", "0"), r"--first-frame-timeout: 0 must be a positive number"),
     Row("deploy events.jsonl FIFO with --force", _prepare(_deploy("--force"), lambda c: _fifo(c.tmp / "out" / "events.jsonl")),
         r"output .*events\.jsonl exists and is a special file", after=_still_fifo("out/events.jsonl")),
     Row("deploy cam.mp4 folder with --force", _prepare(_deploy("--force"), _mkdir("out/cam.mp4")),

@@ -169,6 +169,47 @@ assert 'torch' not in sys.modules, 'torch was imported'
 # --------------------------------------------------------------------------------------------- zones, sources
 
 
+def test_batched_finalize_equals_per_image_nms():
+    """The pipeline's one-call-per-batch post-process keeps exactly the boxes the per-image NMS keeps (random boxes,
+    unsorted and tied scores, three classes, max_det cuts, letterbox maps)."""
+    from sidnet.letterbox import LetterboxInfo, unletterbox_boxes
+    from sidnet.runtime.nms import finalize
+
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        n, k = int(rng.integers(1, 7)), int(rng.integers(1, 30))
+        xy = rng.uniform(0, 400, (n, k, 2))
+        scores = rng.uniform(0, 1, (n, k)) if trial % 2 else np.round(rng.uniform(0, 1, (n, k)), 1)
+        dets = np.concatenate([xy, xy + rng.uniform(1, 120, (n, k, 2)), scores[..., None],
+                               rng.integers(0, 3, (n, k, 1))], -1).astype(np.float32)  # fmt: skip
+        num = rng.integers(0, k + 1, n)
+        infos = [LetterboxInfo(scale=float(rng.uniform(0.3, 2)), pad_x=int(rng.integers(0, 50)),
+                               pad_y=int(rng.integers(0, 50)), orig_h=576, orig_w=768) for _ in range(n)]  # fmt: skip
+        conf, max_det = float(rng.uniform(0, 0.5)), int(rng.integers(1, 20))
+        got = finalize(dets, num, infos, conf_thresh=conf, nms_iou=0.45, max_det=max_det)
+        for d, nn, info, g in zip(dets, num, infos, got, strict=True):
+            d = d[:nn][d[:nn, 4] >= conf]
+            d = d[nms(d[:, :4], d[:, 4], d[:, 5], iou=0.45)[:max_det]]
+            np.testing.assert_array_equal(g.scores, d[:, 4], err_msg=f"trial {trial}")
+            np.testing.assert_array_equal(g.classes, d[:, 5].astype(np.int64))
+            np.testing.assert_array_equal(g.boxes, unletterbox_boxes(d[:, :4], info) if len(d) else g.boxes)
+
+
+def test_zone_polygons_match_opencv():
+    """Vectorised point-in-polygon (zones of a whole batch at once) == cv2.pointPolygonTest >= 0, edges and vertices
+    included, on convex, concave and self-crossing polygons."""
+    from sidnet.runtime.zones import points_in_polygon
+
+    rng = np.random.default_rng(1)
+    for trial in range(100):
+        poly = rng.integers(0, 50, (int(rng.integers(3, 8)), 2)).astype(np.float32)
+        pts = np.concatenate([rng.uniform(-5, 55, (60, 2)), rng.integers(0, 50, (60, 2)), poly,
+                              (poly + np.roll(poly, -1, 0)) / 2])  # fmt: skip
+        ref = [cv2.pointPolygonTest(poly.reshape(-1, 1, 2), (float(x), float(y)), False) >= 0 for x, y in pts]
+        np.testing.assert_array_equal(points_in_polygon(pts, poly), ref, err_msg=f"trial {trial}")
+    assert points_in_polygon(np.zeros((0, 2)), poly).shape == (0,)
+
+
 def test_zone_debounce_cooldown_and_counts(tmp_path):
     from sidnet.runtime.zones import check_zones_fit, load_zones, update_zones
 
@@ -272,6 +313,9 @@ def test_deploy_bad_inputs_are_one_line_errors(tiny_onnx, tiny_checkpoint, share
         ([tiny_onnx, f"a={video}", "--zones", tmp_path / "far.yaml"], "outside the 768x576 frame"),
         ([tiny_onnx, video, "--zones", tmp_path / "far.yaml"], "not a source of this run"),
         ([tmp_path / "none.onnx", video], "artifact not found"),
+        ([tiny_onnx, f"a={video}", "--video-streams", "b"], "--video-streams names ['b']"),
+        ([tiny_onnx, f"a={video}", "--realtime", "--fps", "0"], "--fps 0.0 must be > 0"),
+        ([tiny_onnx, f"a={video}", "--queue", "0"], "--queue 0 must be >= 1"),
     ]
     for args, msg in cases:
         with pytest.raises(SystemExit) as exc:
@@ -358,3 +402,80 @@ def test_stem_module_placement_and_numbers_on_cpu(name):
     assert not StemConvActPool.fits(ConvBiasAct(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU()), nn.MaxPool2d(2, 2))
     assert not StemConvActPool.fits(ConvBiasAct(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU()), nn.MaxPool2d(3, 2))
     assert StemConvActPool.fits(ConvBiasAct(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU()), nn.MaxPool2d(2, 2))
+
+
+# ------------------------------------------------------------------ the pipeline against main's (golden outputs)
+GOLDEN = ROOT / "tests" / "fixtures" / "pipeline_golden.json"
+
+
+def _read_run(out: Path) -> tuple[dict, list[dict]]:
+    streams = {s: [json.loads(x) for x in (out / f"{s}.jsonl").read_text().splitlines()] for s in ("a", "b")}
+    events = sorted(({k: v for k, v in json.loads(x).items() if k != "wall_time"}
+                     for x in (out / "events.jsonl").read_text().splitlines()),
+                    key=lambda e: (e["stream"], e["frame"], e["zone"]))  # fmt: skip
+    return streams, events
+
+
+def _same_records(got: list[dict], want: list[dict], *, box_atol: float) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert {k: v for k, v in g.items() if k != "detections"} == {k: v for k, v in w.items() if k != "detections"}
+        assert len(g["detections"]) == len(w["detections"]), g["frame"]
+        for a, b in zip(g["detections"], w["detections"], strict=True):
+            np.testing.assert_allclose(a["box"], b["box"], atol=box_atol)
+            assert abs(a["score"] - b["score"]) <= 1e-3 and a["class"] == b["class"]
+
+
+@pytest.mark.parametrize("decode,writers", [("process", 1), ("thread", 0)])
+def test_pipeline_matches_mains_outputs_on_the_clip(tiny_onnx, shared_data, tmp_path, decode, writers):
+    """The new pipeline (decode processes + shared-memory rings, batched NMS and zones, writer process) and its
+    thread path give the detections, zone counts and alarms that main's threaded pipeline wrote for the same run
+    (tests/fixtures/pipeline_golden.json, recorded from main 663ce8b with the tiny ONNX of tests/conftest.py)."""
+    golden = json.loads(GOLDEN.read_text())
+    video = shared_data / "video"
+    (tmp_path / "zones.yaml").write_text(golden["zones"])
+    out = tmp_path / "out"
+    summary = _deploy(tiny_onnx, f"a={video / 'pedestrians_200.mp4'}", f"b={video / 'pedestrians_200_h264.mp4'}",
+                      "--zones", tmp_path / "zones.yaml", "--out", out, "--max-frames", 60, "--batch", 4, "--conf",
+                      0.02, "--decode", decode, "--writers", writers,
+                      *(["--video-streams", "b"] if decode == "thread" else ["--no-video"]))  # fmt: skip
+    streams, events = _read_run(out)
+    for s in ("a", "b"):
+        _same_records(streams[s], golden["streams"][s], box_atol=0.02)
+    want = sorted(golden["events"], key=lambda e: (e["stream"], e["frame"], e["zone"]))
+    assert [{k: v for k, v in e.items() if k != "boxes"} for e in events] == [
+        {k: v for k, v in e.items() if k != "boxes"} for e in want]
+    assert summary["alarms"] == golden["alarms"] and summary["decode"] == {"a": decode, "b": decode}
+    assert (out / "b.mp4").exists() == (decode == "thread") and not (out / "a.mp4").exists()
+    assert summary["all_streams_kept_up"] and summary["latency_ms"]["p50"] > 0
+    assert set(summary["stages_s"]) >= {"gather", "preprocess", "inference", "postprocess", "zones", "output"}
+
+
+def test_realtime_pacing_counts_dropped_frames(tiny_onnx, shared_data, tmp_path):
+    """--realtime at 400 frames/s per stream is more than this CPU runs: frames are dropped, counted per stream, and
+    every frame is either written or counted; none is both."""
+    video = shared_data / "video" / "pedestrians_200.mp4"
+    out = tmp_path / "rt"
+    summary = _deploy(tiny_onnx, f"a={video}", f"b={video}", "--out", out, "--max-frames", 40, "--batch", 2,
+                      "--realtime", "--fps", 400, "--queue", 2, "--no-video")  # fmt: skip
+    assert summary["realtime"] and not summary["all_streams_kept_up"]
+    for s in ("a", "b"):
+        d = summary["drops"][s]
+        assert summary["frames"][s] + d["pipeline_behind"] + d["decoder_behind"] == 40, (s, summary)
+        written = [json.loads(x)["frame"] for x in (out / f"{s}.jsonl").read_text().splitlines()]
+        assert written == sorted(written) and len(set(written)) == len(written) == summary["frames"][s]
+    assert sum(d["pipeline_behind"] + d["decoder_behind"] for d in summary["drops"].values()) > 0
+
+
+def test_make_clip_encodes_h264_at_the_asked_size(shared_data, tmp_path):
+    """The e2e benchmark's clip maker (PyAV/libx264, the `video` extra): every frame, the size and codec asked."""
+    pytest.importorskip("av", reason="PyAV not installed (pip install -e .[video])")
+    from sidnet.runtime.bench_pipeline import make_clip
+
+    out = make_clip(shared_data / "video" / "pedestrians_200.mp4", tmp_path / "small.mp4", width=96, height=72)
+    cap = cv2.VideoCapture(str(out))
+    n, w, h = (int(cap.get(p)) for p in (cv2.CAP_PROP_FRAME_COUNT, cv2.CAP_PROP_FRAME_WIDTH, cv2.CAP_PROP_FRAME_HEIGHT))
+    fourcc = int(cap.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little").decode()
+    cap.release()
+    assert (n, w, h) == (200, 96, 72) and fourcc in ("avc1", "h264", "H264")
+    assert not (tmp_path / "small.part.mp4").exists()

@@ -12,6 +12,7 @@ Torch is imported only by the ``torch`` and ``compiled`` backends.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,19 +82,54 @@ class Detector:
         image, _, info = letterbox(frame, np.zeros((0, 4)), size=self.info.input_size)
         return Prepared(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) / 255.0, info)
 
-    def detect_prepared(self, batch: Sequence[Prepared]) -> list[Detections]:
-        """Run prepared frames, in chunks of the backend's ``max_batch``."""
+    def detect_prepared(self, batch: Sequence[Prepared], *, timings: dict | None = None) -> list[Detections]:
+        """Run prepared frames, in chunks of the backend's ``max_batch``; ``timings`` accumulates seconds under
+        ``inference`` and ``postprocess``."""
         out: list[Detections] = []
         step = self.max_batch or len(batch) or 1
         for start in range(0, len(batch), step):
             chunk = batch[start : start + step]
+            t0 = time.perf_counter()
             if self.gpu_preprocess:
                 dets, num, infos = self.backend.infer_frames([p.image for p in chunk])
             else:
                 dets, num = self.backend.infer(np.stack([p.image for p in chunk]))
                 infos = [p.info for p in chunk]
+            t1 = time.perf_counter()
             out += finalize(dets, num, infos, conf_thresh=self.conf_thresh, nms_iou=self.nms_iou,
                             max_det=self.max_det)  # fmt: skip
+            _add(timings, inference=t1 - t0, postprocess=time.perf_counter() - t1)
+        return out
+
+    def submit(self, frames: Sequence, *, timings: dict | None = None) -> dict:
+        """Start detecting a batch of RGB uint8 frames (host arrays, or CUDA tensors for a GPU backend); returns a
+        handle for :meth:`collect`. A GPU backend uploads and replays one CUDA graph (letterbox + network + top-K)
+        and returns at once, so the caller can gather the next batch meanwhile; other backends run it all here.
+        ``timings`` accumulates seconds under ``preprocess`` (CPU letterbox, or upload + launch), ``inference`` and
+        ``postprocess``."""
+        t0 = time.perf_counter()
+        fits = len(frames) <= (self.max_batch or len(frames))
+        if self.gpu_preprocess and hasattr(self.backend, "submit_frames") and fits:
+            handle = {"backend": self.backend.submit_frames(frames)}
+            _add(timings, preprocess=time.perf_counter() - t0)
+            return handle
+        prepared = [self.prepare(f) for f in frames]
+        _add(timings, preprocess=time.perf_counter() - t0)
+        return {"result": self.detect_prepared(prepared, timings=timings)}
+
+    def ready(self, handle: dict) -> bool:
+        """Whether :meth:`collect` would return without waiting."""
+        return "result" in handle or self.backend.ready(handle["backend"])
+
+    def collect(self, handle: dict, *, timings: dict | None = None) -> list[Detections]:
+        """Wait for a :meth:`submit` batch; threshold + NMS + un-letterbox for the whole batch at once."""
+        if "result" in handle:
+            return handle["result"]
+        t0 = time.perf_counter()
+        dets, num, infos = self.backend.collect(handle["backend"])
+        t1 = time.perf_counter()
+        out = finalize(dets, num, infos, conf_thresh=self.conf_thresh, nms_iou=self.nms_iou, max_det=self.max_det)
+        _add(timings, inference=t1 - t0, postprocess=time.perf_counter() - t1)
         return out
 
     def __call__(self, frames: Sequence[np.ndarray]) -> list[Detections]:
@@ -107,3 +143,9 @@ class Detector:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _add(timings: dict | None, **seconds: float) -> None:
+    if timings is not None:
+        for k, v in seconds.items():
+            timings[k] = timings.get(k, 0.0) + v

@@ -1,40 +1,49 @@
-"""The multi-stream pipeline behind ``python -m deploy``: decode → preprocess → batched inference → zones → write.
+"""The multi-stream pipeline behind ``python -m deploy``: decode → batch → preprocess + inference → post-process →
+zones and outputs, each stage where it runs best.
 
-Threads, so the stages overlap and decoding does not starve the accelerator:
+- **decode**: video files in worker processes writing into shared-memory frame rings (:mod:`sidnet.runtime.decode`),
+  or on the GPU's NVDEC (:mod:`sidnet.runtime.nvdec`, ``decode="nvdec"``); live streams and image folders in a reader
+  thread each (``decode="thread"`` puts every source there: the previous pipeline's path);
+- **batch**: frames taken round-robin across streams (as DeepStream's stream muxer batches cameras), up to
+  ``batch_size``; while the GPU is busy with earlier batches the batch keeps filling, when it is idle a partial batch
+  goes at once (throughput under load, latency when lightly loaded);
+- **preprocess + inference**: on a GPU backend the uint8 frames go up from the rings (page-locked) on a copy stream
+  and one CUDA graph per batch does letterbox + normalise + network + top-K (:meth:`GraphRunner.submit_frames`);
+  ``inflight`` batches overlap (upload of one while another computes); on the CPU, OpenCV letterbox + the backend;
+- **post-process**: threshold + NMS + un-letterbox for the whole batch at once (:func:`sidnet.runtime.nms.finalize`);
+- **zones and outputs**: in ``writers`` processes (:mod:`sidnet.runtime.writer`), annotated video only for the
+  streams in ``video_streams``.
 
-- one **reader** per source decodes frames and runs the CPU part of preprocessing (:meth:`Detector.prepare`) into a
-  bounded queue (back-pressure instead of unbounded memory);
-- the **inference** loop (the calling thread) batches frames *across* streams, round-robin, up to ``batch_size``
-  (the way DeepStream's stream muxer batches cameras), without waiting for a slow stream: it takes what is ready;
-- one **writer** applies the zones, writes JSON-lines, annotated video and events, and drives the progress bar.
-
-A live stream that drops reconnects inside its reader (:class:`~sidnet.runtime.sources.LiveSource`) while the other
-streams go on. Outputs in ``out_dir``: ``<stream>.jsonl`` (one line per frame), ``<stream>.mp4`` (or ``<stream>/``
-annotated images for folders), ``events.jsonl`` (alarms, reconnects), ``summary.json``.
+``realtime`` paces file sources at their fps (cameras): frames that cannot be taken in time are dropped and counted
+per stream, so the largest number of streams with no drops is the number of cameras the machine serves.
+The summary (``summary.json``) has per-stage times, queue depths, drops per stream and capture→record latency.
 """
 
 from __future__ import annotations
 
 import json
-import queue
-import threading
+import logging
+import math
+import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from sidnet.io import atomic_write_text
+from sidnet.runtime.decode import Feed, Pacing, ProcessDecoders, ThreadFeed
 from sidnet.runtime.detector import Detector
 from sidnet.runtime.errors import DeployError
-from sidnet.runtime.nms import Detections
-from sidnet.runtime.sources import Frame, ImageFolderSource, VideoFileSource
-from sidnet.runtime.zones import ZoneConfig, check_zones_fit, update_zones
-from sidnet.safety import check_output_file, open_output, read_image
+from sidnet.runtime.sources import ImageFolderSource, VideoFileSource
+from sidnet.runtime.writer import WriterConfig, Writers
+from sidnet.runtime.zones import ZoneConfig, check_zones_fit
+from sidnet.safety import check_output_file, read_image
 
-_END = object()
+log = logging.getLogger("sidnet.runtime")
 OUTPUT_FILES = ("summary.json", "events.jsonl")
+DECODE_PATHS = ("process", "thread", "nvdec")
 
 
 @dataclass
@@ -42,9 +51,16 @@ class PipelineOptions:
     out_dir: Path
     batch_size: int = 8
     write_video: bool = True
+    video_streams: list[str] | None = None  # annotated output for these streams only (None: all, when write_video)
     max_frames: int | None = None  # per stream
     progress: bool = True
-    queue_size: int = 64
+    queue_size: int = 8  # frames decoded ahead per stream (ring slots)
+    decode: str = "process"  # process | thread | nvdec (video files; live streams and folders always use threads)
+    decoders: int | None = None  # decode processes (default: one per stream, at most the cores less two)
+    writers: int = 1  # output processes (0: a thread in this process)
+    realtime: bool = False  # pace file sources at their fps, drop what cannot be taken in time
+    fps: float | None = None  # pacing rate instead of each file's own
+    inflight: int = 2  # batches on the GPU at once
     first_frame_timeout: float = 20.0  # seconds a live stream may take to deliver its first frame
 
 
@@ -57,17 +73,17 @@ class Interrupted(KeyboardInterrupt):
 
 
 class _Events:
+    """events.jsonl for this process's events (stream reconnects); writers append their alarms to the same file."""
+
     def __init__(self, path: Path) -> None:
-        self.lock = threading.Lock()
-        self.f = open_output(path)
+        check_output_file(path).write_text("")
+        self.f = open(path, "a")  # noqa: SIM115  (closed in close())
         self.counts: dict[str, int] = {}
 
     def __call__(self, event: dict) -> None:
-        event = {"wall_time": round(time.time(), 3), **event}
-        with self.lock:
-            self.f.write(json.dumps(event) + "\n")
-            self.f.flush()
-            self.counts[event["type"]] = self.counts.get(event["type"], 0) + 1
+        self.f.write(json.dumps({"wall_time": round(time.time(), 3), **event}) + "\n")
+        self.f.flush()
+        self.counts[event["type"]] = self.counts.get(event["type"], 0) + 1
 
     def close(self) -> None:
         self.f.close()
@@ -93,226 +109,250 @@ def _first_size(src) -> tuple[int, int] | None:
     return None
 
 
-def annotate(frame: Frame, dets: Detections, *, class_names: list[str], zones=(), counts=None) -> np.ndarray:
-    """BGR image with boxes, scores and zone outlines (red while occupied)."""
-    img = cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR)
-    for z in zones:
-        hot = bool(counts and counts.get(z.name))
-        color = (0, 0, 255) if hot else (0, 200, 255)
-        cv2.polylines(img, [z.polygon.astype(np.int32).reshape(-1, 1, 2)], True, color, 2)
-        cv2.putText(img, f"{z.name}: {counts.get(z.name, 0) if counts else 0}", tuple(int(v) for v in z.polygon[0]),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.6, color, 2)  # fmt: skip
-    for (x1, y1, x2, y2), s, c in zip(dets.boxes, dets.scores, dets.classes, strict=True):
-        cv2.rectangle(img, (int(x1), int(y1)), (int(x2), int(y2)), (0, 255, 0), 2)
-        cv2.putText(img, f"{class_names[c]} {s:.2f}", (int(x1), max(12, int(y1) - 4)), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
-                    (0, 255, 0), 1)  # fmt: skip
-    return img
+def _check(opts: PipelineOptions, sources: dict) -> None:
+    if opts.batch_size < 1:
+        raise DeployError(f"--batch {opts.batch_size} must be >= 1")
+    if opts.decode not in DECODE_PATHS:
+        raise DeployError(f"--decode {opts.decode!r}: use one of {', '.join(DECODE_PATHS)}")
+    unknown = set(opts.video_streams or []) - set(sources)
+    if unknown:
+        raise DeployError(f"--video-streams names {sorted(unknown)}, which are not sources of this run "
+                          f"({', '.join(sources)})")  # fmt: skip
+    for flag, value, least in (("--queue", opts.queue_size, 1), ("--decoders", opts.decoders or 1, 1),
+                               ("--writers", opts.writers, 0)):  # fmt: skip
+        if value < least:
+            raise DeployError(f"{flag} {value} must be >= {least}")
+    if opts.inflight not in (1, 2):
+        raise DeployError(f"inflight {opts.inflight}: 1 or 2 batches (the GPU backends double-buffer)")
+    if opts.fps is not None and opts.fps <= 0:
+        raise DeployError(f"--fps {opts.fps} must be > 0")
 
 
-class _Writer(threading.Thread):
-    def __init__(self, detector: Detector, sources: dict, zones: ZoneConfig | None, opts: PipelineOptions,
-                 events: _Events, bar) -> None:  # fmt: skip
-        super().__init__(daemon=True, name="deploy-writer")
-        self.detector, self.sources, self.zone_cfg, self.opts, self.events, self.bar = (
-            detector, sources, zones, opts, events, bar)  # fmt: skip
-        self.q: queue.Queue = queue.Queue(maxsize=4)
-        self.jsonl = {s: open_output(opts.out_dir / f"{s}.jsonl") for s in sources}
-        self.videos: dict[str, cv2.VideoWriter] = {}
-        self.frames = dict.fromkeys(sources, 0)
-        self.detections = dict.fromkeys(sources, 0)
-        self.checked: set[str] = set()
-        self.error: BaseException | None = None
+def open_feeds(sources: dict, detector: Detector, opts: PipelineOptions, pacing: Pacing | None, events) -> tuple:
+    """(feeds by stream, decode path by stream, the owner of decode processes or None, NVDEC decoders or None)."""
+    files = {n: s for n, s in sources.items() if isinstance(s, VideoFileSource)}
+    paths = dict.fromkeys(sources, "thread")
+    nvdec = procs = None
+    if opts.decode == "nvdec" and files:
+        from sidnet.runtime.nvdec import nvdec_unavailable
 
-    def _zones(self, stream: str):
-        return self.zone_cfg.streams.get(stream, []) if self.zone_cfg else []
+        reason = nvdec_unavailable(detector)
+        if reason:
+            log.warning("--decode nvdec: %s; decoding the video files in CPU processes instead", reason)
+            paths.update(dict.fromkeys(files, f"process (nvdec unavailable: {reason})"))
+        else:
+            from sidnet.runtime.nvdec import NvdecFeeds
 
-    def _write_image(self, frame: Frame, img: np.ndarray) -> None:
-        src = self.sources[frame.stream]
-        if isinstance(src, ImageFolderSource):
-            folder = self.opts.out_dir / frame.stream
-            folder.mkdir(exist_ok=True)
-            cv2.imwrite(str(check_output_file(folder / (Path(frame.name).stem + ".jpg"))), img)
-            return
-        writer = self.videos.get(frame.stream)
-        if writer is None:
-            fps = getattr(src, "fps", 25.0) or 25.0
-            path = check_output_file(self.opts.out_dir / f"{frame.stream}.mp4")
-            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (img.shape[1], img.shape[0]))
-            self.videos[frame.stream] = writer
-        writer.write(img)
-
-    def handle(self, frame: Frame, dets: Detections) -> None:
-        zones = self._zones(frame.stream)
-        if frame.stream not in self.checked:
-            h, w = frame.image.shape[:2]
-            check_zones_fit(zones, stream=frame.stream, width=w, height=h)
-            self.checked.add(frame.stream)
-        counts, alarms = {}, []
-        if zones:
-            counts, alarms = update_zones(zones, dets, time=frame.time, frame=frame.index, stream=frame.stream,
-                                          cfg=self.zone_cfg, class_names=self.detector.class_names)  # fmt: skip
-        for a in alarms:
-            self.events(a)
-        names = self.detector.class_names
-        record = {"frame": frame.index, "time": round(frame.time, 3), **({"file": frame.name} if frame.name else {}),
-                  "width": frame.image.shape[1], "height": frame.image.shape[0],
-                  "detections": [{"box": [round(float(v), 2) for v in b], "score": round(float(s), 4),
-                                  "class": names[c]} for b, s, c in zip(dets.boxes, dets.scores, dets.classes,
-                                                                        strict=True)],
-                  **({"zones": counts} if zones else {})}  # fmt: skip
-        self.jsonl[frame.stream].write(json.dumps(record) + "\n")
-        if self.opts.write_video:
-            self._write_image(frame, annotate(frame, dets, class_names=names, zones=zones, counts=counts))
-        self.frames[frame.stream] += 1
-        self.detections[frame.stream] += len(dets)
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def run(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is _END:
-                break
-            if self.error is not None:
-                continue  # drain so the producer never blocks
-            try:
-                for frame, dets in item:
-                    self.handle(frame, dets)
-            except BaseException as e:  # noqa: BLE001  (handed to the main thread, which raises it)
-                self.error = e
-
-    def close(self) -> None:
-        for f in self.jsonl.values():
-            f.close()
-        for v in self.videos.values():
-            v.release()
+            nvdec = NvdecFeeds(files, device=detector.backend.device, slots=_slots(opts, len(sources)),
+                               max_frames=opts.max_frames, pacing=pacing)  # fmt: skip
+            paths.update(dict.fromkeys(nvdec.feeds, "nvdec"))
+            paths.update({n: f"process (nvdec failed: {why})" for n, why in nvdec.failed.items()})
+            files = {n: s for n, s in files.items() if n in nvdec.failed}
+    if opts.decode in ("process", "nvdec") and files:
+        decoders = opts.decoders or max(1, min(len(files), _cores() - 2))
+        procs = ProcessDecoders(files, decoders=decoders, slots=_slots(opts, len(sources)),
+                                max_frames=opts.max_frames, pacing=pacing)  # fmt: skip
+        register = getattr(detector.backend, "register_host", None)
+        if register is not None and detector.gpu_preprocess:
+            for ring in procs.rings.values():
+                if register(ring.address, ring.spec.data_nbytes):
+                    procs.registered.append((detector.backend, ring.address))
+        for n in files:
+            paths[n] = "process" if paths[n] == "thread" else paths[n]
+    feeds: dict[str, Feed] = {}
+    for name, src in sources.items():
+        if procs is not None and name in procs.feeds:
+            feeds[name] = procs.feeds[name]
+        elif nvdec is not None and name in nvdec.feeds:
+            feeds[name] = nvdec.feeds[name]
+        else:
+            if getattr(src, "live", False):
+                src.on_event = events
+            feeds[name] = ThreadFeed(name, src, max_frames=opts.max_frames, slots=_slots(opts, len(sources)),
+                                     pacing=pacing)  # fmt: skip
+    return feeds, paths, procs, nvdec
 
 
-def _reader(src, detector: Detector, q: queue.Queue, max_frames: int | None, errors: list, stop: threading.Event):
-    try:
-        n = 0
-        while not stop.is_set() and (max_frames is None or n < max_frames):
-            frame = src.read()
-            if frame is None:
-                break
-            q.put((frame, detector.prepare(frame.image)))
-            n += 1
-    except BaseException as e:  # noqa: BLE001  (reported by the main thread)
-        errors.append(e)
-    finally:
-        q.put(_END)
+def _slots(opts: PipelineOptions, streams: int) -> int:
+    # two batches in flight may hold this stream's share of each, plus room to decode ahead
+    return max(opts.queue_size, opts.inflight * math.ceil(opts.batch_size / max(1, streams)) + 2)
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+
+
+class _Stages:
+    """Host seconds per stage of the inference loop, queue depth samples."""
+
+    def __init__(self) -> None:
+        self.s = dict.fromkeys(("gather", "preprocess", "inference", "postprocess", "handoff", "idle"), 0.0)
+        self.depth: list[int] = []
+
+    def add(self, key: str, t0: float) -> float:
+        t = time.perf_counter()
+        self.s[key] += t - t0
+        return t
 
 
 def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None, opts: PipelineOptions) -> dict:
     """Run every source to its end (or ``max_frames``); returns the summary also written to ``summary.json``."""
-    if opts.batch_size < 1:
-        raise DeployError(f"--batch {opts.batch_size} must be >= 1")
+    _check(opts, sources)
+    sizes = {}
     for name, src in sources.items():  # zones vs frame size: before any output for files and folders
         size = _first_size(src)
-        if size is not None and zones is not None:
-            check_zones_fit(zones.streams.get(name, []), stream=name, width=size[0], height=size[1])
+        if size is not None:
+            sizes[name] = size
+            if zones is not None:
+                check_zones_fit(zones.streams.get(name, []), stream=name, width=size[0], height=size[1])
     warm_start = time.perf_counter()
     if hasattr(detector.backend, "warmup"):  # CUDA graphs + cuDNN autotuning for every batch bucket, up front
         detector.backend.warmup(opts.batch_size)
+    if hasattr(detector.backend, "warmup_frames") and detector.gpu_preprocess:
+        detector.backend.warmup_frames(opts.batch_size, sorted(set(sizes.values())))
     warmup_s = time.perf_counter() - warm_start
     made_dir = not opts.out_dir.exists()
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     fresh = [opts.out_dir / n for n in ("events.jsonl", *(f"{s}.jsonl" for s in sources))]
     fresh = [p for p in fresh if not p.exists()]  # what this run creates (removed again if no frame ever came)
     events = _Events(opts.out_dir / "events.jsonl")
-    for src in sources.values():
-        if getattr(src, "live", False):
-            src.on_event = events
+    video = [] if not opts.write_video else (opts.video_streams or list(sources))
+    cfg = WriterConfig(opts.out_dir, list(sources), detector.class_names, zones,
+                       {s: ("folder" if isinstance(sources[s], ImageFolderSource) else "video",
+                            getattr(sources[s], "fps", 25.0)) for s in video})  # fmt: skip
+    pacing = Pacing(time.monotonic() + 0.5, opts.fps) if opts.realtime else None  # +0.5 s: every decoder started
     bar = None
     if opts.progress:
         from tqdm import tqdm
 
         bar = tqdm(unit="frame", desc="deploy", dynamic_ncols=True, smoothing=0.1)
-    writer = _Writer(detector, sources, zones, opts, events, bar)
-    writer.start()
-    stop, errors = threading.Event(), []
-    queues = {name: queue.Queue(maxsize=opts.queue_size) for name in sources}
-    readers = {name: threading.Thread(target=_reader, name=f"deploy-read-{name}", daemon=True,
-                                      args=(src, detector, queues[name], opts.max_frames, errors, stop))
-               for name, src in sources.items()}  # fmt: skip
-    for t in readers.values():
-        t.start()
-    active = list(sources)
-    waiting = {name for name, src in sources.items() if getattr(src, "live", False)}  # no first frame yet
-    batches, infer_s, start = 0, 0.0, time.perf_counter()
-    interrupted = False
+    writers = feeds = procs = nvdec = None
+    stats, st = None, _Stages()
+    batches, sizes_run, start = 0, [], time.perf_counter()
+    handed, interrupted = 0, False
+    waiting = {n for n, s in sources.items() if getattr(s, "live", False)}  # live streams with no frame yet
     try:
-        while active and not errors and writer.error is None:
+        writers = Writers(cfg, n=opts.writers)
+        feeds, paths, procs, nvdec = open_feeds(sources, detector, opts, pacing, events)
+        start = time.perf_counter()
+        active = list(feeds)
+        turn = 0  # the stream that picks first rotates, so that no stream waits on the others' backlog
+        inflight: deque = deque()
+        batch: list = []
+        t = time.perf_counter()
+        while active or batch or inflight:
+            # gather: round-robin, a fair share of the room left from each stream per pass
+            turn = (turn + 1) % max(1, len(active))
+            for name in active[turn:] + active[:turn]:
+                room = opts.batch_size - len(batch)
+                if room <= 0:
+                    break
+                got = feeds[name].poll(max(1, room // max(1, len(active))))
+                batch += got
+                if got:
+                    waiting.discard(name)
+                if not got and feeds[name].finished:
+                    active.remove(name)
+            t = st.add("gather", t)
             if waiting and time.perf_counter() - start > opts.first_frame_timeout:  # OpenCV's own waits may be longer
                 late = sources[min(waiting)]
-                errors.append(late.never_delivered(f"gave no frame in {opts.first_frame_timeout:g} s"))
-                break
-            batch: list[tuple[Frame, object]] = []
-            progressed = True
-            while len(batch) < opts.batch_size and progressed and active:
-                progressed = False
-                for name in list(active):  # round-robin: one frame per ready stream per pass
-                    try:
-                        item = queues[name].get_nowait()
-                    except queue.Empty:
-                        continue
-                    progressed = True
-                    if item is _END:
-                        active.remove(name)
-                    else:
-                        batch.append(item)
-                        waiting.discard(name)
-                    if len(batch) >= opts.batch_size:
-                        break
-            if not batch:
-                if active:
-                    time.sleep(0.002)  # nothing decoded yet: wait for the readers
-                continue
-            t0 = time.perf_counter()
-            results = detector.detect_prepared([p for _, p in batch])
-            infer_s += time.perf_counter() - t0
-            batches += 1
-            writer.q.put([(f, d) for (f, _), d in zip(batch, results, strict=True)])
-    except KeyboardInterrupt:  # Ctrl-C: finish what was decoded so far, then say so in the summary
-        interrupted = True
+                raise late.never_delivered(f"gave no frame in {opts.first_frame_timeout:g} s")
+            busy = bool(inflight) and not detector.ready(inflight[0][1])
+            if batch and len(inflight) < opts.inflight and (len(batch) >= opts.batch_size or not busy or not active):
+                st.depth.append(sum(f.depth() for f in feeds.values()))
+                inflight.append((batch, detector.submit([f.image for f in batch], timings=st.s)))
+                sizes_run.append(len(batch))
+                batch = []
+                batches += 1
+                t = time.perf_counter()
+            elif inflight and (not busy or len(inflight) >= opts.inflight or not active):
+                frames, handle = inflight.popleft()
+                dets = detector.collect(handle, timings=st.s)
+                t = time.perf_counter()
+                writers.send(frames, dets)
+                handed += len(frames)
+                for name in {f.stream for f in frames}:
+                    feeds[name].release([f for f in frames if f.stream == name])
+                if bar is not None:
+                    bar.update(len(frames))
+                t = st.add("handoff", t)
+            else:
+                time.sleep(0.0002)  # nothing decoded yet, or the GPU is busy and the batch can still grow
+                t = st.add("idle", t)
+        seconds = time.perf_counter() - start
+        feed_stats = {n: (int(f.dropped), int(f.late), f.decode_ms()) for n, f in feeds.items()}
+        gpu = procs is not None and detector.gpu_preprocess
+        paths["rings_page_locked"] = f"{len(procs.registered)}/{len(procs.rings)}" if gpu else None
+        stats = writers.close()
+        writers = None
+    except KeyboardInterrupt:  # Ctrl-C: finish the outputs of the frames handed over, then say so in the summary
+        if not handed:
+            raise
+        interrupted, seconds = True, time.perf_counter() - start
+        feed_stats = {n: (int(f.dropped), int(f.late), f.decode_ms()) for n, f in feeds.items()}
+        stats = writers.close()
+        writers = None
     finally:
-        stop.set()
-        for q in queues.values():  # unblock readers waiting on a full queue
-            while not q.empty():
-                q.get_nowait()
-        writer.q.put(_END)
-        writer.join()
-        writer.close()
+        if writers is not None:
+            try:
+                writers.close()
+            except BaseException:  # noqa: BLE001  (the error that got us here is the one to report)
+                pass
+        for f in (feeds or {}).values():
+            if isinstance(f, ThreadFeed):
+                f.close()
+        for owner in (procs, nvdec):
+            if owner is not None:
+                owner.close()
         for name, src in sources.items():
-            readers[name].join(timeout=2.0)
-            if not readers[name].is_alive():  # one still blocked inside OpenCV's read: releasing under it is unsafe
+            feed = (feeds or {}).get(name)
+            if not (isinstance(feed, ThreadFeed) and feed.thread.is_alive()):  # never release under a blocked read
                 src.close()
         events.close()
         if bar is not None:
             bar.close()
-    if (errors or writer.error is not None or interrupted) and not any(writer.frames.values()):
-        for p in fresh:  # failed before the first frame (a stream that never worked): leave nothing behind
-            p.unlink(missing_ok=True)
-        if made_dir and not any(opts.out_dir.iterdir()):
-            opts.out_dir.rmdir()
-        if interrupted:
-            raise KeyboardInterrupt
-    if errors:
-        raise errors[0]
-    if writer.error is not None:
-        raise writer.error
-    seconds = time.perf_counter() - start
-    total = sum(writer.frames.values())
-    zone_alarms = {s: {z.name: z.alarms for z in zs} for s, zs in (zones.streams.items() if zones else [])}
+        if sys.exc_info()[0] is not None and not handed:  # failed before the first frame: leave nothing behind
+            for p in fresh:
+                p.unlink(missing_ok=True)
+            if made_dir and not any(opts.out_dir.iterdir()):
+                opts.out_dir.rmdir()
+    summary = _summary(detector, opts, zones, stats, st, feed_stats, paths, events, batches=batches, sizes=sizes_run,
+                       seconds=seconds, warmup_s=warmup_s, interrupted=interrupted)  # fmt: skip
+    if interrupted:
+        raise Interrupted(summary)
+    return summary
+
+
+def _summary(detector, opts, zones, stats, st, feeds: dict, paths, events, *, batches, sizes, seconds,
+             warmup_s, interrupted: bool = False) -> dict:
+    total = sum(stats["frames"].values())
+    lat = stats["latency_ms"]
+    drops = {n: {"pipeline_behind": d, "decoder_behind": late} for n, (d, late, _) in feeds.items()}
+    decode_ms = {n: (round(v, 3) if v is not None else None) for n, (_, _, v) in feeds.items()}
+    alarms = {s: stats["alarms"].get(s, {}) for s in (zones.streams if zones else [])}
     summary = {
         "artifact": str(detector.info.path), "backend": detector.backend_name, "model": detector.info.model,
         "precision": detector.info.precision, "conf_thresh": detector.conf_thresh, "nms_iou": detector.nms_iou,
-        "batch_size": opts.batch_size, "frames": writer.frames, "detections": writer.detections,
-        "alarms": zone_alarms, "events": dict(events.counts), "batches": batches,
+        "batch_size": opts.batch_size, "frames": stats["frames"], "detections": stats["detections"],
+        "alarms": alarms, "events": {**events.counts, **stats["events"]}, "batches": batches,
+        "mean_batch": round(float(np.mean(sizes)), 2) if sizes else 0.0,
         "seconds": round(seconds, 3), "frames_per_s": round(total / seconds, 2) if seconds else None,
-        "inference_s": round(infer_s, 3), "warmup_s": round(warmup_s, 3), "interrupted": interrupted,
+        "warmup_s": round(warmup_s, 3), "decode": {k: v for k, v in paths.items() if k != "rings_page_locked"},
+        "rings_page_locked": paths.get("rings_page_locked"), "realtime": opts.realtime,
+        "stages_s": {k: round(v, 3) for k, v in st.s.items()} | {"zones": round(stats["zones_s"], 3),
+                                                                  "output": round(stats["output_s"], 3)},
+        "decode_ms_per_frame": decode_ms,
+        "queue_depth": {"mean": round(float(np.mean(st.depth)), 1) if st.depth else 0, "max": max(st.depth, default=0),
+                        "slots_per_stream": _slots(opts, len(feeds))},
+        "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
+                       "p99": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
+                       "max": round(float(lat.max()), 2) if len(lat) else None},
+        "drops": drops, "all_streams_kept_up": all(d["pipeline_behind"] + d["decoder_behind"] == 0
+                                                    for d in drops.values()),
     }  # fmt: skip
+    summary["inference_s"] = round(st.s["inference"], 3)
+    summary["interrupted"] = interrupted
     atomic_write_text(opts.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    if interrupted:
-        raise Interrupted(summary)
     return summary

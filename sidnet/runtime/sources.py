@@ -32,8 +32,10 @@ class Frame:
     stream: str
     index: int  # 0, 1, … per stream
     time: float  # seconds: stream position for files (index / fps), wall clock since open for live streams
-    image: np.ndarray  # (H, W, 3) uint8 RGB
+    image: np.ndarray  # (H, W, 3) uint8 RGB (a torch CUDA tensor when decoded by NVDEC)
     name: str = ""  # file name for image folders
+    capture: float = 0.0  # time.monotonic() when the frame was captured (decode start; paced: its due time)
+    seq: int = -1  # position in its stream's frame ring (process/NVDEC decode), for releasing the slot
 
 
 class ImageFolderSource:
@@ -59,9 +61,10 @@ class ImageFolderSource:
     def read(self) -> Frame | None:
         if self.pos >= len(self.files):
             return None
-        path = self.files[self.pos]
+        path, capture = self.files[self.pos], time.monotonic()
         bgr = read_image(path, what="image", fix="remove it or replace it with a readable image")
-        frame = Frame(self.name, self.pos, self.pos / self.fps, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), path.name)
+        frame = Frame(self.name, self.pos, self.pos / self.fps, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), path.name,
+                      capture=capture)  # fmt: skip
         self.pos += 1
         return frame
 
@@ -72,9 +75,11 @@ class ImageFolderSource:
 class VideoFileSource:
     live = False
 
-    def __init__(self, name: str, path: Path) -> None:
+    def __init__(self, name: str, path: Path, *, threads: int = 0) -> None:
         self.name, self.path = name, path
-        self.cap = cv2.VideoCapture(str(path))
+        # threads: FFmpeg's decoding threads (0: its default, one per core; decode workers share the cores)
+        params = [cv2.CAP_PROP_N_THREADS, threads] if threads and hasattr(cv2, "CAP_PROP_N_THREADS") else []
+        self.cap = cv2.VideoCapture(str(path), cv2.CAP_ANY, params)
         ok, bgr = self.cap.read() if self.cap.isOpened() else (False, None)
         if not ok:
             self.cap.release()
@@ -84,16 +89,28 @@ class VideoFileSource:
         self.size = (bgr.shape[1], bgr.shape[0])
         self._first, self.pos = bgr, 0
 
-    def read(self) -> Frame | None:
+    def read(self, out: np.ndarray | None = None) -> Frame | None:
+        """The next frame (RGB), converted into ``out`` when given (a shared-memory slot: no extra copy)."""
+        capture = time.monotonic()
         if self._first is not None:
             bgr, self._first = self._first, None
         else:
             ok, bgr = self.cap.read()
             if not ok:
                 return None
-        frame = Frame(self.name, self.pos, self.pos / self.fps, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=out)
+        frame = Frame(self.name, self.pos, self.pos / self.fps, rgb, capture=capture)
         self.pos += 1
         return frame
+
+    def skip(self) -> bool:
+        """Advance one frame without converting it (a paced stream that fell behind drops it)."""
+        if self._first is not None:
+            self._first = None
+        elif not self.cap.grab():
+            return False
+        self.pos += 1
+        return True
 
     def close(self) -> None:
         self.cap.release()
@@ -144,14 +161,15 @@ class LiveSource:
             ok, bgr = self.cap.read()
             if not ok:
                 raise self.never_delivered("opened")
-            self.pos = 1
-            return Frame(self.name, 0, time.monotonic() - self.t0, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+            self.pos, now = 1, time.monotonic()
+            return Frame(self.name, 0, now - self.t0, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), capture=now)
         failures = 0
         while not self._stop:
             if self.cap is not None:
                 ok, bgr = self.cap.read()
                 if ok:
-                    frame = Frame(self.name, self.pos, time.monotonic() - self.t0, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+                    now = time.monotonic()
+                    frame = Frame(self.name, self.pos, now - self.t0, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), capture=now)
                     self.pos += 1
                     return frame
                 self.cap.release()

@@ -20,7 +20,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from sidnet.runtime.errors import DeployError
@@ -38,8 +37,27 @@ class Zone:
     alarms: int = 0
 
     def contains(self, points: np.ndarray) -> np.ndarray:
-        contour = self.polygon.reshape(-1, 1, 2)
-        return np.array([cv2.pointPolygonTest(contour, (float(x), float(y)), False) >= 0 for x, y in points], bool)
+        """(P, 2) points → (P,) inside or on the edge (``cv2.pointPolygonTest(…) >= 0``), vectorised."""
+        return points_in_polygon(points, self.polygon)
+
+
+def points_in_polygon(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+    """Even-odd rule over all points and edges at once; points on an edge or a vertex count as inside."""
+    pts = np.asarray(points, np.float64).reshape(-1, 2)
+    if not len(pts):
+        return np.zeros(0, bool)
+    a = np.asarray(polygon, np.float64)
+    b = np.roll(a, -1, axis=0)
+    px, py = pts[:, 0, None], pts[:, 1, None]  # (P, 1) against (E,) edges
+    ax, ay, bx, by = a[:, 0], a[:, 1], b[:, 0], b[:, 1]
+    cross = (bx - ax) * (py - ay) - (by - ay) * (px - ax)
+    on_edge = (cross == 0) & (px >= np.minimum(ax, bx)) & (px <= np.maximum(ax, bx)) & (py >= np.minimum(ay, by)) & (
+        py <= np.maximum(ay, by))  # fmt: skip
+    straddles = (ay > py) != (by > py)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x_cross = ax + (py - ay) * (bx - ax) / (by - ay)
+    crossings = (straddles & (px < x_cross)).sum(1)
+    return on_edge.any(1) | (crossings % 2 == 1)
 
 
 @dataclass
@@ -174,21 +192,36 @@ def check_zones_fit(zones: list[Zone], *, stream: str, width: int, height: int) 
 def update_zones(zones: list[Zone], dets: Detections, *, time: float, frame: int, stream: str, cfg: ZoneConfig,
                  class_names: list[str]) -> tuple[dict[str, int], list[dict]]:  # fmt: skip
     """Count detections per zone for one frame and advance each zone's alarm state; returns (counts, alarm events)."""
-    keep = np.ones(len(dets), bool)
-    if cfg.classes is not None:
-        keep = np.array([class_names[c] in cfg.classes for c in dets.classes], bool)
-    boxes = dets.boxes[keep]
-    feet = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, boxes[:, 3]], 1) if len(boxes) else np.zeros((0, 2))
-    counts, events = {}, []
-    for z in zones:
-        inside = z.contains(feet) if len(feet) else np.zeros(0, bool)
-        n = int(inside.sum())
-        counts[z.name] = n
-        z.streak = z.streak + 1 if n else 0
-        cooled = z.last_alarm is None or time - z.last_alarm >= cfg.cooldown_s
-        if z.streak >= cfg.debounce_frames and cooled:
-            z.last_alarm, z.alarms = time, z.alarms + 1
-            events.append({"type": "alarm", "stream": stream, "zone": z.name, "frame": frame, "time": round(time, 3),
-                           "count": n, "alarm_index": z.alarms,
-                           "boxes": np.round(boxes[inside].astype(np.float64), 1).tolist()})  # fmt: skip
+    counts, events = update_zones_batch(zones, [dets], times=[time], frames=[frame], stream=stream, cfg=cfg,
+                                        class_names=class_names)  # fmt: skip
+    return counts[0], events
+
+
+def update_zones_batch(zones: list[Zone], dets: list[Detections], *, times: list[float], frames: list[int],
+                       stream: str, cfg: ZoneConfig,
+                       class_names: list[str]) -> tuple[list[dict[str, int]], list[dict]]:  # fmt: skip
+    """:func:`update_zones` for consecutive frames of one stream: one point-in-polygon call per zone for all of
+    them, then the (sequential) debounce/cooldown state per frame. Returns (counts per frame, alarm events)."""
+    allowed = None if cfg.classes is None else np.array([n in cfg.classes for n in class_names], bool)
+    kept = [d.boxes if allowed is None else d.boxes[allowed[d.classes]] for d in dets]
+    sizes = np.array([len(b) for b in kept])
+    boxes = np.concatenate(kept) if sizes.sum() else np.zeros((0, 4), np.float32)
+    feet = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, boxes[:, 3]], 1)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    counts: list[dict[str, int]] = [{} for _ in dets]
+    events: list[dict] = []
+    inside = {z.name: z.contains(feet) for z in zones}
+    for j, (t, f) in enumerate(zip(times, frames, strict=True)):
+        lo, hi = starts[j], starts[j + 1]
+        for z in zones:
+            mask = inside[z.name][lo:hi]
+            n = int(mask.sum())
+            counts[j][z.name] = n
+            z.streak = z.streak + 1 if n else 0
+            cooled = z.last_alarm is None or t - z.last_alarm >= cfg.cooldown_s
+            if z.streak >= cfg.debounce_frames and cooled:
+                z.last_alarm, z.alarms = t, z.alarms + 1
+                events.append({"type": "alarm", "stream": stream, "zone": z.name, "frame": f, "time": round(t, 3),
+                               "count": n, "alarm_index": z.alarms,
+                               "boxes": np.round(boxes[lo:hi][mask].astype(np.float64), 1).tolist()})  # fmt: skip
     return counts, events

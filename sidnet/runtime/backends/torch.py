@@ -84,19 +84,29 @@ class GpuLetterbox:
         n = sum(len(idx) for idx, _ in uploaded)
         infos: list[LetterboxInfo | None] = [None] * n
         out[:n].fill_(LETTERBOX_FILL / 255.0)
-        work = out.dtype if out.is_cuda else torch.float32  # half-precision resize on the GPU: half the bytes
         for idx, x in uploaded:
-            h, w = x.shape[1:3]
-            info = letterbox_geometry(h, w, self.size)
-            nh, nw = max(1, round(h * info.scale)), max(1, round(w * info.scale))
-            x = x.permute(0, 3, 1, 2).to(work)
-            if (nh, nw) != (h, w):
-                x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
             rows = torch.as_tensor(idx, device=out.device)
-            out[rows, :, info.pad_y : info.pad_y + nh, info.pad_x : info.pad_x + nw] = (x * (1 / 255.0)).to(out.dtype)
+            info = letterbox_into(x, out, rows=rows, size=self.size, fill=False)
             for i in idx:
                 infos[i] = info
         return infos  # type: ignore[return-value]
+
+
+def letterbox_into(x: torch.Tensor, out: torch.Tensor, *, rows: torch.Tensor | slice = slice(None), size: int,
+                   fill: bool = True) -> LetterboxInfo:  # fmt: skip
+    """(k, H, W, 3) uint8 frames of one size → ``out[rows]`` (k, 3, S, S) in [0, 1], grey-padded: one resize of the
+    whole group, in ``out``'s dtype on a GPU (half the bytes). Static shapes only: it is captured in CUDA graphs."""
+    h, w = x.shape[1:3]
+    info = letterbox_geometry(h, w, size)
+    nh, nw = max(1, round(h * info.scale)), max(1, round(w * info.scale))
+    work = out.dtype if out.is_cuda else torch.float32
+    if fill:  # (a slice of rows: indexing with a tensor would fill a copy)
+        out[rows].fill_(LETTERBOX_FILL / 255.0)
+    y = x.permute(0, 3, 1, 2).to(work)
+    if (nh, nw) != (h, w):
+        y = F.interpolate(y, size=(nh, nw), mode="bilinear", align_corners=False)
+    out[rows, :, info.pad_y : info.pad_y + nh, info.pad_x : info.pad_x + nw] = (y * (1 / 255.0)).to(out.dtype)
+    return info
 
 
 class _null:
@@ -123,6 +133,9 @@ class GraphRunner:
         self._static: dict[int, dict] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._fused: dict[tuple, dict] = {}
+        self._parity = 0
+        self._registered: dict[int, int] = {}  # page-locked host ranges: address → bytes
 
     def new_input(self, n: int) -> torch.Tensor:
         s = self.info.input_size
@@ -220,8 +233,121 @@ class GraphRunner:
             d, k = self._to_host(b, dets, num)
         return d[:n], k[:n], infos
 
+    # ---------------------------------------------------------------- frames → detections, one graph per batch
+    def frames_slot(self, b: int, h: int, w: int, parity: int) -> dict:
+        """Device (b, H, W, 3) uint8 input and pinned result buffers for batches of frames of one size; two per shape
+        (``parity``) so that batch k+1 uploads while batch k computes and k's results wait to be collected."""
+        key = (b, h, w, parity)
+        fs = self._fused.get(key)
+        if fs is None:
+            reg = self.slot(b)  # the network graph for this batch size (captured on first use)
+            dets = reg.get("dets")
+            fs = {"u8": torch.zeros((b, h, w, 3), dtype=torch.uint8, device=self.device),
+                  "staging": torch.empty((b, h, w, 3), dtype=torch.uint8, pin_memory=True),
+                  "uploaded": torch.cuda.Event(), "free": torch.cuda.Event(), "done": torch.cuda.Event()}  # fmt: skip
+            if dets is not None:
+                fs["host_dets"] = torch.empty(dets.shape, dtype=dets.dtype, pin_memory=True)
+                fs["host_num"] = torch.empty(reg["num"].shape, dtype=reg["num"].dtype, pin_memory=True)
+            fs["free"].record(self.stream)
+            self._fused[key] = fs
+        return fs
+
+    def warmup_frames(self, max_batch: int, sizes: Sequence[tuple[int, int]]) -> None:
+        """Allocate the frame buffers for every bucket up to ``max_batch`` and every (width, height) up front."""
+        if self.device.type != "cuda":
+            return
+        for w, h in sizes:
+            for b in sorted({self.bucket(b) for b in range(1, max_batch + 1)}):
+                for parity in (0, 1):
+                    self.frames_slot(b, h, w, parity)
+
+    def register_host(self, address: int, nbytes: int) -> bool:
+        """Page-lock host memory the frames live in (shared-memory rings), so uploads from it are true async DMA."""
+        if self.device.type != "cuda":
+            return False
+        try:
+            err = torch.cuda.cudart().cudaHostRegister(address, nbytes, 0)
+            ok = int(err[0] if isinstance(err, tuple) else err) == 0
+        except (AttributeError, RuntimeError, TypeError) as e:
+            err, ok = e, False
+        if ok:
+            self._registered[address] = nbytes
+        else:
+            log.warning("cudaHostRegister(%d bytes) failed (%s): uploads from the frame rings are staged", nbytes, err)
+        return ok
+
+    def _is_registered(self, frame) -> bool:
+        a = frame.ctypes.data
+        return any(lo <= a and a + frame.nbytes <= lo + size for lo, size in self._registered.items())
+
+    def unregister_host(self, address: int) -> None:
+        """Undo :meth:`register_host` (before the memory is unmapped); waits for uploads still reading it."""
+        if address in self._registered:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.cudart().cudaHostUnregister(address)
+            del self._registered[address]
+
+    @torch.no_grad()
+    def submit_frames(self, frames: Sequence) -> dict:
+        """Start a batch (RGB uint8 host arrays or CUDA tensors of one size): upload on the copy stream (from
+        page-locked rings: DMA while the previous batch computes), then on the compute stream letterbox + normalise
+        the whole batch from uint8 (:func:`letterbox_into`, a few kernels), one replay of the network + top-K graph,
+        results copied back asynchronously; :meth:`collect` waits for them. Mixed sizes take :meth:`infer_frames`."""
+        n = len(frames)
+        shapes = {tuple(f.shape) for f in frames}
+        if self.device.type != "cuda" or len(shapes) != 1:
+            host = [f.cpu().numpy() if isinstance(f, torch.Tensor) else f for f in frames]
+            return {"result": self.infer_frames(host), "n": n}
+        h, w, _ = shapes.pop()
+        self._parity ^= 1
+        b = self.bucket(n)
+        fs = self.frames_slot(b, h, w, self._parity)
+        copy = self.letterbox.copy_stream
+        copy.wait_event(fs["free"])  # the previous batch in these buffers has been letterboxed
+        on_device = [f for f in frames if isinstance(f, torch.Tensor)]
+        if on_device:  # decoded on the GPU (NVDEC) by another stream
+            copy.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(copy):
+            u8 = fs["u8"]
+            if on_device or all(self._is_registered(f) for f in frames):  # DMA straight from the frames
+                for j, f in enumerate(frames):
+                    u8[j].copy_(f if isinstance(f, torch.Tensor) else torch.from_numpy(f), non_blocking=True)
+            else:  # pageable frames: gather them into a pinned buffer, then one DMA
+                fs["uploaded"].synchronize()  # the previous upload from this buffer has finished reading it
+                host = fs["staging"].numpy()
+                for j, f in enumerate(frames):
+                    host[j] = f
+                u8[:n].copy_(fs["staging"][:n], non_blocking=True)
+            fs["uploaded"].record(copy)
+        self.stream.wait_event(fs["uploaded"])
+        with torch.cuda.stream(self.stream):
+            info = letterbox_into(fs["u8"], self.slot(b)["input"], size=self.info.input_size)
+            fs["free"].record(self.stream)
+            dets, num = self.run(b)
+            if "host_dets" in fs:
+                fs["host_dets"].copy_(dets, non_blocking=True)
+                fs["host_num"].copy_(num, non_blocking=True)
+            else:  # an uncaptured forward: its outputs are fresh tensors
+                fs["out"] = (dets.float().to("cpu", non_blocking=True), num.to("cpu", non_blocking=True))
+            fs["done"].record(self.stream)
+        return {"slot": fs, "n": n, "info": info}
+
+    def ready(self, pending: dict) -> bool:
+        return "result" in pending or pending["slot"]["done"].query()
+
+    def collect(self, pending: dict) -> tuple[np.ndarray, np.ndarray, list[LetterboxInfo]]:
+        if "result" in pending:
+            return pending["result"]
+        fs, n = pending["slot"], pending["n"]
+        fs["done"].synchronize()
+        d, k = (fs["host_dets"], fs["host_num"]) if "host_dets" in fs else fs.pop("out")
+        return d.numpy()[:n].copy(), k.numpy()[:n].copy(), [pending["info"]] * n
+
     def close(self) -> None:
         self._static.clear()
+        self._fused.clear()
+        for address in list(self._registered):
+            self.unregister_host(address)
 
 
 def decode_tail(model, *, conf_thresh: float, topk: int, use_kernel: bool | None) -> tuple[Callable, str]:

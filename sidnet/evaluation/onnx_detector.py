@@ -29,9 +29,9 @@ class OnnxDetector:
         self.metadata = {p.key: p.value for p in model.metadata_props}
         if any(n.domain == "sidnet" for n in model.graph.node):
             raise ValueError(f"{self.path} has sidnet:: plugin nodes (plugins target): evaluate the native export")
-        if "input_size" not in self.metadata:
-            raise ValueError(f"{self.path} has no SIDNet metadata (input_size, ...): export it with python -m export")
-        size = parse_json(self.metadata["input_size"], what=f"{self.path} metadata input_size", fix="re-export it")
+        raw = self.metadata.get("input_size")  # absent in the INT8 gate's intermediate graphs: their input shape
+        size = (parse_json(raw, what=f"{self.path} metadata input_size", fix="re-export it") if raw is not None
+                else model.graph.input[0].type.tensor_type.shape.dim[2].dim_value)  # fmt: skip
         self.input_size = check_input_size(size, where=f"metadata of {self.path}", fix="re-export it")
         self.precision = self.metadata.get("precision", "unknown")
         options = ort.SessionOptions()

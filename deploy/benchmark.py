@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     artifacts = ([("checkpoint", x) for x in args.checkpoint] + [("onnx", x) for x in args.onnx]
                  + [("engine", x) for x in args.engine])  # fmt: skip
     if artifacts and args.parts is None:
-        result = run_guarded(lambda: run_artifacts(artifacts, args, cuda=cuda, skipped=[]), verbose=args.verbose, interrupted=STOPPED)
+        result = run_guarded(lambda: run_artifacts(artifacts, args, cuda=cuda, skipped=[]), verbose=args.verbose,
+                             interrupted=STOPPED)  # fmt: skip
         return _report(result, args)
     parts = set(args.parts or DEFAULT_PARTS)
     if parts & {"e2e", "e2e-host"} and not args.video.is_file():
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict | None:
               file=sys.stderr)  # fmt: skip
         skipped = [f"{', '.join(gpu_only)} (need a CUDA GPU)"] if gpu_only else []
         if cpu:
-            _report(run_guarded(lambda: cpu_suite(args, cpu, skipped=skipped), verbose=args.verbose, interrupted=STOPPED), args)
+            rows = run_guarded(lambda: cpu_suite(args, cpu, skipped=skipped), verbose=args.verbose, interrupted=STOPPED)
+            _report(rows, args)
         if "e2e" in parts:
             run_guarded(lambda: e2e(args), verbose=args.verbose, interrupted=STOPPED)
         return None

@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     from sidnet.cli import run_guarded
 
     if args.make_env is not None:
-        exe = run_guarded(lambda: make_env(args.make_env, python=args.python), verbose=args.verbose, interrupted=STOPPED)
+        exe = run_guarded(lambda: make_env(args.make_env, python=args.python), verbose=args.verbose,
+                          interrupted=STOPPED)  # fmt: skip
         print(f"serving environment ready: {exe} -m deploy.serve ARTIFACT")
         return None
     if args.load_test:

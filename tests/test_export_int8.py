@@ -258,14 +258,18 @@ def test_accuracy_gate_moves_the_hostile_layer_out_of_int8(exported, calib_folde
     assert gate["ranking"][0]["added_noise"] > 2 * gate["ranking"][1]["added_noise"]
 
 
+GATE_SPLIT = "val:0/2"  # the default of ExportConfig.gate_split (sidnet/export/config.py)
+
+
 def test_evaluate_accepts_onnx_through_the_same_evaluator(exported, tmp_path):
     from train.evaluate import main
 
     reports = {}
     for name, path in [("fp32", exported["fp32"].onnx_path), ("int8", exported["int8"].onnx_path)]:
-        reports[name] = main(["--onnx", str(path), "--data", str(exported["data"]), "--out", str(tmp_path / name)])
+        reports[name] = main(["--onnx", str(path), "--data", str(exported["data"]), "--split", GATE_SPLIT,
+                              "--out", str(tmp_path / name)])  # fmt: skip
     assert reports["fp32"]["AP50"] > 0.9  # labels are FP32's own detections
-    gate = exported["int8"].report["int8"]["accuracy_gate"]
+    gate = exported["int8"].report["int8"]["accuracy_gate"]  # scored on the export's default gate split
     assert abs(reports["int8"]["AP50"] - gate["steps"][-1]["AP50"]) < 1e-9  # one evaluator, same number
     saved = json.loads((tmp_path / "int8").read_text())
     assert saved["onnx_precision"] == "int8" and "onnxruntime" in saved["versions"]

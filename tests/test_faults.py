@@ -296,7 +296,7 @@ def test_config_fault_one_line(tmp_path, capsys, fault, overrides, message):
 
 
 ANCHOR_FAULTS = [
-    ("data YAML missing", ["--data", "nope.yaml"], r"data config nope\.yaml not found"),
+    ("data YAML missing", ["--data", "nope.yaml"], r"data YAML not found: nope\.yaml"),
     ("k=0", ["--data", "conf/data/sample.yaml", "-k", "0"], r"k must be >= 1, got 0"),
     (
         "more anchors than boxes",

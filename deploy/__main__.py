@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sidnet.cli import OneLineParser
+    from sidnet.cli import OneLineParser, non_negative_int, positive_float, positive_int, unit_interval
 
     p = OneLineParser(prog="python -m deploy", description=__doc__.split("\n\n")[0])
     p.add_argument("artifact", help=".engine | .onnx | .pt | .pt2 | triton://HOST:PORT/MODEL (a Triton server, "
@@ -30,10 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", help="tensorrt | onnxruntime | torch | compiled | triton (must match the artifact)")
     p.add_argument("--zones", type=Path, help="intrusion zones YAML (see sidnet/runtime/zones.py)")
     p.add_argument("--out", type=Path, default=Path("outputs/deploy"), help="output folder (default outputs/deploy)")
-    p.add_argument("--conf", type=float, default=0.3, help="score threshold (default 0.3, the SIDNet report's)")
-    p.add_argument("--nms-iou", type=float, default=0.45)
-    p.add_argument("--batch", type=int, default=8, help="frames per inference batch, across streams (default 8)")
-    p.add_argument("--max-frames", type=int, help="stop each stream after this many frames")
+    p.add_argument("--conf", type=unit_interval, default=0.3, help="score threshold in (0, 1] (default 0.3, the "
+                   "SIDNet report's)")  # fmt: skip
+    p.add_argument("--nms-iou", type=unit_interval, default=0.45)
+    p.add_argument("--batch", type=positive_int, default=8, help="frames per inference batch, across streams "
+                   "(default 8)")  # fmt: skip
+    p.add_argument("--max-frames", type=positive_int, help="stop each stream after this many frames (>= 1)")
     p.add_argument("--device", help="torch/onnxruntime device: cuda | cpu (default: cuda when available for torch)")
     p.add_argument("--plugin-library", help="tensorrt: libsidnet_kernels.so the engine's plugins were built with")
     p.add_argument("--no-video", action="store_true", help="write JSON-lines and events only")
@@ -49,8 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pace video files at their fps like cameras; frames the pipeline cannot take are dropped "
                         "and counted per stream")
     p.add_argument("--fps", type=float, help="with --realtime: pace every file at this rate instead of its own")
-    p.add_argument("--reconnect-retries", type=int, default=10,
-                   help="live streams: failed reconnects in a row before a stream is given up (default 10)")
+    p.add_argument("--reconnect-retries", type=non_negative_int, default=10,
+                   help="live streams that delivered frames: failed reconnects in a row before the stream is given up "
+                   "(default 10)")  # fmt: skip
+    p.add_argument("--first-frame-timeout", type=positive_float, default=20.0,
+                   help="live streams: seconds to wait for the first frame before the run fails (default 20); a "
+                   "stream that never delivered a frame is not retried")  # fmt: skip
     p.add_argument("-q", "--quiet", "--no-progress", dest="no_progress", action="store_true",
                    help="no progress bar (off anyway when stderr is not a terminal)")
     p.add_argument("--json", action="store_true", help="print summary.json on stdout instead of the table")
@@ -85,7 +91,8 @@ def run(args) -> dict:
     sources = {}
     try:
         for name, target in named:
-            sources[name] = open_source(name, target, max_retries=args.reconnect_retries, max_frames=args.max_frames)
+            sources[name] = open_source(name, target, max_retries=args.reconnect_retries, max_frames=args.max_frames,
+                                        first_frame_timeout=args.first_frame_timeout)  # fmt: skip
         detector = Detector(args.artifact, backend=backend, conf_thresh=args.conf, nms_iou=args.nms_iou,
                             **_backend_options(args, backend))  # fmt: skip
     except BaseException:
@@ -97,8 +104,17 @@ def run(args) -> dict:
                                video_streams=args.video_streams, max_frames=args.max_frames,
                                progress=not args.no_progress, queue_size=args.queue, decode=args.decode,
                                decoders=args.decoders, writers=args.writers, realtime=args.realtime,
-                               fps=args.fps)  # fmt: skip
+                               fps=args.fps, first_frame_timeout=args.first_frame_timeout)  # fmt: skip
         return run_pipeline(detector, sources, zones=zones, opts=opts)
+
+
+def _interrupted(e: KeyboardInterrupt, out: Path) -> str:
+    summary = getattr(e, "summary", None)  # sidnet.runtime.pipeline.Interrupted: the outputs were finished
+    if summary is None:
+        return f"deploy interrupted before the first frame: nothing was written to {out}"
+    frames = sum(summary["frames"].values())
+    return (f"deploy interrupted after {frames} frames: the outputs in {out} are complete up to there (summary.json "
+            "says interrupted: true)")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -108,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     from sidnet.cli import run_guarded
 
-    summary = run_guarded(lambda: run(args), verbose=args.verbose)  # one error line; -v shows the traceback
+    summary = run_guarded(lambda: run(args), verbose=args.verbose, interrupted=lambda e: _interrupted(e, args.out))
     if args.json:
         print(json.dumps(summary))
         return summary

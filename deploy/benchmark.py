@@ -27,6 +27,7 @@ from pathlib import Path
 PARTS = ("eager", "torch", "compiled", "compile", "compile-ours", "e2e", "e2e-host", "ort")
 SHARED_VIDEO = Path("../shared/data/video")
 DEFAULT_PARTS = ["eager", "torch", "e2e"]
+STOPPED = "benchmark interrupted: the rows timed so far were not written; run the same command again"
 CPU_PARTS = {"torch": "torch backend on the CPU", "ort": "onnxruntime CPU"}  # timed as artifacts without CUDA
 
 
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     artifacts = ([("checkpoint", x) for x in args.checkpoint] + [("onnx", x) for x in args.onnx]
                  + [("engine", x) for x in args.engine])  # fmt: skip
     if artifacts and args.parts is None:
-        result = run_guarded(lambda: run_artifacts(artifacts, args, cuda=cuda, skipped=[]), verbose=args.verbose)
+        result = run_guarded(lambda: run_artifacts(artifacts, args, cuda=cuda, skipped=[]), verbose=args.verbose,
+                             interrupted=STOPPED)  # fmt: skip
         return _report(result, args)
     parts = set(args.parts or DEFAULT_PARTS)
     if parts & {"e2e", "e2e-host"} and not args.video.is_file():
@@ -94,9 +96,10 @@ def main(argv: list[str] | None = None) -> dict | None:
               file=sys.stderr)  # fmt: skip
         skipped = [f"{', '.join(gpu_only)} (need a CUDA GPU)"] if gpu_only else []
         if cpu:
-            _report(run_guarded(lambda: cpu_suite(args, cpu, skipped=skipped), verbose=args.verbose), args)
+            rows = run_guarded(lambda: cpu_suite(args, cpu, skipped=skipped), verbose=args.verbose, interrupted=STOPPED)
+            _report(rows, args)
         if "e2e" in parts:
-            run_guarded(lambda: e2e(args), verbose=args.verbose)
+            run_guarded(lambda: e2e(args), verbose=args.verbose, interrupted=STOPPED)
         return None
     if parts - {"e2e"}:
         from sidnet.runtime.benchmark import run_benchmark
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                       work_dir=args.work_dir, compiled_models=args.compiled_models)  # fmt: skip
         print(f"results: {args.out}/{args.stem}.md", file=sys.stderr)
     if "e2e" in parts:
-        run_guarded(lambda: e2e(args), verbose=True)
+        run_guarded(lambda: e2e(args), verbose=True, interrupted=STOPPED)
     return None
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PYTHON = "/usr/bin/python3.11"
+STOPPED = "deploy.serve interrupted: the server (or the load test) stopped; nothing else was changed"
 # What the server (and a client) environment needs besides the `serve` extra: the torch-free runtime path.
 RUNTIME_PACKAGES = ["onnx", "onnxruntime", "opencv-python-headless", "pyyaml", "tqdm", "rich"]
 
@@ -125,11 +126,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     from sidnet.cli import run_guarded
 
     if args.make_env is not None:
-        exe = run_guarded(lambda: make_env(args.make_env, python=args.python), verbose=args.verbose)
+        exe = run_guarded(lambda: make_env(args.make_env, python=args.python), verbose=args.verbose,
+                          interrupted=STOPPED)  # fmt: skip
         print(f"serving environment ready: {exe} -m deploy.serve ARTIFACT")
         return None
     if args.load_test:
-        result = run_guarded(lambda: run_load_test(args), verbose=args.verbose)
+        result = run_guarded(lambda: run_load_test(args), verbose=args.verbose, interrupted=STOPPED)
         print(json.dumps({k: v for k, v in result.items() if k != "compare"} | (
             {"compare": {k: v for k, v in result["compare"].items() if k not in ("server", "in_process")}}
             if "compare" in result else {})) if not args.json else json.dumps(result))  # fmt: skip
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     run_guarded(lambda: serve(args.artifact, name=args.name, http_port=args.http_port, grpc_port=args.grpc_port,
                               metrics_port=args.metrics_port, max_batch=args.max_batch,
                               queue_delay_us=args.queue_delay_us, instances=args.instances, backend_options=opts,
-                              on_ready=ready), verbose=args.verbose)  # fmt: skip
+                              on_ready=ready), verbose=args.verbose, interrupted=STOPPED)  # fmt: skip
     return None
 
 

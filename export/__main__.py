@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     from omegaconf import OmegaConf
 
+    from sidnet.safety import UnsafeInputError, refuse_env_interpolations
+
     try:
         cfg = compose_config(overrides)
         for flag, key in FLAGS.items():
@@ -118,17 +120,24 @@ def main(argv: list[str] | None = None) -> None:
             cfg.random_init = True
         if args.force:
             cfg.force = True
+        refuse_env_interpolations(OmegaConf.to_container(cfg, resolve=False), where="the export config")
         config = OmegaConf.to_object(cfg)
+    except UnsafeInputError as e:
+        raise SystemExit(f"error: {e}") from None
     except Exception as e:  # noqa: BLE001  (Hydra and OmegaConf raise many types for a bad override)
         raise SystemExit(f"error: bad configuration: {str(e).strip().splitlines()[0]}") from None
 
     from sidnet.cli import run_guarded
-    from sidnet.export.pipeline import run_export
+    from sidnet.export.pipeline import default_out_dir, run_export
     from sidnet.progress import set_quiet
 
     set_quiet(args.quiet)
+    out = default_out_dir(config, project_root=PROJECT_ROOT)
+    stopped = (f"export interrupted: nothing was added to {out} (artifacts are written aside and moved in only once "
+               "all of them pass); run the same command again")
     # Bad input is the user's to fix: one line, no traceback (-v shows it).
-    result = run_guarded(lambda: run_export(config, project_root=PROJECT_ROOT), verbose=args.verbose)
+    result = run_guarded(lambda: run_export(config, project_root=PROJECT_ROOT), verbose=args.verbose,
+                         interrupted=stopped)  # fmt: skip
     if args.json:
         print(json.dumps(result.report))
         return

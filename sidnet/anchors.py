@@ -271,17 +271,13 @@ def load_anchors(anchors: Any, *, project_root: Path) -> list[list[float]]:
     """A list of [w, h], or a YAML path (relative to the project root) holding ``anchors:``."""
     if isinstance(anchors, (list, tuple)):
         return [[float(w), float(h)] for w, h in anchors]
-    import yaml
+    from sidnet.safety import load_yaml
 
     path = Path(anchors)
     path = path if path.is_absolute() else project_root / path
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"anchors file not found: {path}; run `python -m train.anchors` or set model.anchors")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid YAML ({type(e).__name__}); regenerate it with "
-                         "`python -m train.anchors`") from e  # fmt: skip
+    data = load_yaml(path, what="anchors file", fix="regenerate it with `python -m train.anchors`")
     if not isinstance(data, dict) or "anchors" not in data:
         raise ValueError(f"{path} has no 'anchors:' list; regenerate it with `python -m train.anchors`")
     try:

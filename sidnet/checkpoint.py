@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from sidnet.io import atomic_write
+from sidnet.safety import check_input_size
 
 FORMAT = "sidnet-checkpoint"
 VERSION = 2
@@ -230,7 +231,9 @@ def build_model_from_spec(spec: dict[str, Any], *, initial_weights: bool = True)
                 kwargs[key] = None
     if spec.get("anchors") is not None:
         kwargs["anchors"] = spec["anchors"]
-    return build_model(spec["name"], num_classes=spec["num_classes"], input_size=spec["input_size"], **kwargs)
+    size = check_input_size(spec["input_size"], where="the checkpoint's model.input_size",
+                            fix="use a checkpoint written by python -m train")  # before any tensor is sized by it
+    return build_model(spec["name"], num_classes=spec["num_classes"], input_size=size, **kwargs)
 
 
 def model_from_checkpoint(

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from sidnet.safety import one_line
+
 T = TypeVar("T")
 EXIT_INTERRUPTED = 130
-
-
-def one_line(text: str) -> str:
-    return " ".join(str(text).split())
+TRAIN_INTERRUPTED = "training interrupted; the run continues from its last complete epoch with resume=true"
 
 
 def error_line(e: BaseException) -> str:
@@ -36,17 +36,19 @@ def error_line(e: BaseException) -> str:
     return f"error: internal error ({type(e).__name__}: {one_line(e)[:300]}); rerun with -v for the traceback"
 
 
-def run_guarded(fn: Callable[[], T], *, verbose: bool) -> T:
-    """Call ``fn()``; on an exception print one line and exit non-zero (``verbose``: let the traceback through)."""
+def run_guarded(fn: Callable[[], T], *, verbose: bool, interrupted: str | Callable[[KeyboardInterrupt], str]) -> T:
+    """Call ``fn()``; on an exception print one line and exit non-zero (``verbose``: let the traceback through).
+
+    ``interrupted``: what Ctrl-C stopped and what it left, in the command's own words (or a function of the
+    ``KeyboardInterrupt`` giving them)."""
     try:
         return fn()
     except SystemExit:
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if verbose:
             raise
-        print("error: interrupted (a training run continues from its last complete epoch with resume=true)",
-              file=sys.stderr)  # fmt: skip
+        print(f"error: {interrupted(e) if callable(interrupted) else interrupted}", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
     except Exception as e:  # noqa: BLE001  (the one place that turns every failure into one line)
         if verbose:
@@ -104,3 +106,38 @@ def config_help(*, usage: str, groups: dict[str, list[str]], chosen: dict[str, s
     if notes:
         lines += ["", notes]
     return "\n".join(lines)
+def _number(text: str, kind: type):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
+def unit_interval(text: str) -> float:
+    """argparse type: a finite number in (0, 1] (confidence and IoU thresholds)."""
+    v = _number(text, float)
+    if not (math.isfinite(v) and 0 < v <= 1):
+        raise argparse.ArgumentTypeError(f"{text} is outside (0, 1]: use a threshold such as 0.3")
+    return v
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (frame counts, batch sizes)."""
+    v = _number(text, int)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be 1 or more")
+    return v
+
+
+def non_negative_int(text: str) -> int:
+    v = _number(text, int)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = _number(text, float)
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return v

@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidnet.safety import check_input_size, check_name
+
 
 @dataclass
 class ModelConfig:
@@ -174,8 +176,9 @@ def validate_train_config(cfg: TrainConfig) -> None:
     _check(cfg.loader.prefetch_factor >= 1, "loader.prefetch_factor", cfg.loader.prefetch_factor, "use 1 or more")
     _check(cfg.ddp.timeout_s >= 1, "ddp.timeout_s", cfg.ddp.timeout_s, "use a positive number of seconds")
     _check(cfg.max_steps_per_epoch >= 0, "max_steps_per_epoch", cfg.max_steps_per_epoch, "use 0 (whole epoch) or more")
-    _check(m.input_size >= 32 and m.input_size % 32 == 0, "model.input_size", m.input_size,
-           "the network downsamples by 32, use a multiple of 32 such as 320, 416 or 608")  # fmt: skip
+    check_name(cfg.name, key="name", fix="name the run with one folder name, e.g. name=sidnet-coco (runs/<name>)")
+    check_input_size(m.input_size, where="model.input_size",
+                     fix="the network downsamples by 32, use e.g. model.input_size=416")  # fmt: skip
     _check(m.num_classes >= 1, "model.num_classes", m.num_classes, "use 1 or more")
     _check(finite(o.lr) and o.lr > 0, "optim.lr", o.lr, "use a positive learning rate, e.g. optim.lr=0.001")
     _check(finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "use 0 or more")

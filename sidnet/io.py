@@ -3,20 +3,24 @@
 Fault injection for the fault campaign (``tests/test_faults.py``), the way SQLite tests its journal: the environment
 variable ``SIDNET_FAULT=<fault>:<file name>:<n>`` makes the ``n``-th atomic write of a file with that name (1-based,
 counted per process) fail after half of it reached the temporary file and before the rename:
-``kill`` sends this process SIGKILL, ``enospc`` raises ``OSError(ENOSPC)`` as a full disk does. Unset, it costs one
-dictionary lookup per write.
+``kill`` sends this process SIGKILL, ``enospc`` raises ``OSError(ENOSPC)`` as a full disk does, ``sigint`` is Ctrl-C.
+Unset, it costs one dictionary lookup per write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
+import shutil
 import signal
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
+
+from sidnet.safety import check_output_file
 
 _fault_counts: dict[str, int] = {}
 
@@ -38,7 +42,10 @@ def _inject_fault(path: Path, f: IO[bytes]) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if fault == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    raise ValueError(f"SIDNET_FAULT={spec}: unknown fault {fault!r}; use kill or enospc")
+    if fault == "sigint":
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: Python raises KeyboardInterrupt at its next instruction
+        return
+    raise ValueError(f"SIDNET_FAULT={spec}: unknown fault {fault!r}; use kill, enospc or sigint")
 
 
 def atomic_write(
@@ -53,8 +60,9 @@ def atomic_write(
     ``mode``: mkstemp creates 0600 files; reports, configs and checkpoints are meant to be shared.
     ``before_replace``: called once the new content is safely on disk, just before the rename (keeps a previous
     generation, see :func:`sidnet.checkpoint.save_checkpoint`).
+    An existing ``path`` that is not a regular file (FIFO, device, folder, symlink) is refused, never replaced.
     """
-    path = Path(path)
+    path = check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -66,6 +74,7 @@ def atomic_write(
             os.fsync(f.fileno())
         if before_replace is not None:
             before_replace()
+        check_output_file(path)  # again: the write may have taken long
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -123,3 +132,29 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+STAGING_PREFIX = ".partial-"
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
+    """A fresh folder ``out_dir/.partial-*`` to write a whole artifact set into; on success its files move into
+    ``out_dir`` (regular-file destinations only, one rename each), on any exception or Ctrl-C it is deleted, so
+    ``out_dir`` holds the finished set or none of it (the previous set, if any, stays whole until the moves)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out_dir, prefix=STAGING_PREFIX))
+    try:
+        yield stage
+        files = sorted(p for p in stage.rglob("*") if p.is_file())
+        for f in files:
+            check_output_file(out_dir / f.relative_to(stage))
+        for f in files:
+            dest = out_dir / f.relative_to(stage)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, dest)
+        _fsync_dir(out_dir)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+

@@ -15,7 +15,8 @@ ENTRY_PACKAGES = ("train", "export", "deploy")
 # shared pieces (the deploy graph, quantization, data, models, evaluation, io...) sit below the workflows
 SHARED = ("sidnet.graph", "sidnet.quant", "sidnet.data", "sidnet.models", "sidnet.evaluation", "sidnet.checkpoint",
           "sidnet.io", "sidnet.letterbox", "sidnet.config", "sidnet.anchors", "sidnet.kernels", "sidnet.postprocess",
-          "sidnet.resolvers", "sidnet.environment", "sidnet.cli", "sidnet.progress", "sidnet.plots")  # fmt: skip
+          "sidnet.resolvers", "sidnet.environment", "sidnet.cli", "sidnet.safety", "sidnet.progress",
+          "sidnet.plots")  # fmt: skip
 WORKFLOWS = ("sidnet.engine", "sidnet.export", "sidnet.runtime")
 
 

@@ -317,7 +317,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, checkpoint):
     assert "not a SIDNet checkpoint" in _main("--checkpoint", str(foreign))
     assert "checkpoint not found" in _main("--checkpoint", str(tmp_path / "missing.pt"))
     assert "no checkpoint" in _main()
-    assert "not a positive multiple of 32" in _main(
+    assert "must be a multiple of 32 in 32..4096" in _main(
         "--random-init", "--model", "sidnet", "model.input_size=100", "model.anchors=[[10,10],[20,20],[30,30]]"
     )
     assert "unsupported precision 'fp8'" in _main("--checkpoint", str(checkpoint), "--precision", "fp8")

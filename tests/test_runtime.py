@@ -247,9 +247,11 @@ def test_live_source_reconnects_after_the_stream_drops(shared_data):
         n += 1
     assert n == 210
     assert [e["type"] for e in events] == ["stream_lost", "reconnect"] and events[1]["ok"]
+    # A stream that never delivered a frame is not retried: a wrong URL fails at once, with one line.
     dead = LiveSource("dead", "rtsp://127.0.0.1:1/none", backoff=(0.01, 0.02), max_retries=2, on_event=events.append)
-    assert dead.read() is None
-    assert [e["type"] for e in events[2:]] == ["reconnect", "reconnect", "stream_gave_up"]
+    with pytest.raises(DeployError, match=r"stream dead \(rtsp://127.0.0.1:1/none\) could not be opened and never"):
+        dead.read()
+    assert events[2:] == []
 
 
 # --------------------------------------------------------------------------------------------- python -m deploy

@@ -20,7 +20,8 @@ import os
 import sys
 from pathlib import Path
 
-from sidnet.cli import config_help, pop_flag, pop_verbose, run_guarded
+from sidnet.cli import TRAIN_INTERRUPTED, config_help, pop_flag, pop_verbose, run_guarded
+from sidnet.safety import UnsafeInputError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("sidnet.train")
@@ -64,12 +65,17 @@ def compose(overrides: list[str]):
 
     from sidnet.config import register_configs
     from sidnet.resolvers import register_resolvers
+    from sidnet.safety import refuse_env_interpolations
 
     register_configs()
     register_resolvers(project_root=PROJECT_ROOT)
     overrides = data_file_override(overrides)
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    raw = OmegaConf.to_container(cfg, resolve=False)  # before anything is resolved: no env var is ever read
+    run_paths = {k: raw["hydra"][k] for k in ("run", "sweep")}
+    refuse_env_interpolations({**{k: v for k, v in raw.items() if k != "hydra"}, "hydra": run_paths},
+                              where="the training config")  # fmt: skip
     run_dir = Path(str(cfg.hydra.run.dir))
     with open_dict(cfg):
         del cfg["hydra"]
@@ -119,22 +125,30 @@ def summary_table(summary: dict, run_dir: Path) -> None:
 def run(overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
 
+    from sidnet.config import validate_train_config
     from sidnet.data import DataError
     from sidnet.engine import distributed
     from sidnet.engine.runlock import acquire_run_lock
     from sidnet.engine.trainer import check_run_dir, check_train_config, train
     from sidnet.io import atomic_write_text
+    from sidnet.safety import claim_run_dir
 
     try:
         config, cfg, run_dir = compose(overrides)
     except DataError:
         raise  # a data=<file>.yaml problem: already one line naming the file
+    except UnsafeInputError:
+        raise
     except Exception as e:  # noqa: BLE001  (Hydra/OmegaConf raise many types for one bad override)
         raise _bad_config(e) from e
+    validate_train_config(config)  # names, ranges and the run folder first: answered before torch is imported
+    claim_run_dir(run_dir, create=False)
+
     check_train_config(config, project_root=PROJECT_ROOT)  # nothing is written before the config is known good
     ctx = distributed.setup(device=config.device, batch_size=config.batch_size, timeout_s=config.ddp.timeout_s)
     try:
         if ctx.is_main:
+            claim_run_dir(run_dir)  # new, empty or a run of ours: never an unrelated folder's config.yaml
             acquire_run_lock(run_dir)
         check_run_dir(run_dir, resume=config.resume)  # a refused start must not overwrite the run's config.yaml
         if ctx.is_main:
@@ -182,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     other_rank = rank not in (None, 0) and not verbose  # ranks > 0 repeat rank 0's log: warnings only
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if other_rank else logging.INFO,
                         format=LOG_FORMAT if rank is None else f"[rank {rank}]{LOG_FORMAT}")  # fmt: skip
-    summary = run_guarded(lambda: run(argv), verbose=verbose)
+    summary = run_guarded(lambda: run(argv), verbose=verbose, interrupted=TRAIN_INTERRUPTED)
     if rank not in (None, 0):
         return summary  # rank 0 prints the table
     if as_json:

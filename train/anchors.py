@@ -21,6 +21,7 @@ import yaml
 from sidnet.anchors import YOLOV2_VOC_ANCHORS, anchor_metrics, kmeans_anchors, letterboxed_wh
 from sidnet.cli import OneLineParser, run_guarded
 from sidnet.io import atomic_write_text
+from sidnet.safety import load_yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # YOLOv5 autoanchor leaves boxes under 2 px out of the fit: they are label noise at this scale and drag a cluster.
@@ -51,12 +52,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _read_yaml(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
+    if not path.exists():
         raise SystemExit(f"error: {what} {path} not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise SystemExit(f"error: {what} {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
+        data = load_yaml(path, what=what, fix="pass a YAML like those in conf/")
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
     if not isinstance(data, dict):
         raise SystemExit(f"error: {what} {path} must be a mapping at the top level")
     return data
@@ -195,7 +196,8 @@ def tune(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_guarded(lambda: _run(args), verbose=args.verbose)
+    stopped = "anchor tuning interrupted: no anchors file was written (it is written whole at the end)"
+    return run_guarded(lambda: _run(args), verbose=args.verbose, interrupted=stopped)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -15,11 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
-from sidnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from sidnet.cli import OneLineParser, run_guarded
-from sidnet.data import DetectionDataset
+from sidnet.cli import OneLineParser, positive_int, run_guarded, unit_interval
 from sidnet.data.config import data_config, load_data_yaml
 from sidnet.data.loading import load_records
 from sidnet.engine.tasks import build_task
@@ -27,6 +23,7 @@ from sidnet.engine.trainer import resolve_device
 from sidnet.environment import environment
 from sidnet.evaluation import evaluate_by_source, write_report
 from sidnet.evaluation.predict import predict_dataset
+from sidnet.safety import check_output_file
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = """Examples:
@@ -47,8 +44,9 @@ def main(argv: list[str] | None = None) -> dict:
     what.add_argument("--onnx", type=Path, help="an exported .onnx (native target), run by onnxruntime (needs --data)")
     p.add_argument("--data", type=Path, help="data YAML (default: the checkpoint's data config)")
     p.add_argument("--split", default="val", help="train | val, or part K of N of one by image id: val:1/2")
-    p.add_argument("--conf", type=float, default=0.3, help="operating confidence for recall/precision/FP")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--conf", type=unit_interval, default=0.3, help="operating confidence in (0, 1] for recall/"
+                   "precision/FP")  # fmt: skip
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
     p.add_argument("--boxes-only", action="store_true", help="Mask R-CNN: box metrics only (data without masks)")
@@ -66,10 +64,17 @@ def main(argv: list[str] | None = None) -> dict:
     set_quiet(args.quiet)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
-    return run_guarded(lambda: evaluate_onnx(args) if args.onnx is not None else evaluate(args), verbose=args.verbose)
+    stopped = "evaluation interrupted: no report was written (it is written whole at the end); run it again"
+    return run_guarded(lambda: evaluate_onnx(args) if args.onnx is not None else evaluate(args), verbose=args.verbose,
+                       interrupted=stopped)  # fmt: skip
 
 
 def evaluate(args: argparse.Namespace) -> dict:
+    import torch
+
+    from sidnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from sidnet.environment import environment
+
     state = load_checkpoint(args.checkpoint)
     if state.get("quant"):  # QAT: the fake-quantized model, as trained
         from sidnet.quant.qat import fake_quant_model
@@ -78,11 +83,16 @@ def evaluate(args: argparse.Namespace) -> dict:
     else:
         model = model_from_checkpoint(state, ema=not args.no_ema)
     if args.data is not None:
+        if not args.data.exists():
+            raise FileNotFoundError(f"data config not found: {args.data}; pass a YAML from conf/data/")
         data = load_data_yaml(args.data, project_root=PROJECT_ROOT)
     else:
-        if not isinstance(state.get("config"), dict) or "data" not in state["config"]:
-            raise CheckpointError(f"{args.checkpoint} records no data config; pass --data conf/data/<x>.yaml")
-        data = data_config(state["config"]["data"])
+        recorded = state.get("config", {}).get("data") if isinstance(state.get("config"), dict) else None
+        try:
+            data = data_config(recorded)
+        except (KeyError, TypeError) as e:  # none, or one this version cannot read
+            raise CheckpointError(f"{args.checkpoint} records no usable data config ({type(e).__name__}: {e}); pass "
+                                  "--data conf/data/<x>.yaml") from e  # fmt: skip
     task = build_task(model)
     masks = "segm" in task.iou_types and not args.boxes_only
     records = load_records(data, args.split, project_root=PROJECT_ROOT, masks=masks)
@@ -99,14 +109,17 @@ def evaluate(args: argparse.Namespace) -> dict:
 def evaluate_onnx(args: argparse.Namespace) -> dict:
     """The ``--onnx`` path: same records, same predict/evaluate, onnxruntime instead of PyTorch."""
     import onnxruntime
+    import torch
 
     from sidnet.evaluation.onnx_detector import OnnxDetector
     from sidnet.quant.manifest import check_artifact
 
     if args.data is None:
         raise FileNotFoundError("--onnx needs --data conf/data/<x>.yaml (an ONNX file carries no data config)")
-    if not args.onnx.is_file():
+    if not args.onnx.exists():
         raise FileNotFoundError(f"ONNX file not found: {args.onnx}; pass a model.onnx written by python -m export")
+    if not args.data.exists():
+        raise FileNotFoundError(f"data config not found: {args.data}; pass a YAML from conf/data/")
     check_artifact(args.onnx)
     detector = OnnxDetector(args.onnx)
     masks = "segm" in detector.iou_types and not args.boxes_only
@@ -120,14 +133,16 @@ def evaluate_onnx(args: argparse.Namespace) -> dict:
                      extra=extra, masks=masks)  # fmt: skip
 
 
-def _evaluate(model, records, args, *, size: int, device: torch.device, source: Path, extra: dict, task=None,
+def _evaluate(model, records, args, *, size: int, device, source: Path, extra: dict, task=None,
               masks: bool = False) -> dict:  # fmt: skip
+    from sidnet.data import DetectionDataset
+
+    tag = args.split.replace(":", "_").replace("/", "of")  # val:1/2 -> val_1of2
+    out = check_output_file(args.out or source.with_name(f"{source.stem}_{tag}_report.json"))  # before the long part
     dataset = DetectionDataset(records, size=size)
     preds, pred_masks = predict_dataset(model, dataset, task=task, device=device, batch_size=args.batch_size,
                                         desc=f"evaluate {args.split}")  # fmt: skip
     report = evaluate_by_source(records, preds, operating_conf=args.conf, masks=pred_masks if masks else None)
-    tag = args.split.replace(":", "_").replace("/", "of")  # val:1/2 -> val_1of2
-    out = args.out or source.with_name(f"{source.stem}_{tag}_report.json")
     extra = {k: v for k, v in extra.items() if k not in report}
     write_report(report, out, extra=extra)
     from sidnet.plots import annotated_images, pr_curve_png

@@ -20,7 +20,7 @@ def _load_json(annotations: Path) -> dict:
     try:
         with open(annotations, encoding="utf-8") as f:
             data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise DataError(f"invalid COCO JSON {annotations} ({err}); re-export the annotations file") from err
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data]
     if missing:

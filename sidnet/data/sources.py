@@ -172,12 +172,17 @@ def read_data_yaml(path: str | Path, *, project_root: Path) -> dict[str, Any]:
     """
     from omegaconf import OmegaConf
 
+    from sidnet.safety import load_yaml, refuse_env_interpolations
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"data YAML not found: {path}; pass an existing file (relative to the current folder) or a "
                         "name from conf/data/")  # fmt: skip
+    # Read as data: a regular file, bounded, few YAML aliases, no ${oc.env:...} (a secret never becomes a path).
+    raw = load_yaml(path, what="data YAML", fix="pass a YAML like those in conf/data/")
+    refuse_env_interpolations(raw, where=str(path))
     try:
-        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        data = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
     except Exception as e:  # noqa: BLE001  (yaml and OmegaConf raise many types; the message is what matters)
         raise DataError(f"data YAML {path} does not parse: {' '.join(str(e).split())[:200]}") from None
     if not isinstance(data, dict):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sidnet.safety import one_line, read_text
+
 from .errors import LENIENT_HINT, MALFORMED_LABEL, ORPHAN_LABEL, UNKNOWN_CLASS, DataError, SkipReport
 from .masks import check_polygons
 from .records import ImageRecord, make_record
@@ -77,11 +79,12 @@ def _read_labels(
 ) -> tuple[list, list, list] | None:
     """Parse one label file into kept (boxes, labels, polygons) in absolute pixels; None if the file is unreadable."""
     try:
-        text = label_file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
+        text = read_text(label_file, kind="label", what="label file")  # regular files only: a FIFO never blocks
+    except (OSError, ValueError) as err:
         checker.problem(
             MALFORMED_LABEL,
-            f"unreadable label file {label_file} ({type(err).__name__}); fix or delete it, or {LENIENT_HINT}",
+            f"unreadable label file {label_file} ({type(err).__name__}: {one_line(err)[:160]}); fix or delete it, "
+            f"or {LENIENT_HINT}",
         )
         return None
     boxes, labels, polys = [], [], []

@@ -41,6 +41,7 @@ from sidnet.evaluation import evaluate_by_source
 from sidnet.evaluation.predict import predict_dataset
 from sidnet.io import remove_stale_temporaries
 from sidnet.progress import progress
+from sidnet.safety import claim_run_dir
 
 log = logging.getLogger("sidnet.train")
 
@@ -103,8 +104,9 @@ class Trainer:
     and writes (TensorBoard, checkpoints)."""
 
     def __init__(self, cfg: TrainConfig, *, run_dir: Path, project_root: Path, dist: DistContext | None = None) -> None:
-        self.cfg, self.run_dir, self.project_root = cfg, Path(run_dir), Path(project_root)
         self.dist = dist or DistContext()
+        run_dir = claim_run_dir(run_dir) if self.dist.is_main else Path(run_dir)  # rank 0 alone creates and writes
+        self.cfg, self.run_dir, self.project_root = cfg, run_dir, Path(project_root)
         self.device = self.dist.device if self.dist.enabled else resolve_device(cfg.device)
         self.amp = cfg.amp and self.device.type == "cuda"
         seed_everything(cfg.seed)
@@ -464,7 +466,7 @@ def train(cfg: TrainConfig, *, run_dir: Path, project_root: Path, dist: DistCont
     and writes, every rank reads ``last.pt`` to resume."""
     check_train_config(cfg, project_root=project_root)
     dist = dist or DistContext()
-    run_dir = Path(run_dir)
+    run_dir = claim_run_dir(run_dir) if dist.is_main else Path(run_dir)
     # A second training into the same folder refuses here, before touching it.
     held = acquire_run_lock(run_dir) if dist.is_main else None
     try:

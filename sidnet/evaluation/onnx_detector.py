@@ -3,7 +3,6 @@ provider, as an :class:`~sidnet.evaluation.predict.ExportedPredictor`, so one ev
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from torchvision.ops import batched_nms
 
 from sidnet.evaluation.predict import ExportedPredictor
 from sidnet.graph.wrapper import INPUT_NAME, OUTPUT_NAMES
+from sidnet.safety import check_input_size, load_onnx, parse_json
 
 
 class OnnxDetector(ExportedPredictor):
@@ -27,16 +27,17 @@ class OnnxDetector(ExportedPredictor):
     """
 
     def __init__(self, path: str | Path, *, threads: int = 0) -> None:
-        import onnx
         import onnxruntime as ort
 
         self.path = Path(path)
-        model = onnx.load(str(self.path), load_external_data=False)
+        model = load_onnx(self.path)
         self.metadata = {p.key: p.value for p in model.metadata_props}
         if any(n.domain == "sidnet" for n in model.graph.node):
             raise ValueError(f"{self.path} has sidnet:: plugin nodes (plugins target): evaluate the native export")
-        size = json.loads(self.metadata.get("input_size", "0"))
-        self.input_size = int(size or model.graph.input[0].type.tensor_type.shape.dim[2].dim_value)
+        raw = self.metadata.get("input_size")  # absent in the INT8 gate's intermediate graphs: their input shape
+        size = (parse_json(raw, what=f"{self.path} metadata input_size", fix="re-export it") if raw is not None
+                else model.graph.input[0].type.tensor_type.shape.dim[2].dim_value)  # fmt: skip
+        self.input_size = check_input_size(size, where=f"metadata of {self.path}", fix="re-export it")
         self.precision = self.metadata.get("precision", "unknown")
         options = ort.SessionOptions()
         if threads:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,9 @@ from sidnet.export.report import write_report
 from sidnet.graph.errors import ExportError, ParityError
 from sidnet.graph.onnx_export import set_metadata
 from sidnet.graph.surgery import op_counts
-from sidnet.io import ensure_writable_dir, sha256_file
+from sidnet.io import ensure_writable_dir, sha256_file, staged_output
 from sidnet.models import build_model
+from sidnet.safety import check_input_size, check_output_file
 
 log = logging.getLogger("sidnet.export")
 
@@ -94,8 +95,7 @@ def preflight(opts: Options, cfg: ExportConfig) -> None:
 
 
 def _check_input_size(size: int, where: str) -> None:
-    if size % 32 or size <= 0:
-        raise ExportError(f"input size {size} ({where}) is not a positive multiple of 32: use e.g. 416 or 320")
+    check_input_size(size, where=where, fix="use e.g. 416 or 320")
 
 
 def load_model(cfg: ExportConfig, *, project_root: Path) -> tuple[torch.nn.Module, str, str, list[str] | None]:
@@ -265,6 +265,8 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
     preflight(opts, cfg)
     out_dir = default_out_dir(cfg, project_root=project_root)
     ensure_writable_dir(out_dir, fix="pass --out a folder you can write to")
+    for name in ("model.onnx", "report.json", "report.md"):  # every export writes these: refuse a FIFO/folder now
+        check_output_file(out_dir / name)
     if opts.precision == "int8":  # before the minutes of ONNX export, calibration and gate, not after them
         from sidnet.quant.ptq import refuse_overwrite
 
@@ -275,102 +277,108 @@ def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
         raise ExportError("INT8 needs a calibration set: pass exactly one of --calib-images FOLDER or "
                           "--calib-data conf/data/X.yaml (a QAT checkpoint brings its own ranges)")  # fmt: skip
     if qat is not None and opts.precision != "int8":
-        log.warning(
-            "export: %s is a QAT checkpoint; exporting its trained weights in %s with the fake quantization "
-            "removed (--precision int8 exports the Q/DQ graph with its ranges)",
-            cfg.checkpoint,
-            opts.precision,
-        )
+        log.warning("export: %s is a QAT checkpoint; exporting its trained weights in %s with the fake quantization "
+                    "removed (--precision int8 exports the Q/DQ graph with its ranges)", cfg.checkpoint, opts.precision)
     class_names = _class_names(cfg, ckpt_names, model.num_classes)
     log.info("export: %s, %s, target %s, backend %s -> %s", source, opts.precision, opts.target, opts.backend, out_dir)
 
-    int8 = opts.precision == "int8"
-    graph_precision, graph_target = ("fp32", "native") if int8 else (opts.precision, opts.target)
-    int8_result = None
-    adapter: ExportAdapter = adapter_for(model)
-    if opts.precision not in adapter.precisions:
-        raise ExportError(f"{adapter.family} exports in {', '.join(adapter.precisions)} only for now, not "
-                          f"{opts.precision}; use --precision {adapter.precisions[0]}")  # fmt: skip
-    if opts.backend not in adapter.backends:
-        raise ExportError(f"{adapter.family} cannot be built for --backend {opts.backend} yet; use --backend "
-                          f"{' | '.join(adapter.backends)}")  # fmt: skip
-    deploy = adapter.deploy(model, conf_thresh=cfg.conf_thresh, topk=cfg.topk, backend=opts.backend)
-    exported, final, surgery = adapter.build_graph(deploy, target=graph_target, precision=graph_precision,
-                                                   opset=cfg.opset)  # fmt: skip
-    meta = {
-        **_metadata_common(cfg, opts, name, source),
-        **adapter.metadata(model, deploy, class_names=class_names, conf_thresh=cfg.conf_thresh, topk=cfg.topk),
-    }
-    final.doc_string = adapter.doc_string(model)
-    final.producer_name, final.producer_version = "sidnet", sidnet.__version__
-    set_metadata(final, {**meta, "precision": "fp32", "target": "native"} if int8 else meta)
-    if int8:
-        final, int8_result, surgery = _quantize(cfg, opts, exported, final, meta, surgery, out_dir, model, deploy,
-                                                adapter, project_root)  # fmt: skip
-    try:
-        onnx.checker.check_model(final, full_check=opts.target == "native")
-        checker = "passed" + ("" if opts.target == "native" else " (sidnet:: ops are not checked by schema)")
-    except onnx.checker.ValidationError as e:
-        raise ExportError(f"onnx.checker rejected the exported graph: {str(e).splitlines()[0]}") from e
-    onnx_path = out_dir / "model.onnx"
-    onnx.save(final, str(onnx_path))
+    # Everything is written aside and moved into out_dir only once all of it passed: an error or Ctrl-C leaves out_dir
+    # as it was (a finished artifact set or none), never a model.onnx without its parity check and report.
+    with staged_output(out_dir) as work:
+        int8 = opts.precision == "int8"
+        graph_precision, graph_target = ("fp32", "native") if int8 else (opts.precision, opts.target)
+        int8_result = None
+        adapter: ExportAdapter = adapter_for(model)
+        if opts.precision not in adapter.precisions:
+            raise ExportError(f"{adapter.family} exports in {', '.join(adapter.precisions)} only for now, not "
+                              f"{opts.precision}; use --precision {adapter.precisions[0]}")  # fmt: skip
+        if opts.backend not in adapter.backends:
+            raise ExportError(f"{adapter.family} cannot be built for --backend {opts.backend} yet; use --backend "
+                              f"{' | '.join(adapter.backends)}")  # fmt: skip
+        deploy = adapter.deploy(model, conf_thresh=cfg.conf_thresh, topk=cfg.topk, backend=opts.backend)
+        exported, final, surgery = adapter.build_graph(deploy, target=graph_target, precision=graph_precision,
+                                                       opset=cfg.opset)  # fmt: skip
+        meta = {
+            **_metadata_common(cfg, opts, name, source),
+            **adapter.metadata(model, deploy, class_names=class_names, conf_thresh=cfg.conf_thresh, topk=cfg.topk),
+        }
+        final.doc_string = adapter.doc_string(model)
+        final.producer_name, final.producer_version = "sidnet", sidnet.__version__
+        set_metadata(final, {**meta, "precision": "fp32", "target": "native"} if int8 else meta)
+        if int8:
+            final, int8_result, surgery = _quantize(cfg, opts, exported, final, meta, surgery, work, model, deploy,
+                                                    adapter, project_root)  # fmt: skip
+        try:
+            onnx.checker.check_model(final, full_check=opts.target == "native")
+            checker = "passed" + ("" if opts.target == "native" else " (sidnet:: ops are not checked by schema)")
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f"onnx.checker rejected the exported graph: {str(e).splitlines()[0]}") from e
+        onnx_path = work / "model.onnx"
+        onnx.save(final, str(onnx_path))
 
-    # INT8: parity of the calibrated FP32 graph (the surgery); INT8 vs FP32 accuracy is the gate's job.
-    probe = onnx.load(str(int8_result.fp32_path)) if int8 else final
-    parity = adapter.check_parity(deploy, probe, batches=list(cfg.parity.batches), seed=cfg.seed,
-                                  tolerance=dict(getattr(cfg.parity, graph_precision)))  # fmt: skip
-    log.info("parity%s: %s", " (FP32 source of the INT8 graph)" if int8 else "", parity.summary())
-    report = _report(opts, meta, exported, final, surgery, checker, parity)
-    report["files"][onnx_path.name] = sha256_file(onnx_path)
-    if int8:
-        from sidnet.quant.ptq import finish_manifest
+        # INT8: parity of the calibrated FP32 graph (the surgery); INT8 vs FP32 accuracy is the gate's job.
+        probe = onnx.load(str(int8_result.fp32_path)) if int8 else final
+        parity = adapter.check_parity(deploy, probe, batches=list(cfg.parity.batches), seed=cfg.seed,
+                                      tolerance=dict(getattr(cfg.parity, graph_precision)))  # fmt: skip
+        log.info("parity%s: %s", " (FP32 source of the INT8 graph)" if int8 else "", parity.summary())
+        report = _report(opts, meta, exported, final, surgery, checker, parity)
+        report["files"][onnx_path.name] = sha256_file(onnx_path)
+        if int8:
+            from sidnet.quant.ptq import finish_manifest
 
-        manifest_path = finish_manifest(out_dir, int8_result.manifest, onnx_path)
-        report["int8"] = int8_result.manifest
-        for path in (int8_result.fp32_path, int8_result.cache, manifest_path):
-            report["files"][path.name] = sha256_file(path)
-    if not parity.passed:
-        write_report(out_dir, report)
-        raise ParityError(f"exported graph does not match PyTorch: {parity.summary()}; see {out_dir / 'report.md'}")
+            manifest_path = finish_manifest(work, int8_result.manifest, onnx_path)
+            report["int8"] = int8_result.manifest
+            for path in (int8_result.fp32_path, int8_result.cache, manifest_path):
+                report["files"][path.name] = sha256_file(path)
+        if not parity.passed:  # nothing joins the artifact set; the report says why, in a folder of its own
+            failed = out_dir / "parity_failed"
+            failed.mkdir(exist_ok=True)
+            write_report(failed, report)
+            raise ParityError(f"exported graph does not match PyTorch: {parity.summary()}; nothing exported, see "
+                              f"{failed / 'report.md'}")
 
-    engine = None
-    if opts.backend == "compiled":
-        from sidnet.export.compiled import export_compiled
+        engine = None
+        if opts.backend == "compiled":
+            from sidnet.export.compiled import export_compiled
 
-        package, sidecar = export_compiled(model, out_dir, precision=opts.precision, conf_thresh=cfg.conf_thresh,
-                                           topk=cfg.topk, max_batch=cfg.batch.max, meta=meta,
-                                           device=cfg.compiled_device, mode=cfg.compiled_mode)  # fmt: skip
-        report["compiled"] = sidecar
-        report["files"][package.name] = sidecar["package_sha256"]
-    elif opts.backend != "onnx" and not (opts.backend == "triton" and cfg.triton.format != "plan"):
-        from sidnet.export.engine import build_engine
+            package, sidecar = export_compiled(model, work, precision=opts.precision, conf_thresh=cfg.conf_thresh,
+                                               topk=cfg.topk, max_batch=cfg.batch.max, meta=meta,
+                                               device=cfg.compiled_device, mode=cfg.compiled_mode)  # fmt: skip
+            report["compiled"] = sidecar
+            report["files"][package.name] = sidecar["package_sha256"]
+        elif opts.backend != "onnx" and not (opts.backend == "triton" and cfg.triton.format != "plan"):
+            from sidnet.export.engine import build_engine
 
-        b = cfg.batch
-        batch = (1, 1, 1) if adapter.static_batch else (b.min, b.opt, b.max)  # a static ONNX has batch 1
-        engine = build_engine(
-            onnx_path,
-            out_dir,
-            backend="tensorrt" if opts.backend == "triton" else opts.backend,
-            precision=opts.precision,
-            batch=batch,
-            plugin_library=cfg.plugin_library,
-            timing_cache=cfg.timing_cache,
-            workspace_mib=cfg.workspace_mib,
-        )
-        layers = {k: v for k, v in engine.layers.items() if k != "engine_layer_names"}
-        report["engine"] = {"info": engine.info, "layers": layers}
-        report["files"][engine.engine.name] = engine.info["engine_sha256"]
-    if opts.backend == "triton":
-        from sidnet.export.triton import write_repository
+            b = cfg.batch
+            batch = (1, 1, 1) if adapter.static_batch else (b.min, b.opt, b.max)  # a static ONNX has batch 1
+            engine = build_engine(
+                onnx_path,
+                work,
+                backend="tensorrt" if opts.backend == "triton" else opts.backend,
+                precision=opts.precision,
+                batch=batch,
+                plugin_library=cfg.plugin_library,
+                timing_cache=cfg.timing_cache or out_dir / "timing.cache",  # a cache, reused across exports
+                workspace_mib=cfg.workspace_mib,
+            )
+            layers = {k: v for k, v in engine.layers.items() if k != "engine_layer_names"}
+            report["engine"] = {"info": engine.info, "layers": layers}
+            report["files"][engine.engine.name] = engine.info["engine_sha256"]
+        if opts.backend == "triton":
+            from sidnet.export.triton import write_repository
 
-        t, b = cfg.triton, cfg.batch
-        batch = (1, 1, 1) if adapter.static_batch else (b.min, b.opt, b.max)
-        config = write_repository(onnx_path, out_dir, name=t.name or name, batch=batch, fmt=t.format,
-                                  engine_path=engine.engine if engine is not None else None, instances=t.instances,
-                                  kind=t.kind, queue_delay_us=t.queue_delay_us)  # fmt: skip
-        report["triton"] = {"repository": str(out_dir), "config": str(config.relative_to(out_dir)),
-                            "format": t.format, "batch": list(batch)}  # fmt: skip
-        report["files"][str(config.relative_to(out_dir))] = sha256_file(config)
-    report_path = write_report(out_dir, report)
+            t, b = cfg.triton, cfg.batch
+            batch = (1, 1, 1) if adapter.static_batch else (b.min, b.opt, b.max)
+            config = write_repository(onnx_path, work, name=t.name or name, batch=batch, fmt=t.format,
+                                      engine_path=engine.engine if engine is not None else None,
+                                      instances=t.instances, kind=t.kind, queue_delay_us=t.queue_delay_us)  # fmt: skip
+            rel = str(config.relative_to(work))
+            report["triton"] = {"repository": str(out_dir), "config": rel, "format": t.format, "batch": list(batch)}
+            report["files"][rel] = sha256_file(config)
+        write_report(work, report)
+    onnx_path, report_path = out_dir / onnx_path.name, out_dir / "report.md"
+    if engine is not None:
+        engine = replace(engine, engine=out_dir / engine.engine.name, sidecar=out_dir / engine.sidecar.name,
+                         layer_report=out_dir / engine.layer_report.name)  # fmt: skip
     log.info("export: wrote %s and %s in %s", ", ".join(sorted(report["files"])), report_path.name, out_dir)
     return ExportResult(out_dir, onnx_path, report_path, opts, surgery, parity, engine, report)

@@ -27,7 +27,9 @@ import cv2
 import numpy as np
 
 from sidnet.data.transforms import letterbox
+from sidnet.data.validate import Checker, check_image
 from sidnet.graph.errors import ExportError
+from sidnet.safety import read_image
 
 log = logging.getLogger("sidnet.quant.qdq")
 
@@ -48,6 +50,11 @@ def folder_images(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise CalibrationError(f"calibration folder not found: {folder}; pass a folder of images (int8.images=...)")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    checker = Checker(lenient=True)  # header check: an undecodable file is a failure, never a calibration image
+    paths = [p for p in paths if check_image(p, checker=checker) is not None]
+    if checker.report.total:  # the first one was logged by the report itself
+        log.warning("calibration: %d file(s) in %s are not usable images, counted as failures and not used: %s",
+                    checker.report.total, folder, checker.report.counts)  # fmt: skip
     if not paths:
         raise CalibrationError(
             f"calibration folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}); point int8.images at "
@@ -137,9 +144,10 @@ class CalibrationSet:
 
 def preprocess(path: Path, size: int) -> np.ndarray:
     """One image file → float32 [3, S, S] exactly as deployed (decode RGB, letterbox, / 255)."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if image is None:
-        raise CalibrationError(f"calibration image {path} cannot be decoded; remove or replace it")
+    try:
+        image = read_image(path, what="calibration image", fix="remove or replace it", exif_orientation=False)
+    except ValueError as e:
+        raise CalibrationError(str(e)) from e
     boxed, _, _ = letterbox(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), np.zeros((0, 4)), size=size)
     return np.ascontiguousarray(boxed.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
 

@@ -17,6 +17,7 @@ import onnx
 
 from sidnet.io import sha256_file
 from sidnet.quant.calibration import CalibrationError
+from sidnet.safety import contained_file, load_onnx, parse_json, read_bytes
 
 MANIFEST_NAME = "int8_manifest.json"
 FORMAT = "sidnet-int8-manifest"
@@ -38,13 +39,26 @@ def write_manifest(out_dir: Path, manifest: dict) -> Path:
 
 
 def read_manifest(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise CalibrationError(f"INT8 manifest {path} cannot be read ({type(e).__name__}); export again") from e
+    fix = "export again with python -m export --precision int8 --force"
+    try:  # a FIFO, a folder, an oversized or garbled file: the safety readers' own one-line errors
+        data = parse_json(read_bytes(path, kind="json", what="INT8 manifest", fix=fix), what=f"INT8 manifest {path}",
+                          fix=fix)  # fmt: skip
+    except OSError as e:
+        raise CalibrationError(f"INT8 manifest {path} cannot be read ({e.strerror or e}); {fix}") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CalibrationError(f"{path} is not a SIDNet INT8 manifest (format {FORMAT!r}); export again")
     return data
+
+
+def manifest_entry(m: dict, path: Path, *keys: str):
+    """``m[k1][k2]...``, or a one-line error naming the manifest and the missing key."""
+    node = m
+    for i, k in enumerate(keys):
+        if not isinstance(node, dict) or k not in node:
+            raise CalibrationError(f"INT8 manifest {path} lacks {'.'.join(keys[: i + 1])}: it is damaged or hand-"
+                                   "edited; re-export with python -m export --precision int8 --force")  # fmt: skip
+        node = node[k]
+    return node
 
 
 def _differs(what: str, recorded, now, fix: str) -> CalibrationError:
@@ -55,35 +69,41 @@ def check_artifact(onnx_path: str | Path) -> dict | None:
     """For a Q/DQ ONNX: its manifest must exist and match the file, its FP32 source graph (when beside it) and the
     preprocessing in its metadata. Returns the manifest (None for a model without Q/DQ nodes)."""
     onnx_path = Path(onnx_path)
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = load_onnx(onnx_path)
     if not is_qdq(model):
         return None
     path = onnx_path.parent / MANIFEST_NAME
-    if not path.is_file():
+    if not path.exists():  # present but not a regular file: read_manifest says so
         raise CalibrationError(
             f"{onnx_path} is an INT8 Q/DQ model without its {MANIFEST_NAME}: its provenance is unknown; "
             "export it again with python -m export --precision int8"
         )
     m = read_manifest(path)
     fix = "re-export with python -m export --precision int8 --force"
-    if m["qdq_onnx"]["file"] == onnx_path.name and m["qdq_onnx"]["sha256"] != (now := sha256_file(onnx_path)):
-        raise _differs(f"{onnx_path.name} sha256", m["qdq_onnx"]["sha256"][:12], now[:12], fix)
+    entry = lambda *keys: manifest_entry(m, path, *keys)  # noqa: E731
+
+    def named(key: str) -> Path:  # lies in the manifest's own folder and is a regular file: never followed out
+        return contained_file(onnx_path.parent, entry(key, "file"), what=f"INT8 manifest {path} ({key})", fix=fix)
+
+    if named("qdq_onnx").resolve() == onnx_path.resolve() and entry("qdq_onnx", "sha256") != (
+            now := sha256_file(onnx_path)):  # fmt: skip
+        raise _differs(f"{onnx_path.name} sha256", entry("qdq_onnx", "sha256")[:12], now[:12], fix)
     meta = {p.key: p.value for p in model.metadata_props}
     check_preprocessing(m, preprocessing=meta.get("preprocessing"), input_size=meta.get("input_size"), fix=fix)
-    fp32 = onnx_path.parent / m["fp32_onnx"]["file"]
-    if fp32.is_file():
-        now = graph_sha256(onnx.load(str(fp32)))
-        if now != m["fp32_onnx"]["graph_sha256"]:
-            raise _differs(f"FP32 source graph {fp32.name}", m["fp32_onnx"]["graph_sha256"][:12], now[:12], fix)
-    cache = onnx_path.parent / m["cache"]["file"]
-    if cache.is_file() and (now := sha256_file(cache)) != m["cache"]["sha256"]:
-        raise _differs(f"calibration cache {cache.name} sha256", m["cache"]["sha256"][:12], now[:12], fix)
+    fp32 = named("fp32_onnx")
+    if (now := graph_sha256(load_onnx(fp32))) != entry("fp32_onnx", "graph_sha256"):
+        raise _differs(f"FP32 source graph {fp32.name}", entry("fp32_onnx", "graph_sha256")[:12], now[:12], fix)
+    cache = named("cache")
+    if (now := sha256_file(cache)) != entry("cache", "sha256"):
+        raise _differs(f"calibration cache {cache.name} sha256", entry("cache", "sha256")[:12], now[:12], fix)
     return m
 
 
 def check_preprocessing(m: dict, *, preprocessing: str | None, input_size, fix: str) -> None:
-    rec = m["preprocessing"]
-    if input_size is not None and int(input_size) != int(rec["input_size"]):
+    rec = m.get("preprocessing")
+    if not isinstance(rec, dict) or not {"input_size", "text"} <= set(rec):
+        raise CalibrationError(f"INT8 manifest lacks preprocessing.input_size/text: damaged or hand-edited; {fix}")
+    if input_size is not None and str(input_size) != str(rec["input_size"]):
         raise _differs("input size", rec["input_size"], input_size, fix)
     if preprocessing is not None and preprocessing != rec["text"]:
         raise _differs("preprocessing", repr(rec["text"][:40] + "..."), repr(preprocessing[:40] + "..."), fix)

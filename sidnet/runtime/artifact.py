@@ -13,12 +13,13 @@ Torch-free: the TensorRT path imports this module without torch.
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sidnet.runtime.errors import DeployError
+from sidnet.safety import UnsafeInputError, check_input_size, load_onnx, parse_json, read_bytes, require_regular
 
 BACKENDS = ("tensorrt", "onnxruntime", "torch", "compiled", "triton")
 TRITON_SCHEME = "triton://"
@@ -28,6 +29,7 @@ KIND = {"tensorrt": "a TensorRT engine", "onnxruntime": "an ONNX model", "torch"
         "compiled": "an AOTInductor package", "triton": "a model on a Triton server"}  # fmt: skip
 SUFFIX_HINT = {"tensorrt": ".engine", "onnxruntime": ".onnx", "torch": ".pt", "compiled": ".pt2",
                "triton": "triton://host:port/model"}  # fmt: skip
+MAX_CLASSES, MAX_TOPK = 1000, 100_000  # bounds on metadata that size the decode buffers
 
 
 def is_triton_url(artifact: str | Path) -> bool:
@@ -67,6 +69,7 @@ def backend_for(path: str | Path, backend: str | None = None) -> str:
                           "train / python -m export")  # fmt: skip
     if path.is_dir():
         raise DeployError(f"artifact {path} is a folder: pass the model file inside it (e.g. {path}/model.onnx)")
+    require_regular(path, what="artifact", fix="pass the model file written by python -m export")
     found = BACKEND_BY_SUFFIX.get(path.suffix.lower())
     if found is None:
         raise DeployError(f"artifact {path}: unknown suffix {path.suffix!r}; use .engine (tensorrt), .onnx "
@@ -81,13 +84,11 @@ def backend_for(path: str | Path, backend: str | None = None) -> str:
 
 def read_sidecar(path: Path) -> dict[str, Any]:
     side = sidecar_path(path)
-    if not side.is_file():
+    if not side.exists():
         raise DeployError(f"{path} has no sidecar {side.name}: the runtime checks it before loading; re-export "
                           "with python -m export, which writes both")  # fmt: skip
-    try:
-        data = json.loads(side.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DeployError(f"sidecar {side} is not valid JSON ({e}); re-export with python -m export") from e
+    fix = "re-export with python -m export"
+    data = parse_json(read_bytes(side, kind="json", what="sidecar", fix=fix), what=f"sidecar {side}", fix=fix)
     if not isinstance(data, dict):
         raise DeployError(f"sidecar {side} is not a JSON object; re-export with python -m export")
     return data
@@ -95,14 +96,24 @@ def read_sidecar(path: Path) -> dict[str, Any]:
 
 def info_from_fields(path: Path, backend: str, d: dict[str, Any], source: str, **extra: Any) -> ArtifactInfo:
     """ArtifactInfo from the exported metadata fields (ONNX metadata, a sidecar, a Triton model's sidnet_info)."""
+    fix = "re-export with python -m export"
     try:
-        size = int(d["input_size"])
-        names = list(d.get("class_names") or [])
+        size = check_input_size(d["input_size"], where=f"{source} of {path}", fix=fix)  # before any buffer exists
+        names = [str(n) for n in (d.get("class_names") or [])]
         anchors = [list(map(float, a)) for a in d["anchors"] or []]  # Mask R-CNN: null (its anchors are inside)
         num_classes = int(d.get("num_classes", len(names)))
         conf, topk = float(d["conf_thresh"]), int(d["topk"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise DeployError(f"{path}: {source} lacks or garbles {e}; re-export with python -m export") from e
+    except (KeyError, TypeError) as e:
+        raise DeployError(f"{path}: {source} lacks or garbles {e}; {fix}") from e
+    bad = [a for a in anchors if len(a) != 2 or not all(math.isfinite(v) and 0 < v <= 4 * size for v in a)]
+    no_anchors = d["anchors"] is not None and not anchors  # null only for Mask R-CNN (its anchors are inside)
+    if no_anchors or bad or not 1 <= num_classes <= MAX_CLASSES or not 1 <= topk <= MAX_TOPK:
+        raise DeployError(f"{path}: {source} has anchors {(bad or anchors)[:2]}, num_classes {num_classes}, topk "
+                          f"{topk}; they must be positive [w, h] pairs, 1..{MAX_CLASSES} classes, topk 1..{MAX_TOPK}; "
+                          f"{fix}")  # fmt: skip
+    if not (math.isfinite(conf) and 0 <= conf < 1) or (names and len(names) != num_classes):
+        raise DeployError(f"{path}: {source} has conf_thresh {conf} and {len(names)} class names for {num_classes} "
+                          f"classes; {fix}")  # fmt: skip
     names = names or (["person"] if num_classes == 1 else [f"class{i}" for i in range(num_classes)])
     return ArtifactInfo(path=path, backend=backend, input_size=size, class_names=names, anchors=anchors,
                         conf_thresh=conf, topk=topk, model=str(d.get("model", "?")),
@@ -110,18 +121,15 @@ def info_from_fields(path: Path, backend: str, d: dict[str, Any], source: str, *
 
 
 def onnx_info(path: Path) -> ArtifactInfo:
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001  (protobuf raises several types for a corrupt file)
-        raise DeployError(f"{path} is not a readable ONNX model ({type(e).__name__}); re-export it") from e
+    model = load_onnx(path)
     meta = {p.key: p.value for p in model.metadata_props}
     fields = {}
     for key, value in meta.items():
         try:
-            fields[key] = json.loads(value)
-        except json.JSONDecodeError:
+            fields[key] = parse_json(value, what=f"{path} metadata {key!r}", fix="re-export with python -m export")
+        except UnsafeInputError:
+            if value.lstrip()[:1] in ("[", "{"):  # meant as JSON, but garbled or nested too deep
+                raise
             fields[key] = value
     if "input_size" not in fields:
         raise DeployError(f"{path} has no SIDNet metadata (input_size, anchors, ...): export it with python -m export")

@@ -330,4 +330,5 @@ class ThreadFeed(Feed):
         if hasattr(self.src, "stop"):
             self.src.stop()
         self.thread.join(timeout=5)
-        self.src.close()
+        if not self.thread.is_alive():  # one still blocked inside OpenCV's read: releasing under it is unsafe
+            self.src.close()

@@ -24,20 +24,22 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
+from sidnet.io import atomic_write_text
 from sidnet.runtime.decode import Feed, Pacing, ProcessDecoders, ThreadFeed
 from sidnet.runtime.detector import Detector
 from sidnet.runtime.errors import DeployError
 from sidnet.runtime.sources import ImageFolderSource, VideoFileSource
 from sidnet.runtime.writer import WriterConfig, Writers
 from sidnet.runtime.zones import ZoneConfig, check_zones_fit
+from sidnet.safety import check_output_file, read_image
 
 log = logging.getLogger("sidnet.runtime")
 OUTPUT_FILES = ("summary.json", "events.jsonl")
@@ -59,13 +61,22 @@ class PipelineOptions:
     realtime: bool = False  # pace file sources at their fps, drop what cannot be taken in time
     fps: float | None = None  # pacing rate instead of each file's own
     inflight: int = 2  # batches on the GPU at once
+    first_frame_timeout: float = 20.0  # seconds a live stream may take to deliver its first frame
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during the run: the outputs were finished (files closed, ``summary.json`` says ``interrupted``)."""
+
+    def __init__(self, summary: dict) -> None:
+        super().__init__()
+        self.summary = summary
 
 
 class _Events:
     """events.jsonl for this process's events (stream reconnects); writers append their alarms to the same file."""
 
     def __init__(self, path: Path) -> None:
-        path.write_text("")
+        check_output_file(path).write_text("")
         self.f = open(path, "a")  # noqa: SIM115  (closed in close())
         self.counts: dict[str, int] = {}
 
@@ -81,18 +92,20 @@ class _Events:
 def check_out_dir(out_dir: Path, streams: list[str], *, force: bool) -> None:
     if not out_dir.exists():
         return
-    ours = [out_dir / n for n in OUTPUT_FILES] + [out_dir / f"{s}{x}" for s in streams for x in (".jsonl", ".mp4", "")]
-    existing = [p for p in ours if p.exists()]
+    files = [out_dir / n for n in OUTPUT_FILES] + [out_dir / f"{s}{x}" for s in streams for x in (".jsonl", ".mp4")]
+    existing = [p for p in [*files, *(out_dir / s for s in streams)] if p.exists() or p.is_symlink()]
     if existing and not force:
         raise DeployError(f"{existing[0]} already exists: pass --force to overwrite, or choose another --out")
+    for p in files:  # even with --force: never a FIFO, a device or a folder in place of an output file
+        check_output_file(p)
 
 
 def _first_size(src) -> tuple[int, int] | None:
     if isinstance(src, VideoFileSource):
         return src.size
     if isinstance(src, ImageFolderSource):
-        img = cv2.imread(str(src.files[0]), cv2.IMREAD_COLOR)
-        return None if img is None else (img.shape[1], img.shape[0])
+        img = read_image(src.files[0], what="image", fix="remove it or replace it with a readable image")
+        return img.shape[1], img.shape[0]
     return None
 
 
@@ -200,7 +213,10 @@ def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None,
     if hasattr(detector.backend, "warmup_frames") and detector.gpu_preprocess:
         detector.backend.warmup_frames(opts.batch_size, sorted(set(sizes.values())))
     warmup_s = time.perf_counter() - warm_start
+    made_dir = not opts.out_dir.exists()
     opts.out_dir.mkdir(parents=True, exist_ok=True)
+    fresh = [opts.out_dir / n for n in ("events.jsonl", *(f"{s}.jsonl" for s in sources))]
+    fresh = [p for p in fresh if not p.exists()]  # what this run creates (removed again if no frame ever came)
     events = _Events(opts.out_dir / "events.jsonl")
     video = [] if not opts.write_video else (opts.video_streams or list(sources))
     cfg = WriterConfig(opts.out_dir, list(sources), detector.class_names, zones,
@@ -217,6 +233,8 @@ def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None,
     writers = feeds = procs = nvdec = None
     stats, st = None, _Stages()
     batches, sizes_run, start = 0, [], time.perf_counter()
+    handed, interrupted = 0, False
+    waiting = {n for n, s in sources.items() if getattr(s, "live", False)}  # live streams with no frame yet
     try:
         writers = Writers(cfg, n=opts.writers)
         feeds, paths, procs, nvdec = open_feeds(sources, detector, opts, pacing, events)
@@ -235,9 +253,14 @@ def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None,
                     break
                 got = feeds[name].poll(max(1, room // max(1, len(active))))
                 batch += got
+                if got:
+                    waiting.discard(name)
                 if not got and feeds[name].finished:
                     active.remove(name)
             t = st.add("gather", t)
+            if waiting and time.perf_counter() - start > opts.first_frame_timeout:  # OpenCV's own waits may be longer
+                late = sources[min(waiting)]
+                raise late.never_delivered(f"gave no frame in {opts.first_frame_timeout:g} s")
             busy = bool(inflight) and not detector.ready(inflight[0][1])
             if batch and len(inflight) < opts.inflight and (len(batch) >= opts.batch_size or not busy or not active):
                 st.depth.append(sum(f.depth() for f in feeds.values()))
@@ -251,6 +274,7 @@ def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None,
                 dets = detector.collect(handle, timings=st.s)
                 t = time.perf_counter()
                 writers.send(frames, dets)
+                handed += len(frames)
                 for name in {f.stream for f in frames}:
                     feeds[name].release([f for f in frames if f.stream == name])
                 if bar is not None:
@@ -265,6 +289,13 @@ def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None,
         paths["rings_page_locked"] = f"{len(procs.registered)}/{len(procs.rings)}" if gpu else None
         stats = writers.close()
         writers = None
+    except KeyboardInterrupt:  # Ctrl-C: finish the outputs of the frames handed over, then say so in the summary
+        if not handed:
+            raise
+        interrupted, seconds = True, time.perf_counter() - start
+        feed_stats = {n: (int(f.dropped), int(f.late), f.decode_ms()) for n, f in feeds.items()}
+        stats = writers.close()
+        writers = None
     finally:
         if writers is not None:
             try:
@@ -277,18 +308,27 @@ def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None,
         for owner in (procs, nvdec):
             if owner is not None:
                 owner.close()
-        for src in sources.values():
-            src.close()
+        for name, src in sources.items():
+            feed = (feeds or {}).get(name)
+            if not (isinstance(feed, ThreadFeed) and feed.thread.is_alive()):  # never release under a blocked read
+                src.close()
         events.close()
         if bar is not None:
             bar.close()
-    return _summary(detector, opts, zones, stats, st, feed_stats, paths, events, batches=batches, sizes=sizes_run,
-                    seconds=seconds, warmup_s=warmup_s)  # fmt: skip
+        if sys.exc_info()[0] is not None and not handed:  # failed before the first frame: leave nothing behind
+            for p in fresh:
+                p.unlink(missing_ok=True)
+            if made_dir and not any(opts.out_dir.iterdir()):
+                opts.out_dir.rmdir()
+    summary = _summary(detector, opts, zones, stats, st, feed_stats, paths, events, batches=batches, sizes=sizes_run,
+                       seconds=seconds, warmup_s=warmup_s, interrupted=interrupted)  # fmt: skip
+    if interrupted:
+        raise Interrupted(summary)
+    return summary
 
 
-def _summary(
-    detector, opts, zones, stats, st, feeds: dict, paths, events, *, batches, sizes, seconds, warmup_s
-) -> dict:
+def _summary(detector, opts, zones, stats, st, feeds: dict, paths, events, *, batches, sizes, seconds,
+             warmup_s, interrupted: bool = False) -> dict:
     total = sum(stats["frames"].values())
     lat = stats["latency_ms"]
     drops = {n: {"pipeline_behind": d, "decoder_behind": late} for n, (d, late, _) in feeds.items()}
@@ -315,5 +355,6 @@ def _summary(
                                                     for d in drops.values()),
     }  # fmt: skip
     summary["inference_s"] = round(st.s["inference"], 3)
-    (opts.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["interrupted"] = interrupted
+    atomic_write_text(opts.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -1,10 +1,13 @@
 """Frame sources for ``python -m deploy``: image folders, video files, and live streams (RTSP/HTTP URLs, webcams).
 
 Every source yields :class:`Frame` objects (RGB uint8) from ``read()`` until it returns ``None``. Opening checks
-the input at once (an empty folder, a video OpenCV cannot decode → :class:`DeployError`), so that bad input stops
-the run before anything starts. A live source that drops reconnects with exponential back-off and reports each
-attempt through ``on_event``; only after ``max_retries`` failed attempts in a row does it give up, and then only
-that stream ends.
+the input at once (an empty folder, a video OpenCV cannot decode, a folder entry that is not a regular file, two
+images whose annotated outputs would share a name → :class:`DeployError`), so that bad input stops the run before
+anything starts. A live source that never delivered a frame fails at once (it is not retried: a wrong URL or a dead
+camera is the user's to fix), and OpenCV's open/read waits are bounded by ``first_frame_timeout`` seconds (the
+pipeline's watchdog bounds the whole wait for the first frame too). A live source that worked and drops reconnects
+with exponential back-off and reports each attempt through ``on_event``; only after ``max_retries`` failed attempts in
+a row does it give up, and then only that stream ends.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import cv2
 import numpy as np
 
 from sidnet.runtime.errors import DeployError
+from sidnet.safety import read_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 LIVE_PREFIXES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
@@ -43,6 +47,15 @@ class ImageFolderSource:
         if not self.files:
             raise DeployError(f"image folder {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}): "
                               "point the source at a folder of frames, a video file or a stream URL")  # fmt: skip
+        odd = next((p for p in self.files if not p.is_file()), None)
+        if odd is not None:
+            raise DeployError(f"{odd} in source folder {folder} is not a regular file (a folder, FIFO or device): "
+                              "remove it; deploy reads only regular image files")  # fmt: skip
+        stems: dict[str, Path] = {}
+        for p in self.files:
+            if (other := stems.setdefault(p.stem, p)) is not p:
+                raise DeployError(f"{other.name} and {p.name} in source folder {folder} share the name {p.stem!r}: "
+                                  f"their annotated outputs would both be {name}/{p.stem}.jpg; rename one")  # fmt: skip
         self.pos = 0
         self.num_frames = len(self.files)
 
@@ -50,9 +63,7 @@ class ImageFolderSource:
         if self.pos >= len(self.files):
             return None
         path, capture = self.files[self.pos], time.monotonic()
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise DeployError(f"cannot decode image {path}: remove it or replace it with a readable image")
+        bgr = read_image(path, what="image", fix="remove it or replace it with a readable image")
         frame = Frame(self.name, self.pos, self.pos / self.fps, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), path.name,
                       capture=capture)  # fmt: skip
         self.pos += 1
@@ -117,10 +128,12 @@ class LiveSource:
     live = True
 
     def __init__(self, name: str, url: str | int, *, backoff: tuple[float, float] = (0.5, 30.0),
-                 max_retries: int | None = None, max_frames: int | None = None,
-                 on_event: Callable[[dict], None] | None = None, opener=cv2.VideoCapture) -> None:  # fmt: skip
+                 max_retries: int | None = None, max_frames: int | None = None, first_frame_timeout: float = 20.0,
+                 on_event: Callable[[dict], None] | None = None, opener=None) -> None:  # fmt: skip
         self.name, self.url, self.backoff, self.max_retries = name, url, backoff, max_retries
-        self.max_frames, self.on_event, self.opener = max_frames, on_event or (lambda e: None), opener
+        self.max_frames, self.on_event = max_frames, on_event or (lambda e: None)
+        self.first_frame_timeout = first_frame_timeout
+        self.opener = opener or (lambda url: _capture(url, timeout_s=first_frame_timeout))
         self.pos, self.reconnects, self.t0 = 0, 0, time.monotonic()
         self.cap = None
         self._stop = False
@@ -136,9 +149,22 @@ class LiveSource:
     def stop(self) -> None:
         self._stop = True
 
+    def never_delivered(self, why: str) -> DeployError:
+        return DeployError(f"stream {self.name} ({self.url}) {why} and never delivered a frame: check the URL or "
+                           "camera (a stream that never worked is not retried; --first-frame-timeout sets the "
+                           f"wait, now {self.first_frame_timeout:g} s)")  # fmt: skip
+
     def read(self) -> Frame | None:
         if self.max_frames is not None and self.pos >= self.max_frames:
             return None
+        if self.pos == 0 and self.reconnects == 0:  # the first frame: no reconnect policy for a stream never seen
+            if self.cap is None and not self._open():
+                raise self.never_delivered("could not be opened")
+            ok, bgr = self.cap.read()
+            if not ok:
+                raise self.never_delivered("opened")
+            self.pos, now = 1, time.monotonic()
+            return Frame(self.name, 0, now - self.t0, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), capture=now)
         failures = 0
         while not self._stop:
             if self.cap is not None:
@@ -151,8 +177,6 @@ class LiveSource:
                 self.cap.release()
                 self.cap = None
                 self.on_event({"type": "stream_lost", "stream": self.name, "frame": self.pos})
-            elif self.pos == 0 and failures == 0 and self._open():
-                continue
             if self.max_retries is not None and failures >= self.max_retries:
                 self.on_event({"type": "stream_gave_up", "stream": self.name, "attempts": failures})
                 return None
@@ -170,6 +194,12 @@ class LiveSource:
     def close(self) -> None:
         if self.cap is not None:
             self.cap.release()
+
+
+def _capture(url: str | int, *, timeout_s: float) -> cv2.VideoCapture:
+    """``cv2.VideoCapture`` whose open and read waits (FFmpeg network streams) are bounded by ``timeout_s``."""
+    ms = int(timeout_s * 1000)
+    return cv2.VideoCapture(url, cv2.CAP_ANY, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms])
 
 
 def parse_source(spec: str, index: int) -> tuple[str, str]:

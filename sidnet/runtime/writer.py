@@ -27,6 +27,7 @@ from sidnet.runtime.errors import DeployError
 from sidnet.runtime.nms import Detections
 from sidnet.runtime.sources import Frame
 from sidnet.runtime.zones import ZoneConfig, check_zones_fit, update_zones_batch
+from sidnet.safety import check_output_file, open_output
 
 MASK_COLORS = ((255, 64, 64), (64, 255, 64), (64, 64, 255), (255, 255, 64), (255, 64, 255), (64, 255, 255))
 
@@ -91,7 +92,7 @@ def _host(image) -> np.ndarray:
 class OutputWriter:
     def __init__(self, cfg: WriterConfig) -> None:
         self.cfg = cfg
-        self.jsonl = {s: open(cfg.out_dir / f"{s}.jsonl", "w") for s in cfg.streams}  # noqa: SIM115
+        self.jsonl = {s: open_output(cfg.out_dir / f"{s}.jsonl") for s in cfg.streams}
         self.events = open(cfg.out_dir / "events.jsonl", "a")  # noqa: SIM115  (shared: one write per flush)
         self.videos: dict[str, cv2.VideoWriter] = {}
         self.frames = dict.fromkeys(cfg.streams, 0)
@@ -160,12 +161,13 @@ class OutputWriter:
         if kind == "folder":
             folder = self.cfg.out_dir / frame.stream
             folder.mkdir(exist_ok=True)
-            cv2.imwrite(str(folder / (Path(frame.name).stem + ".jpg")), img)
+            cv2.imwrite(str(check_output_file(folder / (Path(frame.name).stem + ".jpg"))), img)
             return
         writer = self.videos.get(frame.stream)
         if writer is None:
-            writer = cv2.VideoWriter(str(self.cfg.out_dir / f"{frame.stream}.mp4"), cv2.VideoWriter_fourcc(*"mp4v"),
-                                     fps or 25.0, (img.shape[1], img.shape[0]))  # fmt: skip
+            path = check_output_file(self.cfg.out_dir / f"{frame.stream}.mp4")
+            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps or 25.0,
+                                     (img.shape[1], img.shape[0]))  # fmt: skip
             self.videos[frame.stream] = writer
         writer.write(img)
 

@@ -20,15 +20,16 @@ Every frame gets a count per zone; an alarm event carries the zone, the frame, t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
-import yaml
 
 from sidnet.runtime.errors import DeployError
 from sidnet.runtime.nms import Detections
+from sidnet.safety import load_yaml
 
 
 @dataclass
@@ -80,41 +81,119 @@ class ZoneConfig:
     streams: dict[str, list[Zone]] = field(default_factory=dict)
 
 
+MAX_POINTS = 256  # per polygon: the self-intersection check is O(P²)
+MAX_DEBOUNCE = 1_000_000
+FIX = "see the format in sidnet/runtime/zones.py"
+
+
 def load_zones(path: str | Path, *, streams: list[str]) -> ZoneConfig:
-    """Parse and check a zones YAML against the stream names of this run (an unknown stream is an error)."""
+    """Parse and check a zones YAML against the stream names of this run (an unknown stream is an error).
+
+    Every value is checked before use, each error one line naming the file, the stream/zone and the value: integer
+    ``debounce_frames`` >= 1, finite ``cooldown_s`` >= 0, ``classes`` a list of names, polygons of 3..256 finite
+    ``[x, y]`` points that do not cross themselves. The file is read as data (bounded, few YAML aliases)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DeployError(f"zones file not found: {path}; pass a YAML as documented in sidnet/runtime/zones.py")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise DeployError(f"zones file {path} is not valid YAML ({str(e).splitlines()[0]})") from e
+    raw = load_yaml(path, what="zones file", fix=FIX) or {}
     if not isinstance(raw, dict) or not isinstance(raw.get("streams"), dict):
         raise DeployError(f"zones file {path} needs a `streams:` mapping of stream name → list of zones")
     unknown = set(raw) - {"debounce_frames", "cooldown_s", "classes", "inside", "streams"}
     if unknown:
-        raise DeployError(f"zones file {path}: unknown key(s) {sorted(unknown)}; allowed: debounce_frames, "
+        raise DeployError(f"zones file {path}: unknown key(s) {sorted(map(str, unknown))}; allowed: debounce_frames, "
                           "cooldown_s, classes, inside, streams")  # fmt: skip
-    cfg = ZoneConfig(debounce_frames=int(raw.get("debounce_frames", 3)), cooldown_s=float(raw.get("cooldown_s", 10.0)),
-                     classes=raw.get("classes"), inside=str(raw.get("inside", "foot")))  # fmt: skip
-    if cfg.inside not in ("foot", "mask"):
-        raise DeployError(f"zones file {path}: inside: {cfg.inside!r}; use foot (the box's bottom centre) or mask")
-    if cfg.debounce_frames < 1 or cfg.cooldown_s < 0:
-        raise DeployError(f"zones file {path}: debounce_frames must be >= 1 and cooldown_s >= 0")
+    debounce, cooldown, classes = raw.get("debounce_frames", 3), raw.get("cooldown_s", 10.0), raw.get("classes")
+    inside = raw.get("inside", "foot")
+    if inside not in ("foot", "mask"):
+        raise DeployError(f"zones file {path}: inside: {inside!r}; use foot (the box's bottom centre) or mask")
+    if not _is_int(debounce) or not 1 <= debounce <= MAX_DEBOUNCE:
+        raise DeployError(f"zones file {path}: debounce_frames: {debounce!r} must be a whole number of frames in "
+                          f"1..{MAX_DEBOUNCE}, e.g. 3")  # fmt: skip
+    if not _is_number(cooldown) or cooldown < 0:
+        raise DeployError(f"zones file {path}: cooldown_s: {cooldown!r} must be a finite number of seconds >= 0")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise DeployError(f"zones file {path}: classes: {classes!r} must be a list of class names, e.g. [person]")
+    cfg = ZoneConfig(debounce_frames=int(debounce), cooldown_s=float(cooldown), classes=classes, inside=inside)
     for stream, zones in raw["streams"].items():
         if stream not in streams:
             raise DeployError(f"zones file {path} names stream {stream!r}, which is not a source of this run "
                               f"({', '.join(streams)}): name sources as {stream}=PATH")  # fmt: skip
-        parsed = []
-        for i, z in enumerate(zones or []):
-            name = str(z.get("name", f"zone{i}")) if isinstance(z, dict) else f"zone{i}"
-            pts = np.asarray(z.get("polygon") if isinstance(z, dict) else None, dtype=np.float32)
-            if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) < 3:
-                raise DeployError(f"zones file {path}: zone {name!r} of stream {stream!r} needs a polygon of >= 3 "
-                                  "[x, y] points")  # fmt: skip
-            parsed.append(Zone(name, pts))
+        if zones is not None and not isinstance(zones, list):
+            raise DeployError(f"zones file {path}: stream {stream!r} must hold a list of zones (- name: …), "
+                              f"got {type(zones).__name__}")  # fmt: skip
+        parsed = [_zone(z, i, stream=stream, path=path) for i, z in enumerate(zones or [])]
+        names = [z.name for z in parsed]
+        if len(set(names)) != len(names):
+            raise DeployError(f"zones file {path}: stream {stream!r} has two zones named alike ({', '.join(names)}): "
+                              "give each zone its own name")  # fmt: skip
         cfg.streams[str(stream)] = parsed
     return cfg
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _zone(z, i: int, *, stream: str, path: Path) -> Zone:
+    name = z.get("name", f"zone{i}") if isinstance(z, dict) else f"zone{i}"
+    where = f"zones file {path}: zone {name!r} of stream {stream!r}"
+    if not isinstance(z, dict) or not isinstance(name, (str, int)) or set(z) - {"name", "polygon"}:
+        raise DeployError(f"{where}: a zone is a mapping with name: and polygon: only; {FIX}")
+    pts = z.get("polygon")
+    if not isinstance(pts, list) or not 3 <= len(pts) <= MAX_POINTS:
+        raise DeployError(f"{where} needs a polygon of 3..{MAX_POINTS} [x, y] points, got "
+                          f"{len(pts) if isinstance(pts, list) else repr(pts)[:40]}")  # fmt: skip
+    for k, p in enumerate(pts):
+        if not (isinstance(p, list) and len(p) == 2 and all(_is_number(v) for v in p)):
+            raise DeployError(f"{where}: point {k} is {p!r}; each point is [x, y], two finite numbers in frame pixels")
+    poly = np.asarray(pts, dtype=np.float64)
+    crossing = self_intersection(poly)
+    if crossing is not None:
+        a, b = crossing
+        raise DeployError(f"{where}: its polygon crosses itself (edge {a}-{(a + 1) % len(poly)} meets edge "
+                          f"{b}-{(b + 1) % len(poly)}); list the points in order around the zone")  # fmt: skip
+    return Zone(str(name), poly.astype(np.float32))
+
+
+def _orient(p, q, r) -> float:
+    return (q[0] - p[0]) * (r[1] - p[1]) - (q[1] - p[1]) * (r[0] - p[0])
+
+
+def _on_segment(p, q, r) -> bool:  # r on segment pq, given the three are collinear
+    return min(p[0], q[0]) <= r[0] <= max(p[0], q[0]) and min(p[1], q[1]) <= r[1] <= max(p[1], q[1])
+
+
+def segments_intersect(p1, p2, q1, q2) -> bool:
+    """Whether closed segments p1p2 and q1q2 share a point (crossing, touching or collinear overlap)."""
+    d1, d2, d3, d4 = _orient(q1, q2, p1), _orient(q1, q2, p2), _orient(p1, p2, q1), _orient(p1, p2, q2)
+    if ((d1 > 0) != (d2 > 0)) and d1 != 0 and d2 != 0 and ((d3 > 0) != (d4 > 0)) and d3 != 0 and d4 != 0:
+        return True
+    return ((d1 == 0 and _on_segment(q1, q2, p1)) or (d2 == 0 and _on_segment(q1, q2, p2))
+            or (d3 == 0 and _on_segment(p1, p2, q1)) or (d4 == 0 and _on_segment(p1, p2, q2)))  # fmt: skip
+
+
+def self_intersection(poly: np.ndarray) -> tuple[int, int] | None:
+    """The first pair of edges (i, j) of the closed polygon that meet other than at their shared corner, or None.
+
+    Adjacent edges share a corner and meet only there unless one folds back over the other; non-adjacent edges must
+    not meet at all. A polygon with no area (all points on one line) folds back and is caught too."""
+    n = len(poly)
+    edges = [(poly[i], poly[(i + 1) % n]) for i in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            (a, b), (c, d) = edges[i], edges[j]
+            if j == i + 1 or (i == 0 and j == n - 1):  # adjacent: shared corner; folding back is collinear overlap
+                shared, far_i, far_j = (b, a, d) if j == i + 1 else (a, b, c)
+                if _orient(far_i, shared, far_j) == 0 and np.dot(far_i - shared, far_j - shared) > 0:
+                    return i, j
+                continue
+            if segments_intersect(a, b, c, d):
+                return i, j
+    return None
 
 
 def check_zones_fit(zones: list[Zone], *, stream: str, width: int, height: int) -> None:

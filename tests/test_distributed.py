@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,9 +26,9 @@ ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2
        "MASTER_PORT": "29500"}  # fmt: skip
 
 
-def _torchrun(args: list[str], *, cwd: Path) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], *, cwd: Path, **extra_env: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ENV}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", NO_ALBUMENTATIONS_UPDATE="1")
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", NO_ALBUMENTATIONS_UPDATE="1", **extra_env)
     return subprocess.run([*TORCHRUN, "-m", "train", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
 
@@ -54,10 +53,11 @@ def test_two_gloo_processes_one_writer_disjoint_shards_exact_resume(tmp_path):
     assert state["epoch"] == 2 and [h["epoch"] for h in state["history"]] == [1, 2]
     assert "val_AP50" in state["history"][1]
 
-    # Resume: epoch 1's checkpoint (kept as last.prev.pt) continued by 2 processes gives the same weights bit for bit.
+    # Resume: the same run killed (SIGKILL on rank 0) while writing epoch 2's checkpoint keeps epoch 1's last.pt;
+    # continued by 2 processes it gives the same weights bit for bit.
     cut = tmp_path / "cut"
-    cut.mkdir()
-    shutil.copy(full / "last.prev.pt", cut / "last.pt")
+    r = _torchrun([*TINY, f"hydra.run.dir={cut}"], cwd=ROOT, SIDNET_FAULT="kill:last.pt:2")
+    assert r.returncode != 0 and load_checkpoint(cut / "last.pt")["epoch"] == 1, r.stderr[-3000:]
     r = _torchrun([*TINY, "resume=true", f"hydra.run.dir={cut}"], cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_checkpoint(full / "last.pt"), load_checkpoint(cut / "last.pt")

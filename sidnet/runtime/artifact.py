@@ -101,7 +101,7 @@ def info_from_fields(path: Path, backend: str, d: dict[str, Any], source: str, *
         size = check_input_size(d["input_size"], where=f"{source} of {path}", fix=fix)  # before any buffer exists
         names = [str(n) for n in (d.get("class_names") or [])]
         anchors = [list(map(float, a)) for a in d["anchors"] or []]  # Mask R-CNN: null (its anchors are inside)
-        num_classes = int(d.get("num_classes", len(names)))
+        num_classes = int(d.get("num_classes", len(names) or 1))  # older sidecars: no names = the one person class
         conf, topk = float(d["conf_thresh"]), int(d["topk"])
     except (KeyError, TypeError) as e:
         raise DeployError(f"{path}: {source} lacks or garbles {e}; {fix}") from e

@@ -44,8 +44,8 @@ def run_cli(*args: str, ok: bool = True, timeout: int = TIMEOUT_S) -> subprocess
                        timeout=timeout)  # fmt: skip
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    TIMINGS.append((" ".join(args[:1] + [a for a in args[1:3] if not a.startswith("/")]), time.perf_counter() - start,
-                    cpu))  # fmt: skip
+    label = " ".join([*args[:1], *(a for a in args[1:3] if not a.startswith("/"))])
+    TIMINGS.append((label, time.perf_counter() - start, cpu))
     if ok:
         assert r.returncode == 0, f"python -m {' '.join(args)} failed ({r.returncode}):\n{r.stderr[-3000:]}"
     else:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests import golden as g
+from tests.test_golden_paths import int8_flags
 
 README = g.ROOT / "README.md"
 TINY = ("epochs=1", "batch_size=4", "workers=0", "tensorboard=false", "eval.every=1")
@@ -73,6 +74,8 @@ PIP = skip(
 MNV2 = {"runs/sidnet_mobilenetv2/best.pt": "{mnv2}/best.pt"}
 RUN_OUT = ("hydra.run.dir={tmp}/run",)
 EXPORT_OUT = ("--out", "{tmp}/export")
+SERVED = "a Triton server that runs until stopped, in the .venv-serve made by deploy.serve --make-env"
+SERVER = "needs that Triton server running on localhost:8000"
 TRT = "needs full TensorRT (not installable on the CPU machines, see docs/platform): asserted to fail with one line"
 
 # README command (normalised as readme_commands does) -> one Step per `&&` step.
@@ -109,11 +112,15 @@ CASES: dict[str, tuple[Step, ...]] = {
     "torchrun --nproc_per_node=2 -m train batch_size=128 workers=14": (
         run("data=sample", *TINY_YOLO, "device=cpu", *RUN_OUT),),  # 2 gloo processes on the CPU, global batch 4
     "python -m train.anchors --data conf/data/coco128.yaml --size 416 -k 3 --evolve 1000 --out "
-    "conf/anchors/coco128_person.yaml": (
+    "runs/anchors/coco128_person.yaml": (
         runr({"conf/data/coco128.yaml": "conf/data/sample.yaml", "--evolve 1000": "--evolve 20",
-              "conf/anchors/coco128_person.yaml": "{tmp}/anchors.yaml"}),),
-    "python -m train.evaluate --checkpoint runs/sidnet_mobilenetv2/best.pt --data conf/data/coco128.yaml --conf 0.3": (
-        runr({**MNV2, "conf/data/coco128.yaml": "conf/data/sample.yaml"}, "--out", "{tmp}/report.json"),),
+              "runs/anchors/coco128_person.yaml": "{tmp}/anchors.yaml"}),),
+    "python -m train model.anchors=runs/anchors/coco128_person.yaml name=tuned_anchors": (  # the tuner's own output
+        runr({"runs/anchors/coco128_person.yaml": "{anchors}"}, "data=sample", *TINY_YOLO, *RUN_OUT),),
+    "python -m train.evaluate --checkpoint runs/sidnet_mobilenetv2/best.pt": (  # the run's own val split (sample)
+        runr(MNV2, "--out", "{tmp}/report.json"),),
+    "python -m train.evaluate --checkpoint runs/sidnet_mobilenetv2/best.pt --data conf/data/coco128.yaml --split "
+    "val:1/2": (runr({**MNV2, "conf/data/coco128.yaml": "conf/data/sample.yaml"}, "--out", "{tmp}/report.json"),),
     "python -m export --checkpoint runs/sidnet_mobilenetv2/best.pt": (runr(MNV2, *EXPORT_OUT),),
     "python -m export --checkpoint runs/sidnet_mobilenetv2/best.pt --precision fp16 --backend tensorrt-rtx "
     "batch.max=32": (runr({**MNV2, "batch.max=32": "batch.max=2"}, "batch.opt=1", *EXPORT_OUT),),
@@ -122,6 +129,12 @@ CASES: dict[str, tuple[Step, ...]] = {
         skip("compiles csrc/ with nvcc (minutes); test_kernels.py builds and checks the library"),
         fails("tensorrt", TRT, MNV2, *EXPORT_OUT)),
     "pip install -e '.[int8]'": (PIP,),
+    "python3 -m venv .venv && . .venv/bin/activate": (
+        skip("creates a virtual environment: .ci/run does the same (python3 -m venv, then source activate)"),
+        skip("`.` is a shell builtin (activates the venv in the user's shell), nothing to run as a process")),
+    "pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu": (
+        skip("downloads the CPU torch wheels from download.pytorch.org (no internet on the test machines; the same "
+             "pinned versions are installed from local disk here and in .ci/run)"),),
     "python -m export --checkpoint runs/sidnet_mobilenetv2/best.pt --precision int8 --calib-data "
     "conf/data/coco128.yaml": (
         runr({**MNV2, "conf/data/coco128.yaml": "conf/data/sample.yaml"}, "--calib-batches", "1", "int8.max_fallback=0",
@@ -131,10 +144,10 @@ CASES: dict[str, tuple[Step, ...]] = {
         runr({"best.pt": "{mnv2}/best.pt", "frames/": "sidnet/sample/images/val2017",
               "conf/data/mycams.yaml": "conf/data/sample.yaml"}, "--calib-batches", "1", "int8.max_fallback=0",
              "batch.opt=1", "batch.max=2", *EXPORT_OUT),),
-    "python -m train.evaluate --onnx runs/sidnet_mobilenetv2/export/model.onnx --data conf/data/mycams.yaml --split "
-    "val:1/2": (
-        runr({"runs/sidnet_mobilenetv2/export/model.onnx": "{mnv2_onnx}",
-              "conf/data/mycams.yaml": "conf/data/sample.yaml"}, "--out", "{tmp}/report.json"),),
+    "python -m train.evaluate --onnx runs/sidnet_mobilenetv2/export/int8/model.onnx --data conf/data/coco128.yaml "
+    "--split val:1/2": (
+        runr({"runs/sidnet_mobilenetv2/export/int8/model.onnx": "{mnv2_int8}",
+              "conf/data/coco128.yaml": "conf/data/sample.yaml"}, "--out", "{tmp}/report.json"),),
     "python -m train quant=qat quant.init_from=runs/sidnet_mobilenetv2/best.pt quant.calib_method=percentile "
     "epochs=3": (
         runr(MNV2, "data=sample", *TINY_YOLO, "quant.calib_batches=1", "max_steps_per_epoch=1", *RUN_OUT),),
@@ -163,12 +176,34 @@ CASES: dict[str, tuple[Step, ...]] = {
     "python -m deploy runs/maskrcnn/best.pt cam0=../shared/data/video/pedestrians_200.mp4 --out outputs/deploy_seg": (
         runr({"runs/maskrcnn/best.pt": "{maskrcnn}/best.pt", "outputs/deploy_seg": "{tmp}/deploy"}, "--max-frames",
              "2", "--no-progress", "--device", "cpu"),),
-    "python -m deploy runs/sidnet_mobilenetv2/export/model.onnx cam0=../shared/data/video/pedestrians_200.mp4 "
-    "cam1=rtsp://10.0.0.5/stream --zones benchmarks/zones_pedestrians.yaml --out outputs/deploy --batch 16": (
-        runr({"runs/sidnet_mobilenetv2/export/model.onnx": "{mnv2_onnx}",
-              "cam1=rtsp://10.0.0.5/stream": "cam1=../shared/data/video/pedestrians_200_h264.mp4",
-              "outputs/deploy": "{tmp}/deploy", "--batch 16": "--batch 2"},
+    "python -m deploy runs/sidnet_mobilenetv2/export/fp32/model.onnx cam0=../shared/data/video/pedestrians_200.mp4 "
+    "--zones conf/zones/pedestrians_200.yaml --out outputs/deploy": (
+        runr({"runs/sidnet_mobilenetv2/export/fp32/model.onnx": "{mnv2_onnx}", "outputs/deploy": "{tmp}/deploy"},
              "--max-frames", "3", "--no-progress"),),
+    "python -m deploy runs/sidnet_mobilenetv2/best.pt cam0=rtsp://10.0.0.5/stream cam1=frames/ --zones my_zones.yaml "
+    "--out outputs/cams --batch 16": (  # the camera: the clip's H.264 copy; my_zones.yaml: the copied example
+        runr({**MNV2, "cam0=rtsp://10.0.0.5/stream": "cam0=../shared/data/video/pedestrians_200_h264.mp4",
+              "cam1=frames/": "cam1=sidnet/sample/images/val2017", "my_zones.yaml": "conf/zones/pedestrians_200.yaml",
+              "outputs/cams": "{tmp}/cams", "--batch 16": "--batch 2"},
+             "--max-frames", "3", "--no-progress", "--device", "cpu"),),
+    "python -m deploy.benchmark --onnx runs/sidnet_mobilenetv2/export/fp32/model.onnx --checkpoint "
+    "runs/sidnet_mobilenetv2/best.pt": (
+        runr({**MNV2, "runs/sidnet_mobilenetv2/export/fp32/model.onnx": "{mnv2_onnx}"}, "--batches", "1",
+             "--seconds", "0.2", "--device", "cpu", "-q", "--out", "{tmp}/bench"),),
+    "python -m export --checkpoint runs/sidnet_mobilenetv2/best.pt --backend triton": (runr(MNV2, *EXPORT_OUT),),
+    "tritonserver --model-repository runs/sidnet_mobilenetv2/export/triton_fp32": (
+        skip("Triton Inference Server's own install (tritonserver on PATH) is not on these machines; "
+             "tests/test_serve_triton.py parses the repository's config.pbtxt with Triton's model_config.proto"),),
+    "python -m deploy.serve --make-env .venv-serve": (
+        skip("creates a venv and pip-installs the serve extra (~4.5 min): tests/test_serve_triton.py runs exactly "
+             "this on first use (serve_python fixture) and reuses .venv-serve"),),
+    ".venv-serve/bin/python -m deploy.serve runs/sidnet_mobilenetv2/export/fp32/model.onnx --http-port 8000": (
+        skip(f"{SERVED}: tests/test_serve_triton.py starts it on a free port and waits for the model"),),
+    "python -m deploy triton://localhost:8000/sidnet cam0=../shared/data/video/pedestrians_200.mp4 --out "
+    "outputs/triton": (skip(f"{SERVER}: tests/test_serve_triton.py runs python -m deploy triton://… against one"),),
+    ".venv-serve/bin/python -m deploy.serve --load-test triton://localhost:8000/sidnet --clients 8 --requests 200 "
+    "--compare runs/sidnet_mobilenetv2/export/fp32/model.onnx --images ../shared/data/coco128/images/val2017": (
+        skip(f"{SERVER}: tests/test_serve_triton.py runs --load-test --compare against one"),),
     "python -m export --checkpoint runs/sidnet_mobilenetv2/best.pt --backend compiled --precision fp16": (
         fails("needs a CUDA GPU", "FP16 AOTInductor packages are compiled on the GPU that runs them", MNV2,
               *EXPORT_OUT),),
@@ -208,10 +243,10 @@ def _needs(command: str) -> set[str]:
     return set(re.findall(r"\{(\w+)\}", repr(CASES.get(command))))
 
 
-@pytest.mark.parametrize("command", [c for c in _commands() if c in CASES])
+@pytest.mark.parametrize("command", [c for c in dict.fromkeys(_commands()) if c in CASES])  # once each
 def test_readme_command(command, golden, tmp_path):
     needs = _needs(command)
-    shared = "../shared/data/video/" in command
+    shared = "../shared/data/video/" in command + repr(CASES.get(command))
     if shared and not (g.ROOT.parent / "shared" / "data" / "video").is_dir():
         pytest.skip("this README command reads ../shared/data/video, which is absent here")
     if "--backend tensorrt-rtx" in command and importlib.util.find_spec("tensorrt_rtx") is None:
@@ -223,6 +258,13 @@ def test_readme_command(command, golden, tmp_path):
         ctx["maskrcnn"] = str(golden.trained("maskrcnn"))
     if "mnv2_onnx" in needs:
         ctx["mnv2_onnx"] = str(golden.exported("sidnet_mobilenetv2", "onnx") / "model.onnx")
+    if "mnv2_int8" in needs:  # the golden matrix's INT8 export (same flags: one export per session)
+        int8 = golden.exported("sidnet_mobilenetv2", "int8", *int8_flags("sidnet_mobilenetv2"))
+        ctx["mnv2_int8"] = str(int8 / "model.onnx")
+    if "anchors" in needs:  # what the README's tuner command writes, shrunk (sample data, 64² input)
+        ctx["anchors"] = str(tmp_path / "anchors.yaml")
+        g.run_cli("train.anchors", "--data", "conf/data/sample.yaml", "--size", "64", "-k", "3", "--evolve", "20",
+                  "--out", ctx["anchors"])  # fmt: skip
     if "mnv2_qat" in needs:
         ctx["mnv2_qat"] = str(golden.qat("sidnet_mobilenetv2"))
     if "resume" in needs:  # an interrupted run to continue: a copy of the session's trained run

@@ -82,7 +82,7 @@ class RegionExport:
     family = "YOLOv2 family"
     precisions = ("fp32", "fp16", "int8")
     static_batch = False
-    backends = ("onnx", "tensorrt", "tensorrt-rtx", "compiled")
+    backends = ("onnx", "tensorrt", "tensorrt-rtx", "compiled", "triton")
 
     def prepare_random(self, model, *, seed):
         return calibrate_batchnorm(model, seed=seed)

@@ -30,6 +30,7 @@ KIND = {"tensorrt": "a TensorRT engine", "onnxruntime": "an ONNX model", "torch"
 SUFFIX_HINT = {"tensorrt": ".engine", "onnxruntime": ".onnx", "torch": ".pt", "compiled": ".pt2",
                "triton": "triton://host:port/model"}  # fmt: skip
 MAX_CLASSES, MAX_TOPK = 1000, 100_000  # bounds on metadata that size the decode buffers
+MAX_ANCHOR_PX = 1e5  # anchors size no buffer: only finite and positive matter (a 64² model may keep 416² anchors)
 
 
 def is_triton_url(artifact: str | Path) -> bool:
@@ -105,7 +106,7 @@ def info_from_fields(path: Path, backend: str, d: dict[str, Any], source: str, *
         conf, topk = float(d["conf_thresh"]), int(d["topk"])
     except (KeyError, TypeError) as e:
         raise DeployError(f"{path}: {source} lacks or garbles {e}; {fix}") from e
-    bad = [a for a in anchors if len(a) != 2 or not all(math.isfinite(v) and 0 < v <= 4 * size for v in a)]
+    bad = [a for a in anchors if len(a) != 2 or not all(math.isfinite(v) and 0 < v <= MAX_ANCHOR_PX for v in a)]
     no_anchors = d["anchors"] is not None and not anchors  # null only for Mask R-CNN (its anchors are inside)
     if no_anchors or bad or not 1 <= num_classes <= MAX_CLASSES or not 1 <= topk <= MAX_TOPK:
         raise DeployError(f"{path}: {source} has anchors {(bad or anchors)[:2]}, num_classes {num_classes}, topk "

@@ -272,7 +272,6 @@ def _deploy(*args: str) -> dict:
     return main([*map(str, args), "--no-progress"])
 
 
-@pytest.mark.xfail(strict=False, reason="known bug after the session-4 merges: JSONL rows lack zone counts")
 def test_deploy_two_streams_with_a_zone_end_to_end(tiny_onnx, shared_data, tmp_path):
     video = shared_data / "video" / "pedestrians_200.mp4"
     (tmp_path / "zones.yaml").write_text(ZONES)
@@ -430,7 +429,6 @@ def _same_records(got: list[dict], want: list[dict], *, box_atol: float) -> None
             assert abs(a["score"] - b["score"]) <= 1e-3 and a["class"] == b["class"]
 
 
-@pytest.mark.xfail(strict=False, reason="known bug after the session-4 merges: JSONL rows lack zone counts")
 @pytest.mark.parametrize("decode,writers", [("process", 1), ("thread", 0)])
 def test_pipeline_matches_mains_outputs_on_the_clip(tiny_onnx, shared_data, tmp_path, decode, writers):
     """The new pipeline (decode processes + shared-memory rings, batched NMS and zones, writer process) and its

@@ -16,7 +16,7 @@ import multiprocessing as mp
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -218,8 +218,7 @@ class Writers:
             part = [s for s in cfg.streams if self.shard[s] == i]
             zones = None
             if cfg.zones is not None:
-                zones = ZoneConfig(cfg.zones.debounce_frames, cfg.zones.cooldown_s, cfg.zones.classes,
-                                   {s: z for s, z in cfg.zones.streams.items() if s in part})  # fmt: skip
+                zones = replace(cfg.zones, streams={s: z for s, z in cfg.zones.streams.items() if s in part})
             video = {s: v for s, v in cfg.video.items() if s in part}
             sub = WriterConfig(cfg.out_dir, part, cfg.class_names, zones, video)
             inbox = ctx.Queue(maxsize=64) if n else queue.Queue(maxsize=64)

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PYTHON = "/usr/bin/python3.11"
 STOPPED = "deploy.serve interrupted: the server (or the load test) stopped; nothing else was changed"
 # What the server (and a client) environment needs besides the `serve` extra: the torch-free runtime path.
-RUNTIME_PACKAGES = ["onnx", "onnxruntime", "opencv-python-headless", "pyyaml", "tqdm", "rich"]
+RUNTIME_PACKAGES = ["onnx", "onnxruntime", "opencv-python-headless", "pillow", "pyyaml", "tqdm", "rich"]
 
 
 def serve_requirements() -> list[str]:

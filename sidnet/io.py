@@ -134,6 +134,27 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def created_for_this_run(folder: str | os.PathLike[str]) -> Iterator[Path]:
+    """If ``folder`` does not exist yet and the block fails (an error or Ctrl-C), remove it again when it is left
+    empty: a refused command leaves the disk as it found it, not an empty output folder."""
+    folder = Path(folder)
+    fresh = []  # the folder and those of its parents that do not exist yet, deepest first
+    for p in (folder, *folder.parents):
+        if os.path.lexists(p):
+            break
+        fresh.append(p)
+    try:
+        yield folder
+    except BaseException:
+        for p in fresh:
+            try:
+                p.rmdir()  # only when empty
+            except OSError:
+                break
+        raise
+
+
 STAGING_PREFIX = ".partial-"
 
 

@@ -94,9 +94,12 @@ def split_sources(
         unknown = sorted(set(d) - set(SOURCE_KEYS))
         if unknown:
             raise DataError(f"{here} has unknown key(s) {unknown}; a source takes {list(SOURCE_KEYS)}")
+        if "format" not in d and ("annotations" in d) != ("labels" in d):  # the one it names is the format
+            d["format"] = "coco" if "annotations" in d else "yolo"
         for key in ("format", "images"):
             if key not in d:
-                raise DataError(f"{here} needs '{key}' (e.g. format: yolo, images: images/train)")
+                raise DataError(f"{here} needs '{key}' (e.g. format: yolo, images: images/train, labels: "
+                                "labels/train; or format: coco with annotations: a.json)")
         # A source's own relative root is inside the data root when there is one (root: ../shared/data, then
         # root: coco128 per source), else relative to base.
         parent = base if root is None or "root" not in d else resolve_root(root, base=base)
@@ -175,7 +178,7 @@ def read_data_yaml(path: str | Path, *, project_root: Path) -> dict[str, Any]:
     from sidnet.safety import load_yaml, refuse_env_interpolations
 
     path = Path(path).expanduser()
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():  # a FIFO or a folder is refused by load_yaml, by name
         raise DataError(f"data YAML not found: {path}; pass an existing file (relative to the current folder) or a "
                         "name from conf/data/")  # fmt: skip
     # Read as data: a regular file, bounded, few YAML aliases, no ${oc.env:...} (a secret never becomes a path).

@@ -18,7 +18,7 @@ from sidnet.export.report import write_report
 from sidnet.graph.errors import ExportError, ParityError
 from sidnet.graph.onnx_export import set_metadata
 from sidnet.graph.surgery import op_counts
-from sidnet.io import ensure_writable_dir, sha256_file, staged_output
+from sidnet.io import created_for_this_run, ensure_writable_dir, sha256_file, staged_output
 from sidnet.models import build_model
 from sidnet.safety import check_input_size, check_output_file
 
@@ -259,11 +259,16 @@ def _quantize(cfg, opts, exported, final, meta, surgery, out_dir, model, deploy,
 
 def run_export(cfg: ExportConfig, *, project_root: Path) -> ExportResult:
     """The whole export; raises :class:`ExportError` (or ``CheckpointError``) with one-line messages."""
-    import sidnet
-
     opts = resolve_options(cfg)
     preflight(opts, cfg)
     out_dir = default_out_dir(cfg, project_root=project_root)
+    with created_for_this_run(out_dir):
+        return _run_export(cfg, opts, out_dir, project_root=project_root)
+
+
+def _run_export(cfg: ExportConfig, opts: Options, out_dir: Path, *, project_root: Path) -> ExportResult:
+    import sidnet
+
     ensure_writable_dir(out_dir, fix="pass --out a folder you can write to")
     for name in ("model.onnx", "report.json", "report.md"):  # every export writes these: refuse a FIFO/folder now
         check_output_file(out_dir / name)

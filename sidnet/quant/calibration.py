@@ -116,7 +116,7 @@ class CalibrationSet:
         if len(self.paths) < self.batch_size:
             raise CalibrationError(
                 f"{len(self.paths)} calibration image(s) for a batch of {self.batch_size}: add images or lower "
-                f"int8.batch_size (at least one full batch is needed)"
+                f"int8.batch_size (--calib-batch-size; at least one full batch is needed)"
             )
 
     @property

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from sidnet.checkpoint import load_checkpoint
-from sidnet.environment import environment
+from sidnet.environment import environment, publish_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,12 +75,7 @@ def main() -> None:
         ap = f"{r['ap50']:.3f}" if isinstance(r["ap50"], float) else "-"
         lines.append(f"| {r['gpus']} | {r['first']:,.0f} | {r['steady']:,.0f} | {r['steady'] / base['steady']:.2f}x | "
                      f"{r['wall_s']:.0f} | {r['loss']:.3f} | {ap} |")  # fmt: skip
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows,
-                                                             "overrides": args.overrides}, indent=2))  # fmt: skip
+    publish_report(lines, out=args.out, payload={"env": env, "rows": rows, "overrides": args.overrides})
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ epochs as the steady rate. Options:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -35,7 +34,7 @@ from sidnet.config import DataConfig, LoaderConfig, ModelConfig, SplitConfig, Tr
 from sidnet.data import collate
 from sidnet.engine.loader import build_train_loader, to_device, train_dataset_for_loader
 from sidnet.engine.trainer import Trainer, _seed_worker
-from sidnet.environment import environment
+from sidnet.environment import environment, publish_report
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = {
@@ -179,13 +178,7 @@ def main() -> None:
         rate = [_rate(r[k]) for k in ("loader_first", "loader_steady", "train_first", "train_steady")]
         lines.append(f"| {r['option']}: {r['label']} | {' | '.join(rate)} | "
                      f"{r['train_steady'] / base['train_steady']:.2f}x |")  # fmt: skip
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps({"env": env, "args": vars(args) | {"out": str(args.out)},
-                                                             "rows": rows}, indent=2))  # fmt: skip
+    publish_report(lines, out=args.out, payload={"env": env, "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

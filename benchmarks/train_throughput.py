@@ -10,13 +10,12 @@ Timed with CUDA events after warm-up; median of ``--iters`` steps.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
 import torch
 
-from sidnet.environment import environment
+from sidnet.environment import environment, publish_report
 from sidnet.models import build_model
 from sidnet.models.loss import RegionLoss
 
@@ -93,12 +92,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['fp32_img_s']:.0f} | {r['amp_img_s']:.0f} | "
                      f"{r['amp_speedup']:.2f}x |")  # fmt: skip
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+    publish_report(lines, out=args.out, payload={"env": env, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import platform
 import shlex
 import sys
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,3 +28,14 @@ def environment(device: torch.device | str | None = None) -> dict[str, str]:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(shlex.quote(a) for a in [sys.executable.rsplit("/", 1)[-1], *sys.argv]),
     }
+
+
+def publish_report(lines: list[str], *, out: Path | None, payload: dict[str, Any]) -> None:
+    """Print a benchmark's markdown table and, with ``out``, write it there plus ``payload`` beside it as JSON
+    (``out`` with the suffix ``.json``: the environment and the rows, for comparisons across runs)."""
+    text = "\n".join(lines)
+    print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        out.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str))

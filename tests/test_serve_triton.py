@@ -28,7 +28,8 @@ from deploy.serve import DEFAULT_PYTHON
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "sidnet" / "sample" / "images" / "val2017"
 CONF = 0.01  # the tiny untrained model scores ~0.02 (as in test_runtime.py)
-PROBE = "import pytriton, tritonclient.http, tritonclient.grpc.model_config_pb2, onnx, onnxruntime, cv2, PIL, yaml, tqdm"
+PROBE = ("import pytriton, tritonclient.http, tritonclient.grpc.model_config_pb2, onnx, onnxruntime, cv2, PIL, yaml, "
+         "tqdm")
 
 pytestmark = pytest.mark.slow
 

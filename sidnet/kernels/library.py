@@ -110,6 +110,16 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device)
 
 
+def _out_tensor(out: torch.Tensor | None, shape: tuple, dtype, like: torch.Tensor, name: str) -> torch.Tensor:
+    """``out`` checked (contiguous, ``shape``, ``dtype``, on ``like``'s device), or a new such tensor when None."""
+    if out is None:
+        import torch
+
+        return torch.empty(shape, dtype=dtype, device=like.device)
+    _check_out(out, shape, dtype, like, name)
+    return out
+
+
 def _check_out(out: torch.Tensor, shape: tuple, dtype, like: torch.Tensor, name: str) -> None:
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != like.device or not out.is_contiguous():
         raise ValueError(

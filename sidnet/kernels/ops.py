@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 from sidnet.kernels.library import (
     REGION_TOPK_MAX_K,
     _check,
-    _check_out,
     _dtype_code,
     _late_symbol,
     _lib,
     _on_device,
+    _out_tensor,
     _stream,
 )
 
@@ -26,7 +26,6 @@ def reorg(x: torch.Tensor, stride: int = 2, *, out: torch.Tensor | None = None) 
 
     ``out[n, (by*s + bx)*C + c, h, w] = x[n, c, h*s + by, w*s + bx]``; ``out`` may be preallocated.
     """
-    import torch
 
     code = _dtype_code(x, "reorg: x")
     if x.dim() != 4:
@@ -36,10 +35,7 @@ def reorg(x: torch.Tensor, stride: int = 2, *, out: torch.Tensor | None = None) 
         raise ValueError(f"reorg: spatial size {h}x{w} is not a multiple of stride {stride}")
     x = x.contiguous()
     shape = (n, c * stride * stride, h // stride, w // stride)
-    if out is None:
-        out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    else:
-        _check_out(out, shape, x.dtype, x, "reorg: out")
+    out = _out_tensor(out, shape, x.dtype, x, "reorg: out")
     lib = _lib()
     with _on_device(x):
         err = lib.reorgForward(x.data_ptr(), out.data_ptr(), code, n, c, h, w, stride, _stream(x))
@@ -75,10 +71,7 @@ def region_decode(
 
     code, raw, anchors, (n, a, c, h, w) = _region_args(raw, anchors, "region_decode")
     shape = (n, a * h * w, 5 + c)
-    if out is None:
-        out = torch.empty(shape, dtype=torch.float32, device=raw.device)
-    else:
-        _check_out(out, shape, torch.float32, raw, "region_decode: out")
+    out = _out_tensor(out, shape, torch.float32, raw, "region_decode: out")
     lib = _lib()
     with _on_device(raw):
         err = lib.regionDecode(
@@ -109,13 +102,9 @@ def region_topk(
     code, raw, anchors, (n, a, c, h, w) = _region_args(raw, anchors, "region_topk")
     if topk < 0 or min(topk, a * h * w) > REGION_TOPK_MAX_K:
         raise ValueError(f"region_topk: topk={topk} must be >= 0 and min(topk, A*H*W) <= {REGION_TOPK_MAX_K}")
-    if out is None:
-        dets = torch.empty((n, topk, 6), dtype=torch.float32, device=raw.device)
-        num = torch.empty((n,), dtype=torch.int32, device=raw.device)
-    else:
-        dets, num = out
-        _check_out(dets, (n, topk, 6), torch.float32, raw, "region_topk: dets")
-        _check_out(num, (n,), torch.int32, raw, "region_topk: num")
+    dets, num = out if out is not None else (None, None)
+    dets = _out_tensor(dets, (n, topk, 6), torch.float32, raw, "region_topk: dets")
+    num = _out_tensor(num, (n,), torch.int32, raw, "region_topk: num")
     lib = _lib()
     ws_bytes = lib.regionTopKWorkspaceSize(n, a, h, w, topk)
     ws = torch.empty(ws_bytes, dtype=torch.uint8, device=raw.device) if ws_bytes else None

@@ -246,7 +246,46 @@ class RingFeed(Feed):
         return self.ring.header[DECODE_NS] / 1e6 / n if n else None
 
 
-class ThreadFeed(Feed):
+class QueueFeed(Feed):
+    """A feed whose frames a producer thread (``_run``, written by subclasses) puts into a queue: the consumer side
+    (``poll``, ``depth``, ``finished``, ``decode_ms``) and the thread's start, shared by the thread and NVDEC feeds."""
+
+    def _start(self, *, slots: int, thread_name: str) -> None:
+        self.q: queue.Queue = queue.Queue(maxsize=slots)
+        self.error: BaseException | None = None
+        self._ended = False
+        self.stop = threading.Event()
+        self.dropped = self.late = 0
+        self.decode_s, self.decoded = 0.0, 0
+        self.thread = threading.Thread(target=self._run, daemon=True, name=thread_name)
+        self.thread.start()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def poll(self, limit: int) -> list[Frame]:
+        out = []
+        while len(out) < limit:
+            try:
+                out.append(self.q.get_nowait())
+            except queue.Empty:
+                break
+        if not out and self.error is not None:
+            raise self.error
+        return out
+
+    def depth(self) -> int:
+        return self.q.qsize()
+
+    @property
+    def finished(self) -> bool:
+        return self._ended and self.q.empty()
+
+    def decode_ms(self) -> float | None:
+        return self.decode_s * 1e3 / self.decoded if self.decoded else None
+
+
+class ThreadFeed(QueueFeed):
     """One reader thread per source (live streams, image folders, ``--decode thread``); ``read()`` runs in it, and
     with ``pacing`` it keeps the source's time like :func:`_step` does."""
 
@@ -254,14 +293,7 @@ class ThreadFeed(Feed):
 
     def __init__(self, name: str, src, *, max_frames: int | None, slots: int, pacing: Pacing | None) -> None:
         self.name, self.src, self.max_frames, self.pacing = name, src, max_frames, pacing
-        self.q: queue.Queue = queue.Queue(maxsize=slots)
-        self.error: BaseException | None = None
-        self._ended = False
-        self.stop = threading.Event()
-        self.dropped = self.late = 0
-        self.decode_s, self.decoded = 0.0, 0
-        self.thread = threading.Thread(target=self._run, daemon=True, name=f"deploy-read-{name}")
-        self.thread.start()
+        self._start(slots=slots, thread_name=f"deploy-read-{name}")
 
     def _run(self) -> None:
         try:
@@ -303,27 +335,6 @@ class ThreadFeed(Feed):
             self.error = e
         finally:
             self._ended = True
-
-    def poll(self, limit: int) -> list[Frame]:
-        out = []
-        while len(out) < limit:
-            try:
-                out.append(self.q.get_nowait())
-            except queue.Empty:
-                break
-        if not out and self.error is not None:
-            raise self.error
-        return out
-
-    def depth(self) -> int:
-        return self.q.qsize()
-
-    @property
-    def finished(self) -> bool:
-        return self._ended and self.q.empty()
-
-    def decode_ms(self) -> float | None:
-        return self.decode_s * 1e3 / self.decoded if self.decoded else None
 
     def close(self) -> None:
         self.stop.set()

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 
-from sidnet.runtime.decode import Feed, Pacing
+from sidnet.runtime.decode import Pacing, QueueFeed
 from sidnet.runtime.sources import Frame, VideoFileSource
 
 log = logging.getLogger("sidnet.runtime")
@@ -43,7 +42,7 @@ def _as_hwc(frame, torch):
     return t
 
 
-class NvdecFeed(Feed):
+class NvdecFeed(QueueFeed):
     decode = "nvdec"
 
     def __init__(self, name: str, src: VideoFileSource, *, device, slots: int, max_frames: int | None,
@@ -62,14 +61,8 @@ class NvdecFeed(Feed):
         self.free: queue.Queue = queue.Queue()
         for i in range(slots):
             self.free.put(i)
-        self.q: queue.Queue = queue.Queue()
-        self.error: BaseException | None = None
-        self.dropped = self.late = 0
-        self.decode_s, self.decoded, self.seq = 0.0, 0, 0
-        self._ended = False
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True, name=f"deploy-nvdec-{name}")
-        self.thread.start()
+        self.seq = 0
+        self._start(slots=0, thread_name=f"deploy-nvdec-{name}")  # unbounded: the free slots bound it
 
     def _frames(self, chunk: int = 8):
         while True:
@@ -114,30 +107,9 @@ class NvdecFeed(Feed):
         finally:
             self._ended = True
 
-    def poll(self, limit: int) -> list[Frame]:
-        out = []
-        while len(out) < limit:
-            try:
-                out.append(self.q.get_nowait())
-            except queue.Empty:
-                break
-        if not out and self.error is not None:
-            raise self.error
-        return out
-
     def release(self, frames: list[Frame]) -> None:
         for f in frames:
             self.free.put(f.seq)
-
-    def depth(self) -> int:
-        return self.q.qsize()
-
-    @property
-    def finished(self) -> bool:
-        return self._ended and self.q.empty()
-
-    def decode_ms(self) -> float | None:
-        return self.decode_s * 1e3 / self.decoded if self.decoded else None
 
     def close(self) -> None:
         self.stop.set()

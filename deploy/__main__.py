@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help=".engine | .onnx | .pt | .pt2 | triton://HOST:PORT/MODEL (a Triton server, "
                    "python -m deploy.serve)")
     p.add_argument("sources", nargs="+", help="[name=]folder | video file | rtsp://… | http://… | webcam index")
-    p.add_argument("--backend", help="tensorrt | onnxruntime | torch | compiled | triton (must match the artifact)")
+    p.add_argument("--backend", help="tensorrt | onnxruntime | torch | compiled | triton (must match the artifact; "
+                   "torch also runs an INT8 export's model.onnx on the GPU's INT8 tensor cores)")
     p.add_argument("--zones", type=Path, help="intrusion zones YAML (see sidnet/runtime/zones.py)")
     p.add_argument("--out", type=Path, default=Path("outputs/deploy"), help="output folder (default outputs/deploy)")
     p.add_argument("--conf", type=unit_interval, default=0.3, help="score threshold in (0, 1] (default 0.3, the "

@@ -40,8 +40,11 @@ def test_nms_equals_torchvision_batched_nms():
 
 def test_backend_follows_the_artifact(tiny_onnx, tmp_path):
     assert backend_for(tiny_onnx) == "onnxruntime"
-    with pytest.raises(DeployError, match="runs on backend onnxruntime, not torch"):
-        backend_for(tiny_onnx, "torch")
+    assert backend_for(tiny_onnx, "torch") == "torch"  # an INT8 Q/DQ export runs on the torch backend's INT8 kernels
+    with pytest.raises(DeployError, match="runs on backend onnxruntime, not compiled"):
+        backend_for(tiny_onnx, "compiled")
+    with pytest.raises(DeployError, match="no QuantizeLinear nodes: it is not an INT8 Q/DQ export"):
+        Detector(tiny_onnx, backend="torch", device="cpu")
     (tmp_path / "m.bin").write_bytes(b"x")
     with pytest.raises(DeployError, match="unknown suffix"):
         backend_for(tmp_path / "m.bin")
@@ -311,7 +314,7 @@ def test_deploy_bad_inputs_are_one_line_errors(tiny_onnx, tiny_checkpoint, share
     cases = [
         ([tiny_onnx, broken], "cannot read video"),
         ([tiny_onnx, tmp_path / "empty"], "has no images"),
-        ([tiny_onnx, video, "--backend", "torch"], "runs on backend onnxruntime, not torch"),
+        ([tiny_onnx, video, "--backend", "torch"], "it is not an INT8 Q/DQ export"),
         ([tiny_checkpoint, video, "--backend", "tensorrt"], "runs on backend torch, not tensorrt"),
         ([tiny_onnx, f"a={video}", "--zones", tmp_path / "far.yaml"], "outside the 768x576 frame"),
         ([tiny_onnx, video, "--zones", tmp_path / "far.yaml"], "not a source of this run"),

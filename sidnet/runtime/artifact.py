@@ -75,6 +75,8 @@ def backend_for(path: str | Path, backend: str | None = None) -> str:
     if found is None:
         raise DeployError(f"artifact {path}: unknown suffix {path.suffix!r}; use .engine (tensorrt), .onnx "
                           "(onnxruntime), .pt (torch) or .pt2 (compiled)")  # fmt: skip
+    if backend == "torch" and found == "onnxruntime":  # an INT8 Q/DQ export on the INT8 tensor cores
+        return "torch"
     if backend is not None and backend != found:
         if backend not in BACKENDS:
             raise DeployError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")

@@ -1,0 +1,434 @@
+"""A Q/DQ ONNX (``python -m export --precision int8``) → a plan of INT8 tensor-core layers, and its executor.
+
+The plan keeps the export's own numbers: per-output-channel weight scales and per-tensor activation scales are read
+from the graph's ``QuantizeLinear``/``DequantizeLinear`` nodes (the same scales the calibration cache and a TensorRT
+engine carry, PTQ or QAT), the weights are quantised exactly as ``QuantizeLinear`` does (round half to even,
+saturate), and every layer the accuracy gate kept out of INT8 stays a float layer.
+
+What becomes what:
+
+- ``DQ(x) → Conv(DQ(w)) [→ Relu]`` → :class:`QConv`: INT8 × INT8 → INT32 with bias, ReLU and the next
+  ``QuantizeLinear`` fused into the epilogue when the output's only way on is that ``Q`` (directly, or through the
+  layout ops below), else a float output;
+- ``DQ(x) → MaxPool → Q`` → :class:`QMaxPool` on int8 (requantised when the two scales differ);
+- ``SpaceToDepth`` (the reorg) and ``Concat`` on int8 tensors of one scale (quantisation commutes with moving bytes);
+- ``Q`` of a float tensor (the input images) → :class:`Quantize`; a float ``Conv`` (the kept output layer) →
+  :class:`FloatConv`, reading a dequantised input when it needs one.
+
+Activations are NHWC throughout (``(N, H, W, C)`` tensors): the layout the tensor-core kernels read. The plan ends at
+the region head's raw output (the tensor ``raw``); the runtime's decode kernel takes it from there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sidnet.kernels import int8 as K
+
+LAYOUT_OPS = ("SpaceToDepth", "Concat")
+RAW = "raw"  # the region head's output, named by the export's surgery
+
+
+class Int8PlanError(ValueError):
+    """The ONNX is not a Q/DQ graph this planner can run (one line: what and where)."""
+
+
+@dataclass
+class QConv:
+    name: str
+    x: str
+    x_scale: float
+    w: np.ndarray  # int8 (KH, KW, C, CO)
+    w_scale: np.ndarray  # float32 (CO,)
+    bias: np.ndarray  # float32 (CO,)
+    stride: int
+    pad: int
+    relu: bool
+    out: str
+    out_scale: float | None  # int8 output at this scale, or None: float output
+
+    @property
+    def macs_per_pixel(self) -> int:
+        kh, kw, c, co = self.w.shape
+        return kh * kw * c * co
+
+
+@dataclass
+class QMaxPool:
+    name: str
+    x: str
+    kernel: int
+    stride: int
+    pad: int
+    in_scale: float
+    out: str
+    out_scale: float
+
+
+@dataclass
+class Layout:
+    name: str
+    op: str  # SpaceToDepth | Concat
+    xs: list[str]
+    out: str
+    block: int = 0
+
+
+@dataclass
+class Quantize:
+    name: str
+    x: str
+    scale: float
+    out: str
+
+
+@dataclass
+class Dequantize:
+    name: str
+    x: str
+    scale: float
+    out: str
+
+
+@dataclass
+class FloatPool:
+    name: str
+    x: str
+    kernel: int
+    stride: int
+    pad: int
+    out: str
+
+
+@dataclass
+class FloatConv:
+    name: str
+    x: str
+    x_scale: float | None  # the input is int8 at this scale (dequantised first), or None: a float input
+    w: np.ndarray  # float32 (CO, C, KH, KW)
+    bias: np.ndarray | None
+    stride: int
+    pad: int
+    relu: bool
+    out: str
+
+
+Step = QConv | QMaxPool | Layout | Quantize | Dequantize | FloatPool | FloatConv
+
+
+@dataclass
+class Int8Plan:
+    source: str
+    input: str
+    steps: list[Step]
+    output: str = RAW
+    kept_float: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        q = sum(isinstance(s, QConv) for s in self.steps)
+        fused = sum(isinstance(s, QConv) and s.out_scale is not None for s in self.steps)
+        return (f"{q} INT8 convs ({fused} with the next layer's requantisation fused), "
+                f"{sum(isinstance(s, QMaxPool) for s in self.steps)} INT8 max-pools, "
+                f"{sum(isinstance(s, Layout) and s.op != 'Alias' for s in self.steps)} layout ops, float layers kept: "
+                f"{', '.join(self.kept_float) or 'none'}")  # fmt: skip
+
+
+def _attrs(node) -> dict:
+    import onnx
+
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _conv_geometry(node, where: str) -> tuple[int, int, int]:
+    a = _attrs(node)
+    ks = list(a.get("kernel_shape", []))
+    strides, pads = list(a.get("strides", [1, 1])), list(a.get("pads", [0, 0, 0, 0]))
+    dil, group = list(a.get("dilations", [1, 1])), int(a.get("group", 1))
+    if (len(set(strides)) != 1 or len(set(pads)) != 1 or set(dil) != {1} or group != 1
+            or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or (ks and len(set(ks)) != 1)):  # fmt: skip
+        raise Int8PlanError(f"{where}: {node.op_type} {node.name} has strides {strides}, pads {pads}, dilations "
+                            f"{dil}, group {group}: the INT8 planner takes square, symmetric, dense (group 1) "
+                            "layers only")  # fmt: skip
+    return (ks[0] if ks else 0), strides[0], pads[0]
+
+
+def plan_from_onnx(path: str | Path) -> Int8Plan:
+    """Read a Q/DQ ONNX export and plan it. Raises :class:`Int8PlanError` for graphs outside the supported set."""
+    from onnx import numpy_helper
+
+    from sidnet.safety import load_onnx
+
+    path = Path(path)
+    model = load_onnx(path, what="INT8 ONNX", fix="pass the model.onnx of a python -m export --precision int8 run")
+    g = model.graph
+    where = str(path)
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant":
+            inits[n.output[0]] = numpy_helper.to_array(_attrs(n)["value"])
+    prod = {o: n for n in g.node for o in n.output}
+    cons: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            cons.setdefault(i, []).append(n)
+    if RAW not in prod:
+        raise Int8PlanError(f"{where} has no tensor {RAW!r} (the region head's output): the INT8 torch backend runs "
+                            "SIDNet/YOLOv2 Q/DQ exports; use --backend onnxruntime for this file")  # fmt: skip
+    if not any(n.op_type == "QuantizeLinear" for n in g.node):
+        raise Int8PlanError(f"{where} has no QuantizeLinear nodes: it is not an INT8 Q/DQ export; export with "
+                            "--precision int8, or run it with --backend onnxruntime")  # fmt: skip
+    # The nodes that lead to raw, in graph (topological) order.
+    needed, todo = set(), [RAW]
+    while todo:
+        t = todo.pop()
+        n = prod.get(t)
+        if n is not None and id(n) not in needed:
+            needed.add(id(n))
+            todo += list(n.input)
+    nodes = [n for n in g.node if id(n) in needed]
+    inputs = [i.name for i in g.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise Int8PlanError(f"{where} has inputs {inputs}; one image input is expected")
+
+    def scale_of(node) -> float:
+        s, zp = inits[node.input[1]], inits.get(node.input[2]) if len(node.input) > 2 else None
+        if zp is not None and (np.any(zp != 0) or zp.dtype != np.int8):
+            raise Int8PlanError(f"{where}: {node.op_type} {node.name} has zero point {zp.ravel()[:4]} ({zp.dtype}); "
+                                "only symmetric int8 (zero point 0) runs on the INT8 tensor cores")  # fmt: skip
+        return s
+
+    # Which float tensors can be produced directly as int8 at one scale (their only way on is one Q, possibly
+    # through layout ops): reverse order, so a layout op's output is known before its inputs.
+    target: dict[str, float] = {}
+    for n in reversed(nodes):
+        for t in n.output:
+            users = [u for u in cons.get(t, []) if id(u) in needed]
+            if not users:
+                continue
+            if all(u.op_type == "QuantizeLinear" for u in users):
+                scales = {float(scale_of(u)) for u in users}
+                if len(scales) == 1 and all(np.ndim(inits[u.input[1]]) == 0 for u in users):
+                    target[t] = scales.pop()
+            elif all(u.op_type in LAYOUT_OPS for u in users):
+                outs = {target.get(u.output[0]) for u in users}
+                if len(outs) == 1 and None not in outs:
+                    target[t] = outs.pop()
+
+    steps: list[Step] = []
+    kept_float: list[str] = []
+    q8: dict[str, float] = {inputs[0]: None}  # tensor → scale of its int8 realisation (None: it is float)
+    dq: dict[str, tuple[str, float]] = {}  # DequantizeLinear output → (int8 tensor, scale)
+    wq: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # quantised weight (DQ output) → (int8 OIHW, per-channel scale)
+    fused: set[int] = set()
+
+    def realise(t: str) -> tuple[str, float | None]:
+        if t in dq:
+            return dq[t]
+        if t not in q8:
+            raise Int8PlanError(f"{where}: tensor {t!r} is produced by an op the INT8 planner does not run")
+        return t, q8[t]
+
+    for n in nodes:
+        if id(n) in fused:
+            continue
+        op = n.op_type
+        if op == "QuantizeLinear":
+            x, s = n.input[0], scale_of(n)
+            if x in inits:  # a weight: quantise it like QuantizeLinear does
+                w = inits[x].astype(np.float32)
+                axis = int(_attrs(n).get("axis", 1))
+                shape = [1] * w.ndim
+                shape[axis] = -1
+                w_q = np.clip(np.rint(w / np.reshape(s, shape)), -128, 127).astype(np.int8)
+                wq[n.output[0]] = (w_q, np.broadcast_to(np.asarray(s, np.float32), (w.shape[0],)).copy())
+                continue
+            src, src_scale = realise(x)
+            if src_scale is not None:  # already int8 (produced at this Q's scale by the layer before)
+                if not np.isclose(src_scale, float(s), rtol=0, atol=0):
+                    raise Int8PlanError(f"{where}: {n.name} requantises {x!r} from {src_scale} to {float(s)}")
+                q8[n.output[0]] = src_scale
+                steps.append(Layout(n.name, "Alias", [src], n.output[0]))
+            else:
+                steps.append(Quantize(n.name, src, float(s), n.output[0]))
+                q8[n.output[0]] = float(s)
+        elif op == "DequantizeLinear":
+            x = n.input[0]
+            if x in wq:
+                w_q, s = wq[x]
+                dq[n.output[0]] = ("weight", 0.0)
+                wq[n.output[0]] = (w_q, s)
+            else:
+                src, src_scale = realise(x)
+                dq[n.output[0]] = (src, float(scale_of(n)) if src_scale is None else src_scale)
+        elif op == "Conv":
+            k, stride, pad = _conv_geometry(n, where)
+            out, relu = n.output[0], False
+            users = [u for u in cons.get(out, []) if id(u) in needed]
+            if len(users) == 1 and users[0].op_type == "Relu":
+                fused.add(id(users[0]))
+                out, relu = users[0].output[0], True
+            bias = inits[n.input[2]].astype(np.float32) if len(n.input) > 2 and n.input[2] else None
+            x_int8 = n.input[0] in dq
+            if x_int8 and n.input[1] in wq:  # the INT8 layer
+                src, x_scale = dq[n.input[0]]
+                w_q, w_s = wq[n.input[1]]
+                co = w_q.shape[0]
+                steps.append(QConv(n.name, src, float(x_scale), np.ascontiguousarray(w_q.transpose(2, 3, 1, 0)),
+                                   w_s.astype(np.float32), bias if bias is not None else np.zeros(co, np.float32),
+                                   stride, pad, relu, out, target.get(out)))  # fmt: skip
+                q8[out] = target.get(out)
+            elif n.input[1] in inits:  # a layer kept in float
+                src, x_scale = dq[n.input[0]] if x_int8 else realise(n.input[0])
+                steps.append(FloatConv(n.name, src, x_scale, inits[n.input[1]].astype(np.float32), bias, stride, pad,
+                                       relu, out))  # fmt: skip
+                kept_float.append(n.name)
+                q8[out] = None
+            else:
+                raise Int8PlanError(f"{where}: Conv {n.name} has a quantised input but float weights (or the reverse "
+                                    "through an op the planner does not know)")  # fmt: skip
+        elif op == "MaxPool":
+            a = _attrs(n)
+            ks, strides, pads = a.get("kernel_shape"), a.get("strides", [1, 1]), a.get("pads", [0, 0, 0, 0])
+            if n.input[0] not in dq:  # a float pool between float layers
+                src, x_scale = realise(n.input[0])
+                if x_scale is not None:
+                    raise Int8PlanError(f"{where}: MaxPool {n.name} reads an int8 tensor without a DequantizeLinear")
+                steps.append(FloatPool(n.name, src, ks[0], strides[0], pads[0], n.output[0]))
+                q8[n.output[0]] = None
+                continue
+            if len(set(ks)) != 1 or len(set(strides)) != 1 or len(set(pads)) != 1:
+                raise Int8PlanError(f"{where}: MaxPool {n.name} is not a square int8 pool (input quantised: "
+                                    f"{n.input[0] in dq}, kernel {ks}, strides {strides}, pads {pads})")  # fmt: skip
+            src, s_in = dq[n.input[0]]
+            s_out = target.get(n.output[0])
+            if s_out is None:  # a float consumer next (a layer kept out of INT8): pool, then dequantise
+                steps.append(QMaxPool(n.name, src, ks[0], strides[0], pads[0], s_in, n.output[0] + "@int8", s_in))
+                steps.append(Dequantize(n.name + "@dq", n.output[0] + "@int8", s_in, n.output[0]))
+                q8[n.output[0]] = None
+            else:
+                steps.append(QMaxPool(n.name, src, ks[0], strides[0], pads[0], s_in, n.output[0], s_out))
+                q8[n.output[0]] = s_out
+        elif op in LAYOUT_OPS:
+            xs = [realise(i) for i in n.input]
+            scales = {s for _, s in xs}
+            if len(scales) != 1:  # int8 at several scales, or int8 beside float: join in float
+                for k, (t, sc) in enumerate(xs):
+                    if sc is not None:
+                        steps.append(Dequantize(f"{n.name}@dq{k}", t, sc, f"{t}@float"))
+                        xs[k] = (f"{t}@float", None)
+                scales = {None}
+            if op == "Concat" and int(_attrs(n).get("axis", 1)) != 1:
+                raise Int8PlanError(f"{where}: Concat {n.name} is not along channels")
+            block = int(_attrs(n).get("blocksize", 0)) if op == "SpaceToDepth" else 0
+            steps.append(Layout(n.name, op, [t for t, _ in xs], n.output[0], block))
+            q8[n.output[0]] = scales.pop()
+        elif op == "Relu":
+            raise Int8PlanError(f"{where}: Relu {n.name} does not follow a Conv; the INT8 planner fuses ReLU only")
+        else:
+            raise Int8PlanError(f"{where}: op {op} ({n.name}) before {RAW!r} is outside the INT8 planner's set "
+                                "(Q/DQ, Conv, Relu, MaxPool, SpaceToDepth, Concat)")  # fmt: skip
+    if q8.get(RAW, 0.0) is not None:
+        raise Int8PlanError(f"{where}: {RAW!r} is not a float output")
+    return Int8Plan(source=where, input=inputs[0], steps=steps, kept_float=kept_float)
+
+
+class Int8Network(torch.nn.Module):
+    """Runs an :class:`Int8Plan`: (N, 3, S, S) float images → raw head (N, A·(5+C), H, W) in ``dtype``.
+
+    Weights go to ``device`` once; each forward is a fixed sequence of kernel launches (no host sync), so it can be
+    captured in a CUDA graph. Where Triton cannot launch (a CPU without ``TRITON_INTERPRET=1``) the INT8 layers run
+    :func:`sidnet.kernels.int8.reference_conv2d_int8`, the same arithmetic.
+    """
+
+    def __init__(self, plan: Int8Plan, *, device: torch.device, dtype: torch.dtype = torch.float16) -> None:
+        super().__init__()
+        self.plan, self.device, self.dtype = plan, device, dtype
+        self.layers: list[Callable[[dict], None]] = [self._compile(s) for s in plan.steps]
+
+    def _compile(self, s: Step) -> Callable[[dict], None]:
+        dev = self.device
+        if isinstance(s, Quantize):
+
+            def run(env, s=s):
+                env[s.out] = K.quantize(env[s.x], s.scale).contiguous()
+
+            return run
+        if isinstance(s, QConv):
+            w = torch.from_numpy(s.w).to(dev)
+            scale = torch.from_numpy((s.x_scale * s.w_scale.astype(np.float64)).astype(np.float32)).to(dev)
+            bias = torch.from_numpy(s.bias).to(dev)
+
+            def run(env, s=s, w=w, scale=scale, bias=bias):
+                env[s.out] = K.conv2d_int8(env[s.x], w, scale, bias, stride=s.stride, pad=s.pad, relu=s.relu,
+                                           out_scale=s.out_scale, out_dtype=self.dtype)  # fmt: skip
+
+            return run
+        if isinstance(s, QMaxPool):
+
+            def run(env, s=s):
+                env[s.out] = K.maxpool2d_int8(env[s.x], kernel=s.kernel, stride=s.stride, pad=s.pad,
+                                              in_scale=s.in_scale, out_scale=s.out_scale)  # fmt: skip
+
+            return run
+        if isinstance(s, Layout):
+            return self._layout(s)
+        if isinstance(s, Dequantize):
+
+            def run(env, s=s):
+                env[s.out] = env[s.x].to(self.dtype) * s.scale
+
+            return run
+        if isinstance(s, FloatPool):
+
+            def run(env, s=s):
+                y = F.max_pool2d(env[s.x].permute(0, 3, 1, 2), s.kernel, s.stride, s.pad)
+                env[s.out] = y.permute(0, 2, 3, 1)
+
+            return run
+        if isinstance(s, FloatConv):
+            w = torch.from_numpy(s.w).to(dev, self.dtype).contiguous(memory_format=torch.channels_last)
+            bias = torch.from_numpy(s.bias).to(dev, self.dtype) if s.bias is not None else None
+
+            def run(env, s=s, w=w, bias=bias):
+                x = env[s.x]
+                x = (x.to(self.dtype) * s.x_scale if s.x_scale is not None else x.to(self.dtype)).permute(0, 3, 1, 2)
+                y = F.conv2d(x, w, bias, stride=s.stride, padding=s.pad)
+                env[s.out] = (y.clamp_min(0) if s.relu else y).permute(0, 2, 3, 1)
+
+            return run
+        raise TypeError(f"unknown plan step {type(s).__name__}")
+
+    @staticmethod
+    def _layout(s: Layout) -> Callable[[dict], None]:
+        if s.op == "Alias":
+
+            def run(env, s=s):
+                env[s.out] = env[s.xs[0]]
+
+        elif s.op == "Concat":
+
+            def run(env, s=s):
+                env[s.out] = torch.cat([env[x] for x in s.xs], dim=-1)
+
+        else:  # SpaceToDepth (ONNX order): out[..., (by·b + bx)·C + c] = x[h·b + by, w·b + bx, c]
+
+            def run(env, s=s):
+                x = env[s.xs[0]]
+                n, h, w, c = x.shape
+                b = s.block
+                y = x.reshape(n, h // b, b, w // b, b, c).permute(0, 1, 3, 2, 4, 5)
+                env[s.out] = y.reshape(n, h // b, w // b, b * b * c)
+
+        return run
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        env = {self.plan.input: images.permute(0, 2, 3, 1)}  # NHWC views throughout
+        for layer in self.layers:
+            layer(env)
+        return env[self.plan.output].permute(0, 3, 1, 2).contiguous()

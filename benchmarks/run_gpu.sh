@@ -30,6 +30,8 @@
 #     bench-loader   loader-only and training img/s per loader option (benchmarks/loader_throughput.py) on
 #                    $SIDNET_LOADER_DATA (a YOLO folder with images/{train,val}, labels/boxes/{train,val}; default
 #                    ../shared/data/capston2): SIDNet-MobileNetV2, 416², batch 64, AMP, 14 workers
+#     int8           INT8 on the tensor cores: tests/test_int8_gpu.py + benchmarks/int8_tensorcores.py on $SIDNET_INT8_ONNX
+#                    (a 416² SIDNet INT8 export; `tests` needs it too, else those GPU tests skip, which fails the part)
 #     bench-ddp      the same training on 1 GPU and on 2 through torchrun (benchmarks/ddp_throughput.py; NCCL, NVLink
 #                    multicast off), on $SIDNET_LOADER_DATA
 #     qat-smoke      QAT on CUDA through the entry points (benchmarks/qat_smoke.sh $SIDNET_QAT_DATA: a small YOLO-format
@@ -118,6 +120,13 @@ part_sanitize() {
         fi
     done
 }
+# INT8 on the tensor cores (issue 16): the GPU tests and INT8 vs FP16 img/s + per-layer table; $SIDNET_INT8_ONNX: a 416²
+# SIDNet INT8 export (python -m export --precision int8, then sidnet.quant.int8_plan.fold_weight_quantize: 51 MB).
+part_int8() {
+    part_build
+    SIDNET_INT8_ONNX=${SIDNET_INT8_ONNX:-} gpu_pytest int8-tests int8_tests.log tests/test_int8_gpu.py
+    step bench-int8 int8_bench.log python3 benchmarks/int8_tensorcores.py --onnx "${SIDNET_INT8_ONNX:?}" --out "$OUT"
+}
 bench_kernels() { step bench-kernels bench_kernels.log python3 benchmarks/kernels.py --out "$OUT"; }
 # Other benchmarks: add a function here and a call in part_bench.
 bench_train() { step bench-train train_throughput.log python3 benchmarks/train_throughput.py --out "$OUT/train_throughput_h100.md"; }
@@ -201,6 +210,7 @@ for part in "${@:-all}"; do
         bench-compiled-isolate) part_build; bench_compiled_isolate ;;
         bench-loader) bench_loader ;;
         bench-ddp) bench_ddp ;;
+        int8) part_int8 ;;
         all) part_build; gpu_pytest tests-gpu tests_gpu.log tests/; part_bench; part_sanitize ;;
         *) echo "run_gpu.sh: unknown part '$part' (build, kernels, sanitize, tests, bench, all)" >&2; exit 2 ;;
     esac

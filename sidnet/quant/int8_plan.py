@@ -259,7 +259,13 @@ def plan_from_onnx(path: str | Path) -> Int8Plan:
                 q8[n.output[0]] = float(s)
         elif op == "DequantizeLinear":
             x = n.input[0]
-            if x in wq:
+            if x in inits and inits[x].dtype == np.int8:  # a weight stored quantised (fold_weight_quantize)
+                scale_of(n)  # zero point 0
+                s_w = np.asarray(inits[n.input[1]], np.float32)
+                w_q = inits[x]
+                dq[n.output[0]] = ("weight", 0.0)
+                wq[n.output[0]] = (w_q, np.broadcast_to(s_w, (w_q.shape[0],)).copy())
+            elif x in wq:
                 w_q, s = wq[x]
                 dq[n.output[0]] = ("weight", 0.0)
                 wq[n.output[0]] = (w_q, s)
@@ -336,6 +342,43 @@ def plan_from_onnx(path: str | Path) -> Int8Plan:
     if q8.get(RAW, 0.0) is not None:
         raise Int8PlanError(f"{where}: {RAW!r} is not a float output")
     return Int8Plan(source=where, input=inputs[0], steps=steps, kept_float=kept_float)
+
+
+def fold_weight_quantize(path: str | Path, out: str | Path) -> Path:
+    """Write ``path``'s Q/DQ graph with each weight stored as its int8 values (``QuantizeLinear`` of a float
+    initializer replaced by the int8 initializer it computes, rounding half to even like the op): the same network,
+    a quarter of the bytes (a 416² SIDNet: 202 MB → 51 MB), still a standard Q/DQ ONNX that onnxruntime and TensorRT
+    read."""
+    import onnx
+    from onnx import numpy_helper
+
+    from sidnet.safety import load_onnx
+
+    model = load_onnx(path, what="INT8 ONNX", fix="pass the model.onnx of a python -m export --precision int8 run")
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    keep, new_inits, dropped = [], [], set()
+    for n in g.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] in inits and inits[n.input[0]].data_type == 1:
+            w = numpy_helper.to_array(inits[n.input[0]]).astype(np.float32)
+            s = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+            axis = int(_attrs(n).get("axis", 1))
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            q = np.clip(np.rint(w / (np.reshape(s, shape) if s.ndim else s)), -128, 127).astype(np.int8)
+            new_inits.append(numpy_helper.from_array(q, n.output[0]))
+            dropped.add(n.input[0])
+            continue
+        keep.append(n)
+    del g.node[:]
+    g.node.extend(keep)
+    remaining = [i for i in g.initializer if i.name not in dropped]
+    del g.initializer[:]
+    g.initializer.extend(remaining + new_inits)
+    onnx.checker.check_model(model)
+    out = Path(out)
+    onnx.save(model, str(out))
+    return out
 
 
 class Int8Network(torch.nn.Module):

@@ -1,0 +1,104 @@
+"""INT8 on the tensor cores (Triton kernels, :mod:`sidnet.runtime.backends.torch_int8`) beside the FP16 torch backend,
+one run, one GPU: img/s at each batch (one CUDA graph per batch: network + decode), p50 latency, and where the INT8
+time goes (each plan step timed alone, its TOPS and share of the INT8 dense peak).
+
+    python benchmarks/int8_tensorcores.py --onnx model_int8.onnx [--batches 1 64] --out DIR
+
+``--onnx``: a 416² SIDNet INT8 export (``python -m export --precision int8``; ``fold_weight_quantize`` makes it 4x
+smaller for the trip to the GPU machine). The FP16 row runs random weights of the same architecture (speed does not
+depend on the values). Markdown table + JSON beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from sidnet.environment import environment, publish_report
+from sidnet.quant.int8_plan import QConv
+from sidnet.runtime.artifact import ArtifactInfo
+from sidnet.runtime.backends.torch import TorchBackend
+from sidnet.runtime.backends.torch_int8 import Int8Backend
+from sidnet.runtime.benchmark import build_random, median_ms, time_calls
+
+INT8_DENSE_TOPS = {"H200": 1979.0, "H100": 1979.0}  # NVIDIA's dense INT8 tensor-core peak (SXM)
+
+
+def _rate(backend, batch: int) -> dict:
+    slot = backend.slot(backend.bucket(batch))
+    iters = 200 if batch <= 8 else 50
+    r = time_calls(lambda: backend.run(backend.bucket(batch)), batch=batch, iters=iters, lat_iters=50)
+    del slot
+    return r
+
+
+def per_layer(backend: Int8Backend, batch: int) -> list[dict]:
+    """Each plan step alone (eager, CUDA events, median of 20) on the batch's real intermediate tensors."""
+    net = backend.net
+    x = backend.new_input(batch).uniform_()
+    env = {net.plan.input: x.permute(0, 2, 3, 1)}
+    rows = []
+    for layer, step in zip(net.layers, net.plan.steps, strict=True):
+        before = dict(env)
+        ms = median_ms(lambda layer=layer, before=before: layer(dict(before)), 20)
+        layer(env)
+        row = {"step": step.name, "kind": type(step).__name__, "ms": ms}
+        if isinstance(step, QConv):
+            out = env[step.out]
+            ops = 2 * step.macs_per_pixel * out.shape[0] * out.shape[1] * out.shape[2]
+            kh, kw, c, co = step.w.shape
+            row.update(tops=ops / ms / 1e9, shape=f"{kh}x{kw} {c}->{co} @{out.shape[1]}x{out.shape[2]}")
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--onnx", type=Path, required=True)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--layers-batch", type=int, default=64)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    env = environment(dev)
+    int8 = Int8Backend(args.onnx, device="cuda", conf_thresh=0.3, topk=100)
+    size = int8.info.input_size
+    model = build_random("sidnet", input_size=size)
+    info = ArtifactInfo(path=Path("random"), backend="torch", input_size=size, class_names=["person"],
+                        anchors=model.anchors.tolist(), conf_thresh=0.3, topk=100, model="sidnet")  # fmt: skip
+    fp16 = TorchBackend(model, info, device="cuda", conf_thresh=0.3, topk=100)
+    rows = []
+    for b in args.batches:
+        f = _rate(fp16, b)
+        q = _rate(int8, b)
+        rows.append({"batch": b, "fp16_img_s": f["img_s"], "fp16_p50_ms": f["p50_ms"], "int8_img_s": q["img_s"],
+                     "int8_p50_ms": q["p50_ms"], "int8_vs_fp16": q["img_s"] / f["img_s"]})  # fmt: skip
+    layers = per_layer(int8, args.layers_batch)
+    peak = next((v for k, v in INT8_DENSE_TOPS.items() if k in env["device"]), None)
+    total = sum(r["ms"] for r in layers)
+    lines = [f"# INT8 tensor cores (Triton) vs FP16 torch backend — {env['device']}", "",
+             f"{env['date']} · torch {env['torch']} · CUDA {env['cuda']} · Python {env['python']} · {size}² · "
+             f"`{env['command']}`", "", f"INT8 plan: {int8.plan.summary()}; decode: {int8.decode}", "",
+             "| batch | FP16 img/s | FP16 p50 ms | INT8 img/s | INT8 p50 ms | INT8 / FP16 |",
+             "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['fp16_img_s']:,.0f} | {r['fp16_p50_ms']:.3f} | {r['int8_img_s']:,.0f} | "
+                     f"{r['int8_p50_ms']:.3f} | {r['int8_vs_fp16']:.2f}x |")  # fmt: skip
+    lines += ["", f"## Where the INT8 time goes (batch {args.layers_batch}, each step alone, eager; sum "
+              f"{total:.2f} ms)",
+              "", "| step | kind | layer | ms | share | TOPS | of INT8 peak |", "|---|---|---|---:|---:|---:|---:|"]
+    for r in layers:
+        if r["ms"] < 0.002 and r["kind"] == "Layout":
+            continue
+        tops = f"{r['tops']:.0f}" if "tops" in r else "-"
+        frac = f"{r['tops'] / peak:.0%}" if "tops" in r and peak else "-"
+        lines.append(f"| {r['step']} | {r['kind']} | {r.get('shape', '')} | {r['ms']:.3f} | {r['ms'] / total:.0%} | "
+                     f"{tops} | {frac} |")  # fmt: skip
+    publish_report(lines, out=args.out / "int8_tensorcores.md" if args.out else None,
+                   payload={"env": env, "rows": rows, "layers": layers, "int8_peak_tops": peak})
+
+
+if __name__ == "__main__":
+    main()

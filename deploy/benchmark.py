@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> dict | None:
                    help="a .pt (torch backend); with --parts e2e: the checkpoint the pipeline runs")
     a.add_argument("--onnx", action="append", default=[], type=Path, help="a .onnx (onnxruntime)")
     a.add_argument("--engine", action="append", default=[], type=Path, help="a TensorRT .engine (needs CUDA)")
+    a.add_argument("--int8-onnx", action="append", default=[], type=Path,
+                   help="an INT8 export's model.onnx on the torch backend (INT8 tensor-core kernels; on a CPU their "
+                   "integer reference); pass it to --onnx too for onnxruntime's row beside it")  # fmt: skip
     a.add_argument("--device", help="torch/onnxruntime device: cpu | cuda (default: cuda for torch when present)")
     a.add_argument("--seconds", type=float, default=3.0, help="time each case at least this long (default 3)")
     p.add_argument("--parts", nargs="+", choices=PARTS, help=f"the suite's parts (default {' '.join(DEFAULT_PARTS)})")
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     set_quiet(args.quiet)
     cuda = torch.cuda.is_available()
     artifacts = ([("checkpoint", x) for x in args.checkpoint] + [("onnx", x) for x in args.onnx]
-                 + [("engine", x) for x in args.engine])  # fmt: skip
+                 + [("int8-onnx", x) for x in args.int8_onnx] + [("engine", x) for x in args.engine])  # fmt: skip
     if artifacts and args.parts is None:
         result = run_guarded(lambda: run_artifacts(artifacts, args, cuda=cuda, skipped=[]), verbose=args.verbose,
                              interrupted=STOPPED)  # fmt: skip
@@ -181,7 +184,9 @@ def run_artifacts(artifacts: list[tuple[str, Path]], args, *, cuda: bool, skippe
     frames, described = video_frames(args.video)
     rows = []
     for kind, path in artifacts:
-        opts = {"device": args.device} if args.device and kind in ("checkpoint", "onnx") else {}
+        opts = {"device": args.device} if args.device and kind in ("checkpoint", "onnx", "int8-onnx") else {}
+        if kind == "int8-onnx":
+            opts["backend"] = "torch"
         rows += bench_artifact(path, frames, batches=batches, seconds=args.seconds, **opts)
     rows = add_ratios(rows)
     env = {**environment("cuda" if cuda and args.device != "cpu" else "cpu"), "onnxruntime": onnxruntime.__version__}

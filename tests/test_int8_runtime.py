@@ -200,3 +200,11 @@ def test_detector_and_deploy_run_the_int8_export(int8_export, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["precision"] == "int8" and sum(summary["frames"].values()) == 4, summary
+    # deploy.benchmark times it beside onnxruntime's run of the same file
+    r = subprocess.run([sys.executable, "-m", "deploy.benchmark", "--int8-onnx", str(int8_export), "--onnx",
+                        str(int8_export), "--batches", "1", "--seconds", "0.2", "--device", "cpu", "-q", "--out",
+                        str(tmp_path / "bench")], cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "bench" / "artifacts.json").read_text())["rows"]
+    assert {(x["backend"], x["precision"]) for x in rows} == {("torch", "int8"), ("onnxruntime", "int8")}
+    assert all(x["img_s"] > 0 for x in rows)

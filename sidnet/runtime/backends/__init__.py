@@ -19,5 +19,8 @@ MODULES = {"tensorrt": "tensorrt", "onnxruntime": "onnxruntime", "torch": "torch
 
 def load_backend(backend: str, path, **options):
     """Open ``path`` with ``backend`` (its module's ``open_backend(path, **options)``)."""
-    module = importlib.import_module(f"sidnet.runtime.backends.{MODULES[backend]}")
+    name = MODULES[backend]
+    if backend == "torch" and str(path).lower().endswith(".onnx"):  # an INT8 Q/DQ export on the INT8 tensor cores
+        name = "torch_int8"
+    module = importlib.import_module(f"sidnet.runtime.backends.{name}")
     return module.open_backend(path, **options)

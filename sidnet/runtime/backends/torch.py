@@ -488,10 +488,6 @@ def open_backend(path: Path, **options) -> TorchBackend | DeployModuleBackend:
     """The tuned :class:`TorchBackend` for the YOLOv2 family, the exported module run eagerly for other families."""
     from sidnet.models.yolo import YOLOv2
 
-    if Path(path).suffix.lower() == ".onnx":  # an INT8 Q/DQ export, run on the INT8 tensor cores
-        from sidnet.runtime.backends.torch_int8 import open_backend as open_int8
-
-        return open_int8(Path(path), **options)
     model, info = load_checkpoint_model(Path(path))
     if isinstance(model, YOLOv2):
         return TorchBackend(model, info, **options)

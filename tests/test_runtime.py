@@ -486,3 +486,21 @@ def test_make_clip_encodes_h264_at_the_asked_size(shared_data, tmp_path):
     cap.release()
     assert (n, w, h) == (200, 96, 72) and fourcc in ("avc1", "h264", "H264")
     assert not (tmp_path / "small.part.mp4").exists()
+
+
+def test_triton_client_path_imports_without_torch_or_pycocotools():
+    """``python -m deploy triton://...`` runs in the serving venv (no torch, pycocotools, albumentations): the modules
+    of that path must import without them (a top-level import of sidnet.data once broke it)."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'torchvision', 'pycocotools', 'albumentations', 'hydra'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import deploy.__main__, sidnet.runtime.pipeline, sidnet.runtime.writer, sidnet.runtime.detector\n"
+        "import sidnet.runtime.backends.triton\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

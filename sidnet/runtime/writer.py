@@ -22,7 +22,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from sidnet.data.masks import encode_masks
 from sidnet.runtime.errors import DeployError
 from sidnet.runtime.nms import Detections
 from sidnet.runtime.sources import Frame
@@ -68,9 +67,17 @@ def batch_message(frames: list[Frame], dets: list[Detections], *, video: set[str
         "counts": [len(a) for a in arrays],
         "dets": np.concatenate(arrays) if arrays else np.zeros((0, 6), np.float32),
         # Mask R-CNN: each frame's masks as COCO RLE (compact to send; the JSON-lines carry them as they are)
-        "rles": [None if d.masks is None else encode_masks(d.masks) for d in dets],
+        "rles": [None if d.masks is None else _encode_masks(d.masks) for d in dets],
         "images": {i: _host(f.image) for i, f in enumerate(frames) if f.stream in video},
     }
+
+
+def _encode_masks(masks: np.ndarray) -> list[dict]:
+    # Imported here: only Mask R-CNN artifacts have masks, and a Triton client (python -m deploy triton://...) runs in
+    # a venv without pycocotools or torch, which sidnet.data brings.
+    from sidnet.data.masks import encode_masks
+
+    return encode_masks(masks)
 
 
 def decode_masks(rles: list[dict] | None, height: int, width: int) -> np.ndarray | None:

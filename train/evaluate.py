@@ -16,14 +16,10 @@ import logging
 from pathlib import Path
 
 from sidnet.cli import OneLineParser, positive_int, run_guarded, unit_interval
-from sidnet.data.config import data_config, load_data_yaml
-from sidnet.data.loading import load_records
-from sidnet.engine.tasks import build_task
-from sidnet.engine.trainer import resolve_device
-from sidnet.environment import environment
-from sidnet.evaluation import evaluate_by_source, write_report
-from sidnet.evaluation.predict import predict_dataset
 from sidnet.safety import check_output_file
+
+# The library (torch, albumentations, pycocotools: ~5 s of imports on a 2-core CPU) is imported after the arguments
+# are parsed, so a mistyped flag is refused at once.
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = """Examples:
@@ -73,6 +69,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     import torch
 
     from sidnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from sidnet.data.config import data_config, load_data_yaml
+    from sidnet.data.loading import load_records
+    from sidnet.engine.tasks import build_task
+    from sidnet.engine.trainer import resolve_device
     from sidnet.environment import environment
 
     state = load_checkpoint(args.checkpoint)
@@ -111,6 +111,9 @@ def evaluate_onnx(args: argparse.Namespace) -> dict:
     import onnxruntime
     import torch
 
+    from sidnet.data.config import load_data_yaml
+    from sidnet.data.loading import load_records
+    from sidnet.environment import environment
     from sidnet.evaluation.onnx_detector import OnnxDetector
     from sidnet.quant.manifest import check_artifact
 
@@ -136,6 +139,8 @@ def evaluate_onnx(args: argparse.Namespace) -> dict:
 def _evaluate(model, records, args, *, size: int, device, source: Path, extra: dict, task=None,
               masks: bool = False) -> dict:  # fmt: skip
     from sidnet.data import DetectionDataset
+    from sidnet.evaluation import evaluate_by_source, write_report
+    from sidnet.evaluation.predict import predict_dataset
 
     tag = args.split.replace(":", "_").replace("/", "of")  # val:1/2 -> val_1of2
     out = check_output_file(args.out or source.with_name(f"{source.stem}_{tag}_report.json"))  # before the long part

@@ -141,7 +141,7 @@ CASES: dict[str, tuple[Step, ...]] = {
              *EXPORT_OUT),),
     "python -m export --checkpoint best.pt --precision int8 --calib-images frames/ --calib-method percentile "
     "--gate-data conf/data/mycams.yaml --gate-split val:0/2 --backend tensorrt-rtx": (
-        runr({"best.pt": "{mnv2}/best.pt", "frames/": "sidnet/sample/images/val2017",
+        runr({"best.pt": "{mnv2}/best.pt", "frames/": "sidnet/sample/images/train2017",  # not the gate's images
               "conf/data/mycams.yaml": "conf/data/sample.yaml"}, "--calib-batches", "1", "--calib-batch-size", "4",
              "int8.max_fallback=0", "batch.opt=1", "batch.max=2", *EXPORT_OUT),),
     "python -m train.evaluate --onnx runs/sidnet_mobilenetv2/export/int8/model.onnx --data conf/data/coco128.yaml "

@@ -139,6 +139,17 @@ class Int8Plan:
                 f"{', '.join(self.kept_float) or 'none'}")  # fmt: skip
 
 
+def quantize_weight(w: np.ndarray, scale: np.ndarray, *, axis: int) -> np.ndarray:
+    """``QuantizeLinear`` of a float weight (zero point 0): ``clip(round_half_even(w / scale), -128, 127)`` as int8,
+    ``scale`` per slice along ``axis`` (or one scalar)."""
+    scale = np.asarray(scale, np.float32)
+    if scale.ndim:
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+    return np.clip(np.rint(w.astype(np.float32) / scale), -128, 127).astype(np.int8)
+
+
 def _attrs(node) -> dict:
     import onnx
 
@@ -240,13 +251,8 @@ def plan_from_onnx(path: str | Path) -> Int8Plan:
         op = n.op_type
         if op == "QuantizeLinear":
             x, s = n.input[0], scale_of(n)
-            if x in inits:  # a weight: quantise it like QuantizeLinear does
-                w = inits[x].astype(np.float32)
-                axis = int(_attrs(n).get("axis", 1))
-                shape = [1] * w.ndim
-                shape[axis] = -1
-                w_q = np.clip(np.rint(w / np.reshape(s, shape)), -128, 127).astype(np.int8)
-                wq[n.output[0]] = (w_q, np.broadcast_to(np.asarray(s, np.float32), (w.shape[0],)).copy())
+            if x in inits:  # a weight: its int8 values, read by the DequantizeLinear after it like an int8 initializer
+                inits[n.output[0]] = quantize_weight(inits[x], s, axis=int(_attrs(n).get("axis", 1)))
                 continue
             src, src_scale = realise(x)
             if src_scale is not None:  # already int8 (produced at this Q's scale by the layer before)
@@ -259,16 +265,9 @@ def plan_from_onnx(path: str | Path) -> Int8Plan:
                 q8[n.output[0]] = float(s)
         elif op == "DequantizeLinear":
             x = n.input[0]
-            if x in inits and inits[x].dtype == np.int8:  # a weight stored quantised (fold_weight_quantize)
-                scale_of(n)  # zero point 0
-                s_w = np.asarray(inits[n.input[1]], np.float32)
-                w_q = inits[x]
-                dq[n.output[0]] = ("weight", 0.0)
-                wq[n.output[0]] = (w_q, np.broadcast_to(s_w, (w_q.shape[0],)).copy())
-            elif x in wq:
-                w_q, s = wq[x]
-                dq[n.output[0]] = ("weight", 0.0)
-                wq[n.output[0]] = (w_q, s)
+            if x in inits and inits[x].dtype == np.int8:  # a weight (quantised above, or by fold_weight_quantize)
+                s_w = np.asarray(scale_of(n), np.float32)
+                wq[n.output[0]] = (inits[x], np.broadcast_to(s_w, (inits[x].shape[0],)).copy())
             else:
                 src, src_scale = realise(x)
                 dq[n.output[0]] = (src, float(scale_of(n)) if src_scale is None else src_scale)
@@ -360,12 +359,8 @@ def fold_weight_quantize(path: str | Path, out: str | Path) -> Path:
     keep, new_inits, dropped = [], [], set()
     for n in g.node:
         if n.op_type == "QuantizeLinear" and n.input[0] in inits and inits[n.input[0]].data_type == 1:
-            w = numpy_helper.to_array(inits[n.input[0]]).astype(np.float32)
-            s = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
-            axis = int(_attrs(n).get("axis", 1))
-            shape = [1] * w.ndim
-            shape[axis] = -1
-            q = np.clip(np.rint(w / (np.reshape(s, shape) if s.ndim else s)), -128, 127).astype(np.int8)
+            q = quantize_weight(numpy_helper.to_array(inits[n.input[0]]), numpy_helper.to_array(inits[n.input[1]]),
+                                axis=int(_attrs(n).get("axis", 1)))  # fmt: skip
             new_inits.append(numpy_helper.from_array(q, n.output[0]))
             dropped.add(n.input[0])
             continue

@@ -11,6 +11,11 @@ epochs as the steady rate. Options:
     ram      + loader.cache=ram          disk  + loader.cache=disk (a second run: the .npy is reused)
     gpu      loader.gpu_aug=true (no cache)          gpu_ram  gpu_aug + cache=ram
     gpu_ram_cl  gpu_aug + cache=ram + channels_last
+    device   gpu_aug + cache=device (images, mosaics and augmentation on the GPU; workers send indices and boxes)
+    device_cl   the same + channels_last
+
+and a last row, **GPU bound**: the same training step on one batch already on the device, repeated (no loader at
+all): the rate the GPU alone sets, so the table shows how far each loader option leaves training from it.
 
     # GPU machine (16 cores): SIDNet-MobileNetV2, 416², batch 64, AMP, 14 workers, capston2 train (1,836 images)
     python benchmarks/loader_throughput.py --root .devdata_ddp/capston2 --workers 14 --batch 64 \
@@ -26,11 +31,12 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from sidnet.config import DataConfig, LoaderConfig, ModelConfig, SplitConfig, TrainConfig
+from sidnet.config import AugConfig, DataConfig, LoaderConfig, ModelConfig, TrainConfig
 from sidnet.data import collate
 from sidnet.engine.loader import build_train_loader, to_device, train_dataset_for_loader
 from sidnet.engine.trainer import Trainer, _seed_worker
@@ -45,17 +51,20 @@ OPTIONS = {
     "gpu": ("gpu_aug, cache=none", {"cache": "none", "gpu_aug": True}),
     "gpu_ram": ("gpu_aug + cache=ram", {"cache": "ram", "gpu_aug": True}),
     "gpu_ram_cl": ("gpu_aug + cache=ram + channels_last", {"cache": "ram", "gpu_aug": True, "channels_last": True}),
+    "device": ("gpu_aug + cache=device", {"cache": "device", "gpu_aug": True}),
+    "device_cl": ("gpu_aug + cache=device + channels_last", {"cache": "device", "gpu_aug": True,
+                                                             "channels_last": True}),
 }
 
 
 def train_config(args, loader: dict, cache_dir: str) -> TrainConfig:
-    split = SplitConfig(format="yolo", images=args.images, labels=args.labels)
+    split = {"format": "yolo", "images": args.images, "labels": args.labels}
     kwargs = {"pretrained": None, "head_channels": 512} if args.model == "sidnet_mobilenetv2" else {"width": 0.25}
     return TrainConfig(
         model=ModelConfig(name=args.model, anchors="conf/anchors/coco128_person.yaml", input_size=args.size,
                           kwargs=kwargs),  # fmt: skip
         data=DataConfig(root=str(Path(args.root).resolve()), train=split, val=split, negative_ratio=-1.0),
-        aug={"mosaic": args.mosaic}, loader=LoaderConfig(**{"cache_dir": cache_dir, **loader}),
+        aug=AugConfig(mosaic=args.mosaic), loader=LoaderConfig(**{"cache_dir": cache_dir, **loader}),
         batch_size=args.batch, workers=args.workers, device=args.device, amp=True, tensorboard=False,
         epochs=args.epochs, max_steps_per_epoch=args.steps,
     )  # fmt: skip
@@ -85,11 +94,12 @@ def measure(key: str, args, cache_dir: str) -> dict:
             dataset = trainer.train_set
         else:
             dataset = train_dataset_for_loader(trainer.train_set, cache=lc.cache, cache_dir=Path(cache_dir),
-                                               gpu_aug=lc.gpu_aug, aug=cfg.aug, threads=args.threads)  # fmt: skip
+                                               gpu_aug=lc.gpu_aug, aug=asdict(cfg.aug), threads=args.threads)  # fmt: skip
         loader, sampler = build_train_loader(dataset, batch_size=cfg.batch_size, seed=0, workers=cfg.workers,
                                              pin_memory=device.type == "cuda", prefetch_factor=lc.prefetch_factor,
                                              worker_init_fn=_seed_worker,
                                              collate_fn=collate if legacy else None)  # fmt: skip
+        source = dataset.take_device_images(device) if getattr(dataset, "on_device", False) else None
         loader_epochs = []
         for epoch in range(args.epochs):
             sampler.set_epoch(epoch)
@@ -97,12 +107,12 @@ def measure(key: str, args, cache_dir: str) -> dict:
             for i, (images, targets) in enumerate(loader):
                 if args.steps and i >= args.steps:
                     break
-                x, _ = to_device(images, targets, device=device, channels_last=trainer.channels_last)
+                x, _ = to_device(images, targets, device=device, channels_last=trainer.channels_last, source=source)
                 n += x.shape[0]
             sync(device)
             loader_epochs.append((n, time.perf_counter() - t0))
             t0 = time.perf_counter()
-        del loader
+        del loader, source
         # (2) training through the Trainer (its own loader, built inside epoch 1's wall clock).
         if legacy:  # the landed path: the plain float32 dataset behind the same sampler, per-image target dicts
             trainer._train_loader, trainer._sampler = build_train_loader(
@@ -122,7 +132,39 @@ def measure(key: str, args, cache_dir: str) -> dict:
             "train_steady": ts}  # fmt: skip
 
 
+def gpu_bound(args, cache_dir: str, *, steps: int = 30) -> dict:
+    """Training img/s with no loader: one batch moved to the device once, the Trainer's step repeated on it."""
+    cfg = train_config(args, {"cache": "none", "channels_last": True}, cache_dir)
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(cfg, run_dir=Path(run_dir), project_root=ROOT)
+        dataset = train_dataset_for_loader(trainer.train_set, cache="none", cache_dir=None, gpu_aug=False, aug=asdict(cfg.aug),
+                                           threads=args.threads)  # fmt: skip
+        loader, _ = build_train_loader(dataset, batch_size=cfg.batch_size, seed=0, workers=0)
+        images, targets = to_device(*next(iter(loader)), device=trainer.device, channels_last=trainer.channels_last)
+        model, opt, scaler = trainer.ddp_model, trainer.optimizer, trainer.scaler
+        model.train()
+        rates_ = []
+        for rep in range(2):  # the first repetition warms cuDNN's autotuner up
+            sync(trainer.device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                loss, _ = trainer.task.loss(model, images, targets, amp=trainer.amp)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                if trainer.ema:
+                    trainer.ema.update(trainer.model)
+            sync(trainer.device)
+            rates_.append(steps * images.shape[0] / (time.perf_counter() - t0))
+    label = "no loader: one device batch, training step repeated"
+    return {"option": "gpu_bound", "label": label, "loader_first":
+            float("nan"), "loader_steady": float("nan"), "train_first": rates_[0], "train_steady": rates_[1]}  # fmt: skip
+
+
 def _rate(v: float) -> str:
+    if v != v:
+        return "–"
     return f"{v:,.0f}" if v >= 100 else f"{v:.2f}"
 
 
@@ -141,6 +183,7 @@ def main() -> None:
     p.add_argument("--mosaic", type=float, default=0.5, help="aug.mosaic (the default augmentation's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
+    p.add_argument("--no-gpu-bound", action="store_true", help="skip the no-loader row")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
@@ -158,6 +201,9 @@ def main() -> None:
             r = rows[-1]
             print(f"{key}: loader {r['loader_first']:.0f} / {r['loader_steady']:.0f} img/s, training "
                   f"{r['train_first']:.0f} / {r['train_steady']:.0f} img/s (epoch 1 / steady)", flush=True)  # fmt: skip
+        if not args.no_gpu_bound:
+            rows.append(gpu_bound(args, cache_dir))
+            print(f"gpu_bound: training {rows[-1]['train_steady']:.0f} img/s", flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     env = environment(device)
     import albumentations

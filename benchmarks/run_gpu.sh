@@ -29,7 +29,9 @@
 #                    the entry points (benchmarks/maskrcnn_fix_smoke.sh $SIDNET_SEG_DATA $SIDNET_VIDEO)
 #     bench-loader   loader-only and training img/s per loader option (benchmarks/loader_throughput.py) on
 #                    $SIDNET_LOADER_DATA (a YOLO folder with images/{train,val}, labels/boxes/{train,val}; default
-#                    ../shared/data/capston2): SIDNet-MobileNetV2, 416², batch 64, AMP, 14 workers
+#                    ../shared/data/capston2; $SIDNET_LOADER_LABELS: the folder of its train/ and val/ label folders
+#                    (default labels/boxes), $SIDNET_LOADER_OPTIONS: which
+#                    options): SIDNet-MobileNetV2, 416², batch 64, AMP, 14 workers, and the no-loader GPU-bound row
 #     int8           INT8 on the tensor cores: tests/test_int8_gpu.py + benchmarks/int8_tensorcores.py on $SIDNET_INT8_ONNX
 #                    (a 416² SIDNet INT8 export; `tests` needs it too, else those GPU tests skip, which fails the part)
 #     bench-ddp      the same training on 1 GPU and on 2 through torchrun (benchmarks/ddp_throughput.py; NCCL, NVLink
@@ -165,9 +167,13 @@ bench_compile() {
 bench_stem() { step bench-stem bench_stem.log python3 benchmarks/stem_variants.py --out "$OUT"; }
 bench_compiled_isolate() { step bench-compiled-isolate compiled_isolate.log python3 benchmarks/compiled_isolate.py --out "$OUT"; }
 LOADER_DATA=${SIDNET_LOADER_DATA:-../shared/data/capston2}
+LOADER_LABELS=${SIDNET_LOADER_LABELS:-labels/boxes}  # the folder holding the label folders train/ and val/
 bench_loader() {
+    # shellcheck disable=SC2086  # the options are a word list
     step bench-loader loader_throughput.log python3 benchmarks/loader_throughput.py --root "$LOADER_DATA" \
-        --workers 14 --batch 64 --epochs 2 --options legacy none ram gpu_ram gpu_ram_cl \
+        --labels "$LOADER_LABELS/train" --workers 14 --batch 64 \
+        --epochs "${SIDNET_LOADER_EPOCHS:-3}" \
+        --options ${SIDNET_LOADER_OPTIONS:-legacy none ram gpu_ram gpu_ram_cl device device_cl} \
         --out "$OUT/loader_throughput_h200.md"
 }
 bench_ddp() {
@@ -175,10 +181,12 @@ bench_ddp() {
     root=$(realpath "$LOADER_DATA")
     export NCCL_NVLS_ENABLE=0  # NVLink multicast off (KINDS.md)
     step bench-ddp ddp_throughput.log python3 benchmarks/ddp_throughput.py --gpus 1 2 \
-        --out "$OUT/ddp_h200x2.md" -- model.kwargs.pretrained=null data=starter "data.root=$root" data.train.images=images/train \
-        data.train.labels=labels/boxes/train data.val.images=images/val data.val.labels=labels/boxes/val \
-        data.num_label_classes=1 data.negative_ratio=-1 batch_size=64 workers=14 epochs=5 eval.every=100 \
-        tensorboard=false loader.cache=ram loader.gpu_aug=true loader.channels_last=true
+        --out "$OUT/ddp_h200x2.md" -- "model.kwargs.pretrained=${SIDNET_DDP_WEIGHTS:-null}" data=starter "data.root=$root" data.train.images=images/train \
+        "data.train.labels=$LOADER_LABELS/train" data.val.images=images/val "data.val.labels=$LOADER_LABELS/val" \
+        data.num_label_classes=1 data.negative_ratio=-1 "batch_size=${SIDNET_DDP_BATCH:-64}" workers=8 \
+        "epochs=${SIDNET_DDP_EPOCHS:-8}" \
+        eval.every=100 tensorboard=false "loader.cache=${SIDNET_DDP_CACHE:-device}" loader.gpu_aug=true \
+        loader.channels_last=true
 }
 part_bench() { bench_kernels; bench_stem; bench_train; bench_deploy; bench_pipeline; bench_maskrcnn; }
 
@@ -206,7 +214,7 @@ for part in "${@:-all}"; do
         recipe-persons)  # the persons recipe's training stage; score it where nvidia-modelopt and OpenCV < 5 are
             step recipe-persons recipe_train.log benchmarks/recipe_persons.sh --stage train --few-files --out "$OUT" \
                 --data "${SIDNET_PERSONS_DATA:-conf/data/persons.yaml}" ${SIDNET_PERSONS_WEIGHTS:+--weights "$SIDNET_PERSONS_WEIGHTS"} \
-                --epochs "${SIDNET_PERSONS_EPOCHS:-16}" --train-limit 440 ;;
+                --epochs "${SIDNET_PERSONS_EPOCHS:-100}" --train-limit "${SIDNET_PERSONS_TRAIN_LIMIT:-480}" ;;
         bench-compiled-isolate) part_build; bench_compiled_isolate ;;
         bench-loader) bench_loader ;;
         bench-ddp) bench_ddp ;;

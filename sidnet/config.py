@@ -115,7 +115,8 @@ class LoaderConfig:
     """How training batches are produced (:mod:`sidnet.engine.loader`); none of it changes what a batch holds
     except ``gpu_aug``, which runs the same augmentation on the device with float arithmetic."""
 
-    cache: str = "none"  # none | ram | disk: decoded + letterboxed uint8 images, built once (Ultralytics cache=)
+    cache: str = "none"  # none | ram | disk | device: decoded + letterboxed uint8 images, built once (Ultralytics
+    # cache=); device: kept on the training device, batches gathered, mosaicked and augmented there (needs gpu_aug)
     cache_dir: str = "runs/.cache"  # loader.cache=disk: where the .npy lives (relative: to the working directory)
     pin_memory: bool = True  # CUDA only: page-locked batches, asynchronous host-to-device copies
     prefetch_factor: int = 4  # batches each worker keeps ready
@@ -172,7 +173,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
     _check(cfg.epochs >= 1, "epochs", cfg.epochs, "use a positive number of epochs")
     _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "use a positive batch size, e.g. batch_size=16")
     _check(cfg.workers >= 0, "workers", cfg.workers, "use 0 (load in the main process) or more")
-    _check(cfg.loader.cache in ("none", "ram", "disk"), "loader.cache", cfg.loader.cache, "use none, ram or disk")
+    _check(cfg.loader.cache in ("none", "ram", "disk", "device"), "loader.cache", cfg.loader.cache,
+           "use none, ram, disk or device")
     _check(cfg.loader.prefetch_factor >= 1, "loader.prefetch_factor", cfg.loader.prefetch_factor, "use 1 or more")
     _check(cfg.ddp.timeout_s >= 1, "ddp.timeout_s", cfg.ddp.timeout_s, "use a positive number of seconds")
     _check(cfg.max_steps_per_epoch >= 0, "max_steps_per_epoch", cfg.max_steps_per_epoch, "use 0 (whole epoch) or more")

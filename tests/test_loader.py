@@ -30,13 +30,13 @@ def _base(records, *, lowlight=0.1):
                             mosaic=AUG["mosaic"])  # fmt: skip
 
 
-def _epoch(dataset, *, epoch, seed=3, batch_size=3, world_size=1, rank=0):
-    loader, sampler = build_train_loader(dataset, batch_size=batch_size, seed=seed, workers=0, rank=rank,
+def _epoch(dataset, *, epoch, seed=3, batch_size=3, world_size=1, rank=0, source=None, workers=0):
+    loader, sampler = build_train_loader(dataset, batch_size=batch_size, seed=seed, workers=workers, rank=rank,
                                          world_size=world_size)  # fmt: skip
     sampler.set_epoch(epoch)
     out = []
     for images, packed in loader:
-        images, targets = to_device(images, packed, device=torch.device("cpu"))
+        images, targets = to_device(images, packed, device=torch.device("cpu"), source=source)
         out.append((images, [t["boxes"] for t in targets], [t["image_id"] for t in targets]))
     return out
 
@@ -150,3 +150,92 @@ def test_sampler_shards_are_disjoint_and_keep_single_process_seeds():
         assert set(flat) <= set(one)  # a sample keeps its one-process augmentation seed
     with pytest.raises(ValueError, match="rank 2"):
         SeededSampler(10, seed=0, num_replicas=2, rank=2)
+
+
+def _device_and_ram(records, *, mosaic):
+    aug = {"mosaic": mosaic}
+    make = lambda: DetectionDataset(records, size=SIZE, transform=build_train_transform(size=SIZE),  # noqa: E731
+                                    mosaic=mosaic)  # fmt: skip
+    ram = train_dataset_for_loader(make(), cache="ram", cache_dir=None, gpu_aug=True, aug=aug, threads=1)
+    dev = train_dataset_for_loader(make(), cache="device", cache_dir=None, gpu_aug=True, aug=aug, threads=2)
+    return ram, dev, dev.take_device_images(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("mosaic", [0.0, 1.0])
+def test_device_cache_makes_the_batches_of_ram_cache_with_gpu_aug(mosaic):
+    """cache=device draws what cache=ram + gpu_aug draws: the same boxes, the same pixels for single images, and for
+    mosaics the same composition up to the resize's arithmetic (bilinear on the device vs OpenCV on uint8)."""
+    ram, dev, source = _device_and_ram(_records(), mosaic=mosaic)
+    assert source.dtype == torch.uint8 and source.shape == (len(ram.records), SIZE, SIZE, 3)
+    assert dev.cache.images.size == 0  # the host copy is dropped: forked workers carry boxes only
+    for epoch in (0, 1):
+        a, b = _epoch(ram, epoch=epoch), _epoch(dev, epoch=epoch, source=source)
+        assert len(a) == len(b)
+        for (xa, ba, ia), (xb, bb, ib) in zip(a, b, strict=True):
+            assert ia == ib and all(torch.equal(p, q) for p, q in zip(ba, bb, strict=True))
+            diff = (xa - xb).abs()
+            if mosaic == 0:
+                assert torch.equal(xa, xb)
+            else:
+                assert diff.mean() < 2e-3 and diff.max() < 0.25, (float(diff.mean()), float(diff.max()))
+
+
+def test_device_cache_mosaic_places_the_four_tiles():
+    """A mosaic built on the device puts each tile's pixels where MosaicLayout says (flat-coloured tiles)."""
+    from sidnet.data.dataset import MosaicLayout
+
+    s = 32
+    source = torch.stack([torch.full((s, s, 3), v, dtype=torch.uint8) for v in (10, 60, 110, 160)])
+    layout = MosaicLayout(picks=(0, 1, 2, 3), xc=24, yc=40, crop=48, cx0=4, cy0=12)
+    index = torch.tensor([[0, 1, 2, 3], [2, -1, -1, -1]])
+    geom = torch.tensor([[layout.xc, layout.yc, layout.crop, layout.cx0, layout.cy0], [0] * 5], dtype=torch.float32)
+    out = batch_aug.compose(source, index, geom)
+    assert torch.equal(out[1], torch.full((3, s, s), 110 / 255.0))
+    scale, checked = layout.crop / s, 0
+    for k, value in enumerate((10, 60, 110, 160)):
+        x0, y0 = layout.corner(k, size=s)  # an output pixel well inside tile k
+        u = int((max(x0, 0) + min(x0 + s, 2 * s)) / 2 - layout.cx0) / scale
+        v = int((max(y0, 0) + min(y0 + s, 2 * s)) / 2 - layout.cy0) / scale
+        if 0 <= u < s and 0 <= v < s:
+            assert out[0, :, int(v), int(u)].mul(255).round().tolist() == [value] * 3, (k, u, v)
+            checked += 1
+    assert checked == 4
+
+
+def test_device_cache_epoch_depends_only_on_seed_and_epoch_with_workers():
+    records = _records()
+    _, dev, source = _device_and_ram(records, mosaic=0.5)
+    ran = _epoch(dev, epoch=0, source=source)
+    assert _same(_epoch(dev, epoch=1, source=source), _epoch(dev, epoch=1, source=source, workers=2))
+    assert not _same(ran, _epoch(dev, epoch=1, source=source))
+
+
+def test_device_cache_errors_are_one_line():
+    with pytest.raises(LoaderError, match=r"loader.cache=device .* loader.gpu_aug=true"):
+        train_dataset_for_loader(_base(_records()), cache="device", cache_dir=None, gpu_aug=False, aug=AUG,
+                                 threads=1)  # fmt: skip
+    _, dev, _ = _device_and_ram(_records(), mosaic=0.0)
+    loader, _ = build_train_loader(dev, batch_size=2, seed=0, workers=0)
+    with pytest.raises(LoaderError, match="source="):
+        to_device(*next(iter(loader)), device=torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_cache_on_cuda_makes_the_cpu_batches():
+    """The whole device path on CUDA (gather, mosaic, batch augmentation without the random-noise ops) against the
+    same path on the CPU: same boxes, pixels equal to float rounding."""
+    records, aug = _records(), {"mosaic": 0.7, "noise_p": 0.0, "lowlight_p": 0.0, "blur_p": 0.5}
+    ds = train_dataset_for_loader(DetectionDataset(records, size=SIZE, transform=build_train_transform(size=SIZE),
+                                                   mosaic=0.7),
+                                  cache="device", cache_dir=None, gpu_aug=True, aug=aug, threads=2)  # fmt: skip
+    source = ds.take_device_images(torch.device("cuda"))
+    loader, sampler = build_train_loader(ds, batch_size=4, seed=5, workers=0)
+    sampler.set_epoch(1)
+    for images, packed in loader:
+        x, t = to_device(images, packed, device=torch.device("cuda"), source=source, channels_last=True)
+        y, u = to_device(images, packed, device=torch.device("cpu"), source=source.cpu())
+        assert x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
+        diff = (x.cpu() - y).abs()
+        assert diff.mean() < 1e-4 and diff.max() < 0.02, (float(diff.mean()), float(diff.max()))
+        assert all(torch.equal(a["boxes"].cpu(), b["boxes"]) for a, b in zip(t, u, strict=True))

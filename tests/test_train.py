@@ -45,11 +45,13 @@ def test_config_rejects_unknown_keys_and_types():
         _compose(["epochs=many"])
 
 
-def test_resume_reproduces_next_step_loss(tmp_path):
-    cfg = _compose([*TINY, "epochs=2"])
+@pytest.mark.parametrize("loader", [[], ["loader.cache=device", "loader.gpu_aug=true", "aug.mosaic=0.5"]],
+                         ids=["default", "device_cache"])  # fmt: skip
+def test_resume_reproduces_next_step_loss(tmp_path, loader):
+    cfg = _compose([*TINY, *loader, "epochs=2"])
     full = train(cfg, run_dir=tmp_path / "full", project_root=ROOT)
 
-    cfg1 = _compose([*TINY, "epochs=2", "max_steps_per_epoch=0"])
+    cfg1 = _compose([*TINY, *loader, "epochs=2", "max_steps_per_epoch=0"])
     # Interrupt after epoch 1: train a run whose schedule is the same (epochs=2) but stop it by hand.
     from sidnet.engine.trainer import Trainer
 
@@ -59,7 +61,7 @@ def test_resume_reproduces_next_step_loss(tmp_path):
     save_checkpoint(t.state(), tmp_path / "cut" / "last.pt")
     del t
 
-    cfg2 = _compose([*TINY, "epochs=2", "resume=true"])
+    cfg2 = _compose([*TINY, *loader, "epochs=2", "resume=true"])
     resumed = train(cfg2, run_dir=tmp_path / "cut", project_root=ROOT)
     assert resumed["history"][-1]["first_step_loss"] == pytest.approx(full["history"][-1]["first_step_loss"], abs=0)
     assert resumed["history"][-1]["loss"] == pytest.approx(full["history"][-1]["loss"], rel=1e-6)
@@ -161,3 +163,4 @@ def test_default_data_falls_back_to_the_bundled_sample_when_shared_is_absent(tmp
     cfg = _compose(["data=starter"])
     cfg.data.root = None
     assert data_sources(cfg.data, "train", project_root=ROOT)[0].root == sample_root()
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -103,6 +104,39 @@ def load_rgb(record: ImageRecord) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+@dataclass(frozen=True)
+class MosaicLayout:
+    """Where a 4-image mosaic takes its pixels from: ``picks`` (dataset indices, tiles top-left, top-right,
+    bottom-left, bottom-right) around the centre ``(xc, yc)`` of a ``2S × 2S`` canvas, and the square ``crop`` at
+    ``(cx0, cy0)`` that is resized to ``S``. The CPU path composes it with NumPy + OpenCV, ``loader.cache=device``
+    on the device (:func:`sidnet.engine.batch_aug.compose`); the boxes come from :meth:`boxes` in both."""
+
+    picks: tuple[int, int, int, int]
+    xc: int
+    yc: int
+    crop: int
+    cx0: int
+    cy0: int
+
+    def corner(self, k: int, *, size: int) -> tuple[int, int]:
+        """Top-left canvas corner of tile ``k``."""
+        return (self.xc - size if k % 2 == 0 else self.xc), (self.yc - size if k < 2 else self.yc)
+
+    def boxes(self, tile_boxes: Sequence[np.ndarray], tile_labels: Sequence[np.ndarray], *,
+              size: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """The tiles' letterboxed boxes in the output image: moved, cropped, scaled to ``size``, clipped; a box is
+        kept when at least 30% of it stays visible and it keeps at least 2 px a side."""
+        s = size
+        moved = [np.asarray(b, np.float32).reshape(-1, 4) + np.float32([*self.corner(k, size=s)] * 2)
+                 for k, b in enumerate(tile_boxes)]  # fmt: skip
+        boxes = (np.concatenate(moved) - np.float32([self.cx0, self.cy0, self.cx0, self.cy0])) * (s / self.crop)
+        labels = np.concatenate([np.asarray(lab).reshape(-1) for lab in tile_labels])
+        clipped = np.clip(boxes, 0, s)
+        area = lambda b: (b[:, 2] - b[:, 0]).clip(0) * (b[:, 3] - b[:, 1]).clip(0)  # noqa: E731
+        keep = (area(clipped) >= 0.3 * area(boxes)) & ((clipped[:, 2:] - clipped[:, :2]).min(axis=1) >= 2)
+        return clipped[keep].astype(np.float32), labels[keep].astype(np.int64)
+
+
 class DetectionDataset(Dataset):
     """Letterboxed detection samples.
 
@@ -179,31 +213,32 @@ class DetectionDataset(Dataset):
         image, boxes, info = letterbox(image, record.boxes, size=self.size)
         return record, image, boxes, info
 
-    def _mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Four letterboxed images around a random centre of a 2S canvas, then a random S..2S crop resized to S."""
+    def _mosaic_layout(self, index: int) -> MosaicLayout:
+        """The mosaic of ``index`` drawn from this sample's RNG: three more images, the centre and the crop."""
         s, rng = self.size, self._rng
-        picks = [index, *rng.integers(0, len(self.records), size=3).tolist()]
-        canvas = np.full((2 * s, 2 * s, 3), 114, dtype=np.uint8)
+        picks = (index, *rng.integers(0, len(self.records), size=3).tolist())
         xc, yc = (int(v) for v in rng.uniform(0.5 * s, 1.5 * s, size=2))
-        all_boxes, all_labels = [], []
-        for k, i in enumerate(picks):
-            record, image, boxes, _ = self._load(i)
-            x0, y0 = (xc - s if k % 2 == 0 else xc), (yc - s if k < 2 else yc)  # quadrant corner
-            x1, y1, x2, y2 = max(x0, 0), max(y0, 0), min(x0 + s, 2 * s), min(y0 + s, 2 * s)
-            canvas[y1:y2, x1:x2] = image[y1 - y0 : y2 - y0, x1 - x0 : x2 - x0]
-            all_boxes.append(boxes + np.float32([x0, y0, x0, y0]))
-            all_labels.append(record.labels)
         crop = int(rng.uniform(s, 2 * s))
         cx0 = int(np.clip(xc - crop / 2, 0, 2 * s - crop))
         cy0 = int(np.clip(yc - crop / 2, 0, 2 * s - crop))
-        image = cv2.resize(canvas[cy0 : cy0 + crop, cx0 : cx0 + crop], (s, s), interpolation=cv2.INTER_LINEAR)
-        boxes = (np.concatenate(all_boxes) - np.float32([cx0, cy0, cx0, cy0])) * (s / crop)
-        labels = np.concatenate(all_labels)
-        clipped = np.clip(boxes, 0, s)
-        area = lambda b: (b[:, 2] - b[:, 0]).clip(0) * (b[:, 3] - b[:, 1]).clip(0)  # noqa: E731
-        # Keep boxes that stay mostly visible and at least 2 px a side after the crop.
-        keep = (area(clipped) >= 0.3 * area(boxes)) & ((clipped[:, 2:] - clipped[:, :2]).min(axis=1) >= 2)
-        return image, clipped[keep].astype(np.float32), labels[keep].astype(np.int64)
+        return MosaicLayout(picks=picks, xc=xc, yc=yc, crop=crop, cx0=cx0, cy0=cy0)
+
+    def _mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Four letterboxed images around a random centre of a 2S canvas, then a random S..2S crop resized to S."""
+        s, layout = self.size, self._mosaic_layout(index)
+        canvas = np.full((2 * s, 2 * s, 3), 114, dtype=np.uint8)
+        all_boxes, all_labels = [], []
+        for k, i in enumerate(layout.picks):
+            record, image, boxes, _ = self._load(i)
+            x0, y0 = layout.corner(k, size=s)
+            x1, y1, x2, y2 = max(x0, 0), max(y0, 0), min(x0 + s, 2 * s), min(y0 + s, 2 * s)
+            canvas[y1:y2, x1:x2] = image[y1 - y0 : y2 - y0, x1 - x0 : x2 - x0]
+            all_boxes.append(boxes)
+            all_labels.append(record.labels)
+        c, cx0, cy0 = layout.crop, layout.cx0, layout.cy0
+        image = cv2.resize(canvas[cy0 : cy0 + c, cx0 : cx0 + c], (s, s), interpolation=cv2.INTER_LINEAR)
+        boxes, labels = layout.boxes(all_boxes, all_labels, size=s)
+        return image, boxes, labels
 
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
         if isinstance(index, tuple):

@@ -97,8 +97,12 @@ def move_boxes(
 
 
 def apply(images: torch.Tensor, params: torch.Tensor, *, seeds: list[int]) -> torch.Tensor:
-    """Augment float ``(N, 3, S, S)`` images in ``[0, 1]`` with per-sample ``params`` ``(N, len(COLUMNS))`` (on the
-    images' device) and noise ``seeds``; returns a new float tensor in ``[0, 1]``."""
+    """Augment float ``(N, 3, S, S)`` images in ``[0, 1]`` with per-sample ``params`` ``(N, len(COLUMNS))`` and noise
+    ``seeds``; returns a new float tensor in ``[0, 1]``. ``params`` may stay on the host (as the loader hands them
+    over): which samples get a blur or noise is then decided there, without waiting for the device."""
+    host = params.cpu() if params.device.type == "cpu" else None
+    params = params.to(images.device, non_blocking=True)
+    host = host if host is not None else params.cpu()
     n, _, size, _ = images.shape
     col = lambda name: params[:, _COL[name]]  # noqa: E731
     fill = LETTERBOX_FILL / 255.0
@@ -118,17 +122,57 @@ def apply(images: torch.Tensor, params: torch.Tensor, *, seeds: list[int]) -> to
     x = torch.where(view("gamma") != 1, x.clamp(min=1e-8) ** view("gamma"), x)
     gray = (x * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(x)
     x = torch.where(view("gray") > 0, gray, x)
-    for i in (col("blur_kind") > 0).nonzero().flatten().tolist():
-        x[i] = _blur(x[i], kind=int(params[i, _COL["blur_kind"]]), k=int(params[i, _COL["blur_k"]]),
-                     param=float(params[i, _COL["blur_param"]]))  # fmt: skip
-    stds = (col("lowlight_std") > 0) | (col("noise_std") > 0)
+    hcol = lambda name: host[:, _COL[name]]  # noqa: E731
+    for i in (hcol("blur_kind") > 0).nonzero().flatten().tolist():
+        x[i] = _blur(x[i], kind=int(host[i, _COL["blur_kind"]]), k=int(host[i, _COL["blur_k"]]),
+                     param=float(host[i, _COL["blur_param"]]))  # fmt: skip
+    stds = (hcol("lowlight_std") > 0) | (hcol("noise_std") > 0)
     for i in stds.nonzero().flatten().tolist():
         g = torch.Generator(device=x.device).manual_seed(seeds[i])
         for name in ("lowlight_std", "noise_std"):  # the CPU order: low-light noise, then (after blur) sensor noise
-            std = float(params[i, _COL[name]])
+            std = float(host[i, _COL[name]])
             if std > 0:
                 x[i] = x[i] + std * torch.randn(x[i].shape, generator=g, device=x.device, dtype=x.dtype)
     return x.clamp_(0, 1)
+
+
+def compose(source: torch.Tensor, index: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+    """The images of a ``loader.cache=device`` batch: float ``(N, 3, S, S)`` in ``[0, 1]`` on ``source``'s device,
+    gathered from ``source`` (uint8 ``(M, S, S, 3)``, the cached letterboxed images) by ``index`` (int64 ``(N, 4)``:
+    ``[j, -1, -1, -1]`` for image ``j``, four tiles for a mosaic) with ``layout`` (``(N, 5)``: a mosaic's ``xc, yc,
+    crop, cx0, cy0``, as :class:`sidnet.data.dataset.MosaicLayout`). ``index`` and ``layout`` as the loader hands them
+    (on the host): the mosaic rows are picked there, without waiting for the device."""
+    rows = (index[:, 1] >= 0).nonzero().flatten()
+    index = index.to(source.device, non_blocking=True)
+    images = source[index[:, 0]].permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+    if len(rows):
+        rows = rows.to(source.device, non_blocking=True)
+        images[rows] = _mosaic(source, index[rows], layout.to(source.device, non_blocking=True)[rows].float())
+    return images
+
+
+def _mosaic(source: torch.Tensor, tiles: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+    """Four tiles around ``(xc, yc)`` on a grey ``2S × 2S`` canvas (one gather), then the square crop at ``(cx0,
+    cy0)`` resized to ``S`` (one bilinear ``grid_sample``, OpenCV's half-pixel centres)."""
+    m, s = tiles.shape[0], source.shape[1]
+    xc, yc, crop, cx0, cy0 = layout.unbind(1)
+    t = torch.arange(2 * s, device=source.device, dtype=layout.dtype)[None]
+    right, below = t >= xc[:, None], t >= yc[:, None]  # (m, 2S): columns / rows of the right / lower tiles
+    sx = (t - torch.where(right, xc[:, None], xc[:, None] - s)).long()
+    sy = (t - torch.where(below, yc[:, None], yc[:, None] - s)).long()
+    tile = right[:, None, :].long() + 2 * below[:, :, None].long()  # (m, 2S, 2S): 0 TL, 1 TR, 2 BL, 3 BR
+    image = tiles.gather(1, tile.view(m, -1)).view(m, 2 * s, 2 * s)
+    flat = (image * s + sy.clamp(0, s - 1)[:, :, None]) * s + sx.clamp(0, s - 1)[:, None, :]
+    inside = ((sy >= 0) & (sy < s))[:, :, None] & ((sx >= 0) & (sx < s))[:, None, :]
+    canvas = torch.where(inside[..., None], source.view(-1, 3)[flat], LETTERBOX_FILL)
+    canvas = canvas.permute(0, 3, 1, 2).float().div_(255.0)
+    w = 2 * s
+    theta = torch.zeros(m, 2, 3, device=source.device, dtype=torch.float32)
+    theta[:, 0, 0] = theta[:, 1, 1] = crop / w
+    theta[:, 0, 2] = (2 * cx0 + crop) / w - 1
+    theta[:, 1, 2] = (2 * cy0 + crop) / w - 1
+    grid = F.affine_grid(theta, [m, 3, s, s], align_corners=False)
+    return F.grid_sample(canvas, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _shift_hsv(x: torch.Tensor, dh: torch.Tensor, ds: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:

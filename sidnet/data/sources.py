@@ -22,7 +22,6 @@ from typing import Any
 from .errors import DataError, SkipReport
 from .records import ImageRecord
 from .sample import resolve_root
-from .splits import load_split
 
 # Keys a source may hold; anything else in a split is a typo and refused.
 SOURCE_KEYS = ("name", "format", "root", "images", "annotations", "labels", "class_map", "num_label_classes",
@@ -123,6 +122,10 @@ def load_sources(
 ) -> tuple[list[ImageRecord], dict[str, SkipReport]]:
     """Read every source (validated, one-line :class:`DataError` on bad input) and concatenate the records, each
     tagged with its source's name; with several sources, image ids are offset by ``k * ID_STRIDE`` (source k)."""
+    # The readers pull in OpenCV and pycocotools: imported here, so that checking a data YAML (python -m train
+    # data=<file>, before anything else runs) stays light.
+    from .splits import load_split
+
     records, reports = [], {}
     for k, s in enumerate(sources):
         recs, report = load_split(format=s.format, root=s.root, images=s.images, annotations=s.annotations,
@@ -198,3 +201,4 @@ def read_data_yaml(path: str | Path, *, project_root: Path) -> dict[str, Any]:
     path = path.resolve()
     own = path.parent == (Path(project_root) / "conf" / "data").resolve()
     return rebase_roots(data, base=Path(project_root) if own else path.parent)
+

@@ -94,7 +94,8 @@ def measure(key: str, args, cache_dir: str) -> dict:
             dataset = trainer.train_set
         else:
             dataset = train_dataset_for_loader(trainer.train_set, cache=lc.cache, cache_dir=Path(cache_dir),
-                                               gpu_aug=lc.gpu_aug, aug=asdict(cfg.aug), threads=args.threads)  # fmt: skip
+                                               gpu_aug=lc.gpu_aug, aug=asdict(cfg.aug),
+                                               threads=args.threads)  # fmt: skip
         loader, sampler = build_train_loader(dataset, batch_size=cfg.batch_size, seed=0, workers=cfg.workers,
                                              pin_memory=device.type == "cuda", prefetch_factor=lc.prefetch_factor,
                                              worker_init_fn=_seed_worker,
@@ -137,14 +138,14 @@ def gpu_bound(args, cache_dir: str, *, steps: int = 30) -> dict:
     cfg = train_config(args, {"cache": "none", "channels_last": True}, cache_dir)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, run_dir=Path(run_dir), project_root=ROOT)
-        dataset = train_dataset_for_loader(trainer.train_set, cache="none", cache_dir=None, gpu_aug=False, aug=asdict(cfg.aug),
-                                           threads=args.threads)  # fmt: skip
+        dataset = train_dataset_for_loader(trainer.train_set, cache="none", cache_dir=None, gpu_aug=False,
+                                           aug=asdict(cfg.aug), threads=args.threads)  # fmt: skip
         loader, _ = build_train_loader(dataset, batch_size=cfg.batch_size, seed=0, workers=0)
         images, targets = to_device(*next(iter(loader)), device=trainer.device, channels_last=trainer.channels_last)
         model, opt, scaler = trainer.ddp_model, trainer.optimizer, trainer.scaler
         model.train()
         rates_ = []
-        for rep in range(2):  # the first repetition warms cuDNN's autotuner up
+        for _ in range(2):  # the first repetition warms cuDNN's autotuner up
             sync(trainer.device)
             t0 = time.perf_counter()
             for _ in range(steps):
@@ -157,9 +158,9 @@ def gpu_bound(args, cache_dir: str, *, steps: int = 30) -> dict:
                     trainer.ema.update(trainer.model)
             sync(trainer.device)
             rates_.append(steps * images.shape[0] / (time.perf_counter() - t0))
-    label = "no loader: one device batch, training step repeated"
-    return {"option": "gpu_bound", "label": label, "loader_first":
-            float("nan"), "loader_steady": float("nan"), "train_first": rates_[0], "train_steady": rates_[1]}  # fmt: skip
+    nan = float("nan")
+    return {"option": "gpu_bound", "label": "no loader: one device batch, training step repeated", "loader_first": nan,
+            "loader_steady": nan, "train_first": rates_[0], "train_steady": rates_[1]}  # fmt: skip
 
 
 def _rate(v: float) -> str:

@@ -29,7 +29,26 @@ _EXPORTS = {
     "select_negatives": ".dataset",
     "unletterbox_boxes": ".transforms",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "DataError",
+    "DetectionDataset",
+    "ImageRecord",
+    "LetterboxInfo",
+    "SeededSampler",
+    "SkipReport",
+    "build_train_transform",
+    "collate",
+    "dataset_summary",
+    "letterbox",
+    "load_rgb",
+    "load_split",
+    "read_coco",
+    "read_yolo",
+    "resolve_root",
+    "sample_root",
+    "select_negatives",
+    "unletterbox_boxes",
+]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see: the plain imports
     from .coco import read_coco

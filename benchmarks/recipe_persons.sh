@@ -111,8 +111,10 @@ stage_score() {
     [[ -f $OUT/$run.pt.0 ]] && python3 benchmarks/recipe_persons.py join "$OUT/$run.pt" "$OUT/$run.pt"
   done
   log "export FP32 and INT8 (PTQ, entropy, gate on val:0/2) of $ck"
+  # 8 calibration batches of 8 training images (64 batches took too long on a 2-core CPU); the accuracy gate on
+  # val:0/2 decides whether that was enough (benchmarks/results/persons_gpu: no layer fell back).
   python3 -m export --checkpoint "$ck" --out "$OUT/export_fp32" 2>&1 | tail -n 5
-  python3 -m export --checkpoint "$ck" --precision int8 --calib-data "$DATA" --calib-batches $((SMOKE ? 2 : 64)) \
+  python3 -m export --checkpoint "$ck" --precision int8 --calib-data "$DATA" --calib-batches $((SMOKE ? 2 : 8)) \
     --gate-split val:0/2 --out "$OUT/export_int8" int8.budget=0.5 2>&1 | tail -n 8
   log "evaluate on $EVAL_DATA split $SPLIT"
   local ev=(--data "$EVAL_DATA" --split "$SPLIT")

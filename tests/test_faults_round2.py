@@ -617,13 +617,23 @@ def results(request, tmp_path_factory, tiny_checkpoint, tiny_onnx, shared_data) 
     rows = [r for r in ROWS if r.id in wanted]
     workers = max(2, min(6, (os.cpu_count() or 2) * 2))
     t0 = time.monotonic()
-    with ThreadPoolExecutor(workers) as pool:
-        futures = {}
-        for row in rows:
-            tmp = tmp_path_factory.mktemp(re.sub(r"\W+", "_", row.id)[:40])
-            ctx = Ctx(tmp=tmp, ckpt=tiny_checkpoint, onnx=tiny_onnx, video=video)
-            futures[row.id] = pool.submit(_run_row, row, ctx, watched)
-        out = {rid: f.result() for rid, f in futures.items()}
+    # The Ctrl-C rows need children that turn SIGINT into KeyboardInterrupt. A pytest started in the background by a
+    # non-interactive shell (`bash .ci/run &`, nohup) ignores SIGINT, and an ignored signal stays ignored across exec:
+    # the children would never see Ctrl-C. A caught signal is reset to the default on exec, so catch it here.
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            futures = {}
+            for row in rows:
+                tmp = tmp_path_factory.mktemp(re.sub(r"\W+", "_", row.id)[:40])
+                ctx = Ctx(tmp=tmp, ckpt=tiny_checkpoint, onnx=tiny_onnx, video=video)
+                futures[row.id] = pool.submit(_run_row, row, ctx, watched)
+            out = {rid: f.result() for rid, f in futures.items()}
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     slowest = sorted(out.items(), key=lambda kv: -kv[1].seconds)[:3]
     print(f"\nround-2 fault campaign: {len(rows)} rows in {time.monotonic() - t0:.0f} s wall with {workers} workers; "
           f"slowest: {', '.join(f'{k} {v.seconds:.0f} s' for k, v in slowest)}")  # fmt: skip

@@ -22,8 +22,10 @@
 #     bench-compile  the torch backend vs torch.compile(max-autotune) in one run, SIDNet at batch 1 and 64 (minutes)
 #     bench-stem     the csrc/stem kernel's build variants side by side (benchmarks/stem_variants.py)
 #     recipe-persons the persons recipe's training stage (benchmarks/recipe_persons.sh --stage train): anchors, SIDNet-
-#                    MobileNetV2 with and without mosaic/multi-scale; $SIDNET_PERSONS_DATA: a data YAML (a packed copy
-#                    from `python benchmarks/recipe_persons.py pack`), $SIDNET_PERSONS_WEIGHTS: the MobileNetV2 .pt
+#                    MobileNetV2 with and without mosaic (one GPU each when there are two) on loader.cache=device;
+#                    $SIDNET_PERSONS_DATA: a data YAML (a packed copy from `python benchmarks/recipe_persons.py pack`),
+#                    $SIDNET_PERSONS_WEIGHTS: the MobileNetV2 .pt, $SIDNET_PERSONS_EPOCHS (100),
+#                    $SIDNET_PERSONS_TRAIN_LIMIT (480 s)
 #     bench-compiled-isolate  the AOTInductor load crash hunt (benchmarks/compiled_isolate.py, minutes)
 #     maskrcnn-fix   Mask R-CNN train (in-training evaluations) + train.evaluate + deploy (torch backend, masks) through
 #                    the entry points (benchmarks/maskrcnn_fix_smoke.sh $SIDNET_SEG_DATA $SIDNET_VIDEO)
@@ -35,7 +37,8 @@
 #     int8           INT8 on the tensor cores: tests/test_int8_gpu.py + benchmarks/int8_tensorcores.py on $SIDNET_INT8_ONNX
 #                    (a 416² SIDNet INT8 export; `tests` needs it too, else those GPU tests skip, which fails the part)
 #     bench-ddp      the same training on 1 GPU and on 2 through torchrun (benchmarks/ddp_throughput.py; NCCL, NVLink
-#                    multicast off), on $SIDNET_LOADER_DATA
+#                    multicast off), on $SIDNET_LOADER_DATA; $SIDNET_DDP_BATCH (global, 64), $SIDNET_DDP_EPOCHS (8),
+#                    $SIDNET_DDP_CACHE (device), $SIDNET_DDP_WEIGHTS (the MobileNetV2 .pt; default random init)
 #     qat-smoke      QAT on CUDA through the entry points (benchmarks/qat_smoke.sh $SIDNET_QAT_DATA: a small YOLO-format
 #                    folder; needs nvidia-modelopt: .whl-qat/*.whl are installed when present. Made on a machine
 #                    with the int8 extra installed, for the GPU machine's Python 3.12:

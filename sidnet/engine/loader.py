@@ -215,7 +215,6 @@ class TrainLoaderDataset(DetectionDataset):
     def _device_sample(self, index: int, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray, np.ndarray,
                                                                             np.ndarray]:  # fmt: skip
         """Source indices, mosaic layout, boxes and labels of ``index`` (the draws :meth:`_mosaic` makes)."""
-        j = self._cached(index)
         layout = np.zeros(5, np.float32)
         if self.transform is not None and self.mosaic > 0 and rng.random() < self.mosaic:
             m = self._mosaic_layout(index)
@@ -224,6 +223,7 @@ class TrainLoaderDataset(DetectionDataset):
                                     size=self.size)  # fmt: skip
             layout[:] = (m.xc, m.yc, m.crop, m.cx0, m.cy0)
             return torch.tensor(tiles, dtype=torch.int64), layout, boxes, labels
+        j = self._cached(index)
         source = torch.tensor([j, -1, -1, -1], dtype=torch.int64)
         return source, layout, self.cache.boxes[j].copy(), self.records[j].labels.copy()
 

@@ -61,6 +61,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` next to the repository (override with ``SIDNET_SHARED_DATA``); skips when absent."""
+    default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    path = Path(os.environ.get("SIDNET_SHARED_DATA", default))
+    if not (path / "coco128").is_dir():
+        pytest.skip(f"shared data not found at {path} (set SIDNET_SHARED_DATA to the folder holding coco128/)")
+    return path
+
+
 def write_image(path: Path, width: int = 64, height: int = 48, seed: int = 0) -> Path:
     """A small random RGB JPEG (random, not constant, so decoding bugs cannot hide behind a flat image)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -152,6 +152,24 @@ def test_persons_yaml_on_shared_data(shared_data):
     assert counts == {"coco128": (128, 350), "capston2": (200, 635), "cctv": (161, 599)}
 
 
+def test_persons_seg_yaml_on_shared_data(shared_data):
+    """conf/data/persons_seg.yaml: COCO128's masks plus capston2 and cctv as box-only train sources (no polygons
+    needed there); val is COCO128's person polygons only."""
+    if not all((shared_data / d).is_dir() for d in ("capston2", "cctv")):
+        pytest.skip("capston2/cctv not in the shared data")
+    data = data_config({**yaml.safe_load((ROOT / "conf/data/persons_seg.yaml").read_text()), "root": str(shared_data)})
+    train = load_records(data, "train", project_root=ROOT, masks=True)
+    flags = {n: {r.box_only for r in train if r.source == n} for n in ("coco128", "capston2", "cctv")}
+    assert flags == {"coco128": {False}, "capston2": {True}, "cctv": {True}}
+    assert all(len(r.polygons) + len(r.rles) >= len(r.boxes) for r in train if r.source == "coco128")
+    val = load_records(data, "val", project_root=ROOT, masks=True)
+    seg = data_config({**yaml.safe_load((ROOT / "conf/data/coco128_seg.yaml").read_text()),
+                       "root": str(shared_data / "coco128")})  # fmt: skip
+    same = load_records(seg, "val", project_root=ROOT, masks=True)  # the val of data=coco128_seg: 287 masked persons
+    assert {r.source for r in val} == {"coco128"}
+    assert sum(len(r.boxes) for r in val) == sum(len(r.boxes) for r in same) == 287
+
+
 def _rec(image_id, boxes, source):
     from sidnet.data.records import make_record
 
@@ -244,3 +262,68 @@ def test_aug_schema_checks_mosaic_and_multiscale():
             validate_train_config(_compose(["data=sample", bad]))
     with pytest.raises(Exception, match="mosiac"):
         _compose(["data=sample", "aug.mosiac=0.5"])
+
+
+SAMPLE_SEG = {"format": "yolo", "images": "images/train2017", "labels": "labels/segments/train2017", "polygons": True}
+SAMPLE_SEG_VAL = {"format": "yolo", "images": "images/val2017", "labels": "labels/segments/val2017", "polygons": True}
+
+
+def _masks_and_box_only_yaml(tmp_path: Path, *, val_box_only: bool = False) -> Path:
+    """The bundled sample twice: once with its person polygons, once as a box-only source (its box labels)."""
+    val = [{"name": "seg", **SAMPLE_SEG_VAL}]
+    if val_box_only:
+        val.append({"name": "boxes", **SAMPLE_VAL, "box_only": True})
+    path = tmp_path / ("mixed_bad.yaml" if val_box_only else "mixed.yaml")
+    path.write_text(yaml.safe_dump({
+        "root": None, "train": [{"name": "seg", **SAMPLE_SEG}, {"name": "boxes", **SAMPLE_SPLIT, "box_only": True}],
+        "val": val, "class_names": ["person"], "class_map": {0: 0}, "num_label_classes": 1, "negative_ratio": -1,
+    }))  # fmt: skip
+    return path
+
+
+def test_box_only_source_gives_mask_targets_that_the_loss_leaves_out(tmp_path):
+    """With masks asked for, a ``box_only: true`` source loads without polygons; its images keep their augmented boxes,
+    carry zero masks row for row and ``has_masks`` False; the masked source's carry real masks. A box-only val source
+    is refused in one line (segm AP needs masks on every val image); without masks it is an ordinary source."""
+    from sidnet.data.loading import build_datasets
+
+    data = data_config(read_data_yaml(_masks_and_box_only_yaml(tmp_path), project_root=ROOT))
+    records = load_records(data, "train", project_root=ROOT, masks=True)
+    assert {(r.source, r.box_only) for r in records} == {("seg", False), ("boxes", True)}
+    aug = {"enabled": True, "flip_p": 0.5, "mosaic": 0.0}
+    train, val = build_datasets(data, input_size=128, aug=aug, seed=0, project_root=ROOT, masks=True)
+    seen = {"seg": 0, "boxes": 0}
+    for i, record in enumerate(train.records):
+        _, t = train[(i, 7)]
+        assert t["has_masks"] is (not record.box_only)
+        assert t["masks"].shape == (len(t["boxes"]), 128, 128)
+        if record.box_only:
+            assert not t["masks"].any()
+            seen["boxes"] += len(t["boxes"])
+        else:
+            assert t["masks"].flatten(1).any(1).all()  # every kept instance has mask pixels
+            seen["seg"] += len(t["boxes"])
+    assert seen["boxes"] > 0 and seen["seg"] > 0
+    assert all(t["has_masks"] for _, t in (val[i] for i in range(len(val))))
+    bad = data_config(read_data_yaml(_masks_and_box_only_yaml(tmp_path, val_box_only=True), project_root=ROOT))
+    with pytest.raises(DataError, match=r"data.val source\(s\) \['boxes'\] are box_only.*keep box-only sources"):
+        load_records(bad, "val", project_root=ROOT, masks=True)
+    assert len(load_records(bad, "val", project_root=ROOT)) == 8  # a box detector reads it as any source
+
+
+@pytest.mark.slow
+def test_maskrcnn_trains_on_masks_plus_box_only_images_through_the_cli(tmp_path):
+    """`python -m train model=maskrcnn data=<masks + box-only>`: trains, evaluates box and segm AP on the masked val,
+    and records both train sources."""
+    mixed = _masks_and_box_only_yaml(tmp_path)
+    run = subprocess.run([sys.executable, "-m", "train", "model=maskrcnn", f"data={mixed}", "aug=seg",
+                          "model.input_size=128", "batch_size=4", "workers=0", "device=cpu", "tensorboard=false",
+                          "epochs=1", "eval.every=1", f"hydra.run.dir={tmp_path}/run"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "train split: 16 images from {'seg': 8, 'boxes': 8}" in run.stderr
+    line = next(x for x in run.stderr.splitlines() if " - epoch 1/1 {" in x)
+    epoch = json.loads(line[line.index("{") :])
+    for key in ("loss_mask", "loss_classifier", "val_AP50", "val_segm_AP50"):
+        assert np.isfinite(epoch.get(key, np.nan)), (key, sorted(epoch))
+    assert torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 1

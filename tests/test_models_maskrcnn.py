@@ -85,3 +85,50 @@ def test_few_image_overfit_halves_the_loss(shared_data: Path):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def _mixed_batch(box_only_masks: torch.Tensor, *, has_masks: bool) -> list[dict]:
+    """Image 0 with an instance mask; image 1 with a box whose mask rows are ``box_only_masks``."""
+    mask0 = torch.zeros(1, 128, 128, dtype=torch.uint8)
+    mask0[0, 30:110, 20:60] = 1
+    return [{"boxes": torch.tensor([[20.0, 30.0, 60.0, 110.0]]), "labels": torch.tensor([0]), "masks": mask0},
+            {"boxes": torch.tensor([[50.0, 10.0, 120.0, 100.0]]), "labels": torch.tensor([0]),
+             "masks": box_only_masks, "has_masks": has_masks}]  # fmt: skip
+
+
+def _losses(model, images, targets) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)  # the RPN's and the heads' proposal sampling
+    return model.loss(images, targets)[1]
+
+
+def test_box_only_images_train_the_box_heads_and_not_the_mask_head():
+    """A box-only image (``has_masks`` False) changes the box losses as any image does, but its mask rows never reach
+    the mask loss: two different garbage masks give identical losses (and, marked as masked, different ones)."""
+    torch.manual_seed(0)
+    model = build_model("maskrcnn", input_size=128, pretrained=None).train()
+    images = torch.rand(2, 3, 128, 128)
+    gen = torch.Generator().manual_seed(2)
+    garbage = [torch.randint(0, 2, (1, 128, 128), generator=gen, dtype=torch.uint8) for _ in range(2)]
+    ignored = [_losses(model, images, _mixed_batch(g, has_masks=False)) for g in garbage]
+    used = [_losses(model, images, _mixed_batch(g, has_masks=True)) for g in garbage]
+    assert all(torch.equal(ignored[0][k], ignored[1][k]) for k in ignored[0])
+    assert not torch.equal(used[0]["loss_mask"], used[1]["loss_mask"])  # the masks would matter if they were used
+    for k in ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"):  # the box side is shared
+        assert torch.equal(ignored[0][k], used[0][k]), k
+    # Only box-only images: the mask loss is an exact zero with no gradient into the mask head; the box losses train.
+    only = [{**t, "has_masks": False} for t in _mixed_batch(garbage[0], has_masks=False)]
+    parts = _losses(model, images, only)
+    assert parts["loss_mask"].item() == 0.0
+    model.zero_grad()
+    sum(parts.values()).backward()
+    mask_grads = [p.grad for p in model.net.roi_heads.mask_predictor.parameters()]
+    assert all(g is None or not g.any() for g in mask_grads)
+    assert model.net.roi_heads.box_predictor.cls_score.weight.grad.abs().sum() > 0
+    # A batch where every image has masks is torchvision's RoIHeads unchanged.
+    from torchvision.models.detection.roi_heads import RoIHeads
+
+    masked = _mixed_batch(garbage[0], has_masks=True)
+    mine = _losses(model, images, masked)
+    model.net.roi_heads.__class__ = RoIHeads
+    theirs = _losses(model, images, [{k: v for k, v in t.items() if k != "has_masks"} for t in masked])
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)

@@ -157,6 +157,8 @@ CASES: dict[str, tuple[Step, ...]] = {
               "conf/data/coco128.yaml": "conf/data/sample.yaml"}, "int8.max_fallback=0", *EXPORT_OUT),),
     "python -m train model=maskrcnn data=coco128_seg aug=seg": (
         runr({"data=coco128_seg": "data=sample_seg"}, *TINY_SEG, *RUN_OUT),),
+    "python -m train model=maskrcnn data=persons_seg aug=seg": (  # box-only sources: tests/test_data_sources.py
+        runr({"data=persons_seg": "data=sample_seg"}, *TINY_SEG, *RUN_OUT),),
     "python -m train model=maskrcnn data=coco128_seg aug=seg model.kwargs.backbone=resnet50 "
     "model.kwargs.weights=/path/to/maskrcnn_resnet50_fpn_coco.pth": (
         fails("Mask R-CNN weights not found: /path/to/maskrcnn_resnet50_fpn_coco.pth",

@@ -160,6 +160,8 @@ class DetectionDataset(Dataset):
         masks: also return ``target["masks"]``, uint8 ``(K, size, size)`` instance masks in network pixels, row for
             row with ``boxes``; the transform (built with ``masks=True``) moves them with the image, and the boxes
             are then recomputed as the masks' tight extents (instances whose mask left the image are dropped).
+            ``target["has_masks"]`` is False for a record of a box-only source (``record.box_only``): its boxes are
+            augmented as without masks, and its ``masks`` are zeros that the mask loss leaves out.
     """
 
     def __init__(
@@ -254,11 +256,13 @@ class DetectionDataset(Dataset):
         labels = record.labels.copy()  # torch.from_numpy shares memory: never hand out the record's own array
         if self.transform is not None and self.mosaic > 0 and self._rng.random() < self.mosaic:
             image, boxes, labels = self._mosaic(index)
-        masks = letterbox_masks(record_masks(record), info, size=self.size) if self.masks else None
+        with_masks = self.masks and not record.box_only  # a box-only source's image: boxes as usual, no masks
+        masks = letterbox_masks(record_masks(record), info, size=self.size) if with_masks else None
         if self.transform is not None and masks is not None:
             image, boxes, labels, masks = self._transform_with_masks(image, boxes, labels, masks)
         elif self.transform is not None:
-            out = self.transform(image=image, bboxes=boxes, labels=labels)
+            extra = {"indices": np.arange(len(boxes))} if self.masks else {}  # a mask transform's label fields
+            out = self.transform(image=image, bboxes=boxes, labels=labels, **extra)
             image = out["image"]
             boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
             labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
@@ -270,8 +274,11 @@ class DetectionDataset(Dataset):
             "orig_size": (record.height, record.width),
             "letterbox": info,
         }
-        if masks is not None:
+        if self.masks:
+            if masks is None:  # box-only: zero rows keep the target shape; has_masks=False keeps them out of the loss
+                masks = np.zeros((len(boxes), self.size, self.size), dtype=np.uint8)
             target["masks"] = torch.from_numpy(np.ascontiguousarray(masks))
+            target["has_masks"] = with_masks
         return tensor, target
 
     @staticmethod

@@ -23,6 +23,8 @@ class ImageRecord:
             in absolute pixels (an empty tuple for a box whose mask is RLE-encoded).
         rles: empty, or one entry per box: the box's COCO RLE dict when its mask is RLE-encoded, else ``None``.
         source: name of the data source it came from (a split may hold several, :mod:`sidnet.data.sources`).
+        box_only: its source has boxes but no instance masks (``box_only: true``); a mask-predicting task trains its
+            box heads on it and leaves the mask head out (:class:`sidnet.models.maskrcnn.PartialMaskRoIHeads`).
     """
 
     path: Path
@@ -34,6 +36,7 @@ class ImageRecord:
     polygons: tuple = ()
     rles: tuple = ()
     source: str = ""
+    box_only: bool = False
 
     @property
     def is_negative(self) -> bool:

@@ -25,7 +25,7 @@ from .sample import resolve_root
 
 # Keys a source may hold; anything else in a split is a typo and refused.
 SOURCE_KEYS = ("name", "format", "root", "images", "annotations", "labels", "class_map", "num_label_classes",
-               "polygons", "skip_unlabeled")  # fmt: skip
+               "polygons", "skip_unlabeled", "box_only")  # fmt: skip
 DATA_KEYS = ("root", "train", "val", "class_names", "class_map", "num_label_classes", "negative_ratio", "lenient")
 YAML_SUFFIXES = (".yaml", ".yml")
 # Image ids of source k become k * ID_STRIDE + id in a split of several sources, so ids stay unique (evaluation keys
@@ -47,6 +47,7 @@ class Source:
     num_label_classes: int = 80
     polygons: bool = False
     skip_unlabeled: bool = False
+    box_only: bool = False  # boxes without instance masks: a mask task trains only its box heads on these images
 
 
 def _as_dict(node: Any, where: str) -> dict[str, Any]:
@@ -109,7 +110,8 @@ def split_sources(
                               class_map=dict(d.get("class_map", class_map) or {}) or None,
                               num_label_classes=int(d.get("num_label_classes", num_label_classes)),
                               polygons=bool(d.get("polygons", False)),
-                              skip_unlabeled=bool(d.get("skip_unlabeled", False))))  # fmt: skip
+                              skip_unlabeled=bool(d.get("skip_unlabeled", False)),
+                              box_only=bool(d.get("box_only", False))))  # fmt: skip
     names = [s.name for s in sources]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -130,13 +132,14 @@ def load_sources(
     for k, s in enumerate(sources):
         recs, report = load_split(format=s.format, root=s.root, images=s.images, annotations=s.annotations,
                                   labels=s.labels, class_names=tuple(class_names), class_map=s.class_map,
-                                  polygons=s.polygons, skip_unlabeled=s.skip_unlabeled, masks=masks,
+                                  polygons=s.polygons, skip_unlabeled=s.skip_unlabeled, masks=masks and not s.box_only,
                                   num_label_classes=s.num_label_classes, lenient=lenient)  # fmt: skip
         offset = k * ID_STRIDE if len(sources) > 1 else 0
         if offset and any(not 0 <= r.image_id < ID_STRIDE for r in recs):
             raise DataError(f"source {s.name!r} has image ids outside [0, {ID_STRIDE}); rename its files or use "
                             "COCO ids below that")  # fmt: skip
-        records += [dataclasses.replace(r, source=s.name, image_id=r.image_id + offset) for r in recs]
+        records += [dataclasses.replace(r, source=s.name, image_id=r.image_id + offset, box_only=s.box_only)
+                    for r in recs]  # fmt: skip
         reports[s.name] = report
     return records, reports
 

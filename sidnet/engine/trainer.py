@@ -394,7 +394,8 @@ class Trainer:
             self.epoch += 1
             if main and (self.epoch % cfg.eval.every == 0 or self.epoch == cfg.epochs):
                 report = self.evaluate()
-                stats.update({f"val_{k}": report[k] for k in ("AP", "AP50", "recall", "precision") if k in report})
+                stats.update({f"val_{k}": report[k] for k in ("AP", "AP50", "recall", "precision", "segm_AP",
+                                                               "segm_AP50") if k in report})  # fmt: skip
                 if (report.get("AP50") or 0.0) > self.best_ap50:
                     self.best_ap50 = report["AP50"]
                     # EMA weights only (conv weights in fp16 outside QAT): a third of last.pt, see deploy_state

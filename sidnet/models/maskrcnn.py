@@ -5,7 +5,9 @@ Input contract (the same as every SIDNet model): float ``(N, 3, S, S)`` RGB in `
 resizes a square S×S batch). Person is class 0 outside this module and label 1 inside torchvision's heads.
 
 - ``loss(images, targets)`` (train mode): targets are dicts with ``boxes`` (K, 4) xyxy input pixels, ``labels`` (K,)
-  (0 = person) and ``masks`` (K, S, S) uint8 → ``(total, parts)``.
+  (0 = person) and ``masks`` (K, S, S) uint8 → ``(total, parts)``. An optional ``has_masks`` (bool, default True)
+  False marks an image of a box-only source: it trains the RPN and the box head, and its ``masks`` rows are ignored
+  (the mask loss averages over the instances of the images that have masks; :class:`PartialMaskRoIHeads`).
 - ``detect(images)`` (eval mode): one dict per image, ``boxes`` (P, 4) xyxy input pixels, ``scores`` (P,),
   ``labels`` (P,) int64 (0 = person), ``masks`` (P, S, S) float probabilities, score-sorted.
 
@@ -25,6 +27,7 @@ from torchvision.models import resnet50
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_loss
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -90,6 +93,33 @@ def load_maskrcnn_weights(net: MaskRCNN, path: str | Path) -> int:
     return len(target)
 
 
+class PartialMaskRoIHeads(RoIHeads):
+    """torchvision's ``RoIHeads`` for a batch in which some images have boxes but no instance masks.
+
+    In training, a target with ``has_masks`` False contributes to the box classifier and regressor as usual and not
+    to the mask loss: only the positive proposals of images with masks are pooled for the mask head. When every
+    image has masks, and at evaluation, it is torchvision's ``RoIHeads.forward`` unchanged (same sampling, same
+    losses). The class adds no parameters, so state dicts and exports are those of ``RoIHeads``.
+    """
+
+    def forward(self, features, proposals, image_shapes, targets=None):  # noqa: ANN001, ANN201  (torchvision's)
+        if not self.training or targets is None or all(bool(t.get("has_masks", True)) for t in targets):
+            return super().forward(features, proposals, image_shapes, targets)
+        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+        mask_proposals, mask_matched = [], []
+        for props, matched, lab, t in zip(proposals, matched_idxs, labels, targets, strict=True):
+            pos = torch.where(lab > 0)[0] if bool(t.get("has_masks", True)) else lab.new_zeros(0)
+            mask_proposals.append(props[pos])
+            mask_matched.append(matched[pos])
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes)))
+        loss_mask = maskrcnn_loss(mask_logits, mask_proposals, [t["masks"] for t in targets],
+                                  [t["labels"] for t in targets], mask_matched)  # fmt: skip
+        return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
+
+
 class PersonMaskRCNN(nn.Module):
     """Wraps torchvision ``MaskRCNN`` behind the SIDNet contract (see the module docstring)."""
 
@@ -102,7 +132,8 @@ class PersonMaskRCNN(nn.Module):
         self.net, self.input_size = net, input_size
 
     def loss(self, images: torch.Tensor, targets: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        tv_targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1, "masks": t["masks"]} for t in targets]
+        tv_targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1, "masks": t["masks"],
+                       "has_masks": bool(t.get("has_masks", True))} for t in targets]  # fmt: skip
         parts = self.net(list(images), tv_targets)
         return sum(parts.values()), parts
 
@@ -153,6 +184,7 @@ def maskrcnn(*, num_classes: int = 1, input_size: int = 512, backbone: str = "mo
         box_score_thresh=box_score_thresh,
         box_detections_per_img=detections_per_img,
     )
+    net.roi_heads.__class__ = PartialMaskRoIHeads  # behaviour only (no new state): see the class
     if weights:
         load_maskrcnn_weights(net, weights)
     return PersonMaskRCNN(net, input_size=input_size)

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,26 +14,9 @@ import pytest
 from PIL import Image
 
 # Disk: the suite trains and exports real models (an 800 MB checkpoint, 100 MB ONNX files); kept, their folders came to
-# 8 GB per run, and the CI machine's shared disk filled mid-run once (torch.save: "unexpected pos"). A passing test's
-# tmp_path is removed as soon as it ends; a failing one's is kept for the post-mortem.
-_CALL_PASSED = pytest.StashKey[bool]()
+# 8 GB per run, and the CI machine's shared disk filled mid-run once (torch.save: "unexpected pos"). pyproject's
+# tmp_path_retention_policy = "failed" removes a passing test's tmp_path as soon as it ends (a failing one's is kept).
 _TEMP = pytest.StashKey[tuple]()
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator:
-    report = yield
-    if report.when == "call":
-        item.stash[_CALL_PASSED] = report.passed
-    return report
-
-
-@pytest.fixture(autouse=True)
-def _free_the_disk_after_a_passing_test(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield
-    folder = getattr(request.node, "funcargs", {}).get("tmp_path")
-    if folder is not None and request.node.stash.get(_CALL_PASSED, False):
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_configure(config: pytest.Config) -> None:

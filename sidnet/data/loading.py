@@ -28,8 +28,8 @@ def load_records(data: DataConfig, split: str, *, project_root: Path, masks: boo
     instance mask (instance segmentation). Each record knows its source (``record.source``)."""
     name, part, parts = parse_split(split)
     sources = data_sources(data, name, project_root=project_root)
-    if masks and name == "val" and any(s.box_only for s in sources):
-        box_only = [s.name for s in sources if s.box_only]
+    box_only = [s.name for s in sources if s.box_only]
+    if masks and name == "val" and box_only:
         raise DataError(f"data.val source(s) {box_only} are box_only, but the mask evaluation scores masks on every "
                         "val image: keep box-only sources in data.train (or give them masks)")  # fmt: skip
     records, reports = load_sources(sources, class_names=data.class_names, masks=masks, lenient=data.lenient)

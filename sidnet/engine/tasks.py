@@ -81,7 +81,7 @@ class InstanceSegmentationTask:
     def loss(self, model, images, targets, *, amp):
         dev = images.device
         moved = [{"boxes": t["boxes"].to(dev), "labels": t["labels"].to(dev), "masks": t["masks"].to(dev),
-                  "has_masks": bool(t.get("has_masks", True))} for t in targets]  # fmt: skip
+                  "has_masks": t.get("has_masks", True)} for t in targets]  # fmt: skip
         with _autocast(dev, amp):
             total, parts = model.loss(images, moved)
         return total.float(), {k: v.float() for k, v in parts.items()}

@@ -103,15 +103,16 @@ class PartialMaskRoIHeads(RoIHeads):
     """
 
     def forward(self, features, proposals, image_shapes, targets=None):  # noqa: ANN001, ANN201  (torchvision's)
-        if not self.training or targets is None or all(bool(t.get("has_masks", True)) for t in targets):
+        has_masks = [bool(t.get("has_masks", True)) for t in targets] if targets is not None else []
+        if not self.training or all(has_masks):
             return super().forward(features, proposals, image_shapes, targets)
         proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
         loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
         mask_proposals, mask_matched = [], []
-        for props, matched, lab, t in zip(proposals, matched_idxs, labels, targets, strict=True):
-            pos = torch.where(lab > 0)[0] if bool(t.get("has_masks", True)) else lab.new_zeros(0)
+        for props, matched, lab, masked in zip(proposals, matched_idxs, labels, has_masks, strict=True):
+            pos = torch.where(lab > 0)[0] if masked else lab.new_zeros(0)
             mask_proposals.append(props[pos])
             mask_matched.append(matched[pos])
         mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes)))

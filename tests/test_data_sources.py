@@ -161,6 +161,8 @@ def test_persons_seg_yaml_on_shared_data(shared_data):
     train = load_records(data, "train", project_root=ROOT, masks=True)
     flags = {n: {r.box_only for r in train if r.source == n} for n in ("coco128", "capston2", "cctv")}
     assert flags == {"coco128": {False}, "capston2": {True}, "cctv": {True}}
+    repeats = {n: {r.repeat for r in train if r.source == n} for n in ("coco128", "capston2", "cctv")}
+    assert repeats == {"coco128": {8}, "capston2": {1}, "cctv": {1}}  # the masked images oversampled
     assert all(len(r.polygons) + len(r.rles) >= len(r.boxes) for r in train if r.source == "coco128")
     val = load_records(data, "val", project_root=ROOT, masks=True)
     seg = data_config({**yaml.safe_load((ROOT / "conf/data/coco128_seg.yaml").read_text()),
@@ -327,3 +329,40 @@ def test_maskrcnn_trains_on_masks_plus_box_only_images_through_the_cli(tmp_path)
     for key in ("loss_mask", "loss_classifier", "val_AP50", "val_segm_AP50"):
         assert np.isfinite(epoch.get(key, np.nan)), (key, sorted(epoch))
     assert torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 1
+
+
+def test_repeat_oversamples_a_source_in_train_and_is_refused_in_val(tmp_path):
+    """``repeat: 3`` shows each image of that source three times per epoch (each time with its own position and
+    augmentation seed), epochs stay functions of (seed, epoch), and val refuses it in one line."""
+    from sidnet.config import DataConfig
+    from sidnet.data.dataset import SeededSampler
+    from sidnet.data.loading import load_records
+
+    split = {"root": str(sample_root()), **SAMPLE_SPLIT}
+    data = DataConfig(train=[{**split, "name": "a"}, {**split, "name": "b", "repeat": 3}], val=split,
+                      class_names=["person"])  # fmt: skip
+    records = load_records(data, "train", project_root=tmp_path)
+    reps = [r.repeat for r in records]
+    assert set(reps) == {1, 3} and reps.count(3) == reps.count(1) > 0
+    sampler = SeededSampler(len(records), seed=5, repeats=reps)
+    sampler.set_epoch(2)
+    pairs = list(sampler)
+    assert len(pairs) == len(sampler) == sum(reps)
+    shown = [i for i, _ in pairs]
+    assert all(shown.count(i) == r for i, r in enumerate(reps))
+    assert len({s for _, s in pairs}) == len(pairs)  # every showing has its own augmentation seed
+    again = SeededSampler(len(records), seed=5, repeats=reps)
+    again.set_epoch(2)
+    assert list(again) == pairs
+    plain = SeededSampler(len(records), seed=5, repeats=[1] * len(records))
+    plain.set_epoch(2)
+    ref = SeededSampler(len(records), seed=5)
+    ref.set_epoch(2)
+    assert list(plain) == list(ref)  # repeat 1 everywhere: the order of runs without repeat, unchanged
+    with pytest.raises(DataError, match=r"data.val source\(s\) \['v'\] set repeat"):
+        load_records(DataConfig(train=split, val=[{**split, "name": "v", "repeat": 2}, {**split, "name": "w"}],
+                                class_names=["person"]), "val", project_root=tmp_path)  # fmt: skip
+    for bad in (0, 1.5, "2", True):
+        with pytest.raises(DataError, match=r"data.train\[1\].repeat = .*whole number >= 1"):
+            load_records(DataConfig(train=[split | {"name": "a"}, split | {"name": "b", "repeat": bad}], val=split,
+                                    class_names=["person"]), "train", project_root=tmp_path)  # fmt: skip

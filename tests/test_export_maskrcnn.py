@@ -49,7 +49,8 @@ def test_pyramid_roi_align_matches_torchvision_and_numpy_reference():
                                    scales=scales, min_level=3).shape == (2, 0, 5, 7, 7)  # fmt: skip
 
 
-@pytest.mark.parametrize("nms", ["scan"])  # "onnx" (NonMaxSuppression) is covered by the plugins export
+# "onnx" (NonMaxSuppression) is covered by the plugins export; "graph" is the torch backend's capturable NMS
+@pytest.mark.parametrize("nms", ["scan", "graph"])
 def test_static_deploy_equals_torchvision_inference(nms):
     torch.manual_seed(0)
     model = build_model_from_spec(SPEC).eval()
@@ -65,6 +66,49 @@ def test_static_deploy_equals_torchvision_inference(nms):
         torch.testing.assert_close(det[i, :k, 4], ref[i]["scores"], atol=1e-5, rtol=0)
         torch.testing.assert_close(det[i, :k, :4], ref[i]["boxes"], atol=1e-3, rtol=0)
         assert not det[i, k:].any()
+    assert bool(deploy.nms_converged)
+
+
+def _random_boxes(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + 10 + torch.rand(n, 2, generator=g) * 60], 1)
+    return boxes, torch.rand(n, generator=g)
+
+
+@pytest.mark.parametrize("iou", [0.3, 0.5, 0.7])
+def test_graph_nms_equals_torchvision_nms(iou):
+    """The capturable matrix-step NMS keeps exactly torchvision's boxes (crowded random boxes, some invalid)."""
+    import torchvision
+
+    from sidnet.export.maskrcnn_deploy import nms_mask
+
+    for seed in range(6):
+        boxes, scores = _random_boxes(400, seed)
+        valid = torch.rand(400, generator=torch.Generator().manual_seed(99 + seed)) > 0.1
+        keep, converged = nms_mask(boxes, scores, valid, iou, "graph")
+        idx = valid.nonzero()[:, 0]
+        ref = torch.zeros_like(valid)
+        ref[idx[torchvision.ops.nms(boxes[idx], scores[idx], iou)]] = True
+        assert bool(converged) and torch.equal(keep, ref), (seed, iou)
+
+
+def test_graph_nms_reports_when_its_steps_fall_short():
+    """A suppression chain longer than the step count: the flag says so (the backend then re-runs the batch with
+    torchvision's NMS); with enough steps the chain resolves exactly (alternate boxes kept)."""
+    from sidnet.export.maskrcnn_deploy import greedy_fixed_point, nms_mask
+
+    n = 12  # box i overlaps only its neighbours (IoU 0.67; 0.43 two apart), scores falling along the chain
+    x = torch.arange(n, dtype=torch.float32) * 2.0
+    boxes = torch.stack([x, torch.zeros(n), x + 10.0, torch.full((n,), 10.0)], 1)
+    scores = torch.linspace(1.0, 0.5, n)
+    valid = torch.ones(n, dtype=torch.bool)
+    keep, converged = nms_mask(boxes, scores, valid, 0.5, "graph", steps=3)
+    assert not bool(converged)
+    keep, converged = nms_mask(boxes, scores, valid, 0.5, "graph", steps=n + 1)
+    assert bool(converged) and keep.tolist() == [i % 2 == 0 for i in range(n)]
+    over = torch.zeros(3, 3, dtype=torch.bool)
+    assert greedy_fixed_point(over, torch.tensor([True, False, True]), 1)[0].tolist() == [True, False, True]
 
 
 @pytest.fixture(scope="module")

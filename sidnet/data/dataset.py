@@ -45,11 +45,21 @@ class SeededSampler(Sampler):
     around to a multiple of ``num_replicas`` (as ``DistributedSampler`` does) and takes positions
     ``rank, rank + num_replicas, ...``: the ranks' shards are disjoint up to the padding, and a sample keeps the
     augmentation seed it has in a one-process run, whatever the number of processes.
+
+    ``repeats`` (one count per index, e.g. ``record.repeat``): index i appears ``repeats[i]`` times per epoch, each
+    time with its own position and seed (oversampling a small source); None = once each.
     """
 
-    def __init__(self, num_samples: int, *, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(self, num_samples: int, *, seed: int, num_replicas: int = 1, rank: int = 0,
+                 repeats: Sequence[int] | None = None) -> None:  # fmt: skip
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        if repeats is not None and len(repeats) != num_samples:
+            raise ValueError(f"repeats has {len(repeats)} counts for {num_samples} samples")
+        self.index = None
+        if repeats is not None and any(r != 1 for r in repeats):
+            self.index = [i for i, r in enumerate(repeats) for _ in range(int(r))]
+            num_samples = len(self.index)
         self.num_samples, self.seed, self.epoch = num_samples, seed, 0
         self.num_replicas, self.rank = num_replicas, rank
 
@@ -62,6 +72,8 @@ class SeededSampler(Sampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.num_samples, generator=g).tolist()
+        if self.index is not None:
+            order = [self.index[k] for k in order]
         seeds = torch.randint(0, 2**62, (self.num_samples,), generator=g).tolist()
         pairs = list(zip(order, seeds, strict=True))
         if self.num_replicas > 1:

@@ -32,6 +32,10 @@ def load_records(data: DataConfig, split: str, *, project_root: Path, masks: boo
     if masks and name == "val" and box_only:
         raise DataError(f"data.val source(s) {box_only} are box_only, but the mask evaluation scores masks on every "
                         "val image: keep box-only sources in data.train (or give them masks)")  # fmt: skip
+    repeated = [s.name for s in sources if s.repeat != 1]
+    if name == "val" and repeated:
+        raise DataError(f"data.val source(s) {repeated} set repeat, which would count their images several times in "
+                        "AP: use repeat in data.train only")  # fmt: skip
     records, reports = load_sources(sources, class_names=data.class_names, masks=masks, lenient=data.lenient)
     for source, report in reports.items():
         if report.total:
@@ -39,6 +43,8 @@ def load_records(data: DataConfig, split: str, *, project_root: Path, masks: boo
     if len(sources) > 1:
         counts = {s.name: sum(r.source == s.name for r in records) for s in sources}
         log.info("%s split: %d images from %s", split, len(records), counts)
+    if repeated:
+        log.info("%s split: repeat per epoch %s", split, {s.name: s.repeat for s in sources if s.repeat != 1})
     return split_part(records, part, parts)
 
 

@@ -25,6 +25,8 @@ class ImageRecord:
         source: name of the data source it came from (a split may hold several, :mod:`sidnet.data.sources`).
         box_only: its source has boxes but no instance masks (``box_only: true``); a mask-predicting task trains its
             box heads on it and leaves the mask head out (:class:`sidnet.models.maskrcnn.PartialMaskRoIHeads`).
+        repeat: how many times an epoch shows it (its source's ``repeat``: oversampling a small source); the
+            training sampler expands it, evaluation never repeats.
     """
 
     path: Path
@@ -37,6 +39,7 @@ class ImageRecord:
     rles: tuple = ()
     source: str = ""
     box_only: bool = False
+    repeat: int = 1
 
     @property
     def is_negative(self) -> bool:

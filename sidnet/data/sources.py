@@ -25,7 +25,7 @@ from .sample import resolve_root
 
 # Keys a source may hold; anything else in a split is a typo and refused.
 SOURCE_KEYS = ("name", "format", "root", "images", "annotations", "labels", "class_map", "num_label_classes",
-               "polygons", "skip_unlabeled", "box_only")  # fmt: skip
+               "polygons", "skip_unlabeled", "box_only", "repeat")  # fmt: skip
 DATA_KEYS = ("root", "train", "val", "class_names", "class_map", "num_label_classes", "negative_ratio", "lenient")
 YAML_SUFFIXES = (".yaml", ".yml")
 # Image ids of source k become k * ID_STRIDE + id in a split of several sources, so ids stay unique (evaluation keys
@@ -48,6 +48,7 @@ class Source:
     polygons: bool = False
     skip_unlabeled: bool = False
     box_only: bool = False  # boxes without instance masks: a mask task trains only its box heads on these images
+    repeat: int = 1  # train: each image of this source is shown this many times per epoch (oversample a small source)
 
 
 def _as_dict(node: Any, where: str) -> dict[str, Any]:
@@ -105,13 +106,17 @@ def split_sources(
         parent = base if root is None or "root" not in d else resolve_root(root, base=base)
         src_root = resolve_root(d.get("root", root), base=parent)
         name = str(d.get("name") or (src_root.name if many else split_name))
+        repeat = d.get("repeat", 1)
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+            raise DataError(f"{here}.repeat = {repeat!r}: give a whole number >= 1 (how many times an epoch shows each "
+                            "image of this source)")  # fmt: skip
         sources.append(Source(name=name, format=str(d["format"]), root=src_root, images=str(d["images"]),
                               annotations=d.get("annotations"), labels=d.get("labels"),
                               class_map=dict(d.get("class_map", class_map) or {}) or None,
                               num_label_classes=int(d.get("num_label_classes", num_label_classes)),
                               polygons=bool(d.get("polygons", False)),
                               skip_unlabeled=bool(d.get("skip_unlabeled", False)),
-                              box_only=bool(d.get("box_only", False))))  # fmt: skip
+                              box_only=bool(d.get("box_only", False)), repeat=repeat))  # fmt: skip
     names = [s.name for s in sources]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -138,8 +143,8 @@ def load_sources(
         if offset and any(not 0 <= r.image_id < ID_STRIDE for r in recs):
             raise DataError(f"source {s.name!r} has image ids outside [0, {ID_STRIDE}); rename its files or use "
                             "COCO ids below that")  # fmt: skip
-        records += [dataclasses.replace(r, source=s.name, image_id=r.image_id + offset, box_only=s.box_only)
-                    for r in recs]  # fmt: skip
+        records += [dataclasses.replace(r, source=s.name, image_id=r.image_id + offset, box_only=s.box_only,
+                                        repeat=s.repeat) for r in recs]  # fmt: skip
         reports[s.name] = report
     return records, reports
 

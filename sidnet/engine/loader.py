@@ -292,7 +292,8 @@ def build_train_loader(
 ) -> tuple[DataLoader, SeededSampler]:
     """The DataLoader over this rank's shard of the (seed, epoch) order: call ``sampler.set_epoch(e)`` per epoch.
     ``batch_size`` is this rank's; ``collate_fn`` defaults to :func:`collate_packed`."""
-    sampler = SeededSampler(len(dataset), seed=seed, num_replicas=world_size, rank=rank)
+    repeats = [r.repeat for r in dataset.records]
+    sampler = SeededSampler(len(dataset), seed=seed, num_replicas=world_size, rank=rank, repeats=repeats)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         collate_fn=collate_fn or collate_packed, worker_init_fn=worker_init_fn, pin_memory=pin_memory,
                         persistent_workers=persistent_workers and workers > 0,

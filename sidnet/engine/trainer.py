@@ -136,7 +136,8 @@ class Trainer:
                                          momentum=o.momentum)  # fmt: skip
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.rank_batch = cfg.batch_size // self.dist.world_size  # batch_size is the global batch
-        steps = math.ceil(math.ceil(len(self.train_set) / self.dist.world_size) / self.rank_batch)
+        shown = sum(r.repeat for r in self.train_set.records)  # images per epoch: a source's repeat counts
+        steps = math.ceil(math.ceil(shown / self.dist.world_size) / self.rank_batch)
         self.steps_per_epoch = min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch > 0 else steps
         self.ema = None
         if o.ema_halflife_epochs > 0:

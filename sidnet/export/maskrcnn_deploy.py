@@ -13,7 +13,12 @@ the ONNX has static shapes throughout and TensorRT can plan it:
   select), which graph surgery turns into one ``sidnet::PyramidRoIAlign`` node for the plugins target.
 - NMS: ``nms="onnx"`` traces ``torchvision.ops.nms`` → ONNX ``NonMaxSuppression`` (TensorRT's INMSLayer);
   ``nms="scan"`` is the same greedy NMS as an ONNX ``Scan`` over the score-sorted IoU matrix, for runtimes without an
-  NMS layer (TensorRT-RTX 1.7 parses NonMaxSuppression but has no kernel for it).
+  NMS layer (TensorRT-RTX 1.7 parses NonMaxSuppression but has no kernel for it); ``nms="graph"`` is the same greedy
+  NMS as a fixed number of matrix steps (no data-dependent shape, no host sync), so the torch backend can capture the
+  whole module in one CUDA graph; :attr:`MaskRCNNDeploy.nms_converged` says whether those steps reached greedy's
+  answer (:func:`greedy_fixed_point`), and the backend re-runs a batch with ``nms="onnx"`` when they did not.
+- ``for_cuda_graphs()`` switches to ``nms="graph"`` and (with the kernels library) the ``csrc/roialign`` pyramid
+  RoIAlign kernel; the box arithmetic stays float32 when the network runs in float16.
 
 Outputs (batch N fixed at export): ``detections`` float32 (N, K, 6) ``[x1, y1, x2, y2, score, class]`` in input
 pixels, score-descending, zero rows after ``num_detections`` int32 (N,); ``masks`` float32 (N, K, 28, 28), each row's
@@ -33,7 +38,8 @@ from torchvision.models.detection.image_list import ImageList
 from sidnet.models.maskrcnn import PersonMaskRCNN, backbone_features, feature_names
 
 OUTPUT_NAMES = ("detections", "num_detections", "masks")
-NMS_MODES = ("onnx", "scan")
+NMS_MODES = ("onnx", "scan", "graph")
+GRAPH_NMS_STEPS = 32  # nms="graph": matrix steps per NMS (greedy's dependency depth on real images is far lower)
 
 
 class PyramidRoIAlign(nn.Module):
@@ -51,6 +57,7 @@ class PyramidRoIAlign(nn.Module):
         self.output_size, self.sampling_ratio, self.scales = output_size, sampling_ratio, [float(s) for s in scales]
         self.canonical_level, self.canonical_size = canonical_level, canonical_size
         self.min_level = round(-math.log2(self.scales[0]))
+        self.kernel = False  # True: the csrc/roialign kernel on CUDA tensors (set by MaskRCNNDeploy.for_cuda_graphs)
 
     def attrs(self) -> dict:
         return {"output_size": int(self.output_size), "sampling_ratio": int(self.sampling_ratio),
@@ -75,13 +82,21 @@ class PyramidRoIAlign(nn.Module):
         gx = (x0[..., None] + steps * bw[..., None]) / (w - 1) * 2 - 1  # (N, R, Q)
         gy = (y0[..., None] + steps * bh[..., None]) / (h - 1) * 2 - 1
         grid = torch.stack([gx[:, :, None, :].expand(n, r, q, q), gy[:, :, :, None].expand(n, r, q, q)], dim=-1)
-        out = F.grid_sample(feature, grid.reshape(n, r * q, q, 2), mode="bilinear", padding_mode="border",
-                            align_corners=True)  # fmt: skip
+        grid = grid.reshape(n, r * q, q, 2)
+        grid = grid if grid.dtype == feature.dtype else grid.to(feature.dtype)  # float16 features (torch backend)
+        out = F.grid_sample(feature, grid, mode="bilinear", padding_mode="border", align_corners=True)
         out = F.avg_pool2d(out, sr) if sr > 1 else out  # (N, C, R·P, P): each bin's sr×sr samples averaged
         return out.reshape(n, c, r, p, p).permute(0, 2, 1, 3, 4)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         *features, rois = inputs
+        if self.kernel and rois.is_cuda:
+            from sidnet.kernels import pyramid_roi_align
+
+            size = (self.output_size, self.output_size)
+            return pyramid_roi_align(list(features), rois, output_size=size, sampling_ratio=self.sampling_ratio,
+                                     scales=self.scales, canonical_level=self.canonical_level,
+                                     canonical_size=self.canonical_size)  # fmt: skip
         levels = self.levels(rois)[..., None, None, None]
         out = None
         for i, (feature, scale) in enumerate(zip(features, self.scales, strict=True)):
@@ -115,18 +130,40 @@ def _greedy_scan(over: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def nms_mask(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor, iou: float, mode: str) -> torch.Tensor:
+def greedy_fixed_point(over: torch.Tensor, valid: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy NMS over score-sorted boxes in ``steps`` matrix steps: ``over[i, j]`` = box i suppresses j (j after i),
+    ``valid`` (P,) the boxes taking part. Returns (keep (P,), converged ()).
+
+    Greedy's answer is the one fixed point of ``keep = valid & ~(overᵀ · keep)`` (box j's fate depends only on the
+    boxes before it, so the fixed point is unique), and iterating from ``keep = valid`` fixes box j for good once the
+    boxes it depends on are fixed: after d + 1 steps every box whose suppression chain is at most d long is exact.
+    ``converged`` is True when the last step changed nothing, i.e. when ``keep`` is exactly greedy's answer."""
+    o = over.to(torch.float16 if over.is_cuda else torch.float32)  # 0/1 entries: exact sums in either dtype
+    keep = prev = valid
+    for _ in range(steps):
+        prev = keep
+        keep = valid & ~((keep.to(o.dtype)[None, :] @ o)[0] > 0)
+    return keep, (keep == prev).all()
+
+
+def nms_mask(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor, iou: float, mode: str,
+             steps: int = GRAPH_NMS_STEPS) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """Keep mask (P,) of greedy NMS over the ``valid`` boxes of one image (invalid ones neither kept nor
-    suppressing). Ties in score resolve like torchvision's (stable order)."""
+    suppressing), and for ``mode="graph"`` whether its steps converged (else None). Ties in score resolve like
+    torchvision's (stable order)."""
     boxes = torch.where(valid[:, None], boxes, torch.zeros_like(boxes))  # empty boxes overlap nothing
     if mode == "onnx":
         keep = torchvision.ops.nms(boxes, scores, iou)
-        return torch.zeros_like(valid).index_fill(0, keep, True) & valid
+        return torch.zeros_like(valid).index_fill(0, keep, True) & valid, None
     order = torch.topk(torch.where(valid, scores, torch.full_like(scores, -1.0)), scores.shape[0]).indices
     sorted_boxes = boxes[order]
     over = torch.triu(_iou_matrix(sorted_boxes) > iou, diagonal=1)
-    keep_sorted = _greedy_scan(over)
-    return torch.zeros_like(valid).scatter(0, order, keep_sorted) & valid
+    converged = None
+    if mode == "graph":
+        keep_sorted, converged = greedy_fixed_point(over, valid[order], steps)
+    else:
+        keep_sorted = _greedy_scan(over)
+    return torch.zeros_like(valid).scatter(0, order, keep_sorted) & valid, converged
 
 
 def _topk_rows(scores: torch.Tensor, keep: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,6 +201,29 @@ class MaskRCNNDeploy(nn.Module):
         counts = [f.shape[2] * f.shape[3] * rpn.anchor_generator.num_anchors_per_location()[0] for f in feats.values()]
         self.register_buffer("anchors", anchors[0], persistent=False)  # (sum_l H_l·W_l·A, 4), torchvision's order
         self.level_counts = counts
+        # nms="graph": whether the last forward's NMS steps all converged (written in place, so a CUDA graph's
+        # replay updates it too); True for the other modes.
+        self.register_buffer("nms_converged", torch.ones((), dtype=torch.bool), persistent=False)
+        self.nms_steps = GRAPH_NMS_STEPS
+
+    def for_cuda_graphs(self, *, kernels: bool) -> MaskRCNNDeploy:
+        """``nms="graph"`` (capturable) and, when ``kernels``, the csrc pyramid RoIAlign for both poolers."""
+        self.nms = "graph"
+        self.box_pool.kernel = self.mask_pool.kernel = kernels
+        return self
+
+    def _apply(self, fn, *args, **kwargs):  # .half() / .to(dtype) cast the network, never the box arithmetic
+        out = super()._apply(fn, *args, **kwargs)
+        self.anchors = self.anchors.float()
+        return out
+
+    def _nms(self, boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor, iou: float) -> torch.Tensor:
+        """Keep masks (N, P) of per-image NMS; records convergence for nms="graph"."""
+        keeps, flags = zip(*(nms_mask(boxes[i], scores[i], valid[i], iou, self.nms, self.nms_steps)
+                             for i in range(boxes.shape[0])), strict=True)  # fmt: skip
+        if self.nms == "graph":
+            self.nms_converged.copy_(torch.stack(flags).all() & self.nms_converged)
+        return torch.stack(keeps)
 
     def proposals(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, post_nms, 4) proposals by score, (N, post_nms) validity."""
@@ -173,9 +233,9 @@ class MaskRCNNDeploy(nn.Module):
         boxes, scores, level_ids = [], [], []
         start = 0
         for lvl, (o, d, count) in enumerate(zip(obj, deltas, self.level_counts, strict=True)):
-            o = o.permute(0, 2, 3, 1).reshape(n, -1)  # torchvision's permute_and_flatten: (N, H·W·A)
+            o = o.float().permute(0, 2, 3, 1).reshape(n, -1)  # torchvision's permute_and_flatten: (N, H·W·A)
             a = o.shape[1] // (d.shape[2] * d.shape[3])
-            d = d.view(n, a, 4, d.shape[2], d.shape[3]).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
+            d = d.float().view(n, a, 4, d.shape[2], d.shape[3]).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
             k = min(self.pre_nms, count)
             top, idx = o.topk(k, dim=1)
             anchors = self.anchors[start : start + count][idx]  # (N, k, 4)
@@ -189,7 +249,7 @@ class MaskRCNNDeploy(nn.Module):
         wh = boxes[..., 2:] - boxes[..., :2]
         valid = (wh >= 1e-3).all(-1) & (scores >= 0.0)
         offset = (lvl * (size + 1))[:, None]
-        keep = torch.stack([nms_mask(boxes[i] + offset, scores[i], valid[i], self.rpn_nms, self.nms) for i in range(n)])
+        keep = self._nms(boxes + offset, scores, valid, self.rpn_nms)
         top, idx = _topk_rows(scores, keep, self.post_nms)
         props = torch.gather(F.pad(boxes, (0, 0, 0, max(0, self.post_nms - boxes.shape[1]))), 1,
                              idx[..., None].expand(n, self.post_nms, 4))  # fmt: skip
@@ -197,6 +257,8 @@ class MaskRCNNDeploy(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         net, size = self.model.net, float(self.model.input_size)
+        if self.nms == "graph":
+            self.nms_converged.fill_(True)
         fmap = backbone_features(self.model, images)
         feats = list(fmap.values())
         pooled_maps = feats[: len(self.box_pool.scales)]
@@ -204,11 +266,12 @@ class MaskRCNNDeploy(nn.Module):
         n, r = props.shape[:2]
         pooled = self.box_pool(*pooled_maps, props)
         logits, regression = net.roi_heads.box_predictor(net.roi_heads.box_head(pooled.flatten(0, 1)))
+        logits, regression = logits.float(), regression.float()
         scores = F.softmax(logits, -1)[:, 1].view(n, r)
         boxes = self.box_coder.decode_single(regression[:, 4:8], props.reshape(-1, 4)).view(n, r, 4).clamp(0.0, size)
         wh = boxes[..., 2:] - boxes[..., :2]
         valid = prop_valid & (scores > net.roi_heads.score_thresh) & (wh >= 1e-2).all(-1)
-        keep = torch.stack([nms_mask(boxes[i], scores[i], valid[i], self.box_nms, self.nms) for i in range(n)])
+        keep = self._nms(boxes, scores, valid, self.box_nms)
         top, idx = _topk_rows(scores, keep, self.topk)
         det_boxes = torch.gather(F.pad(boxes, (0, 0, 0, max(0, self.topk - r))), 1,
                                  idx[..., None].expand(n, self.topk, 4))  # fmt: skip
@@ -216,7 +279,7 @@ class MaskRCNNDeploy(nn.Module):
         det = torch.cat([det_boxes, top[..., None], torch.zeros_like(top)[..., None]], -1)
         det = torch.where(ok[..., None], det, torch.zeros_like(det))
         mask_feats = net.roi_heads.mask_head(self.mask_pool(*pooled_maps, det[..., :4]).flatten(0, 1))
-        mask_logits = net.roi_heads.mask_predictor(mask_feats)[:, 1]
+        mask_logits = net.roi_heads.mask_predictor(mask_feats)[:, 1].float()
         masks = torch.sigmoid(mask_logits).view(n, self.topk, *mask_logits.shape[-2:])
         masks = torch.where(ok[..., None, None], masks, torch.zeros_like(masks))
         return det, ok.sum(1).to(torch.int32), masks

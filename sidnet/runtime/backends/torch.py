@@ -31,7 +31,7 @@ from sidnet.runtime.artifact import ArtifactInfo
 from sidnet.runtime.errors import DeployError
 
 log = logging.getLogger("sidnet.runtime")
-Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Forward = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # (dets (N, K, 6), num (N,), *extra per-image outputs)
 
 
 def letterbox_geometry(h: int, w: int, size: int) -> LetterboxInfo:
@@ -118,8 +118,9 @@ class _null:
 
 
 class GraphRunner:
-    """``forward`` (static-shape friendly: (N, 3, S, S) → (dets (N, K, 6) fp32, num (N,))) captured in one CUDA graph
-    per batch size, plus GPU letterbox and pinned output buffers. On CPU: eager, no graphs."""
+    """``forward`` (static-shape friendly: (N, 3, S, S) → (dets (N, K, 6) fp32, num (N,), *extra outputs such as
+    Mask R-CNN's masks)) captured in one CUDA graph per batch size, plus GPU letterbox and pinned output buffers. On
+    CPU: eager, no graphs. The frames path (:meth:`submit_frames`) carries dets and num only."""
 
     def __init__(self, forward: Forward, *, info: ArtifactInfo, device: torch.device, dtype: torch.dtype,
                  channels_last: bool, graphs: bool = True, max_batch: int | None = None) -> None:  # fmt: skip
@@ -178,48 +179,46 @@ class GraphRunner:
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, stream=self.stream):
-            dets, num = self.forward(x)
-        slot.update(graph=graph, dets=dets, num=num,
-                    host_dets=torch.empty(dets.shape, dtype=dets.dtype, pin_memory=True),
-                    host_num=torch.empty(num.shape, dtype=num.dtype, pin_memory=True),
+            outs = tuple(self.forward(x))
+        slot.update(graph=graph, outs=outs, dets=outs[0], num=outs[1],
+                    host=tuple(torch.empty(o.shape, dtype=o.dtype, pin_memory=True) for o in outs),
                     done=torch.cuda.Event())  # fmt: skip
         self._static[n] = slot
         log.debug("captured a CUDA graph for batch %d", n)
         return slot
 
-    def run(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the network on ``slot(n)['input']`` (already filled); device tensors."""
+    def run(self, n: int) -> tuple[torch.Tensor, ...]:
+        """Run the network on ``slot(n)['input']`` (already filled); device tensors (dets, num, *extra)."""
         slot = self.slot(n)
         if not self.graphs:
             with torch.no_grad():
-                return self.forward(slot["input"])
+                return tuple(self.forward(slot["input"]))
         slot["graph"].replay()
-        return slot["dets"], slot["num"]
+        return slot["outs"]
 
-    def _to_host(self, n: int, dets: torch.Tensor, num: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def _to_host(self, n: int, outs: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, ...]:
         slot = self._static[n]
-        if "host_dets" not in slot:  # eager (CPU, or a forward that cannot be captured)
-            return dets.float().cpu().numpy(), num.cpu().numpy()
-        slot["host_dets"].copy_(dets, non_blocking=True)
-        slot["host_num"].copy_(num, non_blocking=True)
+        if "host" not in slot:  # eager (CPU, or a forward that cannot be captured)
+            return tuple(o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy() for o in outs)
+        for h, o in zip(slot["host"], outs, strict=True):
+            h.copy_(o, non_blocking=True)
         slot["done"].record()
         slot["done"].synchronize()
-        return slot["host_dets"].numpy().copy(), slot["host_num"].numpy().copy()
+        return tuple(h.numpy().copy() for h in slot["host"])
 
     def _stream_ctx(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else _null()
 
     @torch.no_grad()
-    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
         n = images.shape[0]
         b = self.bucket(n)
         slot = self.slot(b)
         with self._stream_ctx():
             images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
             slot["input"][:n].copy_(images)
-            dets, num = self.run(b)
-            d, k = self._to_host(b, dets, num)
-        return d[:n], k[:n]
+            outs = self._to_host(b, self.run(b))
+        return tuple(o[:n] for o in outs)
 
     @torch.no_grad()
     def infer_frames(self, frames: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[LetterboxInfo]]:
@@ -229,8 +228,7 @@ class GraphRunner:
         uploaded = self.letterbox.upload(frames)
         with self._stream_ctx():
             infos = self.letterbox(uploaded, slot["input"])
-            dets, num = self.run(b)
-            d, k = self._to_host(b, dets, num)
+            d, k = self._to_host(b, self.run(b))[:2]
         return d[:n], k[:n], infos
 
     # ---------------------------------------------------------------- frames → detections, one graph per batch
@@ -245,7 +243,7 @@ class GraphRunner:
             fs = {"u8": torch.zeros((b, h, w, 3), dtype=torch.uint8, device=self.device),
                   "staging": torch.empty((b, h, w, 3), dtype=torch.uint8, pin_memory=True),
                   "uploaded": torch.cuda.Event(), "free": torch.cuda.Event(), "done": torch.cuda.Event()}  # fmt: skip
-            if dets is not None:
+            if dets is not None:  # (the frames path carries dets and num; extra outputs stay on the device)
                 fs["host_dets"] = torch.empty(dets.shape, dtype=dets.dtype, pin_memory=True)
                 fs["host_num"] = torch.empty(reg["num"].shape, dtype=reg["num"].dtype, pin_memory=True)
             fs["free"].record(self.stream)
@@ -323,7 +321,7 @@ class GraphRunner:
         with torch.cuda.stream(self.stream):
             info = letterbox_into(fs["u8"], self.slot(b)["input"], size=self.info.input_size)
             fs["free"].record(self.stream)
-            dets, num = self.run(b)
+            dets, num = self.run(b)[:2]
             if "host_dets" in fs:
                 fs["host_dets"].copy_(dets, non_blocking=True)
                 fs["host_num"].copy_(num, non_blocking=True)
@@ -408,37 +406,70 @@ def load_checkpoint_model(path: Path):
     return model, info
 
 
-class DeployModuleBackend:
-    """Any model with an export adapter (:mod:`sidnet.export.adapters`) run eagerly through the very module its export
-    traces (``adapter.deploy``): for Mask R-CNN the static-shape :class:`~sidnet.export.maskrcnn_deploy.MaskRCNNDeploy`,
-    so the torch and onnxruntime backends return the same ``(dets, num[, masks])`` contract. FP32; CPU or CUDA; no
-    CUDA graphs. The YOLOv2 family takes the tuned :class:`TorchBackend` instead."""
+class DeployModuleBackend(GraphRunner):
+    """Any model with an export adapter (:mod:`sidnet.export.adapters`) run through the very module its export traces
+    (``adapter.deploy``): for Mask R-CNN the static-shape :class:`~sidnet.export.maskrcnn_deploy.MaskRCNNDeploy`, so
+    the torch and onnxruntime backends return the same ``(dets, num[, masks])`` contract. The YOLOv2 family takes the
+    tuned :class:`TorchBackend` instead.
+
+    On a CUDA GPU (default FP16, channels_last): one CUDA graph per batch bucket holding the whole module, with the
+    module's capturable NMS and the csrc pyramid RoIAlign when the kernels library is built (``kernels``). The graph
+    NMS runs a fixed number of matrix steps; when a batch's steps did not reach greedy NMS's answer (the module's
+    ``nms_converged`` flag, read with the outputs), that batch is run again eagerly with torchvision's NMS, so results
+    never depend on the step count (``nms_reruns`` counts them). On a CPU: FP32, eager."""
 
     name = "torch"
-    max_batch = None
-    gpu_preprocess = False
 
     def __init__(self, model, info: ArtifactInfo, *, device: str = "auto", conf_thresh: float = 0.001,
-                 topk: int = 100, precision: str | None = None) -> None:  # fmt: skip
+                 topk: int = 100, precision: str | None = None, graphs: bool = True,
+                 kernels: bool | None = None) -> None:  # fmt: skip
         from sidnet.export.adapters import adapter_for
 
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                            ("cpu" if device == "auto" else device))  # fmt: skip
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise DeployError("--device cuda but torch sees no CUDA GPU: use --device cpu")
+        cuda = dev.type == "cuda"
         adapter = adapter_for(model, source=str(info.path))
-        if precision not in (None, "fp32"):
-            raise DeployError(f"the torch backend runs a {adapter.family} checkpoint in fp32 only, not {precision!r}")
-        info.precision, info.topk, info.conf_thresh = "fp32", topk, conf_thresh
-        self.info, self.device = info, dev
-        self.net = adapter.deploy(model.float(), conf_thresh=conf_thresh, topk=topk, backend="onnx").eval().to(dev)
+        precision = precision or ("fp16" if cuda else "fp32")
+        if precision not in ("fp32", "fp16") or (precision == "fp16" and not cuda):
+            raise DeployError(f"the torch backend runs a {adapter.family} checkpoint in fp32 (or fp16 on a CUDA GPU), "
+                              f"not {precision!r} on {dev.type}")  # fmt: skip
+        dtype = torch.float16 if precision == "fp16" else torch.float32
+        info.precision, info.topk, info.conf_thresh = precision, topk, conf_thresh
+        net = adapter.deploy(model.float(), conf_thresh=conf_thresh, topk=topk, backend="onnx").eval()
+        graphs = graphs and cuda and hasattr(net, "for_cuda_graphs")
+        if graphs:
+            torch.backends.cudnn.benchmark = True
+            self.kernels = bool(_kernels_available() if kernels is None else kernels)
+            net.for_cuda_graphs(kernels=self.kernels)
+        else:
+            self.kernels = False
+        net = net.to(dev, dtype)
+        if cuda:
+            net = net.to(memory_format=torch.channels_last)
+        self.net, self.nms_reruns = net, 0
+        super().__init__(net, info=info, device=dev, dtype=dtype, channels_last=cuda, graphs=graphs)
+        self.gpu_preprocess = False  # the Detector letterboxes (the frames path carries boxes only)
 
     @torch.no_grad()
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
-        outs = self.net(torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(self.device))
-        return tuple(o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy() for o in outs)
+        outs = super().infer(images)
+        if self.graphs and not bool(self.net.nms_converged):
+            self.nms_reruns += 1
+            log.info("graph NMS did not converge for a batch of %d: re-run with torchvision's NMS", len(images))
+            mode, self.net.nms = self.net.nms, "onnx"
+            try:
+                x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, self.dtype)
+                x = x.contiguous(memory_format=torch.channels_last)
+                outs = tuple(o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy()
+                             for o in self.net(x))  # fmt: skip
+            finally:
+                self.net.nms = mode
+        return outs
 
     def close(self) -> None:
+        super().close()
         self.net = None
 
 
@@ -491,7 +522,7 @@ def open_backend(path: Path, **options) -> TorchBackend | DeployModuleBackend:
     model, info = load_checkpoint_model(Path(path))
     if isinstance(model, YOLOv2):
         return TorchBackend(model, info, **options)
-    unknown = set(options) - {"device", "conf_thresh", "topk", "precision"}
+    unknown = set(options) - {"device", "conf_thresh", "topk", "precision", "graphs", "kernels"}
     if unknown:
         raise DeployError(f"torch backend options {sorted(unknown)} apply to the YOLOv2 family only, not {info.model}")
     return DeployModuleBackend(model, info, **options)

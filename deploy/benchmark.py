@@ -5,6 +5,7 @@
     python -m deploy.benchmark --parts torch compile --compile-batches 1 64     # vs torch.compile, same run
     python -m deploy.benchmark --parts e2e --e2e-streams 1 4 16 32 --e2e-clips 576p 576p-h264 1080p-h264 \\
         --e2e-decode process nvdec --e2e-realtime 64 128 --stem pipeline_h200     # python -m deploy's real pipeline
+    python -m deploy.benchmark --parts maskrcnn --maskrcnn-checkpoint runs/maskrcnn/best.pt   # Mask R-CNN variants
 
 Your own artifacts, on a CPU or a GPU, through the Detector a deployment uses (artifact_benchmark):
 
@@ -24,7 +25,8 @@ import json
 import sys
 from pathlib import Path
 
-PARTS = ("eager", "torch", "compiled", "compile", "compile-ours", "e2e", "e2e-host", "ort")
+PARTS = ("eager", "torch", "compiled", "compile", "compile-ours", "e2e", "e2e-host", "ort", "maskrcnn")
+SHARED_VAL = Path("../shared/data/coco128/images/val2017")
 SHARED_VIDEO = Path("../shared/data/video")
 DEFAULT_PARTS = ["eager", "torch", "e2e"]
 STOPPED = "benchmark interrupted: the rows timed so far were not written; run the same command again"
@@ -74,6 +76,15 @@ def main(argv: list[str] | None = None) -> dict | None:
                    help="stream counts to run paced at --e2e-fps (the 576p clip, process decode, first backend)")
     e.add_argument("--e2e-fps", type=float, default=30.0)
     e.add_argument("--clip-1080", type=Path, help="an existing 1080p H.264 clip instead of making one (needs av)")
+    m = p.add_argument_group("maskrcnn (torchvision eager vs the torch backend's static deploy module)")
+    m.add_argument("--maskrcnn-checkpoint", type=Path, help="a trained Mask R-CNN .pt (default: random weights)")
+    m.add_argument("--maskrcnn-images", type=Path, help="real images to time on (default: ../shared/data/coco128/"
+                   "images/val2017, else the bundled sample)")  # fmt: skip
+    m.add_argument("--maskrcnn-size", type=int, default=512, help="input size for random weights (default 512)")
+    m.add_argument("--maskrcnn-count", type=int, default=64, help="images to load (default 64)")
+    m.add_argument("--maskrcnn-iters", type=int, default=64, help="calls per timing round at batch 1 (default 64)")
+    m.add_argument("--maskrcnn-topk", type=int, default=100, help="the deploy module's detection rows (default 100)")
+    m.add_argument("--no-compile", action="store_true", help="maskrcnn: skip the torch.compile rows")
     args = p.parse_args(argv)
     import torch
 
@@ -89,6 +100,11 @@ def main(argv: list[str] | None = None) -> dict | None:
                              interrupted=STOPPED)  # fmt: skip
         return _report(result, args)
     parts = set(args.parts or DEFAULT_PARTS)
+    if "maskrcnn" in parts:  # runs on a CPU too (its FP32 rows), so before the GPU-only dispatch below
+        run_guarded(lambda: maskrcnn_part(args, cuda=cuda), verbose=args.verbose, interrupted=STOPPED)
+        parts.discard("maskrcnn")
+        if not parts:
+            return None
     if parts & {"e2e", "e2e-host"} and not args.video.is_file():
         raise SystemExit(f"error: --video {args.video} not found: the end-to-end parts decode it")
     if not cuda:
@@ -163,6 +179,66 @@ def e2e(args) -> None:
     for d in detectors.values():
         d.close()
     print(f"results: {args.out}/{args.stem}.md", file=sys.stderr)
+
+
+def maskrcnn_part(args, *, cuda: bool) -> dict:
+    """Mask R-CNN rows (:mod:`sidnet.runtime.benchmark_maskrcnn`): <out>/<stem>_maskrcnn.json/.md."""
+    from sidnet.data.sample import sample_root
+    from sidnet.environment import environment
+    from sidnet.io import atomic_write_text
+    from sidnet.progress import print_table
+    from sidnet.runtime import benchmark_maskrcnn as bm
+
+    ckpt = args.maskrcnn_checkpoint
+    if ckpt is not None and not ckpt.is_file():
+        raise FileNotFoundError(f"--maskrcnn-checkpoint {ckpt} not found: pass a best.pt/last.pt of a model=maskrcnn "
+                                "training run")  # fmt: skip
+    if ckpt is None:
+        ckpt = _random_maskrcnn(args.work_dir, args.maskrcnn_size, topk=args.maskrcnn_topk)
+        source = "random weights (not trained)"
+    else:
+        source = f"trained checkpoint {ckpt}"
+    from sidnet.checkpoint import load_checkpoint
+
+    spec = load_checkpoint(ckpt)["model"]
+    if spec["name"] != "maskrcnn":
+        raise ValueError(f"--maskrcnn-checkpoint {ckpt} holds model {spec['name']!r}, not maskrcnn")
+    folder = args.maskrcnn_images or (SHARED_VAL if SHARED_VAL.is_dir() else sample_root() / "images" / "val2017")
+    images = bm.load_images(folder, spec["input_size"], args.maskrcnn_count)
+    batches = tuple(args.batches or (1, 8))
+    result = bm.maskrcnn_rows(ckpt, images, batches=batches, iters=args.maskrcnn_iters,
+                              compile_trunk=not args.no_compile, topk=args.maskrcnn_topk,
+                              on_row=lambda r: print(f"{r['variant']:70s} bs {r['batch']:3d}: {r['img_s']:8.1f} img/s "
+                                                     f"({r['x_eager_fp32']:.2f}x)", flush=True))  # fmt: skip
+    env = environment("cuda" if cuda else "cpu")
+    env["command"] = "python -m deploy.benchmark " + " ".join(sys.argv[1:])
+    result.update(env=env, weights=source, images=f"{len(images)} from {folder}", input_size=spec["input_size"])
+    stem = (args.stem or "deploy") + "_maskrcnn"
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out / f"{stem}.md", bm.markdown(result, env, source=f"{source}; {result['images']}",
+                                                           size=spec["input_size"]))  # fmt: skip
+    print_table(f"Mask R-CNN on {env['device']}", ["variant", "batch", "img/s", "x eager FP32"],
+                [(r["variant"], r["batch"], r["img_s"], f"{r['x_eager_fp32']:.2f}x") for r in result["rows"]])
+    print(f"results: {args.out}/{stem}.md", file=sys.stderr)
+    return result
+
+
+def _random_maskrcnn(work_dir: Path, size: int, *, topk: int) -> Path:
+    """Random weights, torchvision's eager model keeping at most ``topk`` detections (as the deploy module)."""
+    import torch
+
+    from sidnet.checkpoint import build_model_from_spec, save_checkpoint
+
+    path = work_dir / f"maskrcnn_random_{size}_{topk}.pt"
+    if not path.is_file():
+        torch.manual_seed(0)
+        spec = {"name": "maskrcnn", "anchors": None, "num_classes": 1, "input_size": size,
+                "kwargs": {"pretrained": None, "detections_per_img": topk}}  # fmt: skip
+        work_dir.mkdir(parents=True, exist_ok=True)
+        save_checkpoint({"model": spec, "model_state": build_model_from_spec(spec).state_dict(), "ema": None,
+                         "epoch": 0, "config": {"data": {"class_names": ["person"]}}}, path)  # fmt: skip
+    return path
 
 
 def run_artifacts(artifacts: list[tuple[str, Path]], args, *, cuda: bool, skipped: list[str]) -> dict:

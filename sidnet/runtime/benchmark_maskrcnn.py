@@ -67,15 +67,16 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
 
 
-def agreement(ref: tuple[np.ndarray, ...], other: tuple[np.ndarray, ...]) -> dict:
-    """How well ``other``'s (dets, num, masks) reproduce ``ref``'s: the share of ref's detections at score ≥ 0.3 that
-    ``other`` has at IoU ≥ 0.9 (greedy by score), and the mean IoU of the matched 28×28 masks (thresholded at 0.5)."""
+def agreement(ref: tuple[np.ndarray, ...], other: tuple[np.ndarray, ...], *, min_score: float = MATCH_SCORE) -> dict:
+    """How well ``other``'s (dets, num, masks) reproduce ``ref``'s: the share of ref's detections at score ≥
+    ``min_score`` that ``other`` has at IoU ≥ 0.9 (greedy by score), and the mean IoU of the matched 28×28 masks
+    (thresholded at 0.5)."""
     matched = total = 0
     mask_ious = []
     for i in range(len(ref[1])):
         a = ref[0][i, : int(ref[1][i])]
         b = other[0][i, : int(other[1][i])]
-        keep_a = np.nonzero(a[:, 4] >= MATCH_SCORE)[0]
+        keep_a = np.nonzero(a[:, 4] >= min_score)[0]
         total += len(keep_a)
         if not len(keep_a) or not len(b):
             continue

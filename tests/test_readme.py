@@ -178,6 +178,10 @@ CASES: dict[str, tuple[Step, ...]] = {
     "python -m deploy runs/maskrcnn/best.pt cam0=../shared/data/video/pedestrians_200.mp4 --out outputs/deploy_seg": (
         runr({"runs/maskrcnn/best.pt": "{maskrcnn}/best.pt", "outputs/deploy_seg": "{tmp}/deploy"}, "--max-frames",
              "2", "--no-progress", "--device", "cpu"),),
+    "python -m deploy.benchmark --parts maskrcnn --maskrcnn-checkpoint runs/maskrcnn/best.pt": (  # CPU rows only
+        runr({"runs/maskrcnn/best.pt": "{maskrcnn}/best.pt"}, "--maskrcnn-count", "2", "--maskrcnn-iters", "1",
+             "--maskrcnn-topk", "5", "--batches", "1", "--maskrcnn-images", "sidnet/sample/images/val2017", "--out",
+             "{tmp}/bench", "--work-dir", "{tmp}/work"),),
     "python -m deploy runs/sidnet_mobilenetv2/export/fp32/model.onnx cam0=../shared/data/video/pedestrians_200.mp4 "
     "--zones conf/zones/pedestrians_200.yaml --out outputs/deploy": (
         runr({"runs/sidnet_mobilenetv2/export/fp32/model.onnx": "{mnv2_onnx}", "outputs/deploy": "{tmp}/deploy"},

@@ -7,7 +7,8 @@
 #     sanitize  csrc/tests/kernelsSmoke under compute-sanitizer (memcheck, racecheck, synccheck, initcheck)
 #     tests     build, every GPU test under tests/ (pytest -m gpu)
 #     bench     every benchmark (kernels, training throughput, Mask R-CNN)
-#     bench-maskrcnn  Mask R-CNN img/s + pyramid RoIAlign vs torchvision (benchmarks/maskrcnn.py)
+#     bench-maskrcnn  Mask R-CNN img/s (python -m deploy.benchmark --parts maskrcnn; $MASKRCNN_CHECKPOINT: a trained
+#                    .pt) + pyramid RoIAlign vs torchvision (benchmarks/maskrcnn.py)
 #     all       build, tests, bench, sanitize
 #     deploy    build, the runtime GPU tests (tests/test_runtime_gpu.py)
 #     bench-deploy   python -m deploy.benchmark (eager baseline, torch and compiled backends, end to end, onnxruntime
@@ -138,8 +139,10 @@ bench_train() { step bench-train train_throughput.log python3 benchmarks/train_t
 # Mask R-CNN img/s (eager FP32, FP16 + channels_last, compiled trunk) and the pyramid RoIAlign kernel vs torchvision;
 # MASKRCNN_CHECKPOINT: a trained best.pt (benchmarks/train_maskrcnn_coco128.sh), else untrained weights.
 bench_maskrcnn() {
-    step bench-maskrcnn maskrcnn.log python3 benchmarks/maskrcnn.py --out "$OUT" \
-        --images "${SIDNET_COCO128:-../shared/data/coco128}/images/val2017" ${MASKRCNN_CHECKPOINT:+--checkpoint "$MASKRCNN_CHECKPOINT"}
+    step bench-roialign roialign.log python3 benchmarks/maskrcnn.py --out "$OUT"
+    step bench-maskrcnn maskrcnn.log python3 -m deploy.benchmark --parts maskrcnn --out "$OUT" --stem gpu \
+        --maskrcnn-images "${SIDNET_COCO128:-../shared/data/coco128}/images/val2017" \
+        ${MASKRCNN_CHECKPOINT:+--maskrcnn-checkpoint "$MASKRCNN_CHECKPOINT"}
 }
 VIDEO=${SIDNET_VIDEO:-../shared/data/video/pedestrians_200.mp4}
 bench_deploy() {

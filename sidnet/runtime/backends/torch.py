@@ -34,6 +34,14 @@ log = logging.getLogger("sidnet.runtime")
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # (dets (N, K, 6), num (N,), *extra per-image outputs)
 
 
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → cuda when torch sees a GPU, else cpu; an explicit cuda without one is a one-line DeployError."""
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeployError("--device cuda but torch sees no CUDA GPU: use --device cpu")
+    return dev
+
+
 def letterbox_geometry(h: int, w: int, size: int) -> LetterboxInfo:
     """The placement :func:`sidnet.letterbox.letterbox` uses (same rounding), without touching pixels."""
     scale = size / max(h, w)
@@ -425,10 +433,7 @@ class DeployModuleBackend(GraphRunner):
                  kernels: bool | None = None) -> None:  # fmt: skip
         from sidnet.export.adapters import adapter_for
 
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           ("cpu" if device == "auto" else device))  # fmt: skip
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise DeployError("--device cuda but torch sees no CUDA GPU: use --device cpu")
+        dev = resolve_device(device)
         cuda = dev.type == "cuda"
         adapter = adapter_for(model, source=str(info.path))
         precision = precision or ("fp16" if cuda else "fp32")
@@ -482,10 +487,7 @@ class TorchBackend(GraphRunner):
                  kernel_stem: bool | None = None) -> None:  # fmt: skip
         from sidnet.models.fuse import fuse_for_inference
 
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           ("cpu" if device == "auto" else device))  # fmt: skip
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise DeployError("--device cuda but torch sees no CUDA GPU: use --device cpu")
+        dev = resolve_device(device)
         precision = precision or ("fp16" if dev.type == "cuda" else "fp32")
         if precision not in ("fp16", "fp32"):
             raise DeployError(f"torch backend precision {precision!r}: use fp16 or fp32")

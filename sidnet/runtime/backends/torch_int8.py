@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 
 from sidnet.runtime.artifact import onnx_info
-from sidnet.runtime.backends.torch import GraphRunner, decode_tail
+from sidnet.runtime.backends.torch import GraphRunner, decode_tail, resolve_device
 from sidnet.runtime.errors import DeployError
 
 
@@ -34,10 +34,7 @@ class Int8Backend(GraphRunner):
         if precision not in (None, "int8"):
             raise DeployError(f"{path} is an ONNX file: the torch backend runs an ONNX only as INT8 (its Q/DQ "
                               f"graph), not {precision!r}; pass the checkpoint (.pt) for {precision}")  # fmt: skip
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           ("cpu" if device == "auto" else device))  # fmt: skip
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise DeployError("--device cuda but torch sees no CUDA GPU: use --device cpu")
+        dev = resolve_device(device)
         info = onnx_info(path)
         try:
             self.plan = plan_from_onnx(path)

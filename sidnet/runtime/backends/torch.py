@@ -125,6 +125,11 @@ class _null:
         return False
 
 
+def _numpy(outs: Sequence[torch.Tensor]) -> tuple[np.ndarray, ...]:
+    """Device outputs → host arrays (floating ones as float32)."""
+    return tuple(o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy() for o in outs)
+
+
 class GraphRunner:
     """``forward`` (static-shape friendly: (N, 3, S, S) → (dets (N, K, 6) fp32, num (N,), *extra outputs such as
     Mask R-CNN's masks)) captured in one CUDA graph per batch size, plus GPU letterbox and pinned output buffers. On
@@ -207,7 +212,7 @@ class GraphRunner:
     def _to_host(self, n: int, outs: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, ...]:
         slot = self._static[n]
         if "host" not in slot:  # eager (CPU, or a forward that cannot be captured)
-            return tuple(o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy() for o in outs)
+            return _numpy(outs)
         for h, o in zip(slot["host"], outs, strict=True):
             h.copy_(o, non_blocking=True)
         slot["done"].record()
@@ -466,9 +471,7 @@ class DeployModuleBackend(GraphRunner):
             mode, self.net.nms = self.net.nms, "onnx"
             try:
                 x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, self.dtype)
-                x = x.contiguous(memory_format=torch.channels_last)
-                outs = tuple(o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy()
-                             for o in self.net(x))  # fmt: skip
+                outs = _numpy(self.net(x.contiguous(memory_format=torch.channels_last)))
             finally:
                 self.net.nms = mode
         return outs

@@ -1,7 +1,7 @@
 """Helpers of ``benchmarks/recipe_persons.sh`` (the persons recipe): pack the data for the GPU machine, score the
 reference detector with the project's evaluator, and print the one results table.
 
-    python benchmarks/recipe_persons.py pack --data conf/data/persons.yaml --out .devdata_data [--quality 50]
+    python benchmarks/recipe_persons.py pack --data conf/data/persons.yaml --out DIR [--quality 50] [--splits val]
     python benchmarks/recipe_persons.py reference --data conf/data/persons.yaml --out ref.json   # needs OpenCV < 5
     python benchmarks/recipe_persons.py table --reports DIR [--out table.md]
     python benchmarks/recipe_persons.py slim runs/x/last.pt OUT/x.pt   # OUT/x.pt.0, .1 (float16, <= 15 MiB each)
@@ -47,7 +47,7 @@ def pack(args: argparse.Namespace) -> None:
 
     data, out = _data(args.data), Path(args.out)
     splits: dict[str, list] = {}
-    for split in ("train", "val"):
+    for split in args.splits.split(","):
         records = load_records(data, split, project_root=ROOT)
         for source in dict.fromkeys(r.source or split for r in records):
             limit = args.val_limit if split == "val" and args.val_limit else args.limit
@@ -55,13 +55,15 @@ def pack(args: argparse.Namespace) -> None:
             for r in mine:
                 image = cv2.cvtColor(load_rgb(r), cv2.COLOR_RGB2BGR)
                 h, w = image.shape[:2]
-                k = min(1.0, args.max_side / max(h, w)) if args.max_side and split == "train" else 1.0
+                side = args.max_side if split == "train" else args.val_max_side
+                k = min(1.0, side / max(h, w)) if side else 1.0
                 if k < 1.0:
                     image = cv2.resize(image, (round(w * k), round(h * k)), interpolation=cv2.INTER_AREA)
                 name = Path(r.path).stem
                 img_path = out / source / "images" / split / f"{name}.jpg"
                 img_path.parent.mkdir(parents=True, exist_ok=True)
-                cv2.imwrite(str(img_path), image, [cv2.IMWRITE_JPEG_QUALITY, args.quality])
+                quality = args.val_quality if split == "val" and args.val_quality else args.quality
+                cv2.imwrite(str(img_path), image, [cv2.IMWRITE_JPEG_QUALITY, quality])
                 lbl = out / source / "labels" / split / f"{name}.txt"
                 lbl.parent.mkdir(parents=True, exist_ok=True)
                 b = np.asarray(r.boxes, dtype=np.float64).reshape(-1, 4) / [w, h, w, h]
@@ -177,9 +179,12 @@ def _fmt(v) -> str:
 
 
 def table(args: argparse.Namespace) -> str:
-    """reports DIR/<row>.json (rows: :data:`ROWS`, any missing skipped) → one markdown table, per source."""
-    reports = {row: json.loads((Path(args.reports) / f"{row}.json").read_text()) for row in ROWS
-               if (Path(args.reports) / f"{row}.json").is_file()}  # fmt: skip
+    """reports DIR/<row>.json → one markdown table, per source: :data:`ROWS` first (any missing skipped), then the
+    other reports (the recipe's --variant runs) by name."""
+    folder = Path(args.reports)
+    extra = sorted(p.stem for p in folder.glob("*.json") if p.stem not in ROWS)
+    reports = {row: json.loads((folder / f"{row}.json").read_text()) for row in [*ROWS, *extra]
+               if (folder / f"{row}.json").is_file()}  # fmt: skip
     if not reports:
         raise SystemExit(f"error: no reports ({', '.join(ROWS)}).json in {args.reports}")
     sources = list(next(iter(reports.values())).get("per_source", {})) or ["all"]
@@ -217,6 +222,11 @@ def main(argv=None) -> None:
     a.add_argument("--max-side", type=int, default=0, help="train images: shrink to this long side (0: native)")
     a.add_argument("--limit", type=int, default=0, help="at most this many images per source and split (smoke)")
     a.add_argument("--val-limit", type=int, default=0, help="val: at most this many per source (a sanity check only)")
+    a.add_argument("--val-quality", type=int, default=0, help="val images' JPEG quality (0: --quality)")
+    a.add_argument("--val-max-side", type=int, default=0,
+                   help="val images: shrink to this long side (0: native; the network's input size keeps the "
+                        "evaluation close to the originals')")
+    a.add_argument("--splits", default="train,val", help="which splits to pack, e.g. val (an evaluation copy)")
     a.add_argument("--weights", help="also write this MobileNetV2 .pt as float16 features")
     a = sub.add_parser("reference")
     a.add_argument("--data", default="conf/data/persons.yaml")

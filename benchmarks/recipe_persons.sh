@@ -8,27 +8,30 @@
 #
 #   benchmarks/recipe_persons.sh [--smoke] [--stage train|score|all] [--data YAML] [--eval-data YAML] [--out DIR]
 #       [--epochs N] [--weights MOBILENETV2.pt] [--ref-python PYTHON] [--train-limit SECONDS] [--few-files]
-#       [--aug "OVERRIDES"] [--no-ablation]
+#       [--aug "OVERRIDES"] [--no-ablation] [--variant NAME="OVERRIDES" ...]
 #
 #   --stage train  anchors + the two trainings (GPU machine; ~8 min with the defaults); slim checkpoints in OUT
 #   --stage score  FP32 + INT8 export, every evaluation, the reference, the table (needs nvidia-modelopt for INT8 and
 #                  an OpenCV < 5 Python for the reference: --ref-python, e.g. a venv with opencv-python-headless<5)
 #   --stage all    both, on one machine (default)
-#   --aug          the main run's augmentation overrides (default "aug=default", mosaic 0.5); --no-ablation: train it
-#                  alone, with every loader worker
+#   --aug          the main run's overrides (default "aug=default", mosaic 0.5); --no-ablation: no "ablation" variant
+#   --variant      another training beside the main one, on the same data, anchors and schedule: NAME="OVERRIDES"
+#                  (repeatable; the default is one, ablation="aug=default aug.mosaic=0"; a --variant list replaces
+#                  it). Each gets OUT/NAME.pt and, in the score stage, a table row reports/NAME.json. The runs share
+#                  the GPUs round-robin (the main run on GPU 0) and split the loader workers
 #   --few-files    train stage: logs, configs and anchors into OUT/train_logs.tgz (the GPU machine returns 8 files)
 #   --smoke        CPU check of the whole script: a tiny packed copy of the data, 1 epoch, 64 px steps, few images
 #
 # --data: the training YAML (default conf/data/persons.yaml; on the GPU machine a packed copy made by
 # `python benchmarks/recipe_persons.py pack`, which fits its 64 MiB). --eval-data: what the table is scored on (default
 # conf/data/persons.yaml: the original images, the ones the reference detector's published figures use).
-# Writes OUT/{anchors_persons.yaml, train_*.log, persons.pt(.0,.1), persons_ablation.pt(.0,.1), reports/*.json,
+# Writes OUT/{anchors_persons.yaml, train_*.log, persons.pt(.0,.1), <variant>.pt(.0,.1), reports/*.json,
 # table.md}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=all SMOKE=0 DATA=conf/data/persons.yaml EVAL_DATA="" OUT=${OUT:-outputs/recipe_persons} EPOCHS=18 WEIGHTS=""
 REF_PYTHON=${REF_PYTHON:-python3} TRAIN_LIMIT=400 WORKERS=${WORKERS:-$(nproc)} FEW_FILES=0 ABLATION=1
-MAIN_AUG=(aug=default)
+MAIN_AUG=(aug=default) VARIANTS=()
 while (($#)); do
   case $1 in
     --smoke) SMOKE=1 ;;
@@ -43,6 +46,8 @@ while (($#)); do
     --few-files) FEW_FILES=1 ;;
     --aug) read -r -a MAIN_AUG <<<"$2"; shift ;;
     --no-ablation) ABLATION=0 ;;
+    --variant) [[ $2 == *=* ]] || { echo "error: --variant $2: use NAME=\"OVERRIDES\"" >&2; exit 1; }
+               VARIANTS+=("$2"); shift ;;
     *) echo "error: unknown argument $1 (see the header of $0)" >&2; exit 1 ;;
   esac
   shift
@@ -51,20 +56,25 @@ EVAL_DATA=${EVAL_DATA:-$DATA}
 mkdir -p "$OUT/reports"
 RUNS=${RUNS:-${TMPDIR:-/tmp}/recipe_persons_runs}
 SPLIT=val
-# The main model gets more loader workers: mosaic reads four images per sample, the ablation one.
-W_MAIN=$(( WORKERS > 4 ? WORKERS * 9 / 16 : 1 )) W_ABL=$(( WORKERS > 4 ? WORKERS - WORKERS * 9 / 16 : 1 ))
-((ABLATION)) || W_MAIN=$WORKERS
+((${#VARIANTS[@]})) || ! ((ABLATION)) || VARIANTS=("ablation=aug=default aug.mosaic=0")
+for v in "${VARIANTS[@]}"; do
+  [[ ${v%%=*} =~ ^[A-Za-z0-9_]+$ && ${v%%=*} != persons ]] \
+    || { echo "error: --variant name '${v%%=*}': use letters, digits and _ (not 'persons')" >&2; exit 1; }
+done
+NRUNS=$((1 + ${#VARIANTS[@]}))
+# Loader workers split between the runs (the GPU-resident loader needs few: workers send indices and parameters).
+W_RUN=$(( WORKERS / NRUNS > 0 ? WORKERS / NRUNS : 1 ))
 TRAIN=(batch_size=64 optim.warmup_epochs=2 eval.every=1000 "epochs=$EPOCHS" loader.cache=device loader.gpu_aug=true
        loader.channels_last=true)
-# One GPU per run when there are two (the runs are GPU-bound with loader.cache=device), else both on the first.
+# The runs take the GPUs round-robin (they are GPU-bound with loader.cache=device); with one GPU they share it.
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
-GPU_MAIN=0 GPU_ABL=$((NGPU > 1 ? 1 : 0))
+GPU_MAIN=0
 if ((SMOKE)); then
   python3 benchmarks/recipe_persons.py pack --data "$DATA" --out "$RUNS/smoke_data" --limit 12 --quality 80
   DATA=$RUNS/smoke_data/persons.yaml EVAL_DATA=$RUNS/smoke_data/persons.yaml
   TRAIN=(batch_size=8 "epochs=1" max_steps_per_epoch=2 device=cpu model.input_size=160 aug.multiscale=[128,192]
          eval.every=1000 loader.cache=device loader.gpu_aug=true)
-  W_MAIN=0 W_ABL=0
+  W_RUN=0
 fi
 [[ -n $WEIGHTS ]] && TRAIN+=("model.kwargs.pretrained=$WEIGHTS")
 log() { echo "=== $(date -u +%H:%M:%S) $*"; }
@@ -73,28 +83,34 @@ stage_train() {
   log "anchors on $DATA"
   python3 -m train.anchors --data "$DATA" --size 416 -k 3 --evolve 1000 --out "$OUT/anchors_persons.yaml" \
     | tee "$OUT/anchors.log"
-  rm -rf "$RUNS/persons" "$RUNS/persons_ablation"
+  local names=(persons) v
+  for v in "${VARIANTS[@]}"; do names+=("${v%%=*}"); done
+  for v in "${names[@]}"; do rm -rf "${RUNS:?}/$v"; done
   local common=(model=sidnet_mobilenetv2 "data=$DATA" "model.anchors=$(realpath -m "$OUT/anchors_persons.yaml")"
                 "${TRAIN[@]}")
-  log "training persons (${MAIN_AUG[*]}, GPU $GPU_MAIN)$( ((ABLATION)) && echo " and persons_ablation (no mosaic, GPU $GPU_ABL)")"
-  local start=$SECONDS
+  log "training persons (${MAIN_AUG[*]}, GPU $GPU_MAIN) and ${#VARIANTS[@]} variant(s): ${VARIANTS[*]}"
+  local start=$SECONDS rc=0 i=1 pids=()
   CUDA_VISIBLE_DEVICES=$GPU_MAIN timeout "$TRAIN_LIMIT" python3 -m train "${common[@]}" "${MAIN_AUG[@]}" \
-    "workers=$W_MAIN" name=persons \
-    "hydra.run.dir=$RUNS/persons" >"$OUT/train_persons.log" 2>&1 &
-  local main=$! ablation="" rc=0
-  if ((ABLATION)); then
-    CUDA_VISIBLE_DEVICES=$GPU_ABL timeout "$TRAIN_LIMIT" python3 -m train "${common[@]}" aug=default aug.mosaic=0 \
-      "workers=$W_ABL" \
-      name=persons_ablation "hydra.run.dir=$RUNS/persons_ablation" >"$OUT/train_persons_ablation.log" 2>&1 &
-    ablation=$!
-  fi
+    "workers=$W_RUN" name=persons "hydra.run.dir=$RUNS/persons" >"$OUT/train_persons.log" 2>&1 &
+  local main=$!
+  for v in "${VARIANTS[@]}"; do
+    local over=() name=${v%%=*}
+    read -r -a over <<<"${v#*=}"
+    CUDA_VISIBLE_DEVICES=$((NGPU > 1 ? i % NGPU : 0)) timeout "$TRAIN_LIMIT" python3 -m train "${common[@]}" \
+      "${over[@]}" "workers=$W_RUN" "name=$name" "hydra.run.dir=$RUNS/$name" >"$OUT/train_$name.log" 2>&1 &
+    pids+=("$!:$name")
+    i=$((i + 1))
+  done
   wait $main || rc=$?
   log "persons: exit $rc after $((SECONDS - start)) s (124: stopped by --train-limit)"
-  [[ -z $ablation ]] || wait $ablation || log "persons_ablation: exit $? after $((SECONDS - start)) s"
-  tail -n 3 "$OUT"/train_persons*.log
+  for v in "${pids[@]}"; do
+    wait "${v%%:*}" && log "${v#*:}: done after $((SECONDS - start)) s" \
+      || log "${v#*:}: exit $? after $((SECONDS - start)) s"
+  done
+  tail -n 3 "$OUT"/train_*.log
   # The last epoch's EMA weights (val is the test set: no best.pt selection), float16 parts of <= 15 MiB, and the
   # logs in one archive: the GPU machine returns 8 files of <= 16 MiB.
-  for run in persons persons_ablation; do
+  for run in "${names[@]}"; do
     [[ -f $RUNS/$run/last.pt ]] && python3 benchmarks/recipe_persons.py slim "$RUNS/$run/last.pt" "$OUT/$run.pt"
     [[ -f $RUNS/$run/config.yaml ]] && cp "$RUNS/$run/config.yaml" "$OUT/config_$run.yaml"
   done
@@ -107,8 +123,9 @@ stage_train() {
 
 stage_score() {
   local ck=$OUT/persons.pt
-  for run in persons persons_ablation; do
-    [[ -f $OUT/$run.pt.0 ]] && python3 benchmarks/recipe_persons.py join "$OUT/$run.pt" "$OUT/$run.pt"
+  local part run
+  for part in "$OUT"/*.pt.0; do
+    [[ -f $part ]] && python3 benchmarks/recipe_persons.py join "${part%.0}" "${part%.0}"
   done
   log "export FP32 and INT8 (PTQ, entropy, gate on val:0/2) of $ck"
   # 8 calibration batches of 8 training images (64 batches took too long on a 2-core CPU); the accuracy gate on
@@ -123,8 +140,11 @@ stage_score() {
     | tail -n 4
   python3 -m train.evaluate --onnx "$OUT/export_int8/model.onnx" "${ev[@]}" --out "$OUT/reports/onnx_int8.json" \
     | tail -n 4
-  [[ ! -f $OUT/persons_ablation.pt ]] || python3 -m train.evaluate --checkpoint "$OUT/persons_ablation.pt" "${ev[@]}" \
-    --out "$OUT/reports/ablation.json" | tail -n 4
+  for v in "${VARIANTS[@]}"; do  # one row per variant
+    run=${v%%=*}
+    [[ ! -f $OUT/$run.pt ]] || python3 -m train.evaluate --checkpoint "$OUT/$run.pt" "${ev[@]}" \
+      --out "$OUT/reports/${v%%=*}.json" | tail -n 4
+  done
   log "reference detector ($REF_PYTHON)"
   "$REF_PYTHON" benchmarks/recipe_persons.py reference --data "$EVAL_DATA" --split "$SPLIT" \
     --out "$OUT/reports/reference.json" || echo "reference not scored (needs OpenCV < 5: --ref-python)"

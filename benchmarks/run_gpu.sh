@@ -26,7 +26,8 @@
 #                    MobileNetV2 with and without mosaic (one GPU each when there are two) on loader.cache=device;
 #                    $SIDNET_PERSONS_DATA: a data YAML (a packed copy from `python benchmarks/recipe_persons.py pack`),
 #                    $SIDNET_PERSONS_WEIGHTS: the MobileNetV2 .pt, $SIDNET_PERSONS_EPOCHS (100),
-#                    $SIDNET_PERSONS_TRAIN_LIMIT (480 s)
+#                    $SIDNET_PERSONS_TRAIN_LIMIT (480 s), $SIDNET_PERSONS_ARGS: more arguments of recipe_persons.sh,
+#                    shell-quoted, e.g. '--no-ablation --variant ciou="loss.box_loss=ciou loss.rescore=true"'
 #     bench-compiled-isolate  the AOTInductor load crash hunt (benchmarks/compiled_isolate.py, minutes)
 #     maskrcnn-fix   Mask R-CNN train (in-training evaluations) + train.evaluate + deploy (torch backend, masks) through
 #                    the entry points (benchmarks/maskrcnn_fix_smoke.sh $SIDNET_SEG_DATA $SIDNET_VIDEO)
@@ -218,9 +219,12 @@ for part in "${@:-all}"; do
             "${SIDNET_SEG_DATA:-../shared/data/coco128}" "${SIDNET_VIDEO:-../shared/data/video/pedestrians_200.mp4}" ;;
         qat-smoke) step qat-smoke qat_smoke.log benchmarks/qat_smoke.sh "${SIDNET_QAT_DATA:-.data/mini}" cuda ;;
         recipe-persons)  # the persons recipe's training stage; score it where nvidia-modelopt and OpenCV < 5 are
+            persons_args=()
+            [[ -z ${SIDNET_PERSONS_ARGS:-} ]] || eval "persons_args=(${SIDNET_PERSONS_ARGS})"
             step recipe-persons recipe_train.log benchmarks/recipe_persons.sh --stage train --few-files --out "$OUT" \
                 --data "${SIDNET_PERSONS_DATA:-conf/data/persons.yaml}" ${SIDNET_PERSONS_WEIGHTS:+--weights "$SIDNET_PERSONS_WEIGHTS"} \
-                --epochs "${SIDNET_PERSONS_EPOCHS:-100}" --train-limit "${SIDNET_PERSONS_TRAIN_LIMIT:-480}" ;;
+                --epochs "${SIDNET_PERSONS_EPOCHS:-100}" --train-limit "${SIDNET_PERSONS_TRAIN_LIMIT:-480}" \
+                "${persons_args[@]}" ;;
         bench-compiled-isolate) part_build; bench_compiled_isolate ;;
         bench-loader) bench_loader ;;
         bench-ddp) bench_ddp ;;

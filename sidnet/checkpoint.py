@@ -237,14 +237,22 @@ def build_model_from_spec(spec: dict[str, Any], *, initial_weights: bool = True)
 
 
 def model_from_checkpoint(
-    state: dict[str, Any], *, ema: bool = True, before_load: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    state: dict[str, Any],
+    *,
+    ema: bool = True,
+    before_load: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    input_size: int | None = None,
 ) -> torch.nn.Module:
     """Rebuild the model a checkpoint describes and load its (EMA, when present and asked for) weights.
+
+    ``input_size``: build it for another input side than the one it was trained at (the weights of these fully
+    convolutional models do not depend on it; YOLOv2 evaluates one network at 320–608 to trade speed for accuracy).
+    The caller checks the value (a multiple of 32) with its own message.
 
     ``before_load`` turns the built model into the one the weights were saved from before they are loaded (e.g.
     :func:`sidnet.quant.qat.fake_quant_model` inserts a QAT checkpoint's fake quantizers). Without it a QAT checkpoint
     (``state["quant"]``) gives its trained weights with the fake quantization removed (:func:`fp32_weights`)."""
-    spec = state["model"]
+    spec = state["model"] if input_size is None else {**state["model"], "input_size": input_size}
     try:
         model = build_model_from_spec(spec, initial_weights=False)
     except KeyError as e:

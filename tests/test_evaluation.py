@@ -207,3 +207,28 @@ def test_pr_curve_and_pictures_beside_the_report(records: list[ImageRecord], tmp
     assert [p.name for p in out] == ["1.jpg", "2.jpg", "3.jpg"]
     drawn = np.asarray(Image.open(out[0]))
     assert (drawn[..., 1] > 150).sum() > 100 and (drawn[..., 0] > 150).sum() > 100  # green truth, red predictions
+
+
+def test_evaluate_a_checkpoint_at_another_input_size(tiny_checkpoint, tmp_path):
+    """``python -m train.evaluate --size N``: the same weights at another input side, recorded in the report beside the
+    trained one; a size the network cannot take and ``--onnx --size`` are refused in one line before any work."""
+    from pathlib import Path
+
+    from train.evaluate import main
+
+    root = Path(__file__).resolve().parents[1]
+    common = ["--checkpoint", str(tiny_checkpoint), "--data", str(root / "conf/data/sample.yaml"), "--device", "cpu",
+              "--images", "0", "-q", "--json"]  # fmt: skip
+    trained = main([*common, "--out", str(tmp_path / "trained.json")])
+    bigger = main([*common, "--size", "192", "--out", str(tmp_path / "bigger.json")])
+    saved = json.loads((tmp_path / "bigger.json").read_text())
+    assert saved["input_size"] == 192 and saved["trained_input_size"] == 128
+    assert json.loads((tmp_path / "trained.json").read_text())["input_size"] == 128
+    assert bigger["num_images"] == trained["num_images"]
+    assert bigger["num_predictions"] != trained["num_predictions"]  # (192/32)² cells, not (128/32)²: another network
+    onnx_with_size = ["--onnx", "m.onnx", "--data", "x.yaml", "--size", "160"]
+    for argv, message in ((["--size", "150"], "input size 150 (--size) must be a multiple of 32"),
+                          (onnx_with_size, "--size applies to --checkpoint")):
+        with pytest.raises(SystemExit) as refused:  # the one line the process prints (OneLineParser)
+            main(argv if argv[0] == "--onnx" else [*common, *argv])
+        assert message in str(refused.value.code) and "\n" not in str(refused.value.code)

@@ -403,3 +403,24 @@ def test_int8_overwrite_is_refused_before_any_work(tmp_path):
     cfg.int8.images = str(tmp_path)
     with pytest.raises(ExportError, match=r"already holds model_fp32.onnx: pass --force"):
         run_export(cfg, project_root=tmp_path)
+
+
+def test_checkpoint_exported_at_another_input_size(checkpoint, tmp_path):
+    """``input_size=N``: the trained weights at another input side (YOLOv2's speed/accuracy knob): the graph's input and
+    grid follow it, parity holds at that size, the report says both sizes; a bad size and --random-init are refused."""
+    result = _export(checkpoint, tmp_path / "s192", target="native", input_size=192)
+    graph = onnx.load(str(result.onnx_path))
+    dims = [d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1:] == [3, 192, 192]
+    assert json.loads(read_metadata(graph)["input_size"]) == 192
+    report = json.loads((tmp_path / "s192" / "report.json").read_text())
+    assert report["parity"]["passed"] and "at input 192 (trained at 128)" in report["model"]["source"]
+    assert report["model"]["input_size"] == 192
+    sess = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
+    image = np.random.default_rng(0).random((1, 3, 192, 192), dtype=np.float32)
+    dets, _ = sess.run(None, {graph.graph.input[0].name: image})
+    assert dets.shape == (1, 100, 6)
+    with pytest.raises(Exception, match="input size 200"):
+        _export(checkpoint, tmp_path / "bad", input_size=200)
+    with pytest.raises(ExportError, match="input_size= applies to --checkpoint"):
+        run_export(ExportConfig(random_init=True, input_size=192, out=str(tmp_path / "r")), project_root=ROOT)

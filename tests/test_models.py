@@ -122,6 +122,19 @@ def test_region_topk_orders_and_pads():
         torch.testing.assert_close(dets[i, : num[i], 4], top)
 
 
+def _overfit(model, criterion, images, targets, *, steps: int = 40) -> list[float]:
+    """AdamW (lr 1e-3) on one fixed batch; the loss after each step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        loss, _ = criterion(model(images), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_tiny_overfit_loss_falls_by_more_than_half():
     torch.manual_seed(0)
     model = build_model("sidnet", anchors=ANCHORS3, width=0.125, input_size=128)
@@ -129,15 +142,7 @@ def test_tiny_overfit_loss_falls_by_more_than_half():
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
     targets = [{"boxes": torch.tensor([[10.0, 20.0, 50.0, 100.0], [64.0, 60.0, 120.0, 126.0]]),
                 "labels": torch.tensor([0, 0])} for _ in range(3)] + [empty]  # fmt: skip
-    criterion = RegionLoss(model.anchors, num_classes=1, input_size=128)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(40):
-        loss, parts = criterion(model(images), targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _overfit(model, RegionLoss(model.anchors, num_classes=1, input_size=128), images, targets)
     assert losses[-1] < 0.5 * losses[0], losses
     # Objectness rose from its 0.01 prior where the boxes are: it learned the boxes, not only the background.
     model.eval()
@@ -173,3 +178,65 @@ def test_batched_ignore_iou_matches_torchvision():
     got = _batched_iou(a, b)
     for i in range(3):
         torch.testing.assert_close(got[i], box_iou(a[i], b[i]))
+
+
+def test_free_assignment_gives_crowded_truths_the_next_free_anchor():
+    from sidnet.models.loss import assign_anchors
+
+    # Four truths in one cell of image 0 that all prefer anchor 1, then anchor 2, then 0; one truth in image 1.
+    order = torch.tensor([[1, 2, 0]] * 4 + [[1, 2, 0]])
+    bidx, gj, gi = torch.tensor([0, 0, 0, 0, 1]), torch.tensor([2] * 5), torch.tensor([1] * 5)
+    best, kept = assign_anchors(order, bidx, gj, gi, grid=(4, 4), free=False)
+    assert best.tolist() == [1, 1, 1, 1, 1] and kept.all()  # YOLOv2: one slot, the last truth wins it
+    anchor, kept = assign_anchors(order, bidx, gj, gi, grid=(4, 4), free=True)
+    # The first truth keeps its best slot, the next two take the cell's next-best free ones, the fourth has no slot
+    # left in that cell; image 1's truth is not blocked by image 0's.
+    assert kept.tolist() == [True, True, True, False, True]
+    assert anchor[kept].tolist() == [1, 2, 0, 1]
+
+
+def _raw_for_box(anchors, box, *, cell, anchor, stride=32.0, obj_logit=0.0):
+    """A raw map (1, A·6, 4, 4) whose prediction at (anchor, cell) decodes exactly to ``box`` (xyxy)."""
+    raw = torch.zeros(1, anchors.shape[0], 6, 4, 4)
+    cx, cy, bw, bh = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, box[2] - box[0], box[3] - box[1]
+    gx, gy = cell
+    raw[0, anchor, 0, gy, gx] = torch.logit(torch.tensor(cx / stride - gx))
+    raw[0, anchor, 1, gy, gx] = torch.logit(torch.tensor(cy / stride - gy))
+    raw[0, anchor, 2, gy, gx] = math.log(bw / anchors[anchor, 0])
+    raw[0, anchor, 3, gy, gx] = math.log(bh / anchors[anchor, 1])
+    raw[0, anchor, 4, gy, gx] = obj_logit
+    return raw.view(1, -1, 4, 4)
+
+
+def test_ciou_and_rescore_on_a_known_prediction():
+    anchors = torch.tensor(ANCHORS3)
+    truth = [40.0, 40.0, 80.0, 120.0]  # centre (60, 80): cell (1, 2); best shape anchor 1
+    t = [{"boxes": torch.tensor([truth]), "labels": torch.tensor([0])}]
+    exact = _raw_for_box(anchors, truth, cell=(1, 2), anchor=1)
+    ciou = RegionLoss(anchors, num_classes=1, input_size=128, box_loss="ciou", rescore=True)
+    _, parts = ciou(exact, t)
+    assert parts["xy"].abs() < 1e-5 and parts["wh"] == 0  # the box is right: no box loss
+    # rescore: the objectness target is the IoU (1 here), so obj = 5 · BCE(0, 1) = 5 · ln 2.
+    torch.testing.assert_close(parts["obj"], torch.tensor(5 * math.log(2)))
+    half = _raw_for_box(anchors, [40.0, 60.0, 80.0, 100.0], cell=(1, 2), anchor=1)  # half the truth: IoU 0.5
+    _, parts = ciou(half, t)
+    torch.testing.assert_close(parts["obj"], torch.tensor(5 * math.log(2)))  # BCE(0, 0.5) = ln 2 as well
+    assert parts["xy"] > 0.5  # 1 - IoU + the centre-distance term, times the small-box weight (>1)
+    _, plain = RegionLoss(anchors, num_classes=1, input_size=128)(half, t)
+    torch.testing.assert_close(plain["obj"], torch.tensor(5 * math.log(2)))  # target 1: BCE(0, 1) = ln 2 too
+    confident = _raw_for_box(anchors, [40.0, 60.0, 80.0, 100.0], cell=(1, 2), anchor=1, obj_logit=4.0)
+    _, rescored = ciou(confident, t)
+    _, plain = RegionLoss(anchors, num_classes=1, input_size=128)(confident, t)
+    assert rescored["obj"] > plain["obj"]  # a confident half-right box is penalised under rescore, rewarded without
+
+
+def test_tiny_overfit_with_ciou_rescore_and_free_assignment():
+    torch.manual_seed(0)
+    model = build_model("sidnet", anchors=ANCHORS3, width=0.125, input_size=128)
+    images = torch.rand(2, 3, 128, 128)
+    # Two persons side by side in one cell: with free assignment both train a slot.
+    targets = [{"boxes": torch.tensor([[36.0, 20.0, 60.0, 100.0], [40.0, 24.0, 62.0, 104.0]]),
+                "labels": torch.tensor([0, 0])} for _ in range(2)]  # fmt: skip
+    criterion = RegionLoss(model.anchors, num_classes=1, input_size=128, box_loss="ciou", rescore=True, assign="free")
+    losses = _overfit(model, criterion, images, targets)
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.5 * losses[0], losses

@@ -133,13 +133,16 @@ def test_cli_trains_and_evaluates(tmp_path):
 
 def test_overfit_sample_scores_perfect_ap_on_its_own_images(tmp_path):
     """End to end: train → predict → unletterbox → NMS → pycocotools. A model that memorised the bundled training
-    images must find every person there (a decode, letterbox or evaluation bug caps this far below 1)."""
+    images must find every person there (a decode, letterbox or evaluation bug caps this far below 1). YOLOv2's own
+    loss: it memorises these 8 images within the 100 epochs (the default CIoU + rescore loss reached AP50 0.94 there:
+    it is tuned for real data, benchmarks/results/persons_loss, and this test checks the pipeline, not the loss)."""
     from sidnet.evaluation import evaluate_detections
     from sidnet.evaluation.predict import predict_dataset
 
     cfg = _compose(["data=sample", "aug=none", "epochs=100", "batch_size=8", "workers=0", "device=cpu",
                     "model.input_size=160", "model.anchors=conf/anchors/sample_person.yaml", "optim.warmup_epochs=5",
-                    "eval.every=1000", "tensorboard=false"])  # fmt: skip
+                    "eval.every=1000", "tensorboard=false", "loss.box_loss=mse", "loss.rescore=false",
+                    "loss.assign=best"])  # fmt: skip
     from sidnet.engine.trainer import Trainer
 
     trainer = Trainer(cfg, run_dir=tmp_path, project_root=ROOT)

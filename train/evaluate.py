@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
+    p.add_argument("--size", type=positive_int, help="--checkpoint: evaluate at this input side instead of the "
+                   "trained one (a multiple of 32, e.g. 512: more pixels per person, slower)")  # fmt: skip
     p.add_argument("--boxes-only", action="store_true", help="Mask R-CNN: box metrics only (data without masks)")
     p.add_argument("--out", type=Path, help="JSON report (default: next to the checkpoint); the PR curve PNG and "
                    "annotated images go beside it")  # fmt: skip
@@ -55,6 +57,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.onnx is not None and args.data is None:  # before any work, not after loading the model
         p.error("--onnx needs --data conf/data/<x>.yaml (an ONNX file carries no data config)")
+    if args.onnx is not None and args.size is not None:
+        p.error("--size applies to --checkpoint: an ONNX file has the input size it was exported at (export another "
+                "with python -m export --checkpoint ... input_size=N)")  # fmt: skip
+    if args.size is not None:
+        from sidnet.safety import UnsafeInputError, check_input_size
+
+        try:
+            check_input_size(args.size, where="--size", fix="use e.g. --size 512")
+        except UnsafeInputError as e:
+            p.error(str(e))
     from sidnet.progress import set_quiet
 
     set_quiet(args.quiet)
@@ -79,9 +91,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     if state.get("quant"):  # QAT: the fake-quantized model, as trained
         from sidnet.quant.qat import fake_quant_model
 
-        model = fake_quant_model(state, ema=not args.no_ema)
+        model = fake_quant_model(state, ema=not args.no_ema, input_size=args.size)
     else:
-        model = model_from_checkpoint(state, ema=not args.no_ema)
+        model = model_from_checkpoint(state, ema=not args.no_ema, input_size=args.size)
+    size = model.input_size
     if args.data is not None:
         if not args.data.exists():
             raise FileNotFoundError(f"data config not found: {args.data}; pass a YAML from conf/data/")
@@ -99,10 +112,11 @@ def evaluate(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     model = model.to(device)
     extra = {"checkpoint": str(args.checkpoint), "model": state["model"]["name"], "epoch": state.get("epoch"),
-             "input_size": state["model"]["input_size"], "split": args.split, "fake_quant": bool(state.get("quant")),
+             "input_size": size, "trained_input_size": state["model"]["input_size"], "split": args.split,
+             "fake_quant": bool(state.get("quant")),
              **environment(device),
              "versions": {"torch": torch.__version__}}  # fmt: skip
-    return _evaluate(model, records, args, size=state["model"]["input_size"], device=device, source=args.checkpoint,
+    return _evaluate(model, records, args, size=size, device=device, source=args.checkpoint,
                      extra=extra, task=task, masks=masks)  # fmt: skip
 
 

@@ -45,7 +45,7 @@ class RegionTask:
 
     iou_types = ("bbox",)
 
-    def __init__(self, model: YOLOv2, *, loss: dict[str, float]) -> None:
+    def __init__(self, model: YOLOv2, *, loss: dict[str, Any]) -> None:
         self.criterion = RegionLoss(model.anchors, num_classes=model.num_classes, input_size=model.input_size, **loss)
 
     def to(self, device: torch.device) -> RegionTask:

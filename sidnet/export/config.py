@@ -73,6 +73,7 @@ class ExportConfig:
     random_init: bool = False  # export `model` with random weights instead (smoke tests; never for deployment)
     model: ModelConfig = field(default_factory=ModelConfig)  # only read with random_init; a checkpoint has its own
     ema: bool = True  # export the EMA weights when the checkpoint has them
+    input_size: int | None = None  # --checkpoint: export at this input side instead of the trained one (multiple of 32)
     precision: str = "fp32"  # fp32 | fp16 (int8: the INT8 issue)
     backend: str = "onnx"  # onnx | tensorrt | tensorrt-rtx | compiled (AOTInductor package) | triton
     target: str | None = None  # plugins | native; null: plugins for tensorrt, native otherwise

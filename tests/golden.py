@@ -13,6 +13,7 @@ import math
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("sidnet", "sidnet_mobilenetv2", "yolov2", "maskrcnn")
@@ -99,42 +101,45 @@ def read_json(path: Path) -> dict:
 
 @dataclass
 class GoldenRuns:
-    """One trained run per model, made on first use (``trained``) and then shared by every test of the session."""
+    """One trained run per model, made on first use (``trained``) and then shared by every test of the session.
+
+    ``base`` may be shared by several pytest-xdist workers: each artefact is made under a file lock by the first worker
+    that needs it and marked done; the others wait for the lock and reuse it. A failed make leaves no mark, so the next
+    worker that needs it tries again from an empty folder (and fails the same way, with its own message).
+    """
 
     base: Path
 
-    def __post_init__(self) -> None:
-        self._done: dict[str, Path] = {}
-        self._exports: dict[str, Path] = {}
+    def _once(self, key: str, make) -> Path:
+        out = self.base / key
+        with FileLock(str(self.base / f"{key}.lock")):
+            if not (self.base / f"{key}.done").is_file():
+                shutil.rmtree(out, ignore_errors=True)
+                make(out)
+                (self.base / f"{key}.done").touch()
+        return out
 
     def trained(self, model: str) -> Path:
         """The run folder of a 1-epoch training of ``model`` with an in-training evaluation (``last.pt``, ``best.pt``,
         ``config.yaml``); its training log (stderr) is kept as ``train.stderr``."""
-        if model not in self._done:
-            run_dir = self.base / model
+
+        def make(run_dir: Path) -> None:
             r = run_cli(*train_args(model, run_dir))
             (run_dir / "train.stderr").write_text(r.stderr)
-            self._done[model] = run_dir
-        return self._done[model]
+
+        return self._once(model, make)
 
     def exported(self, model: str, kind: str, *flags: str) -> Path:
         """``python -m export`` of the trained run's ``last.pt`` with ``flags``, once per (model, kind); returns the
         output folder."""
-        key = f"{model}_export_{kind}"
-        if key not in self._exports:
-            out = self.base / key
-            run_cli("export", "--checkpoint", str(self.trained(model) / "last.pt"), "--out", str(out), *flags)
-            self._exports[key] = out
-        return self._exports[key]
+        checkpoint = self.trained(model) / "last.pt"
+        return self._once(f"{model}_export_{kind}",
+                          lambda out: run_cli("export", "--checkpoint", str(checkpoint), "--out", str(out), *flags))
 
     def qat(self, model: str) -> Path:
         """The run folder of a one-step QAT fine-tuning of the trained run (``quant=qat``, one calibration batch)."""
-        key = f"{model}_qat"
-        if key not in self._exports:
-            run_dir = self.base / key
-            run_cli(*qat_args(model, self.trained(model) / "last.pt", run_dir))
-            self._exports[key] = run_dir
-        return self._exports[key]
+        checkpoint = self.trained(model) / "last.pt"
+        return self._once(f"{model}_qat", lambda run_dir: run_cli(*qat_args(model, checkpoint, run_dir)))
 
 
 def qat_args(model: str, init_from: Path, run_dir: Path) -> list[str]:

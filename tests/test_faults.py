@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -387,9 +388,22 @@ def test_sigkill_at_a_random_point_then_resume_is_bit_identical(tmp_path, refere
     for line in proc.stderr:
         if marker in line:
             break
-    time.sleep(random.Random(seed).uniform(0.0, 0.9) * epoch_seconds)
+    # The kill lands at the random instant or as epoch `epoch` ends, whichever comes first: the reference's epoch time
+    # only aims it, and a machine that got faster since (another test process finished) cannot carry the run past
+    # the epoch under test.
+    ended = threading.Event()
+
+    def watch() -> None:  # reads to EOF (the kill closes the pipe), so the child never blocks on a full pipe
+        for ln in proc.stderr:
+            if f"- epoch {epoch}/3 " in ln:
+                ended.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    ended.wait(random.Random(seed).uniform(0.0, 0.9) * epoch_seconds)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    watcher.join(timeout=60)
     proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL, "the run ended before the kill: make the epoch longer"
     last = tmp_path / "last.pt"

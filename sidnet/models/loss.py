@@ -27,8 +27,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import complete_box_iou_loss
 
-BOX_LOSSES = ("mse", "ciou")
-ASSIGNERS = ("best", "free")
+from sidnet.config import ASSIGNERS, BOX_LOSSES
 
 
 def _batched_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:

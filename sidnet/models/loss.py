@@ -40,6 +40,18 @@ def _batched_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     return inter / (area1[:, :, None] + area2[:, None, :] - inter).clamp(min=1e-9)
 
 
+def _decode_xyxy(
+    pxy: torch.Tensor, twh: torch.Tensor, gx: torch.Tensor, gy: torch.Tensor, anchor_wh: torch.Tensor, *,
+    stride: tuple[float, float],
+) -> torch.Tensor:
+    """YOLOv2's box decode to (x1, y1, x2, y2) input pixels: sigmoid offsets ``pxy`` (…, 2) in cells (``gx``, ``gy``),
+    raw ``twh`` (…, 2) scaling ``anchor_wh`` (…, 2); all broadcast against each other."""
+    cx, cy = (pxy[..., 0] + gx) * stride[0], (pxy[..., 1] + gy) * stride[1]
+    bw = torch.exp(twh[..., 0].clamp(max=10)) * anchor_wh[..., 0]
+    bh = torch.exp(twh[..., 1].clamp(max=10)) * anchor_wh[..., 1]
+    return torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1)
+
+
 def assign_anchors(
     order: torch.Tensor, bidx: torch.Tensor, gj: torch.Tensor, gi: torch.Tensor, *, grid: tuple[int, int], free: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,11 +140,8 @@ class RegionLoss(nn.Module):
         # Decoded boxes only decide which predictions to ignore: no gradient flows through them.
         with torch.no_grad():
             gy, gx = torch.meshgrid(torch.arange(h, device=p.device), torch.arange(w, device=p.device), indexing="ij")
-            cx = (pxy[..., 0] + gx) * sx
-            cy = (pxy[..., 1] + gy) * sy
-            bw = torch.exp(p[..., 2].clamp(max=10)) * anchors[:, 0].view(1, a, 1, 1)
-            bh = torch.exp(p[..., 3].clamp(max=10)) * anchors[:, 1].view(1, a, 1, 1)
-            pred = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1).reshape(n, -1, 4)
+            pred = _decode_xyxy(pxy, p[..., 2:4], gx, gy, anchors.view(1, a, 1, 1, 2), stride=(sx, sy))
+            pred = pred.reshape(n, -1, 4)
 
         noobj_mask = torch.ones(n, a, h, w, dtype=torch.bool, device=p.device)
         counts = [len(t["boxes"]) for t in targets]
@@ -170,10 +179,7 @@ class RegionLoss(nn.Module):
                 parts["wh"] = (scale[:, None] * (pr[:, 2:4] - twh) ** 2).sum()
             if self.box_loss == "ciou" or self.rescore:
                 # The responsible predictions' decoded boxes, with gradient (input pixels).
-                pcx, pcy = (pxy_r[:, 0] + gi) * sx, (pxy_r[:, 1] + gj) * sy
-                pw = torch.exp(pr[:, 2].clamp(max=10)) * anchors[best_a, 0]
-                ph = torch.exp(pr[:, 3].clamp(max=10)) * anchors[best_a, 1]
-                pbox = torch.stack([pcx - pw / 2, pcy - ph / 2, pcx + pw / 2, pcy + ph / 2], 1)
+                pbox = _decode_xyxy(pxy_r, pr[:, 2:4], gi, gj, anchors[best_a], stride=(sx, sy))
             if self.box_loss == "ciou":  # reported as "xy" ("wh" stays 0): one box term
                 parts["xy"] = (scale * complete_box_iou_loss(pbox, boxes, reduction="none")).sum()
             obj_target = torch.ones_like(pr[:, 4])

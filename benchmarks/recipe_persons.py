@@ -38,6 +38,17 @@ def _data(path: str):
     return load_data_yaml(path, project_root=ROOT)
 
 
+def _repeats(items: list[str]) -> dict[str, int]:
+    """``["coco128=4"]`` -> ``{"coco128": 4}``: train sources shown that many times per epoch in the packed YAML."""
+    out = {}
+    for item in items:
+        name, _, n = item.partition("=")
+        if not n.isdigit() or int(n) < 1:
+            raise SystemExit(f"error: --repeat {item}: use SOURCE=N with a whole N >= 1, e.g. coco128=4")
+        out[name] = int(n)
+    return out
+
+
 def pack(args: argparse.Namespace) -> None:
     import cv2
     import yaml
@@ -46,6 +57,7 @@ def pack(args: argparse.Namespace) -> None:
     from sidnet.data.loading import load_records
 
     data, out = _data(args.data), Path(args.out)
+    repeat = _repeats(args.repeat)
     splits: dict[str, list] = {}
     for split in args.splits.split(","):
         records = load_records(data, split, project_root=ROOT)
@@ -77,6 +89,13 @@ def pack(args: argparse.Namespace) -> None:
            "negative_ratio": data.negative_ratio, "lenient": False}  # fmt: skip
     (out / "persons.yaml").write_text("# Written by benchmarks/recipe_persons.py pack (JPEG re-encoded copies; roots "
                                       "relative to this file)\n" + yaml.safe_dump(cfg, sort_keys=False))  # fmt: skip
+    if repeat:  # the same images, some train sources shown several times per epoch
+        unknown = set(repeat) - {s["name"] for s in splits.get("train", [])}
+        if unknown:
+            raise SystemExit(f"error: --repeat {sorted(unknown)}: no such train source in {args.data}")
+        cfg["train"] = [{**s, "repeat": repeat[s["name"]]} if s["name"] in repeat else s for s in cfg["train"]]
+        (out / "persons_repeat.yaml").write_text(f"# persons.yaml with --repeat {' '.join(args.repeat)}\n"
+                                                 + yaml.safe_dump(cfg, sort_keys=False))  # fmt: skip
     if args.weights:  # the MobileNetV2 trunk's ImageNet weights, features only, float16: half the bytes to carry
         import torch
 
@@ -226,6 +245,8 @@ def main(argv=None) -> None:
     a.add_argument("--val-max-side", type=int, default=0,
                    help="val images: shrink to this long side (0: native; the network's input size keeps the "
                         "evaluation close to the originals')")
+    a.add_argument("--repeat", action="append", default=[], metavar="SOURCE=N",
+                   help="also write persons_repeat.yaml: the same copy with this train source shown N times per epoch")
     a.add_argument("--splits", default="train,val", help="which splits to pack, e.g. val (an evaluation copy)")
     a.add_argument("--weights", help="also write this MobileNetV2 .pt as float16 features")
     a = sub.add_parser("reference")

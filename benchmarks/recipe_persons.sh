@@ -8,7 +8,7 @@
 #
 #   benchmarks/recipe_persons.sh [--smoke] [--stage train|score|all] [--data YAML] [--eval-data YAML] [--out DIR]
 #       [--epochs N] [--weights MOBILENETV2.pt] [--ref-python PYTHON] [--train-limit SECONDS] [--few-files]
-#       [--aug "OVERRIDES"] [--no-ablation] [--variant NAME="OVERRIDES" ...]
+#       [--aug "OVERRIDES"] [--no-ablation] [--variant NAME="OVERRIDES" ...] [--size N]
 #
 #   --stage train  anchors + the two trainings (GPU machine; ~8 min with the defaults); slim checkpoints in OUT
 #   --stage score  FP32 + INT8 export, every evaluation, the reference, the table (needs nvidia-modelopt for INT8 and
@@ -18,7 +18,10 @@
 #   --variant      another training beside the main one, on the same data, anchors and schedule: NAME="OVERRIDES"
 #                  (repeatable; the default is one, ablation="aug=default aug.mosaic=0"; a --variant list replaces
 #                  it). Each gets OUT/NAME.pt and, in the score stage, a table row reports/NAME.json. The runs share
-#                  the GPUs round-robin (the main run on GPU 0) and split the loader workers
+#                  the GPUs round-robin (the main run on GPU 0) and split the loader workers. A variant's own
+#                  data=OTHER.yaml replaces --data for that run (e.g. a copy that oversamples a source with repeat)
+#   --size         the training input side of every run (model.input_size; default 416) and the side the anchors
+#                  are tuned at
 #   --few-files    train stage: logs, configs and anchors into OUT/train_logs.tgz (the GPU machine returns 8 files)
 #   --smoke        CPU check of the whole script: a tiny packed copy of the data, 1 epoch, 64 px steps, few images
 #
@@ -30,7 +33,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=all SMOKE=0 DATA=conf/data/persons.yaml EVAL_DATA="" OUT=${OUT:-outputs/recipe_persons} EPOCHS=18 WEIGHTS=""
-REF_PYTHON=${REF_PYTHON:-python3} TRAIN_LIMIT=400 WORKERS=${WORKERS:-$(nproc)} FEW_FILES=0 ABLATION=1
+REF_PYTHON=${REF_PYTHON:-python3} SIZE=416 TRAIN_LIMIT=400 WORKERS=${WORKERS:-$(nproc)} FEW_FILES=0 ABLATION=1
 MAIN_AUG=(aug=default) VARIANTS=()
 while (($#)); do
   case $1 in
@@ -40,6 +43,7 @@ while (($#)); do
     --eval-data) EVAL_DATA=$2; shift ;;
     --out) OUT=$2; shift ;;
     --epochs) EPOCHS=$2; shift ;;
+    --size) SIZE=$2; shift ;;
     --weights) WEIGHTS=$2; shift ;;
     --ref-python) REF_PYTHON=$2; shift ;;
     --train-limit) TRAIN_LIMIT=$2; shift ;;
@@ -64,7 +68,8 @@ done
 NRUNS=$((1 + ${#VARIANTS[@]}))
 # Loader workers split between the runs (the GPU-resident loader needs few: workers send indices and parameters).
 W_RUN=$(( WORKERS / NRUNS > 0 ? WORKERS / NRUNS : 1 ))
-TRAIN=(batch_size=64 optim.warmup_epochs=2 eval.every=1000 "epochs=$EPOCHS" loader.cache=device loader.gpu_aug=true
+TRAIN=("model.input_size=$SIZE" batch_size=64 optim.warmup_epochs=2 eval.every=1000 "epochs=$EPOCHS" loader.cache=device
+       loader.gpu_aug=true
        loader.channels_last=true)
 # The runs take the GPUs round-robin (they are GPU-bound with loader.cache=device); with one GPU they share it.
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
@@ -81,21 +86,21 @@ log() { echo "=== $(date -u +%H:%M:%S) $*"; }
 
 stage_train() {
   log "anchors on $DATA"
-  python3 -m train.anchors --data "$DATA" --size 416 -k 3 --evolve 1000 --out "$OUT/anchors_persons.yaml" \
+  python3 -m train.anchors --data "$DATA" --size "$SIZE" -k 3 --evolve 1000 --out "$OUT/anchors_persons.yaml" \
     | tee "$OUT/anchors.log"
   local names=(persons) v
   for v in "${VARIANTS[@]}"; do names+=("${v%%=*}"); done
   for v in "${names[@]}"; do rm -rf "${RUNS:?}/$v"; done
-  local common=(model=sidnet_mobilenetv2 "data=$DATA" "model.anchors=$(realpath -m "$OUT/anchors_persons.yaml")"
-                "${TRAIN[@]}")
+  local common=(model=sidnet_mobilenetv2 "model.anchors=$(realpath -m "$OUT/anchors_persons.yaml")" "${TRAIN[@]}")
   log "training persons (${MAIN_AUG[*]}, GPU $GPU_MAIN) and ${#VARIANTS[@]} variant(s): ${VARIANTS[*]}"
   local start=$SECONDS rc=0 i=1 pids=()
-  CUDA_VISIBLE_DEVICES=$GPU_MAIN timeout "$TRAIN_LIMIT" python3 -m train "${common[@]}" "${MAIN_AUG[@]}" \
+  CUDA_VISIBLE_DEVICES=$GPU_MAIN timeout "$TRAIN_LIMIT" python3 -m train "${common[@]}" "data=$DATA" "${MAIN_AUG[@]}" \
     "workers=$W_RUN" name=persons "hydra.run.dir=$RUNS/persons" >"$OUT/train_persons.log" 2>&1 &
   local main=$!
   for v in "${VARIANTS[@]}"; do
     local over=() name=${v%%=*}
     read -r -a over <<<"${v#*=}"
+    [[ " ${over[*]}" == *" data="* ]] || over=("data=$DATA" "${over[@]}")  # the variant's own data=, else --data
     CUDA_VISIBLE_DEVICES=$((NGPU > 1 ? i % NGPU : 0)) timeout "$TRAIN_LIMIT" python3 -m train "${common[@]}" \
       "${over[@]}" "workers=$W_RUN" "name=$name" "hydra.run.dir=$RUNS/$name" >"$OUT/train_$name.log" 2>&1 &
     pids+=("$!:$name")

@@ -4,6 +4,7 @@ small-person augmentations (mosaic, multi-scale): valid boxes, deterministic per
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -366,3 +367,25 @@ def test_repeat_oversamples_a_source_in_train_and_is_refused_in_val(tmp_path):
         with pytest.raises(DataError, match=r"data.train\[1\].repeat = .*whole number >= 1"):
             load_records(DataConfig(train=[split | {"name": "a"}, split | {"name": "b", "repeat": bad}], val=split,
                                     class_names=["person"]), "train", project_root=tmp_path)  # fmt: skip
+
+
+def test_recipe_pack_writes_a_repeat_yaml_beside_the_plain_one(tmp_path):
+    """``recipe_persons.py pack --repeat SOURCE=N`` (the GPU machine's oversampled copy): persons.yaml as before plus
+    persons_repeat.yaml whose train source shows its images N times per epoch; a bad or unknown source is one line."""
+    from sidnet.data.config import load_data_yaml
+
+    script = [sys.executable, str(ROOT / "benchmarks" / "recipe_persons.py"), "pack", "--data", "conf/data/sample.yaml"]
+    r = subprocess.run([*script, "--out", str(tmp_path / "p"), "--limit", "3", "--quality", "60", "--repeat",
+                        "train=3"], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    plain = load_records(load_data_yaml(tmp_path / "p" / "persons.yaml", project_root=ROOT), "train",
+                         project_root=ROOT)  # fmt: skip
+    rep = load_records(load_data_yaml(tmp_path / "p" / "persons_repeat.yaml", project_root=ROOT), "train",
+                       project_root=ROOT)  # fmt: skip
+    assert len(plain) == len(rep) == 3
+    assert [x.repeat for x in plain] == [1, 1, 1] and [x.repeat for x in rep] == [3, 3, 3]
+    assert [x.boxes.tolist() for x in plain] == [x.boxes.tolist() for x in rep]
+    for bad, msg in (("train=0", "use SOURCE=N with a whole N >= 1"), ("nope=2", r"no such train source")):
+        r = subprocess.run([*script, "--out", str(tmp_path / bad), "--limit", "1", "--repeat", bad], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert r.returncode != 0 and re.search(msg, r.stderr.strip().splitlines()[-1]), r.stderr[-500:]

@@ -133,34 +133,135 @@ def measure(key: str, args, cache_dir: str) -> dict:
             "train_steady": ts}  # fmt: skip
 
 
-def gpu_bound(args, cache_dir: str, *, steps: int = 30) -> dict:
-    """Training img/s with no loader: one batch moved to the device once, the Trainer's step repeated on it."""
+def _step(trainer, images, targets, *, opt) -> None:
+    """One training step as the Trainer makes it (loss under AMP, scaled backward, optimizer, scaler, EMA), each phase
+    in a profiler range."""
+    from torch.profiler import record_function
+
+    with record_function("step/forward+loss"):
+        loss, _ = trainer.task.loss(trainer.ddp_model, images, targets, amp=trainer.amp)
+    with record_function("step/backward"):
+        opt.zero_grad(set_to_none=True)
+        trainer.scaler.scale(loss).backward()
+    with record_function("step/optimizer"):
+        trainer.scaler.step(opt)
+        trainer.scaler.update()
+    if trainer.ema:
+        with record_function("step/ema"):
+            trainer.ema.update(trainer.model)
+
+
+def _profile(trainer, images, targets, *, opt, steps: int) -> dict:
+    """Where a GPU-bound step's time goes: wall ms per step, the GPU's kernel-busy ms per step (kernels of one step
+    summed, overlap ignored), kernels launched per step, and each phase's host (CPU) ms and kernel ms. Wall well above
+    kernel-busy means the host (Python, dispatch, launches) sets the pace, not the GPU."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    sync(trainer.device)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            _step(trainer, images, targets, opt=opt)
+        sync(trainer.device)
+        wall = time.perf_counter() - t0
+    events = prof.events()
+    # device-side events, minus the GPU copies of the record_function ranges (they span kernels, they are not work)
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+               and not e.name.startswith(("step/", "Optimizer."))]  # fmt: skip
+
+    def launched(e) -> list:  # the kernels launched by this host range's ops, its whole subtree
+        return list(getattr(e, "kernels", [])) + [k for c in e.cpu_children for k in launched(c)]
+
+    phases = {}
+    for e in events:
+        if e.name.startswith("step/") and e.device_type == DeviceType.CPU:
+            ph = phases.setdefault(e.name[5:], {"host_ms": 0.0, "kernel_ms": 0.0, "kernels": 0.0})
+            ks = launched(e)
+            ph["host_ms"] += e.time_range.elapsed_us() / 1e3 / steps
+            ph["kernel_ms"] += sum(k.duration for k in ks) / 1e3 / steps
+            ph["kernels"] += len(ks) / steps
+    # autograd runs the backward ops on its own thread: their kernels are not under "step/backward"'s host range
+    busy = sum(k.time_range.elapsed_us() for k in kernels) / 1e3 / steps
+    if "backward" in phases:
+        others = [v for k, v in phases.items() if k != "backward"]
+        phases["backward"]["kernel_ms"] = busy - sum(v["kernel_ms"] for v in others)
+        phases["backward"]["kernels"] = len(kernels) / steps - sum(v["kernels"] for v in others)
+    # the network's forward alone (same AMP, grad on, output dropped): what of forward+loss is the loss
+    with profile(activities=acts) as fwd:
+        for _ in range(steps):
+            with torch.autocast(trainer.device.type, enabled=trainer.amp), record_function("step/forward alone"):
+                trainer.ddp_model(images)
+        sync(trainer.device)
+    alone = [e for e in fwd.events() if e.name == "step/forward alone" and e.device_type == DeviceType.CPU]
+    fk = [k for e in alone for k in launched(e)]
+    phases["(network forward alone, a separate pass)"] = {
+        "host_ms": sum(e.time_range.elapsed_us() for e in alone) / 1e3 / steps,
+        "kernel_ms": sum(k.duration for k in fk) / 1e3 / steps, "kernels": len(fk) / steps}  # fmt: skip
+    top = {}
+    for k in kernels:
+        top[k.name] = top.get(k.name, 0.0) + k.time_range.elapsed_us() / 1e3 / steps
+    return {"steps": steps, "wall_ms": wall * 1e3 / steps,
+            "kernel_busy_ms": busy,
+            "kernels_per_step": len(kernels) / steps, "phases": phases,
+            "top_kernels": sorted(top.items(), key=lambda kv: -kv[1])[:12]}  # fmt: skip
+
+
+def gpu_bound(args, cache_dir: str, *, steps: int = 30) -> list[dict]:
+    """Training img/s with no loader: one batch moved to the device once, the Trainer's step repeated on it; with
+    ``args.profile`` also where its time goes (:func:`_profile`), for the Trainer's AdamW and for a fused AdamW (one
+    kernel per parameter group instead of the multi-tensor kernels)."""
     cfg = train_config(args, {"cache": "none", "channels_last": True}, cache_dir)
+    rows = []
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, run_dir=Path(run_dir), project_root=ROOT)
         dataset = train_dataset_for_loader(trainer.train_set, cache="none", cache_dir=None, gpu_aug=False,
                                            aug=asdict(cfg.aug), threads=args.threads)  # fmt: skip
         loader, _ = build_train_loader(dataset, batch_size=cfg.batch_size, seed=0, workers=0)
         images, targets = to_device(*next(iter(loader)), device=trainer.device, channels_last=trainer.channels_last)
-        model, opt, scaler = trainer.ddp_model, trainer.optimizer, trainer.scaler
-        model.train()
-        rates_ = []
-        for _ in range(2):  # the first repetition warms cuDNN's autotuner up
-            sync(trainer.device)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                loss, _ = trainer.task.loss(model, images, targets, amp=trainer.amp)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                if trainer.ema:
-                    trainer.ema.update(trainer.model)
-            sync(trainer.device)
-            rates_.append(steps * images.shape[0] / (time.perf_counter() - t0))
-    nan = float("nan")
-    return {"option": "gpu_bound", "label": "no loader: one device batch, training step repeated", "loader_first": nan,
-            "loader_steady": nan, "train_first": rates_[0], "train_steady": rates_[1]}  # fmt: skip
+        trainer.ddp_model.train()
+        opts = {"gpu_bound": ("no loader: one device batch, training step repeated", trainer.optimizer)}
+        if args.profile and trainer.device.type == "cuda":
+            d, old = trainer.optimizer.defaults, trainer.optimizer.param_groups
+            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in old]
+            fused = torch.optim.AdamW(groups, lr=d["lr"], betas=d["betas"], fused=True)
+            opts["gpu_bound_fused"] = ("the same with AdamW(fused=True)", fused)
+        for key, (label, opt) in opts.items():
+            rates_ = []
+            for _ in range(2):  # the first repetition warms cuDNN's autotuner up
+                sync(trainer.device)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    _step(trainer, images, targets, opt=opt)
+                sync(trainer.device)
+                rates_.append(steps * images.shape[0] / (time.perf_counter() - t0))
+            nan = float("nan")
+            row = {"option": key, "label": label, "loader_first": nan, "loader_steady": nan, "train_first": rates_[0],
+                   "train_steady": rates_[1]}  # fmt: skip
+            if args.profile:
+                row["profile"] = _profile(trainer, images, targets, opt=opt, steps=min(steps, 10))
+            rows.append(row)
+    return rows
+
+
+def profile_lines(rows: list[dict]) -> list[str]:
+    """The profiled rows as a table: per step, wall vs GPU kernel-busy time and each phase's host/kernel ms."""
+    out = []
+    for r in rows:
+        pr = r.get("profile")
+        if not pr:
+            continue
+        out += ["", f"### Where a GPU-bound step goes: {r['option']} ({pr['steps']} profiled steps)", "",
+                f"wall {pr['wall_ms']:.2f} ms/step, GPU kernels busy {pr['kernel_busy_ms']:.2f} ms/step "
+                f"({pr['kernel_busy_ms'] / pr['wall_ms']:.0%}), {pr['kernels_per_step']:.0f} kernels/step", "",
+                "| phase (backward kernels: the rest) | host ms/step | kernel ms/step | kernels/step |",
+                "|---|---:|---:|---:|"]  # fmt: skip
+        out += [f"| {k} | {v['host_ms']:.2f} | {v['kernel_ms']:.2f} | {v['kernels']:.0f} |"
+                for k, v in pr["phases"].items()]  # fmt: skip
+        out += ["", "| kernel (top 12) | ms/step |", "|---|---:|"]
+        out += [f"| `{name[:90]}` | {ms:.3f} |" for name, ms in pr["top_kernels"]]
+    return out
 
 
 def _rate(v: float) -> str:
@@ -185,6 +286,8 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
     p.add_argument("--no-gpu-bound", action="store_true", help="skip the no-loader row")
+    p.add_argument("--profile", action="store_true",
+                   help="profile the no-loader step (wall vs GPU-busy, per phase, top kernels); adds a fused-AdamW row")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
@@ -203,8 +306,9 @@ def main() -> None:
             print(f"{key}: loader {r['loader_first']:.0f} / {r['loader_steady']:.0f} img/s, training "
                   f"{r['train_first']:.0f} / {r['train_steady']:.0f} img/s (epoch 1 / steady)", flush=True)  # fmt: skip
         if not args.no_gpu_bound:
-            rows.append(gpu_bound(args, cache_dir))
-            print(f"gpu_bound: training {rows[-1]['train_steady']:.0f} img/s", flush=True)
+            for r in gpu_bound(args, cache_dir, steps=args.steps or 30):
+                rows.append(r)
+                print(f"{r['option']}: training {r['train_steady']:.0f} img/s", flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     env = environment(device)
     import albumentations
@@ -225,6 +329,7 @@ def main() -> None:
         rate = [_rate(r[k]) for k in ("loader_first", "loader_steady", "train_first", "train_steady")]
         lines.append(f"| {r['option']}: {r['label']} | {' | '.join(rate)} | "
                      f"{r['train_steady'] / base['train_steady']:.2f}x |")  # fmt: skip
+    lines += profile_lines(rows)
     publish_report(lines, out=args.out, payload={"env": env, "args": vars(args), "rows": rows})
 
 

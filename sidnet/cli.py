@@ -36,6 +36,18 @@ def error_line(e: BaseException) -> str:
     return f"error: internal error ({type(e).__name__}: {one_line(e)[:300]}); rerun with -v for the traceback"
 
 
+def interrupt_behind(e: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C that caused ``e``, if any: a ``KeyboardInterrupt`` arriving while a C extension initialises comes out
+    as that extension's ``ImportError: initialization failed`` (pybind11 chains the interrupt as its cause)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def run_guarded(fn: Callable[[], T], *, verbose: bool, interrupted: str | Callable[[KeyboardInterrupt], str]) -> T:
     """Call ``fn()``; on an exception print one line and exit non-zero (``verbose``: let the traceback through).
 
@@ -48,12 +60,18 @@ def run_guarded(fn: Callable[[], T], *, verbose: bool, interrupted: str | Callab
     except KeyboardInterrupt as e:
         if verbose:
             raise
-        print(f"error: {interrupted(e) if callable(interrupted) else interrupted}", file=sys.stderr)
-        raise SystemExit(EXIT_INTERRUPTED) from None
+        _say_interrupted(e, interrupted)
     except Exception as e:  # noqa: BLE001  (the one place that turns every failure into one line)
         if verbose:
             raise
+        if (stop := interrupt_behind(e)) is not None:
+            _say_interrupted(stop, interrupted)
         raise SystemExit(error_line(e)) from None  # Python prints it to stderr and exits with status 1
+
+
+def _say_interrupted(e: KeyboardInterrupt, interrupted: str | Callable[[KeyboardInterrupt], str]) -> None:
+    print(f"error: {interrupted(e) if callable(interrupted) else interrupted}", file=sys.stderr)
+    raise SystemExit(EXIT_INTERRUPTED) from None
 
 
 def pop_verbose(argv: list[str]) -> tuple[list[str], bool]:

@@ -702,3 +702,27 @@ deserialising (TensorRT version, compute capability, engine hash, plugin library
     line = _one_error_line(*_run_main(main, argv, capsys))
     assert "classifier.onnx has no SIDNet metadata" in line and "python -m export" in line, line
     assert not (out / "summary.json").exists()
+
+
+def test_ctrl_c_inside_an_extension_import_is_reported_as_the_interrupt(capsys):
+    """A Ctrl-C while a C extension initialises surfaces as ``ImportError: initialization failed`` with the interrupt
+    chained (pybind11): the entry points say what the interrupt stopped (exit 130), not "internal error"."""
+    from sidnet.cli import EXIT_INTERRUPTED, run_guarded
+
+    def importing():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as stop:
+            raise ImportError("initialization failed") from stop
+
+    with pytest.raises(SystemExit) as out:
+        run_guarded(importing, verbose=False, interrupted="export interrupted: nothing was added")
+    assert out.value.code == EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip() == "error: export interrupted: nothing was added"
+
+    def broken():
+        raise ImportError("initialization failed")
+
+    with pytest.raises(SystemExit) as out:
+        run_guarded(broken, verbose=False, interrupted="export interrupted")
+    assert str(out.value.code).startswith("error: internal error (ImportError: initialization failed)")

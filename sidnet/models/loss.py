@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import complete_box_iou_loss
 
 from sidnet.config import ASSIGNERS, BOX_LOSSES
@@ -53,34 +52,38 @@ def _decode_xyxy(
 
 
 def assign_anchors(
-    order: torch.Tensor, bidx: torch.Tensor, gj: torch.Tensor, gi: torch.Tensor, *, grid: tuple[int, int], free: bool
+    order: torch.Tensor, bidx: torch.Tensor, gj: torch.Tensor, gi: torch.Tensor, *, grid: tuple[int, int], free: bool,
+    images: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The anchor each truth trains: (anchor (K,) int64, kept (K,) bool).
 
-    ``order`` (K, A): anchors by shape IoU, best first. ``free=False``: the best one, every truth kept (two truths on
-    one (image, anchor, cell) write the same slot and the later one wins, as in Darknet). ``free=True``: truths take
-    slots in order (the first truth of a slot keeps it); a truth whose slot is taken tries its next-best anchor of the
-    same cell, and is dropped (``kept`` False) only when all of that cell's anchors are taken.
+    ``order`` (K, A): anchors by shape IoU, best first; ``bidx`` (K,) the image of each truth, ``images`` how many
+    there are. ``free=False``: the best one, every truth kept (two truths on one (image, anchor, cell) write the same
+    slot and the later one wins, as in Darknet). ``free=True``: in A rounds, each truth not yet placed asks for its
+    r-th best anchor of its cell; a slot free after the earlier rounds goes to the first truth (in order) asking for
+    it. A truth is dropped (``kept`` False) only when every anchor of its cell is taken. Fixed shapes and dense slot
+    tables: no host synchronisation, a few kernels per round whatever the batch.
     """
     k, a = order.shape
     if not free or k == 0:
         return order[:, 0], torch.ones(k, dtype=torch.bool, device=order.device)
     h, w = grid
+    slots = images * a * h * w  # one more, index `slots`, takes the truths that are not asking this round
+    idx = torch.arange(k, device=order.device)
     anchor = order[:, 0].clone()
     kept = torch.zeros(k, dtype=torch.bool, device=order.device)
-    taken = order.new_zeros(0)
+    taken = torch.zeros(slots + 1, dtype=torch.bool, device=order.device)
+    first = torch.empty(slots + 1, dtype=torch.long, device=order.device)
+    cell = bidx * a * h * w + gj * w + gi
     for r in range(a):
-        key = ((bidx * a + order[:, r]) * h + gj) * w + gi
-        cand = ~kept & ~torch.isin(key, taken)
-        idx = cand.nonzero().flatten()
-        if idx.numel() == 0:
-            break
-        uniq, inv = torch.unique(key[idx], return_inverse=True)
-        first = torch.full((uniq.numel(),), k, dtype=torch.long, device=order.device)
-        first = first.scatter_reduce(0, inv, idx, reduce="amin")  # the earliest truth per free slot
-        kept[first] = True
-        anchor[first] = order[first, r]
-        taken = torch.cat([taken, uniq])
+        key = cell + order[:, r] * (h * w)
+        asking = ~kept & ~taken[key]
+        key = torch.where(asking, key, slots)
+        first.fill_(k).scatter_reduce_(0, key, idx, reduce="amin")  # the earliest truth asking for each slot
+        won = asking & (first[key] == idx)
+        kept |= won
+        anchor = torch.where(won, order[:, r], anchor)
+        taken[torch.where(won, key, slots)] = True
     return anchor, kept
 
 
@@ -145,28 +148,27 @@ class RegionLoss(nn.Module):
 
         noobj_mask = torch.ones(n, a, h, w, dtype=torch.bool, device=p.device)
         counts = [len(t["boxes"]) for t in targets]
-        if max(counts, default=0):
-            # One batched IoU over truths padded to the largest count: no per-image kernel launches.
-            gt = pad_sequence([t["boxes"].to(pred).reshape(-1, 4) for t in targets], batch_first=True)  # (N, K, 4)
-            valid = torch.arange(gt.shape[1], device=p.device)[None] < torch.tensor(counts, device=p.device)[:, None]
-            best = (_batched_iou(pred, gt) * valid[:, None, :]).amax(dim=2)  # (N, A·H·W)
-            noobj_mask &= (best <= self.ignore_thresh).view(n, a, h, w)
-
-        # Assign every ground truth to (image, anchor, cell).
-        boxes = torch.cat([t["boxes"].to(p) for t in targets]) if targets else p.new_zeros(0, 4)
-        labels = torch.cat([t["labels"].to(p.device) for t in targets]).long() if targets else None
-        bidx = torch.cat([torch.full((len(t["boxes"]),), i, device=p.device) for i, t in enumerate(targets)])
         zero = p.sum() * 0.0
         parts = {"xy": zero, "wh": zero, "obj": zero, "noobj": zero, "cls": zero}
-        if len(boxes):
+        if sum(counts):
+            # The truths as one (ΣK, 4) tensor with their (image, position) built on the host from the counts and
+            # moved in one copy: a fixed number of kernels and no host synchronisation, whatever the batch size.
+            boxes = torch.cat([t["boxes"].reshape(-1, 4) for t in targets]).to(p)
+            bidx, slot = _owners(counts, device=p.device)
+            with torch.no_grad():  # ignore mask: each prediction's best IoU with a truth of its image
+                gt = boxes.new_zeros(n, max(counts), 4)
+                gt[bidx, slot] = boxes  # the padding stays (0, 0, 0, 0): IoU 0 with any box
+                best = _batched_iou(pred, gt).amax(dim=2)  # (N, A·H·W)
+                noobj_mask &= (best <= self.ignore_thresh).view(n, a, h, w)
+
+            # Assign every ground truth to (image, anchor, cell).
             gw, gh = (boxes[:, 2] - boxes[:, 0]).clamp(min=1e-3), (boxes[:, 3] - boxes[:, 1]).clamp(min=1e-3)
             gcx, gcy = (boxes[:, 0] + boxes[:, 2]) / 2 / sx, (boxes[:, 1] + boxes[:, 3]) / 2 / sy
             gi, gj = gcx.long().clamp(0, w - 1), gcy.long().clamp(0, h - 1)
             order = wh_iou(torch.stack([gw, gh], 1), anchors).argsort(dim=1, descending=True, stable=True)
-            best_a, kept = assign_anchors(order, bidx, gj, gi, grid=(h, w), free=self.assign == "free")
-            if self.assign == "free":  # (the default keeps every truth: no filtering, no host sync)
-                boxes, labels, bidx, best_a, gi, gj = (t[kept] for t in (boxes, labels, bidx, best_a, gi, gj))
-                gw, gh, gcx, gcy = gw[kept], gh[kept], gcx[kept], gcy[kept]
+            best_a, kept = assign_anchors(order, bidx, gj, gi, grid=(h, w), free=self.assign == "free", images=n)
+            # A dropped truth (free assignment, its cell full) points at a slot another truth owns: clearing it is a
+            # no-op, and its rows are left out of the sums below (by a mask: no data-dependent shape).
             noobj_mask[bidx, best_a, gj, gi] = False
 
             pr = p[bidx, best_a, gj, gi]  # (K, 5+C) responsible predictions
@@ -175,22 +177,40 @@ class RegionLoss(nn.Module):
             if self.box_loss == "mse":
                 txy = torch.stack([gcx - gi, gcy - gj], 1)
                 twh = torch.log(torch.stack([gw / anchors[best_a, 0], gh / anchors[best_a, 1]], 1))
-                parts["xy"] = (scale[:, None] * (pxy_r - txy) ** 2).sum()
-                parts["wh"] = (scale[:, None] * (pr[:, 2:4] - twh) ** 2).sum()
+                parts["xy"] = _kept_sum(scale[:, None] * (pxy_r - txy) ** 2, kept)
+                parts["wh"] = _kept_sum(scale[:, None] * (pr[:, 2:4] - twh) ** 2, kept)
             if self.box_loss == "ciou" or self.rescore:
                 # The responsible predictions' decoded boxes, with gradient (input pixels).
                 pbox = _decode_xyxy(pxy_r, pr[:, 2:4], gi, gj, anchors[best_a], stride=(sx, sy))
             if self.box_loss == "ciou":  # reported as "xy" ("wh" stays 0): one box term
-                parts["xy"] = (scale * complete_box_iou_loss(pbox, boxes, reduction="none")).sum()
+                parts["xy"] = _kept_sum(scale * complete_box_iou_loss(pbox, boxes, reduction="none"), kept)
             obj_target = torch.ones_like(pr[:, 4])
             if self.rescore:
                 obj_target = _batched_iou(pbox.detach()[:, None], boxes[:, None]).flatten()  # row i with truth i
-            parts["obj"] = self.obj_scale * F.binary_cross_entropy_with_logits(pr[:, 4], obj_target, reduction="sum")
+            obj = F.binary_cross_entropy_with_logits(pr[:, 4], obj_target, reduction="none")
+            parts["obj"] = self.obj_scale * _kept_sum(obj, kept)
             if self.num_classes > 1:
-                parts["cls"] = self.class_scale * F.cross_entropy(pr[:, 5:], labels, reduction="sum")
-        obj_logits = p[..., 4]
-        parts["noobj"] = self.noobj_scale * F.binary_cross_entropy_with_logits(
-            obj_logits[noobj_mask], torch.zeros_like(obj_logits[noobj_mask]), reduction="sum"
-        )
+                labels = torch.cat([t["labels"].reshape(-1) for t in targets]).to(p.device).long()
+                ce = F.cross_entropy(pr[:, 5:], labels, reduction="none")
+                parts["cls"] = self.class_scale * _kept_sum(ce, kept)
+        obj_logits = p[..., 4]  # every prediction not responsible and not ignored: objectness → 0
+        noobj = F.binary_cross_entropy_with_logits(obj_logits, torch.zeros_like(obj_logits), reduction="none")
+        parts["noobj"] = self.noobj_scale * _kept_sum(noobj, noobj_mask)
         parts = {k: v / n for k, v in parts.items()}
         return sum(parts.values()), parts
+
+
+def _kept_sum(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over the rows (leading dims) where ``keep`` holds: a masked sum instead of ``x[keep]``, whose
+    data-dependent shape would make the host wait for the GPU. Left-out rows add exactly 0, even if not finite."""
+    return torch.where(keep.view(*keep.shape, *([1] * (x.dim() - keep.dim()))), x, 0.0).sum()
+
+
+def _owners(counts: list[int], *, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For truths concatenated image by image (``counts`` per image): each one's image and its position within the
+    image, as int64 tensors on ``device`` — built on the host and moved in one asynchronous copy."""
+    per_image = torch.tensor(counts)
+    bidx = torch.repeat_interleave(torch.arange(len(counts)), per_image)
+    slot = torch.arange(len(bidx)) - (per_image.cumsum(0) - per_image)[bidx]
+    both = torch.stack([bidx, slot]).to(device, non_blocking=True)
+    return both[0], both[1]

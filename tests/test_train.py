@@ -183,3 +183,35 @@ def test_a_bad_override_is_refused_before_torch_or_the_data_readers_load():
             "print(sorted(m for m in ('torch', 'cv2', 'albumentations') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", light], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_ema_is_the_ramped_average_of_the_weights_and_copies_the_counters():
+    """ModelEMA.update: every float tensor of the state becomes d·ema + (1 − d)·model with the ramped decay
+    d = decay·(1 − exp(−updates / warmup)); integer buffers (BatchNorm's num_batches_tracked) are copied."""
+    import copy
+    import math
+
+    from sidnet.engine.ema import ModelEMA
+    from sidnet.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("sidnet", anchors=[[20, 50], [60, 120], [150, 300]], input_size=128, width=0.125)
+    ema = ModelEMA(model, decay=0.99, warmup=5)
+    want = copy.deepcopy(ema.module.state_dict())
+    for step in range(1, 11):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+            for b in model.buffers():
+                b.add_(0.05 if b.dtype.is_floating_point else 1)
+        ema.update(model)
+        d = 0.99 * (1 - math.exp(-step / 5))
+        for k, v in model.state_dict().items():
+            want[k] = want[k] * d + v * (1 - d) if v.dtype.is_floating_point else v.clone()
+    got = ema.module.state_dict()
+    assert ema.updates == 10 and got.keys() == want.keys()
+    for k, v in want.items():
+        if v.dtype.is_floating_point:
+            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)
+        else:
+            assert torch.equal(got[k], v) and int(v.max()) == 10, k

@@ -35,7 +35,8 @@
 #                    $SIDNET_LOADER_DATA (a YOLO folder with images/{train,val}, labels/boxes/{train,val}; default
 #                    ../shared/data/capston2; $SIDNET_LOADER_LABELS: the folder of its train/ and val/ label folders
 #                    (default labels/boxes), $SIDNET_LOADER_OPTIONS: which
-#                    options): SIDNet-MobileNetV2, 416², batch 64, AMP, 14 workers, and the no-loader GPU-bound row
+#                    options): SIDNet-MobileNetV2, 416², batch 64, AMP, 14 workers, and the no-loader GPU-bound row;
+#                    SIDNET_LOADER_PROFILE=1 adds --profile (kernels and host/GPU time per phase of the step)
 #     int8           INT8 on the tensor cores: tests/test_int8_gpu.py + benchmarks/int8_tensorcores.py on $SIDNET_INT8_ONNX
 #                    (a 416² SIDNet INT8 export; `tests` needs it too, else those GPU tests skip, which fails the part)
 #     bench-ddp      the same training on 1 GPU and on 2 through torchrun (benchmarks/ddp_throughput.py; NCCL, NVLink
@@ -181,7 +182,7 @@ bench_loader() {
         --labels "$LOADER_LABELS/train" --workers 14 --batch 64 \
         --epochs "${SIDNET_LOADER_EPOCHS:-3}" \
         --options ${SIDNET_LOADER_OPTIONS:-legacy none ram gpu_ram gpu_ram_cl device device_cl} \
-        --out "$OUT/loader_throughput_h200.md"
+        ${SIDNET_LOADER_PROFILE:+--profile} --out "$OUT/loader_throughput_h200.md"
 }
 bench_ddp() {
     local root

@@ -133,25 +133,7 @@ def measure(key: str, args, cache_dir: str) -> dict:
             "train_steady": ts}  # fmt: skip
 
 
-def _step(trainer, images, targets, *, opt) -> None:
-    """One training step as the Trainer makes it (loss under AMP, scaled backward, optimizer, scaler, EMA), each phase
-    in a profiler range."""
-    from torch.profiler import record_function
-
-    with record_function("step/forward+loss"):
-        loss, _ = trainer.task.loss(trainer.ddp_model, images, targets, amp=trainer.amp)
-    with record_function("step/backward"):
-        opt.zero_grad(set_to_none=True)
-        trainer.scaler.scale(loss).backward()
-    with record_function("step/optimizer"):
-        trainer.scaler.step(opt)
-        trainer.scaler.update()
-    if trainer.ema:
-        with record_function("step/ema"):
-            trainer.ema.update(trainer.model)
-
-
-def _profile(trainer, images, targets, *, opt, steps: int) -> dict:
+def _profile(trainer, images, targets, *, steps: int) -> dict:
     """Where a GPU-bound step's time goes: wall ms per step, the GPU's kernel-busy ms per step (kernels of one step
     summed, overlap ignored), kernels launched per step, and each phase's host (CPU) ms and kernel ms. Wall well above
     kernel-busy means the host (Python, dispatch, launches) sets the pace, not the GPU."""
@@ -163,7 +145,7 @@ def _profile(trainer, images, targets, *, opt, steps: int) -> dict:
     with profile(activities=acts) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
-            _step(trainer, images, targets, opt=opt)
+            trainer.train_step(images, targets)
         sync(trainer.device)
         wall = time.perf_counter() - t0
     events = prof.events()
@@ -210,8 +192,9 @@ def _profile(trainer, images, targets, *, opt, steps: int) -> dict:
 
 def gpu_bound(args, cache_dir: str, *, steps: int = 30) -> list[dict]:
     """Training img/s with no loader: one batch moved to the device once, the Trainer's step repeated on it; with
-    ``args.profile`` also where its time goes (:func:`_profile`), for the Trainer's AdamW and for a fused AdamW (one
-    kernel per parameter group instead of the multi-tensor kernels)."""
+    ``args.profile`` also where its time goes (:func:`_profile`), for the Trainer's AdamW, for a fused AdamW (one
+    kernel per parameter group instead of the multi-tensor kernels) and, on CUDA, with the network graphed. Each row
+    runs :meth:`Trainer.train_step`, the step ``python -m train`` takes."""
     cfg = train_config(args, {"cache": "none", "channels_last": True}, cache_dir)
     rows = []
     with tempfile.TemporaryDirectory() as run_dir:
@@ -221,37 +204,42 @@ def gpu_bound(args, cache_dir: str, *, steps: int = 30) -> list[dict]:
         loader, _ = build_train_loader(dataset, batch_size=cfg.batch_size, seed=0, workers=0)
         images, targets = to_device(*next(iter(loader)), device=trainer.device, channels_last=trainer.channels_last)
         trainer.ddp_model.train()
-        opts = {"gpu_bound": ("no loader: one device batch, training step repeated", trainer.optimizer)}
+        # (option, label, the optimizer its steps use, what to do to the trainer first)
+        rows_to_run = [("gpu_bound", "no loader: one device batch, training step repeated", trainer.optimizer, None)]
         if args.profile and trainer.device.type == "cuda":
             d, old = trainer.optimizer.defaults, trainer.optimizer.param_groups
             groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in old]
             fused = torch.optim.AdamW(groups, lr=d["lr"], betas=d["betas"], fused=True)
-            opts["gpu_bound_fused"] = ("the same with AdamW(fused=True)", fused)
-            opts["gpu_bound_graphed"] = ("fused AdamW + the network's forward/backward as CUDA graphs", fused)
-        for key, (label, opt) in opts.items():
-            if key == "gpu_bound_graphed":  # last: it replaces the model's training forward for good
+            rows_to_run += [("gpu_bound_fused", "the same with AdamW(fused=True)", fused, None),
+                            ("gpu_bound_graphed", "fused AdamW + the network's forward/backward as CUDA graphs", fused,
+                             _graph_network)]  # last: it replaces the model's training forward for good
+        for key, label, opt, prepare in rows_to_run:
+            trainer.optimizer = opt
+            if prepare is not None:
                 try:
-                    _graph_network(trainer, images)
+                    prepare(trainer, images)
                 except Exception as e:  # noqa: BLE001  (an experimental row: say why it is missing, keep the others)
-                    rows.append({"option": key, "label": f"{label}: failed ({type(e).__name__}: {e})"[:300],
-                                 **dict.fromkeys(("loader_first", "loader_steady", "train_first", "train_steady"),
-                                                 float("nan"))})  # fmt: skip
+                    rows.append(_gpu_row(key, f"{label}: failed ({type(e).__name__}: {e})"[:300]))
                     continue
             rates_ = []
             for _ in range(2):  # the first repetition warms cuDNN's autotuner up
                 sync(trainer.device)
                 t0 = time.perf_counter()
                 for _ in range(steps):
-                    _step(trainer, images, targets, opt=opt)
+                    trainer.train_step(images, targets)
                 sync(trainer.device)
                 rates_.append(steps * images.shape[0] / (time.perf_counter() - t0))
-            nan = float("nan")
-            row = {"option": key, "label": label, "loader_first": nan, "loader_steady": nan, "train_first": rates_[0],
-                   "train_steady": rates_[1]}  # fmt: skip
+            row = _gpu_row(key, label, first=rates_[0], steady=rates_[1])
             if args.profile:
-                row["profile"] = _profile(trainer, images, targets, opt=opt, steps=min(steps, 10))
+                row["profile"] = _profile(trainer, images, targets, steps=min(steps, 10))
             rows.append(row)
     return rows
+
+
+def _gpu_row(key: str, label: str, *, first: float = float("nan"), steady: float = float("nan")) -> dict:
+    """A no-loader row of the table: training img/s only (the loader columns do not apply)."""
+    return {"option": key, "label": label, "loader_first": float("nan"), "loader_steady": float("nan"),
+            "train_first": first, "train_steady": steady}  # fmt: skip
 
 
 def _graph_network(trainer, images: torch.Tensor) -> None:
@@ -309,7 +297,8 @@ def main() -> None:
     p.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
     p.add_argument("--no-gpu-bound", action="store_true", help="skip the no-loader row")
     p.add_argument("--profile", action="store_true",
-                   help="profile the no-loader step (wall vs GPU-busy, per phase, top kernels); adds a fused-AdamW row")
+                   help="profile the no-loader step (wall vs GPU-busy, per phase, top kernels); on CUDA adds a "
+                        "fused-AdamW row and a row with the network's forward/backward as CUDA graphs")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
 from sidnet.anchors import load_anchors
@@ -297,16 +298,7 @@ class Trainer:
                 images, targets = rescale_batch(images, targets, size=size)
             if image_ids is not None:
                 image_ids.extend(t["image_id"] for t in targets)
-            loss, parts = self.task.loss(self.ddp_model, images, targets, amp=self.amp)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if o.grad_clip > 0:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            if self.ema:
-                self.ema.update(self.model)
+            loss, parts = self.train_step(images, targets)
             self.step += 1
             seen += images.shape[0]
             # The step's numbers reach the host one step late (an async copy and an event), so the CPU queues step
@@ -326,6 +318,26 @@ class Trainer:
         if image_ids is not None:
             log.debug("rank %d epoch %d image ids %s", self.dist.rank, self.epoch + 1, json.dumps(image_ids))
         return stats
+
+    def train_step(self, images: torch.Tensor, targets: list[dict[str, Any]]) -> tuple[torch.Tensor, dict]:
+        """One optimisation step on a device batch: loss under AMP, scaled backward, optional gradient clipping,
+        optimizer and scaler, EMA. Each phase is a profiler range (``step/...``; benchmarks/loader_throughput.py
+        reads them). Returns the loss and its parts, still on the device."""
+        with record_function("step/forward+loss"):
+            loss, parts = self.task.loss(self.ddp_model, images, targets, amp=self.amp)
+        with record_function("step/backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+        with record_function("step/optimizer"):
+            if self.cfg.optim.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        if self.ema:
+            with record_function("step/ema"):
+                self.ema.update(self.model)
+        return loss, parts
 
     def _account(self, pending, sums: dict[str, float], *, lr: float, seen: int, t0: float, bar) -> None:
         """Add a finished step's loss and parts (from :func:`_stage`) to ``sums``; raise on a non-finite loss."""

@@ -13,6 +13,7 @@ epochs as the steady rate. Options:
     gpu_ram_cl  gpu_aug + cache=ram + channels_last
     device   gpu_aug + cache=device (images, mosaics and augmentation on the GPU; workers send indices and boxes)
     device_cl   the same + channels_last
+    device_cl_graph  the same + cuda_graph=true (Trainer option: the network's training forward/backward as CUDA graphs)
 
 and a last row, **GPU bound**: the same training step on one batch already on the device, repeated (no loader at
 all): the rate the GPU alone sets, so the table shows how far each loader option leaves training from it.
@@ -38,6 +39,7 @@ import torch
 
 from sidnet.config import AugConfig, DataConfig, LoaderConfig, ModelConfig, TrainConfig
 from sidnet.data import collate
+from sidnet.engine.graphs import GraphedForward
 from sidnet.engine.loader import build_train_loader, to_device, train_dataset_for_loader
 from sidnet.engine.trainer import Trainer, _seed_worker
 from sidnet.environment import environment, publish_report
@@ -54,10 +56,14 @@ OPTIONS = {
     "device": ("gpu_aug + cache=device", {"cache": "device", "gpu_aug": True}),
     "device_cl": ("gpu_aug + cache=device + channels_last", {"cache": "device", "gpu_aug": True,
                                                              "channels_last": True}),
+    "device_cl_graph": ("device_cl + cuda_graph=true (the network's forward/backward replayed as CUDA graphs)",
+                        {"cache": "device", "gpu_aug": True, "channels_last": True, "cuda_graph": True}),
 }
 
 
 def train_config(args, loader: dict, cache_dir: str) -> TrainConfig:
+    loader = dict(loader)
+    cuda_graph = loader.pop("cuda_graph", False)  # a Trainer option, not a loader one
     split = {"format": "yolo", "images": args.images, "labels": args.labels}
     kwargs = {"pretrained": None, "head_channels": 512} if args.model == "sidnet_mobilenetv2" else {"width": 0.25}
     return TrainConfig(
@@ -66,7 +72,7 @@ def train_config(args, loader: dict, cache_dir: str) -> TrainConfig:
         data=DataConfig(root=str(Path(args.root).resolve()), train=split, val=split, negative_ratio=-1.0),
         aug=AugConfig(mosaic=args.mosaic), loader=LoaderConfig(**{"cache_dir": cache_dir, **loader}),
         batch_size=args.batch, workers=args.workers, device=args.device, amp=True, tensorboard=False,
-        epochs=args.epochs, max_steps_per_epoch=args.steps,
+        epochs=args.epochs, max_steps_per_epoch=args.steps, cuda_graph=cuda_graph,
     )  # fmt: skip
 
 
@@ -211,8 +217,9 @@ def gpu_bound(args, cache_dir: str, *, steps: int = 30) -> list[dict]:
             groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in old]
             fused = torch.optim.AdamW(groups, lr=d["lr"], betas=d["betas"], fused=True)
             rows_to_run += [("gpu_bound_fused", "the same with AdamW(fused=True)", fused, None),
-                            ("gpu_bound_graphed", "fused AdamW + the network's forward/backward as CUDA graphs", fused,
-                             _graph_network)]  # last: it replaces the model's training forward for good
+                            ("gpu_bound_graphed", "cuda_graph=true: the network's forward/backward as CUDA graphs",
+                             trainer.optimizer, _graph_network),
+                            ("gpu_bound_graphed_fused", "cuda_graph=true + AdamW(fused=True)", fused, None)]
         for key, label, opt, prepare in rows_to_run:
             trainer.optimizer = opt
             if prepare is not None:
@@ -242,17 +249,11 @@ def _gpu_row(key: str, label: str, *, first: float = float("nan"), steady: float
             "train_first": first, "train_steady": steady}  # fmt: skip
 
 
-def _graph_network(trainer, images: torch.Tensor) -> None:
-    """Capture the Trainer's model's training forward and backward in CUDA graphs (``make_graphed_callables``), so a
-    step replays two graphs instead of launching ~1,100 kernels; the loss, optimizer and EMA stay eager. The capture's
-    warm-up passes move BatchNorm's running statistics: they are put back. An experiment for the benchmark (is the
-    step launch-bound?), not a Trainer option yet: fixed batch and input size, one GPU."""
-    model = trainer.model
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.autocast("cuda", enabled=trainer.amp, cache_enabled=False):
-        torch.cuda.make_graphed_callables(model, (images,))
-    model.load_state_dict(saved)
-    sync(trainer.device)
+def _graph_network(trainer, images: torch.Tensor) -> None:  # noqa: ARG001  (a row's prepare step)
+    """What ``cuda_graph=true`` does to a Trainer (:class:`sidnet.engine.graphs.GraphedForward`): its training step's
+    forward/backward is captured at the first call and replayed after (the rows' first repetition includes the
+    capture). Every later row keeps it."""
+    trainer.ddp_model = GraphedForward(trainer.model, amp=trainer.amp)
 
 
 def profile_lines(rows: list[dict]) -> list[str]:

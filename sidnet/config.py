@@ -164,6 +164,7 @@ class TrainConfig:
     resume: bool = False
     max_steps_per_epoch: int = 0  # 0: the whole epoch; >0 caps it (smoke runs, benchmarks)
     tensorboard: bool = True
+    cuda_graph: bool = False  # one CUDA process: the network's training forward/backward replayed as CUDA graphs
 
 
 class ConfigError(ValueError):

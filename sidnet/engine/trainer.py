@@ -35,6 +35,7 @@ from sidnet.data.loading import build_datasets, data_sources, load_records
 from sidnet.data.multiscale import multiscale_size, rescale_batch
 from sidnet.engine.distributed import DistContext, all_reduce_mean
 from sidnet.engine.ema import ModelEMA
+from sidnet.engine.graphs import GraphedForward
 from sidnet.engine.loader import build_train_loader, to_device, train_dataset_for_loader
 from sidnet.engine.runlock import acquire_run_lock, release_run_lock
 from sidnet.engine.tasks import build_task
@@ -126,6 +127,8 @@ class Trainer:
         if self.dist.enabled and "segm" in self.task.iou_types:
             raise ConfigError(f"model.name={m.name}: multi-process training covers the region (YOLOv2-family) "
                               "models; train this one in one process (python -m train)")  # fmt: skip
+        if cfg.cuda_graph:
+            self._check_cuda_graph()
         self.train_set, self.val_set = build_datasets(cfg.data, input_size=m.input_size, aug=asdict(cfg.aug),
                                                       seed=cfg.seed, project_root=self.project_root,
                                                       masks="segm" in self.task.iou_types)  # fmt: skip
@@ -150,15 +153,31 @@ class Trainer:
         self.epoch, self.step, self.best_ap50, self.history = 0, 0, -1.0, []
         self._train_loader, self._sampler = None, None
         self._source: torch.Tensor | None = None  # loader.cache=device: the cached images on the device
-        self.ddp_model = self.model
+        self.ddp_model = self.model  # what the training step calls: the model, its DDP wrapper or its CUDA graphs
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
+        if cfg.cuda_graph:
+            self.ddp_model = GraphedForward(self.model, amp=self.amp)
         self.writer = None
         if cfg.tensorboard and self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
+
+    def _check_cuda_graph(self) -> None:
+        """``cuda_graph=true`` where it cannot work is refused in one line, before any training."""
+        why = None
+        if self.device.type != "cuda":
+            why = f"it needs a CUDA device (device={self.cfg.device} resolved to {self.device})"
+        elif self.dist.enabled:
+            why = "it is for one process (DDP's gradient hooks are not captured); drop it under torchrun"
+        elif "segm" in self.task.iou_types:
+            why = f"model.name={self.cfg.model.name}: its shapes change per image; it covers the region models"
+        elif self.cfg.quant.enabled:
+            why = "quant=qat fine-tunes with fake-quantization observers; train QAT eagerly"
+        if why:
+            raise ConfigError(f"cuda_graph=true is not possible here: {why}; set cuda_graph=false")
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

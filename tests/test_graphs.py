@@ -1,0 +1,63 @@
+"""cuda_graph=true (sidnet.engine.graphs): refused in one line where it cannot work; on CUDA, eager's training."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from sidnet.config import ConfigError
+from sidnet.engine.graphs import GraphedForward
+from sidnet.engine.loader import build_train_loader, to_device, train_dataset_for_loader
+from sidnet.engine.trainer import Trainer
+from tests.test_train import TINY, _compose
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cuda_graph_is_refused_on_cpu_in_one_line(tmp_path):
+    cfg = _compose([*TINY, "cuda_graph=true"])
+    with pytest.raises(ConfigError, match=r"^cuda_graph=true is not possible here: it needs a CUDA device .*"
+                                          r"set cuda_graph=false$"):  # fmt: skip
+        Trainer(cfg, run_dir=tmp_path / "run", project_root=ROOT)
+
+
+def _trainer(tmp_path: Path, name: str, *, graph: bool) -> Trainer:
+    gpu = [o for o in TINY if not o.startswith("device=")] + ["device=cuda", "loader.channels_last=true", "amp=true"]
+    cfg = _compose([*gpu, f"cuda_graph={str(graph).lower()}", "batch_size=8"])
+    return Trainer(cfg, run_dir=tmp_path / name, project_root=ROOT)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_trains_as_eager_does(tmp_path):
+    """Six steps from the same weights on the same batches: losses and weights as eager's (cuDNN deterministic, so
+    any difference would be the graph's), one graph for the batch shape, a second one for another shape, and eval
+    mode eager."""
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    runs = {}
+    for graph in (False, True):
+        t = _trainer(tmp_path, f"g{graph}", graph=graph)
+        c = t.cfg
+        ds = train_dataset_for_loader(t.train_set, cache="none", cache_dir=None, gpu_aug=False, aug=asdict(c.aug),
+                                      threads=1)  # fmt: skip
+        loader, _ = build_train_loader(ds, batch_size=8, seed=0, workers=0)
+        batch = to_device(*next(iter(loader)), device=t.device, channels_last=True)
+        t.model.train()
+        losses = [t.train_step(*batch)[0].item() for _ in range(6)]
+        runs[graph] = losses, {k: v.float().cpu() for k, v in t.model.state_dict().items()}
+        if graph:
+            assert isinstance(t.ddp_model, GraphedForward) and t.ddp_model.graphs == 1
+            t.train_step(batch[0][:4].contiguous(memory_format=torch.channels_last), batch[1][:4])
+            assert t.ddp_model.graphs == 2
+            t.model.eval()
+            with torch.no_grad():
+                assert torch.equal(t.ddp_model(batch[0]), t.model(batch[0]))  # eval: the eager model
+    (eager_losses, eager_w), (graph_losses, graph_w) = runs[False], runs[True]
+    assert graph_losses == pytest.approx(eager_losses, rel=1e-5)
+    assert eager_losses[0] == graph_losses[0]  # the first forward: the same kernels on the same inputs
+    assert set(eager_w) == set(graph_w)
+    for k in eager_w:  # BatchNorm's running statistics included: the capture's warm-up passes were undone
+        torch.testing.assert_close(graph_w[k], eager_w[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")

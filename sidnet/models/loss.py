@@ -83,7 +83,7 @@ def assign_anchors(
         won = asking & (first[key] == idx)
         kept |= won
         anchor = torch.where(won, order[:, r], anchor)
-        taken[torch.where(won, key, slots)] = True
+        taken.index_fill_(0, torch.where(won, key, slots), True)  # not taken[...] = True: that copies the scalar
     return anchor, kept
 
 
@@ -169,7 +169,9 @@ class RegionLoss(nn.Module):
             best_a, kept = assign_anchors(order, bidx, gj, gi, grid=(h, w), free=self.assign == "free", images=n)
             # A dropped truth (free assignment, its cell full) points at a slot another truth owns: clearing it is a
             # no-op, and its rows are left out of the sums below (by a mask: no data-dependent shape).
-            noobj_mask[bidx, best_a, gj, gi] = False
+            # index_fill_ takes the value as a kernel argument; noobj_mask[...] = False would copy a host scalar to
+            # the GPU, which waits for it (found by tests/test_models.py's sync-debug test on the H100)
+            noobj_mask.view(-1).index_fill_(0, ((bidx * a + best_a) * h + gj) * w + gi, False)
 
             pr = p[bidx, best_a, gj, gi]  # (K, 5+C) responsible predictions
             scale = self.coord_scale * (2.0 - gw * gh / (size**2))

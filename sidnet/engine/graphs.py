@@ -61,7 +61,8 @@ class GraphedForward(nn.Module):
         return graphed(images)
 
     def _capture(self, images: torch.Tensor) -> nn.Module:
-        saved = {k: v.clone() for k, v in self.model.state_dict().items()}  # warm-up moves BN's running statistics
+        buffers = list(self.model.buffers())  # BatchNorm's running statistics: the warm-up passes move them
+        saved = [b.clone() for b in buffers]  # (the parameters: the warm-up takes gradients, it does not step)
         wrapper = _Forward(self.model)
         # The sample becomes the graph's input buffer (later batches are copied into it): a copy of its own, with the
         # batch's strides (channels_last stays channels_last).
@@ -70,8 +71,8 @@ class GraphedForward(nn.Module):
             torch.cuda.make_graphed_callables(wrapper, (sample,), num_warmup_iters=self.warmup_iters,
                                               allow_unused_input=True)  # fmt: skip
         with torch.no_grad():
-            for k, v in self.model.state_dict().items():  # in place: the graph holds these storages
-                v.copy_(saved[k])
+            for b, v in zip(buffers, saved, strict=True):  # in place: the graph holds these storages
+                b.copy_(v)
         log.info("cuda_graph: captured the training forward/backward for input %s (%d graph%s)",
                  "x".join(map(str, images.shape)), len(self._graphs) + 1, "s" if self._graphs else "")  # fmt: skip
         return wrapper

@@ -51,6 +51,13 @@ def _decode_xyxy(
     return torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1)
 
 
+def flat_slot(bidx: torch.Tensor, anchor: torch.Tensor | int, gj: torch.Tensor, gi: torch.Tensor, *,
+              anchors: int, grid: tuple[int, int]) -> torch.Tensor:
+    """The index of (image, anchor, row, column) in a flattened (N, A, H, W) map."""
+    h, w = grid
+    return ((bidx * anchors + anchor) * h + gj) * w + gi
+
+
 def assign_anchors(
     order: torch.Tensor, bidx: torch.Tensor, gj: torch.Tensor, gi: torch.Tensor, *, grid: tuple[int, int], free: bool,
     images: int,
@@ -74,7 +81,7 @@ def assign_anchors(
     kept = torch.zeros(k, dtype=torch.bool, device=order.device)
     taken = torch.zeros(slots + 1, dtype=torch.bool, device=order.device)
     first = torch.empty(slots + 1, dtype=torch.long, device=order.device)
-    cell = bidx * a * h * w + gj * w + gi
+    cell = flat_slot(bidx, 0, gj, gi, anchors=a, grid=grid)  # anchor 0's slot; anchor r's is r·H·W further
     for r in range(a):
         key = cell + order[:, r] * (h * w)
         asking = ~kept & ~taken[key]
@@ -171,7 +178,7 @@ class RegionLoss(nn.Module):
             # no-op, and its rows are left out of the sums below (by a mask: no data-dependent shape).
             # index_fill_ takes the value as a kernel argument; noobj_mask[...] = False would copy a host scalar to
             # the GPU, which waits for it (found by tests/test_models.py's sync-debug test on the H100)
-            noobj_mask.view(-1).index_fill_(0, ((bidx * a + best_a) * h + gj) * w + gi, False)
+            noobj_mask.view(-1).index_fill_(0, flat_slot(bidx, best_a, gj, gi, anchors=a, grid=(h, w)), False)
 
             pr = p[bidx, best_a, gj, gi]  # (K, 5+C) responsible predictions
             scale = self.coord_scale * (2.0 - gw * gh / (size**2))

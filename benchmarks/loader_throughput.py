@@ -14,6 +14,8 @@ epochs as the steady rate. Options:
     device   gpu_aug + cache=device (images, mosaics and augmentation on the GPU; workers send indices and boxes)
     device_cl   the same + channels_last
     device_cl_graph  the same + cuda_graph=true (Trainer option: the network's training forward/backward as CUDA graphs)
+    device_cl_graph_foreach  the same with optim.fused=false (the multi-tensor AdamW whose GradScaler step reads the
+             overflow flag back every step; every other option uses the default, a fused AdamW on CUDA)
 
 and a last row, **GPU bound**: the same training step on one batch already on the device, repeated (no loader at
 all): the rate the GPU alone sets, so the table shows how far each loader option leaves training from it.
@@ -37,11 +39,11 @@ from pathlib import Path
 
 import torch
 
-from sidnet.config import AugConfig, DataConfig, LoaderConfig, ModelConfig, TrainConfig
+from sidnet.config import AugConfig, DataConfig, LoaderConfig, ModelConfig, OptimConfig, TrainConfig
 from sidnet.data import collate
 from sidnet.engine.graphs import GraphedForward
 from sidnet.engine.loader import build_train_loader, to_device, train_dataset_for_loader
-from sidnet.engine.trainer import Trainer, _seed_worker
+from sidnet.engine.trainer import Trainer, _seed_worker, build_optimizer
 from sidnet.environment import environment, publish_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,12 +60,16 @@ OPTIONS = {
                                                              "channels_last": True}),
     "device_cl_graph": ("device_cl + cuda_graph=true (the network's forward/backward replayed as CUDA graphs)",
                         {"cache": "device", "gpu_aug": True, "channels_last": True, "cuda_graph": True}),
+    "device_cl_graph_foreach": ("device_cl_graph with optim.fused=false (foreach AdamW: a host sync per step)",
+                                {"cache": "device", "gpu_aug": True, "channels_last": True, "cuda_graph": True,
+                                 "fused": False}),
 }
+TRAINER_KEYS = ("cuda_graph", "fused")  # an option's keys that are Trainer settings, not loader ones
 
 
 def train_config(args, loader: dict, cache_dir: str) -> TrainConfig:
     loader = dict(loader)
-    cuda_graph = loader.pop("cuda_graph", False)  # a Trainer option, not a loader one
+    cuda_graph, fused = (loader.pop(k, None) for k in TRAINER_KEYS)
     split = {"format": "yolo", "images": args.images, "labels": args.labels}
     kwargs = {"pretrained": None, "head_channels": 512} if args.model == "sidnet_mobilenetv2" else {"width": 0.25}
     return TrainConfig(
@@ -72,7 +78,8 @@ def train_config(args, loader: dict, cache_dir: str) -> TrainConfig:
         data=DataConfig(root=str(Path(args.root).resolve()), train=split, val=split, negative_ratio=-1.0),
         aug=AugConfig(mosaic=args.mosaic), loader=LoaderConfig(**{"cache_dir": cache_dir, **loader}),
         batch_size=args.batch, workers=args.workers, device=args.device, amp=True, tensorboard=False,
-        epochs=args.epochs, max_steps_per_epoch=args.steps, cuda_graph=cuda_graph,
+        epochs=args.epochs, max_steps_per_epoch=args.steps, cuda_graph=bool(cuda_graph),
+        optim=OptimConfig(fused=fused),
     )  # fmt: skip
 
 
@@ -198,8 +205,8 @@ def _profile(trainer, images, targets, *, steps: int) -> dict:
 
 def gpu_bound(args, cache_dir: str, *, steps: int = 30) -> list[dict]:
     """Training img/s with no loader: one batch moved to the device once, the Trainer's step repeated on it; with
-    ``args.profile`` also where its time goes (:func:`_profile`), for the Trainer's AdamW, for a fused AdamW (one
-    kernel per parameter group instead of the multi-tensor kernels) and, on CUDA, with the network graphed. Each row
+    ``args.profile`` also where its time goes (:func:`_profile`), for the Trainer's AdamW (fused on CUDA), for the
+    multi-tensor one (``optim.fused=false``) and, on CUDA, with the network graphed. Each row
     runs :meth:`Trainer.train_step`, the step ``python -m train`` takes."""
     cfg = train_config(args, {"cache": "none", "channels_last": True}, cache_dir)
     rows = []
@@ -213,13 +220,14 @@ def gpu_bound(args, cache_dir: str, *, steps: int = 30) -> list[dict]:
         # (option, label, the optimizer its steps use, what to do to the trainer first)
         rows_to_run = [("gpu_bound", "no loader: one device batch, training step repeated", trainer.optimizer, None)]
         if args.profile and trainer.device.type == "cuda":
-            d, old = trainer.optimizer.defaults, trainer.optimizer.param_groups
-            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in old]
-            fused = torch.optim.AdamW(groups, lr=d["lr"], betas=d["betas"], fused=True)
-            rows_to_run += [("gpu_bound_fused", "the same with AdamW(fused=True)", fused, None),
+            o = trainer.cfg.optim  # the Trainer's is fused on CUDA (optim.fused=null); the same groups, foreach
+            foreach = build_optimizer(trainer.model, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
+                                      momentum=o.momentum, fused=False)  # fmt: skip
+            rows_to_run += [("gpu_bound_foreach", "the same with optim.fused=false (a host sync per step)", foreach,
+                             None),
                             ("gpu_bound_graphed", "cuda_graph=true: the network's forward/backward as CUDA graphs",
                              trainer.optimizer, _graph_network),
-                            ("gpu_bound_graphed_fused", "cuda_graph=true + AdamW(fused=True)", fused, None)]
+                            ("gpu_bound_graphed_foreach", "cuda_graph=true + optim.fused=false", foreach, None)]
         for key, label, opt, prepare in rows_to_run:
             trainer.optimizer = opt
             if prepare is not None:
@@ -299,7 +307,7 @@ def main() -> None:
     p.add_argument("--no-gpu-bound", action="store_true", help="skip the no-loader row")
     p.add_argument("--profile", action="store_true",
                    help="profile the no-loader step (wall vs GPU-busy, per phase, top kernels); on CUDA adds a "
-                        "fused-AdamW row and a row with the network's forward/backward as CUDA graphs")
+                        "foreach-AdamW row (optim.fused=false) and rows with the network graphed (cuda_graph=true)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True

@@ -71,6 +71,9 @@ class OptimConfig:
     warmup_epochs: float = 3.0
     min_lr_ratio: float = 0.05  # cosine floor as a fraction of lr
     grad_clip: float = 10.0  # max global grad norm; 0 disables
+    # One fused kernel per parameter group (AdamW/SGD fused=True). null (auto): fused on CUDA, foreach elsewhere. Under
+    # AMP the GradScaler then hands the overflow flag to the kernel instead of reading it back: no host sync per step.
+    fused: bool | None = None
     ema_halflife_epochs: float = 2.0  # EMA weights half-life; 0 disables EMA
     ema_warmup: int = 100  # steps over which the EMA decay ramps up (YOLOv5)
 

@@ -120,7 +120,8 @@ def apply(images: torch.Tensor, params: torch.Tensor, *, seeds: list[int]) -> to
     x = (x * view("contrast") + view("brightness")).clamp_(0, 1)
     x = _shift_hsv(x, view("hue"), view("saturation"), view("value"))
     x = torch.where(view("gamma") != 1, x.clamp(min=1e-8) ** view("gamma"), x)
-    gray = (x * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(x)
+    r, g, b = x.unbind(1)  # weights as scalars: a weight tensor built from a list is a blocking host-to-device copy
+    gray = (0.299 * r + 0.587 * g + 0.114 * b)[:, None].expand_as(x)
     x = torch.where(view("gray") > 0, gray, x)
     hcol = lambda name: host[:, _COL[name]]  # noqa: E731
     for i in (hcol("blur_kind") > 0).nonzero().flatten().tolist():

@@ -84,17 +84,24 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, min_ratio: floa
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def build_optimizer(model: torch.nn.Module, *, name: str, lr: float, weight_decay: float, momentum: float):
-    """No weight decay on norm weights and biases (they are not scale-free parameters)."""
+def build_optimizer(model: torch.nn.Module, *, name: str, lr: float, weight_decay: float, momentum: float,
+                    fused: bool | None = None):  # fmt: skip
+    """No weight decay on norm weights and biases (they are not scale-free parameters). ``fused``: one kernel per
+    parameter group (``fused=True``) instead of the multi-tensor (foreach) kernels; ``None``: fused when the
+    parameters are on CUDA. Under AMP a fused optimizer takes the GradScaler's overflow flag as a device tensor, so
+    ``scaler.step`` does not read it back (the foreach path synchronises the host with the GPU every step)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
+    if fused is None:
+        fused = any(p.is_cuda for p in decay + no_decay)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kind = {"fused": True} if fused else {}
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999), **kind)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, **kind)
     raise ValueError(f"unknown optimizer {name!r}; use optim=adamw or optim=sgd")
 
 
@@ -137,7 +144,7 @@ class Trainer:
         self.quant = self._start_qat() if cfg.quant.enabled else None  # before the optimizer and the EMA copy
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
-                                         momentum=o.momentum)  # fmt: skip
+                                         momentum=o.momentum, fused=o.fused)  # fmt: skip
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.rank_batch = cfg.batch_size // self.dist.world_size  # batch_size is the global batch
         shown = sum(r.repeat for r in self.train_set.records)  # images per epoch: a source's repeat counts

@@ -120,15 +120,16 @@ def apply(images: torch.Tensor, params: torch.Tensor, *, seeds: list[int]) -> to
     x = (x * view("contrast") + view("brightness")).clamp_(0, 1)
     x = _shift_hsv(x, view("hue"), view("saturation"), view("value"))
     x = torch.where(view("gamma") != 1, x.clamp(min=1e-8) ** view("gamma"), x)
-    r, g, b = x.unbind(1)  # weights as scalars: a weight tensor built from a list is a blocking host-to-device copy
-    gray = (0.299 * r + 0.587 * g + 0.114 * b)[:, None].expand_as(x)
+    red, green, blue = x.unbind(1)  # scalar weights: a weight tensor made from a list is a blocking copy to the device
+    gray = (0.299 * red + 0.587 * green + 0.114 * blue)[:, None].expand_as(x)
     x = torch.where(view("gray") > 0, gray, x)
+    host = host.numpy()  # per-sample reads below: numpy scalars, not a tensor op each
     hcol = lambda name: host[:, _COL[name]]  # noqa: E731
-    for i in (hcol("blur_kind") > 0).nonzero().flatten().tolist():
+    for i in np.flatnonzero(hcol("blur_kind") > 0).tolist():
         x[i] = _blur(x[i], kind=int(host[i, _COL["blur_kind"]]), k=int(host[i, _COL["blur_k"]]),
                      param=float(host[i, _COL["blur_param"]]))  # fmt: skip
     stds = (hcol("lowlight_std") > 0) | (hcol("noise_std") > 0)
-    for i in stds.nonzero().flatten().tolist():
+    for i in np.flatnonzero(stds).tolist():
         g = torch.Generator(device=x.device).manual_seed(seeds[i])
         for name in ("lowlight_std", "noise_std"):  # the CPU order: low-light noise, then (after blur) sensor noise
             std = float(host[i, _COL[name]])

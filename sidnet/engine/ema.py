@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import torch
@@ -23,15 +24,19 @@ class ModelEMA:
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = self.decay * (1 - math.exp(-self.updates / self.warmup))
-        msd = model.state_dict()
+        # The two models have one structure (a deep copy), so their parameters and buffers pair up in order; walking
+        # them is much cheaper on the host than two state_dict() calls (a dict and a detach per tensor, ~970 ops for
+        # SIDNet-MobileNetV2 every step).
         ema, new, counters, counts = [], [], [], []
-        for k, v in self.module.state_dict().items():
+        mine = itertools.chain(self.module.parameters(), self.module.buffers())
+        theirs = itertools.chain(model.parameters(), model.buffers())
+        for v, w in zip(mine, theirs, strict=True):
             if v.dtype.is_floating_point:
                 ema.append(v)
-                new.append(msd[k].detach())
+                new.append(w)  # no_grad: no detach needed
             else:  # BatchNorm's num_batches_tracked: copied
                 counters.append(v)
-                counts.append(msd[k])
+                counts.append(w)
         # Multi-tensor kernels on CUDA: a few launches per step instead of one or two per tensor (~630 for
         # SIDNet-MobileNetV2: 285 float tensors, 56 counters). lerp: ema + (1 − d)·(new − ema) = d·ema + (1 − d)·new.
         if ema:

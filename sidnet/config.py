@@ -135,6 +135,7 @@ class LoaderConfig:
     persistent_workers: bool = True
     gpu_aug: bool = False  # flip, scale/translate and photometric ops as batch ops on the device
     channels_last: bool = False  # NHWC batches and weights on CUDA (faster convolutions under AMP)
+    device_prefetch: bool = False  # the next batches' device work on a background thread (sidnet.engine.prefetch)
 
 
 @dataclass

@@ -65,12 +65,15 @@ def test_cuda_graph_trains_as_eager_does(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graphed"])
-def test_training_step_never_waits_for_the_gpu(tmp_path, graph):
+@pytest.mark.parametrize(("graph", "prefetch"), [(False, False), (True, False), (True, True)],
+                         ids=["eager", "graphed", "graphed_prefetch"])  # fmt: skip
+def test_training_step_never_waits_for_the_gpu(tmp_path, graph, prefetch):
     """The hot path of ``python -m train`` on CUDA with the defaults (fused optimizer) and the GPU-resident loader:
     a batch's mosaics, augmentation (every per-sample op forced on), transfer, the training step (AMP, gradient
     clipping, GradScaler, EMA) and the staged loss copy never make the host wait for the GPU, so the host can queue
-    step i+1 while the GPU runs step i. Every synchronising call is listed, not only the first."""
+    step i+1 while the GPU runs step i. Every synchronising call is listed, not only the first. With
+    loader.device_prefetch a thread prepares the batches meanwhile, and the graph's capture waits for it (a CUDA
+    call from another thread during a capture would invalidate it)."""
     import warnings
 
     from sidnet.engine.trainer import _stage
@@ -78,14 +81,16 @@ def test_training_step_never_waits_for_the_gpu(tmp_path, graph):
     gpu = [o for o in TINY if not o.startswith(("device=", "batch_size="))]
     cfg = _compose([*gpu, "device=cuda", "amp=true", "batch_size=2", f"cuda_graph={str(graph).lower()}",
                     "loader.cache=device", "loader.gpu_aug=true", "loader.channels_last=true", "aug.mosaic=1.0",
-                    "aug.blur_p=1.0", "aug.noise_p=1.0", "aug.gray_p=0.5", "aug.lowlight_p=0.5"])  # fmt: skip
+                    "aug.blur_p=1.0", "aug.noise_p=1.0", "aug.gray_p=0.5", "aug.lowlight_p=0.5",
+                    f"loader.device_prefetch={str(prefetch).lower()}"])  # fmt: skip
     t = Trainer(cfg, run_dir=tmp_path / "run", project_root=ROOT)
     assert t.optimizer.defaults.get("fused"), "optim.fused=null must mean a fused optimizer on CUDA"
-    batches = iter(t._loader(0))
+    batches = t._device_batches(0) if prefetch else iter(t._loader(0))
     t.model.train()
 
     def step(batch) -> None:
-        images, targets = to_device(*batch, device=t.device, channels_last=True, source=t._source)
+        images, targets = batch if prefetch else to_device(*batch, device=t.device, channels_last=True,
+                                                           source=t._source)  # fmt: skip
         loss, parts = t.train_step(images, targets)
         _stage(torch.stack([loss.detach(), *(v.detach() for v in parts.values())]).float())
 
@@ -102,5 +107,8 @@ def test_training_step_never_waits_for_the_gpu(tmp_path, graph):
                 step(batch)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        syncs += [f"{w.filename}:{w.lineno}: {w.message}"[:300] for w in caught if "synchroniz" in str(w.message)]
+        syncs += [f"{w.filename}:{w.lineno}: {w.message}"[:300] for w in caught
+                  if "called a synchronizing" in str(w.message)]  # fmt: skip
+    if prefetch:
+        batches.close()
     assert not syncs, "the training step waited for the GPU:\n" + "\n".join(syncs)

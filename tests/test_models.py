@@ -262,6 +262,31 @@ def test_ciou_and_rescore_on_a_known_prediction():
     assert rescored["obj"] > plain["obj"]  # a confident half-right box is penalised under rescore, rewarded without
 
 
+def test_complete_iou_loss_matches_torchvision():
+    """The sync-free CIoU gives torchvision's values and gradients, on overlapping, nested, touching and disjoint
+    boxes (torchvision's boolean-mask intersection is what made the GPU step wait)."""
+    from torchvision.ops import complete_box_iou_loss
+
+    from sidnet.models.loss import complete_iou_loss
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(2, 512, 2, generator=g, dtype=torch.float64) * 300
+    wh = torch.rand(2, 512, 2, generator=g, dtype=torch.float64) * 120 + 1
+    boxes = torch.cat([xy, xy + wh], -1)
+    boxes[1, :8] = boxes[0, :8] + torch.tensor([400.0, 0, 400, 0], dtype=torch.float64)  # far apart
+    boxes[1, 8:16] = boxes[0, 8:16] * 0.75 + boxes[0, 8:16].roll(2, -1) * 0.25  # nested in the other, centred
+    boxes[1, 16:24] = boxes[0, 16:24] + (wh[0, 16:24] * torch.tensor([1.0, 0.0])).repeat(1, 2)  # touching edges
+    ours_in, theirs_in = boxes.clone().requires_grad_(), boxes.clone().requires_grad_()
+    ours = complete_iou_loss(ours_in[0], ours_in[1])
+    theirs = complete_box_iou_loss(theirs_in[0], theirs_in[1], reduction="none")
+    torch.testing.assert_close(ours, theirs)
+    assert (ours[:8] > 1).all()  # disjoint boxes: IoU 0 plus the distance term
+    weights = torch.rand(512, generator=g, dtype=torch.float64)
+    (ours * weights).sum().backward()
+    (theirs * weights).sum().backward()
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad)
+
+
 def test_tiny_overfit_with_ciou_rescore_and_free_assignment():
     torch.manual_seed(0)
     model = build_model("sidnet", anchors=ANCHORS3, width=0.125, input_size=128)

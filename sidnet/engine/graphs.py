@@ -9,11 +9,15 @@ yet beyond ``max_graphs`` (a partial last batch, a multi-scale size past the cap
 Same numbers as eager: a replay runs the kernels the capture recorded on the same parameter and buffer storage (the
 optimizer and the EMA update them in place; ``load_state_dict`` copies into them). The capture's warm-up passes move
 BatchNorm's running statistics, so they are saved before and put back after. One process, CUDA only, region models.
+A capture holds ``capture_lock`` (the batch prefetcher's, :mod:`sidnet.engine.prefetch`): no other thread may call
+into CUDA while a stream captures in the default global mode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 
 import torch
 from torch import nn
@@ -38,10 +42,12 @@ class GraphedForward(nn.Module):
     the model's eval mode and shapes past the cap run it eagerly. Call it where the model would be called (inside the
     task's autocast): a capture opens its own autocast with ``cache_enabled=False``, as CUDA graphs require."""
 
-    def __init__(self, model: nn.Module, *, amp: bool, max_graphs: int = 8, warmup_iters: int = 3) -> None:
+    def __init__(self, model: nn.Module, *, amp: bool, max_graphs: int = 8, warmup_iters: int = 3,
+                 capture_lock: threading.Lock | None = None) -> None:  # fmt: skip
         super().__init__()
         self.model = model
         self.amp, self.max_graphs, self.warmup_iters = amp, max_graphs, warmup_iters
+        self.capture_lock = capture_lock
         self._graphs: dict[tuple, nn.Module] = {}
 
     @staticmethod
@@ -67,7 +73,8 @@ class GraphedForward(nn.Module):
         # The sample becomes the graph's input buffer (later batches are copied into it): a copy of its own, with the
         # batch's strides (channels_last stays channels_last).
         sample = images.detach().clone()
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp, cache_enabled=False):
+        with self.capture_lock or contextlib.nullcontext(), \
+                torch.autocast("cuda", dtype=torch.float16, enabled=self.amp, cache_enabled=False):
             torch.cuda.make_graphed_callables(wrapper, (sample,), num_warmup_iters=self.warmup_iters,
                                               allow_unused_input=True)  # fmt: skip
         with torch.no_grad():

@@ -4,12 +4,16 @@ torchrun: :mod:`sidnet.engine.distributed`), with rank 0 writing and evaluating.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import math
 import os
 import random
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,7 @@ from sidnet.engine.distributed import DistContext, all_reduce_mean
 from sidnet.engine.ema import ModelEMA
 from sidnet.engine.graphs import GraphedForward
 from sidnet.engine.loader import build_train_loader, to_device, train_dataset_for_loader
+from sidnet.engine.prefetch import DevicePrefetcher
 from sidnet.engine.runlock import acquire_run_lock, release_run_lock
 from sidnet.engine.tasks import build_task
 from sidnet.evaluation import evaluate_by_source
@@ -164,8 +169,9 @@ class Trainer:
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
+        self._device_lock = threading.Lock()  # the batch prefetcher's CUDA calls never overlap a graph capture
         if cfg.cuda_graph:
-            self.ddp_model = GraphedForward(self.model, amp=self.amp)
+            self.ddp_model = GraphedForward(self.model, amp=self.amp, capture_lock=self._device_lock)
         self.writer = None
         if cfg.tensorboard and self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -304,37 +310,33 @@ class Trainer:
             from sidnet.quant.qat import freeze_norm
 
             freeze_norm(self.model)
-        bar = progress(self._loader(self.epoch), total=self.steps_per_epoch, unit="step", enabled=self.dist.is_main,
-                       desc=f"epoch {self.epoch + 1}/{cfg.epochs}")  # fmt: skip
-        sums: dict[str, float] = {}
-        seen, t0, first_loss, pending = 0, time.perf_counter(), None, None
-        image_ids: list[int] | None = [] if log.isEnabledFor(logging.DEBUG) else None
-        for i, (images, targets) in enumerate(bar):
-            if i >= self.steps_per_epoch:
-                break
-            lr = o.lr * lr_factor(self.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
-                                  min_ratio=o.min_lr_ratio)  # fmt: skip
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            images, targets = to_device(images, targets, device=self.device, channels_last=self.channels_last,
-                                        source=self._source)  # fmt: skip
-            if cfg.aug.multiscale:  # one input size per batch, from (seed, epoch, batch index): resume stays exact
-                size = multiscale_size(seed=cfg.seed, epoch=self.epoch, index=i, low=cfg.aug.multiscale[0],
-                                       high=cfg.aug.multiscale[1])  # fmt: skip
-                images, targets = rescale_batch(images, targets, size=size)
-            if image_ids is not None:
-                image_ids.extend(t["image_id"] for t in targets)
-            loss, parts = self.train_step(images, targets)
-            self.step += 1
-            seen += images.shape[0]
-            # The step's numbers reach the host one step late (an async copy and an event), so the CPU queues step
-            # i+1 while the GPU runs step i instead of draining the GPU at every step with .item().
-            staged = _stage(torch.stack([loss.detach(), *(v.detach() for v in parts.values())]).float())
-            if pending:
-                self._account(pending, sums, lr=lr, seen=seen, t0=t0, bar=bar)
-            pending = (staged, ["loss", *parts], self.step - 1)
-            if first_loss is None:
-                first_loss = staged
+        # closing() stops a prefetching thread when the loop ends, breaks or raises, not when the generator is collected
+        with contextlib.closing(self._device_batches(self.epoch)) as batches:
+            bar = progress(batches, total=self.steps_per_epoch, unit="step", enabled=self.dist.is_main,
+                           desc=f"epoch {self.epoch + 1}/{cfg.epochs}")  # fmt: skip
+            sums: dict[str, float] = {}
+            seen, t0, first_loss, pending = 0, time.perf_counter(), None, None
+            image_ids: list[int] | None = [] if log.isEnabledFor(logging.DEBUG) else None
+            for i, (images, targets) in enumerate(bar):
+                if i >= self.steps_per_epoch:
+                    break
+                lr = o.lr * lr_factor(self.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                                      min_ratio=o.min_lr_ratio)  # fmt: skip
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                if image_ids is not None:
+                    image_ids.extend(t["image_id"] for t in targets)
+                loss, parts = self.train_step(images, targets)
+                self.step += 1
+                seen += images.shape[0]
+                # The step's numbers reach the host one step late (an async copy and an event), so the CPU queues step
+                # i+1 while the GPU runs step i instead of draining the GPU at every step with .item().
+                staged = _stage(torch.stack([loss.detach(), *(v.detach() for v in parts.values())]).float())
+                if pending:
+                    self._account(pending, sums, lr=lr, seen=seen, t0=t0, bar=bar)
+                pending = (staged, ["loss", *parts], self.step - 1)
+                if first_loss is None:
+                    first_loss = staged
         if pending:
             self._account(pending, sums, lr=lr, seen=seen, t0=t0, bar=bar)
         first_loss = _read(first_loss)[0] if first_loss is not None else None
@@ -344,6 +346,24 @@ class Trainer:
         if image_ids is not None:
             log.debug("rank %d epoch %d image ids %s", self.dist.rank, self.epoch + 1, json.dumps(image_ids))
         return stats
+
+    def _device_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, list[dict[str, Any]]]]:
+        """Epoch ``epoch``'s batches on the device, augmented (``gpu_aug``) and rescaled (``aug.multiscale``), as
+        :meth:`_device_batch` makes them; with ``loader.device_prefetch`` made ahead by a background thread."""
+        loader, prepare = self._loader(epoch), functools.partial(self._device_batch, epoch=epoch)
+        if self.cfg.loader.device_prefetch:
+            return iter(DevicePrefetcher(loader, prepare, device=self.device, lock=self._device_lock))
+        return (prepare(i, batch) for i, batch in enumerate(loader))
+
+    def _device_batch(self, index: int, batch, *, epoch: int) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """Batch ``index`` of epoch ``epoch`` from the loader → the step's device images and targets."""
+        images, targets = to_device(*batch, device=self.device, channels_last=self.channels_last, source=self._source)
+        aug = self.cfg.aug
+        if aug.multiscale:  # one input size per batch, from (seed, epoch, batch index): resume stays exact
+            size = multiscale_size(seed=self.cfg.seed, epoch=epoch, index=index, low=aug.multiscale[0],
+                                   high=aug.multiscale[1])  # fmt: skip
+            images, targets = rescale_batch(images, targets, size=size)
+        return images, targets
 
     def train_step(self, images: torch.Tensor, targets: list[dict[str, Any]]) -> tuple[torch.Tensor, dict]:
         """One optimisation step on a device batch: loss under AMP, scaled backward, optional gradient clipping,

@@ -13,8 +13,9 @@ warm-up it made no difference in our runs and it couples the loss to the image c
 Options (defaults = the semantics above); none changes the network or its decode, so exports are unaffected:
 - ``rescore=True``: the objectness target of a responsible prediction is the IoU of its decoded box with the
   truth (Darknet's ``rescore=1`` of ``yolov2.cfg``), so the score ranks boxes by how well they fit;
-- ``box_loss="ciou"``: complete-IoU loss (``torchvision.ops.complete_box_iou_loss``) on the decoded responsible
-  box instead of the squared errors on (tx, ty, tw, th), with the same small-box weight;
+- ``box_loss="ciou"``: complete-IoU loss (:func:`complete_iou_loss`: torchvision's ``complete_box_iou_loss``
+  without its boolean-mask assignment, which made the host wait for the GPU twice a step) on the decoded
+  responsible box instead of the squared errors on (tx, ty, tw, th), with the same small-box weight;
 - ``assign="free"``: when two truths fall on the same (image, anchor, cell) — crowds at stride 32 — the later ones
   take their next-best anchor of that cell that is still free instead of overwriting the first (YOLOv2 keeps one).
 """
@@ -24,7 +25,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import complete_box_iou_loss
 
 from sidnet.config import ASSIGNERS, BOX_LOSSES
 
@@ -37,6 +37,26 @@ def _batched_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     area1 = (boxes1[..., 2:] - boxes1[..., :2]).prod(-1)
     area2 = (boxes2[..., 2:] - boxes2[..., :2]).prod(-1)
     return inter / (area1[:, :, None] + area2[:, None, :] - inter).clamp(min=1e-9)
+
+
+def complete_iou_loss(boxes1: torch.Tensor, boxes2: torch.Tensor, *, eps: float = 1e-7) -> torch.Tensor:
+    """Complete-IoU loss (Zheng et al., 2020) of paired xyxy boxes (…, 4) → (…): the same values and gradients as
+    ``torchvision.ops.complete_box_iou_loss(reduction="none")``, whose intersection is a boolean-mask assignment
+    (``inter[mask] = …``): its forward and backward each read the mask's size back to the host, a sync per step.
+    Here the intersection is clamped at zero instead, which has no data-dependent shape."""
+    x1, y1, x2, y2 = boxes1.unbind(-1)
+    x1g, y1g, x2g, y2g = boxes2.unbind(-1)
+    w, h, wg, hg = x2 - x1, y2 - y1, x2g - x1g, y2g - y1g
+    inter_w = (torch.min(x2, x2g) - torch.max(x1, x1g)).clamp(min=0)
+    inter = inter_w * (torch.min(y2, y2g) - torch.max(y1, y1g)).clamp(min=0)
+    iou = inter / (w * h + wg * hg - inter + eps)
+    # the smallest enclosing box's squared diagonal and the squared distance of the two centres
+    diagonal = (torch.max(x2, x2g) - torch.min(x1, x1g)) ** 2 + (torch.max(y2, y2g) - torch.min(y1, y1g)) ** 2 + eps
+    centres = ((x1 + x2) / 2 - (x1g + x2g) / 2) ** 2 + ((y1 + y2) / 2 - (y1g + y2g) / 2) ** 2
+    v = (4 / torch.pi**2) * (torch.atan(wg / hg) - torch.atan(w / h)) ** 2
+    with torch.no_grad():
+        alpha = v / (1 - iou + v + eps)
+    return 1 - iou + centres / diagonal + alpha * v
 
 
 def _decode_xyxy(
@@ -192,7 +212,7 @@ class RegionLoss(nn.Module):
                 # The responsible predictions' decoded boxes, with gradient (input pixels).
                 pbox = _decode_xyxy(pxy_r, pr[:, 2:4], gi, gj, anchors[best_a], stride=(sx, sy))
             if self.box_loss == "ciou":  # reported as "xy" ("wh" stays 0): one box term
-                parts["xy"] = _kept_sum(scale * complete_box_iou_loss(pbox, boxes, reduction="none"), kept)
+                parts["xy"] = _kept_sum(scale * complete_iou_loss(pbox, boxes), kept)
             obj_target = torch.ones_like(pr[:, 4])
             if self.rescore:
                 obj_target = _batched_iou(pbox.detach()[:, None], boxes[:, None]).flatten()  # row i with truth i

@@ -44,19 +44,20 @@ def test_benchmark_without_cuda_refuses_an_engine_and_names_skipped_parts(tmp_pa
 
 def test_loader_benchmark_runs_every_kind_of_row_on_the_cpu(tmp_path):
     """benchmarks/loader_throughput.py (the GPU machine's loader table) on the bundled sample at a tiny size: a cached
-    CPU option, the device-resident cache and the no-loader row, side by side, every rate positive."""
+    CPU option, the device-resident cache (inline and prefetched by a thread) and the no-loader row, side by side,
+    every rate positive."""
     out = tmp_path / "loader.md"
     r = subprocess.run([sys.executable, "benchmarks/loader_throughput.py", "--root", "sidnet/sample", "--images",
                         "images/train2017", "--labels", "labels/boxes/train2017", "--size", "64", "--batch", "4",
                         "--workers", "0", "--steps", "2", "--epochs", "2", "--threads", "2", "--device", "cpu",
-                        "--options", "ram", "device", "--out", str(out)],
+                        "--options", "ram", "device", "device_cl_prefetch", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert [x["option"] for x in rows] == ["ram", "device", "gpu_bound"]
+    assert [x["option"] for x in rows] == ["ram", "device", "device_cl_prefetch", "gpu_bound"]
     assert all(x["train_first"] > 0 and x["train_steady"] > 0 for x in rows)
-    assert all(x["loader_steady"] > 0 for x in rows[:2])
+    assert all(x["loader_steady"] > 0 for x in rows[:3])
     assert "| device: gpu_aug + cache=device |" in out.read_text()
 
 

@@ -64,6 +64,8 @@ class DevicePrefetcher(Generic[T, R]):
 
     def __iter__(self) -> Iterator[R]:
         cuda = self.device.type == "cuda"
+        # the thread's current device: "cuda" without an index means the current one of the thread that iterates
+        index = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else None
         stream = torch.cuda.Stream(self.device) if cuda else None
         ready: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
@@ -80,7 +82,7 @@ class DevicePrefetcher(Generic[T, R]):
         def work() -> None:
             try:
                 if cuda:
-                    torch.cuda.set_device(self.device)
+                    torch.cuda.set_device(index)
                 for i, batch in enumerate(self.batches):
                     if stop.is_set():
                         return

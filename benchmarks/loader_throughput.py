@@ -81,7 +81,8 @@ def train_config(args, loader: dict, cache_dir: str) -> TrainConfig:
         model=ModelConfig(name=args.model, anchors="conf/anchors/coco128_person.yaml", input_size=args.size,
                           kwargs=kwargs),  # fmt: skip
         data=DataConfig(root=str(Path(args.root).resolve()), train=split, val=split, negative_ratio=-1.0),
-        aug=AugConfig(mosaic=args.mosaic), loader=LoaderConfig(**{"cache_dir": cache_dir, **loader}),
+        aug=AugConfig(mosaic=args.mosaic),
+        loader=LoaderConfig(**{"cache_dir": cache_dir, "device_prefetch": False, **loader}),  # inline unless named
         batch_size=args.batch, workers=args.workers, device=args.device, amp=True, tensorboard=False,
         epochs=args.epochs, max_steps_per_epoch=args.steps, cuda_graph=bool(cuda_graph),
         optim=OptimConfig(fused=fused),

@@ -135,7 +135,9 @@ class LoaderConfig:
     persistent_workers: bool = True
     gpu_aug: bool = False  # flip, scale/translate and photometric ops as batch ops on the device
     channels_last: bool = False  # NHWC batches and weights on CUDA (faster convolutions under AMP)
-    device_prefetch: bool = False  # the next batches' device work on a background thread (sidnet.engine.prefetch)
+    # The next batches' device work (to_device, gpu_aug, multiscale) on a background thread and a CUDA stream of its
+    # own, overlapping the step (sidnet.engine.prefetch); the same batches. null (auto): on CUDA, off on the CPU.
+    device_prefetch: bool | None = None
 
 
 @dataclass

@@ -97,3 +97,21 @@ def test_prefetched_cuda_batches_are_the_inline_ones(tmp_path):
         for da, db in zip(ya, yb, strict=True):
             assert torch.equal(da["boxes"], db["boxes"]) and da["image_id"] == db["image_id"]
     assert not _threads()
+
+
+@pytest.mark.parametrize(("setting", "threaded"), [("null", False), ("true", True), ("false", False)])
+def test_device_prefetch_null_means_on_cuda_only(tmp_path, setting, threaded):
+    """The default (null) prefetches on CUDA only: on this CPU the loop prepares its own batches; true forces the
+    thread."""
+    t = Trainer(_compose([*TINY, f"loader.device_prefetch={setting}"]), run_dir=tmp_path / "run", project_root=ROOT)
+    where, prepare = [], t._device_batch
+
+    def spy(index, batch, *, epoch):
+        where.append(threading.current_thread().name)
+        return prepare(index, batch, epoch=epoch)
+
+    t._device_batch = spy
+    batches = t._device_batches(0)
+    next(batches)
+    batches.close()
+    assert where and set(where) == ({"sidnet-prefetch"} if threaded else {threading.current_thread().name})

@@ -349,9 +349,11 @@ class Trainer:
 
     def _device_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, list[dict[str, Any]]]]:
         """Epoch ``epoch``'s batches on the device, augmented (``gpu_aug``) and rescaled (``aug.multiscale``), as
-        :meth:`_device_batch` makes them; with ``loader.device_prefetch`` made ahead by a background thread."""
+        :meth:`_device_batch` makes them; with ``loader.device_prefetch`` (``null``: on CUDA) made ahead by a background
+        thread."""
         loader, prepare = self._loader(epoch), functools.partial(self._device_batch, epoch=epoch)
-        if self.cfg.loader.device_prefetch:
+        prefetch = self.cfg.loader.device_prefetch
+        if prefetch or (prefetch is None and self.device.type == "cuda"):
             return iter(DevicePrefetcher(loader, prepare, device=self.device, lock=self._device_lock))
         return (prepare(i, batch) for i, batch in enumerate(loader))
 

@@ -99,19 +99,33 @@ def test_prefetched_cuda_batches_are_the_inline_ones(tmp_path):
     assert not _threads()
 
 
-@pytest.mark.parametrize(("setting", "threaded"), [("null", False), ("true", True), ("false", False)])
-def test_device_prefetch_null_means_on_cuda_only(tmp_path, setting, threaded):
-    """The default (null) prefetches on CUDA only: on this CPU the loop prepares its own batches; true forces the
-    thread."""
-    t = Trainer(_compose([*TINY, f"loader.device_prefetch={setting}"]), run_dir=tmp_path / "run", project_root=ROOT)
-    where, prepare = [], t._device_batch
+def _prepared_on(trainer: Trainer) -> set[str]:
+    """The threads that prepared the first batch of epoch 0."""
+    where, prepare = [], trainer._device_batch
 
     def spy(index, batch, *, epoch):
         where.append(threading.current_thread().name)
         return prepare(index, batch, epoch=epoch)
 
-    t._device_batch = spy
-    batches = t._device_batches(0)
+    trainer._device_batch = spy
+    batches = trainer._device_batches(0)
     next(batches)
     batches.close()
-    assert where and set(where) == ({"sidnet-prefetch"} if threaded else {threading.current_thread().name})
+    assert where
+    return set(where)
+
+
+@pytest.mark.parametrize(("setting", "threaded"), [("null", False), ("true", True), ("false", False)])
+def test_device_prefetch_null_means_on_cuda_only(tmp_path, setting, threaded):
+    """The default (null) prefetches on CUDA only: on this CPU the loop prepares its own batches; true forces the
+    thread."""
+    t = Trainer(_compose([*TINY, f"loader.device_prefetch={setting}"]), run_dir=tmp_path / "run", project_root=ROOT)
+    assert _prepared_on(t) == ({"sidnet-prefetch"} if threaded else {threading.current_thread().name})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_prefetch_null_prefetches_on_cuda(tmp_path):
+    gpu = [o for o in TINY if not o.startswith("device=")]
+    t = Trainer(_compose([*gpu, "device=cuda"]), run_dir=tmp_path / "run", project_root=ROOT)
+    assert _prepared_on(t) == {"sidnet-prefetch"}

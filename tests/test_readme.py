@@ -110,6 +110,9 @@ CASES: dict[str, tuple[Step, ...]] = {
         run("data=sample", *TINY_YOLO, "epochs=2", "hydra.run.dir={resume}"),),  # epochs=2: one more than it has
     "python -m train loader.cache=device loader.gpu_aug=true loader.channels_last=true workers=8 batch_size=64": (
         run("data=sample", *TINY_YOLO, *RUN_OUT),),
+    "python -m train loader.cache=device loader.gpu_aug=true loader.channels_last=true cuda_graph=true batch_size=64": (
+        fails("cuda_graph=true is not possible here: it needs a CUDA device", "CUDA graphs need a GPU", None,
+              "data=sample", *TINY_YOLO, *RUN_OUT),),  # the GPU tests and benchmarks/results/loader §7c run it
     "torchrun --nproc_per_node=2 -m train batch_size=128 workers=8": (
         run("data=sample", *TINY_YOLO, "device=cpu", *RUN_OUT),),  # 2 gloo processes on the CPU, global batch 4
     "python -m train.anchors --data conf/data/coco128.yaml --size 416 -k 3 --evolve 1000 --out "

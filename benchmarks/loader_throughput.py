@@ -145,11 +145,55 @@ def measure(key: str, args, cache_dir: str) -> dict:
             sync(device)
             train_epochs.append((images_per_epoch, time.perf_counter() - t0))
             trainer.epoch += 1
+        profiled = _profile_epoch(trainer) if args.profile and device.type == "cuda" and not legacy else None
         del trainer
     lf, ls = rates(loader_epochs)
     tf, ts = rates(train_epochs)
-    return {"option": key, "label": OPTIONS[key][0], "loader_first": lf, "loader_steady": ls, "train_first": tf,
-            "train_steady": ts}  # fmt: skip
+    row = {"option": key, "label": OPTIONS[key][0], "loader_first": lf, "loader_steady": ls, "train_first": tf,
+           "train_steady": ts}  # fmt: skip
+    if profiled:
+        row["epoch_profile"] = profiled
+    return row
+
+
+def _union_ms(intervals: list[tuple[float, float]]) -> float:
+    """Total length (ms) of the union of (start, end) µs intervals: time the GPU ran at least one kernel."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total / 1e3
+
+
+def _profile_epoch(trainer) -> dict:
+    """One more training epoch under the profiler, end to end (loader, batch preparation, step): wall ms per step,
+    the time the GPU ran at least one kernel (the union of kernel intervals over both streams, so overlap counts
+    once) and the kernel ms of the batch preparation (``batch/prepare`` ranges, on whichever thread ran them) and of
+    the step. GPU busy near the wall means the GPU sets the pace; well below it, the host does."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        trainer.train_one_epoch()
+        sync(trainer.device)
+        wall = time.perf_counter() - t0
+    steps = trainer.steps_per_epoch
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+               and not e.name.startswith(("step/", "batch/", "Optimizer."))]  # fmt: skip
+
+    def launched(e) -> list:
+        return list(getattr(e, "kernels", [])) + [k for c in e.cpu_children for k in launched(c)]
+
+    prep = [k for e in events if e.name == "batch/prepare" and e.device_type == DeviceType.CPU for k in launched(e)]
+    spans = [(k.time_range.start, k.time_range.end) for k in kernels]
+    kernel_ms = sum(b - a for a, b in spans) / 1e3
+    prep_ms = sum(k.duration for k in prep) / 1e3
+    return {"steps": steps, "wall_ms": wall * 1e3 / steps, "gpu_busy_ms": _union_ms(spans) / steps,
+            "kernel_ms": kernel_ms / steps, "prepare_kernel_ms": prep_ms / steps,
+            "step_kernel_ms": (kernel_ms - prep_ms) / steps, "prepare_kernels": len(prep) / steps}  # fmt: skip
 
 
 def _profile(trainer, images, targets, *, steps: int) -> dict:
@@ -273,6 +317,17 @@ def _graph_network(trainer, images: torch.Tensor) -> None:  # noqa: ARG001  (a r
 def profile_lines(rows: list[dict]) -> list[str]:
     """The profiled rows as a table: per step, wall vs GPU kernel-busy time and each phase's host/kernel ms."""
     out = []
+    ends = [r for r in rows if r.get("epoch_profile")]
+    if ends:
+        out += ["", "### End to end: one more epoch under the profiler (loader, batch preparation, step)", "",
+                "| option | wall ms/step | GPU busy ms/step (any kernel running) | busy / wall | kernel ms/step: "
+                "batch preparation | kernel ms/step: step | preparation kernels/step |",
+                "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for r in ends:
+            e = r["epoch_profile"]
+            out.append(f"| {r['option']} | {e['wall_ms']:.2f} | {e['gpu_busy_ms']:.2f} | "
+                       f"{e['gpu_busy_ms'] / e['wall_ms']:.0%} | {e['prepare_kernel_ms']:.2f} | "
+                       f"{e['step_kernel_ms']:.2f} | {e['prepare_kernels']:.0f} |")  # fmt: skip
     for r in rows:
         pr = r.get("profile")
         if not pr:
@@ -312,8 +367,9 @@ def main() -> None:
     p.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
     p.add_argument("--no-gpu-bound", action="store_true", help="skip the no-loader row")
     p.add_argument("--profile", action="store_true",
-                   help="profile the no-loader step (wall vs GPU-busy, per phase, top kernels); on CUDA adds a "
-                        "foreach-AdamW row (optim.fused=false) and rows with the network graphed (cuda_graph=true)")
+                   help="profile the no-loader step (wall vs GPU-busy, per phase, top kernels) and, on CUDA, one more "
+                   "end-to-end epoch per option (GPU busy vs wall, batch preparation vs step kernels); on CUDA adds a "
+                   "foreach-AdamW row (optim.fused=false) and rows with the network graphed (cuda_graph=true)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True

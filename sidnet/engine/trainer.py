@@ -358,13 +358,16 @@ class Trainer:
         return (prepare(i, batch) for i, batch in enumerate(loader))
 
     def _device_batch(self, index: int, batch, *, epoch: int) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-        """Batch ``index`` of epoch ``epoch`` from the loader → the step's device images and targets."""
-        images, targets = to_device(*batch, device=self.device, channels_last=self.channels_last, source=self._source)
-        aug = self.cfg.aug
-        if aug.multiscale:  # one input size per batch, from (seed, epoch, batch index): resume stays exact
-            size = multiscale_size(seed=self.cfg.seed, epoch=epoch, index=index, low=aug.multiscale[0],
-                                   high=aug.multiscale[1])  # fmt: skip
-            images, targets = rescale_batch(images, targets, size=size)
+        """Batch ``index`` of epoch ``epoch`` from the loader → the step's device images and targets (a profiler range,
+        ``batch/prepare``, as the step's phases are)."""
+        with record_function("batch/prepare"):
+            images, targets = to_device(*batch, device=self.device, channels_last=self.channels_last,
+                                        source=self._source)  # fmt: skip
+            aug = self.cfg.aug
+            if aug.multiscale:  # one input size per batch, from (seed, epoch, batch index): resume stays exact
+                size = multiscale_size(seed=self.cfg.seed, epoch=epoch, index=index, low=aug.multiscale[0],
+                                       high=aug.multiscale[1])  # fmt: skip
+                images, targets = rescale_batch(images, targets, size=size)
         return images, targets
 
     def train_step(self, images: torch.Tensor, targets: list[dict[str, Any]]) -> tuple[torch.Tensor, dict]:

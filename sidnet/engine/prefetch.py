@@ -10,7 +10,8 @@ on a CUDA stream of its own overlaps most of it with the step.
 The batch a step gets is the one it would have prepared itself: the same function on the same inputs (every random
 draw comes from the seed the sampler handed out with the sample), only earlier and on another stream; the main
 stream waits for the batch's event (a device-side wait, the host never blocks) and each tensor is recorded on the
-main stream so the caching allocator does not reuse its memory while the step still reads it.
+main stream so the caching allocator does not reuse its memory while the step still reads it. The side stream
+first waits for the main stream's work queued before the epoch (the device cache's upload among it), on the device.
 
 A CUDA graph capture on the main thread must not overlap another thread's CUDA calls (the capture's global mode
 refuses a ``cudaMalloc`` anywhere in the process): the worker holds ``lock`` while it issues a batch's work, and
@@ -67,6 +68,8 @@ class DevicePrefetcher(Generic[T, R]):
         # the thread's current device: "cuda" without an index means the current one of the thread that iterates
         index = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else None
         stream = torch.cuda.Stream(self.device) if cuda else None
+        if cuda:  # what the iterating thread queued before (the device cache's upload, say) is done before we read it
+            stream.wait_stream(torch.cuda.current_stream(self.device))
         ready: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
 

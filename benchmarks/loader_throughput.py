@@ -161,6 +161,20 @@ def measure(key: str, args, cache_dir: str) -> dict:
     return row
 
 
+def _kernels(events) -> list:
+    """The profile's device-side events, minus the GPU copies of the record_function ranges (``step/``, ``batch/``,
+    ``Optimizer.``: they span kernels, they are not work)."""
+    from torch.autograd import DeviceType
+
+    return [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+            and not e.name.startswith(("step/", "batch/", "Optimizer."))]  # fmt: skip
+
+
+def _launched(e) -> list:
+    """The kernels launched by this host range's ops, its whole subtree."""
+    return list(getattr(e, "kernels", [])) + [k for c in e.cpu_children for k in _launched(c)]
+
+
 def _union_ms(intervals: list[tuple[float, float]]) -> float:
     """Total length (ms) of the union of (start, end) µs intervals: time the GPU ran at least one kernel."""
     total, end = 0.0, float("-inf")
@@ -186,13 +200,8 @@ def _profile_epoch(trainer) -> dict:
         wall = time.perf_counter() - t0
     steps = trainer.steps_per_epoch
     events = prof.events()
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
-               and not e.name.startswith(("step/", "batch/", "Optimizer."))]  # fmt: skip
-
-    def launched(e) -> list:
-        return list(getattr(e, "kernels", [])) + [k for c in e.cpu_children for k in launched(c)]
-
-    prep = [k for e in events if e.name == "batch/prepare" and e.device_type == DeviceType.CPU for k in launched(e)]
+    kernels = _kernels(events)
+    prep = [k for e in events if e.name == "batch/prepare" and e.device_type == DeviceType.CPU for k in _launched(e)]
     spans = [(k.time_range.start, k.time_range.end) for k in kernels]
     kernel_ms = sum(b - a for a, b in spans) / 1e3
     prep_ms = sum(k.duration for k in prep) / 1e3
@@ -217,18 +226,13 @@ def _profile(trainer, images, targets, *, steps: int) -> dict:
         sync(trainer.device)
         wall = time.perf_counter() - t0
     events = prof.events()
-    # device-side events, minus the GPU copies of the record_function ranges (they span kernels, they are not work)
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
-               and not e.name.startswith(("step/", "Optimizer."))]  # fmt: skip
-
-    def launched(e) -> list:  # the kernels launched by this host range's ops, its whole subtree
-        return list(getattr(e, "kernels", [])) + [k for c in e.cpu_children for k in launched(c)]
+    kernels = _kernels(events)
 
     phases = {}
     for e in events:
         if e.name.startswith("step/") and e.device_type == DeviceType.CPU:
             ph = phases.setdefault(e.name[5:], {"host_ms": 0.0, "kernel_ms": 0.0, "kernels": 0.0})
-            ks = launched(e)
+            ks = _launched(e)
             ph["host_ms"] += e.time_range.elapsed_us() / 1e3 / steps
             ph["kernel_ms"] += sum(k.duration for k in ks) / 1e3 / steps
             ph["kernels"] += len(ks) / steps
@@ -245,7 +249,7 @@ def _profile(trainer, images, targets, *, steps: int) -> dict:
                 trainer.ddp_model(images)
         sync(trainer.device)
     alone = [e for e in fwd.events() if e.name == "step/forward alone" and e.device_type == DeviceType.CPU]
-    fk = [k for e in alone for k in launched(e)]
+    fk = [k for e in alone for k in _launched(e)]
     phases["(network forward alone, a separate pass)"] = {
         "host_ms": sum(e.time_range.elapsed_us() for e in alone) / 1e3 / steps,
         "kernel_ms": sum(k.duration for k in fk) / 1e3 / steps, "kernels": len(fk) / steps}  # fmt: skip

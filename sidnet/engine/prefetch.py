@@ -60,9 +60,6 @@ class DevicePrefetcher(Generic[T, R]):
         self.batches, self.prepare, self.device, self.depth = batches, prepare, device, depth
         self.lock = lock if lock is not None else threading.Lock()
 
-    def __len__(self) -> int:
-        return len(self.batches)  # type: ignore[arg-type]
-
     def __iter__(self) -> Iterator[R]:
         cuda = self.device.type == "cuda"
         # the thread's current device: "cuda" without an index means the current one of the thread that iterates

@@ -33,7 +33,7 @@ def test_conv_int8_on_the_tensor_cores_equals_the_integer_reference(shape):
     h, w, c, co, k, st = shape
     g = torch.Generator().manual_seed(0)
     x = torch.randint(-128, 128, (2, h, w, c), dtype=torch.int8, generator=g)
-    wt = torch.randint(-127, 128, (k, k, c, co), dtype=torch.int8, generator=g)
+    wt = torch.randint(-127, 128, (co, k, k, c), dtype=torch.int8, generator=g)
     ones, zeros = torch.ones(co), torch.zeros(co)
     ref = K.reference_conv2d_int8(x, wt, ones, zeros, stride=st, pad=k // 2, relu=False, out_scale=None,
                                   accumulators=True)  # fmt: skip

@@ -33,16 +33,20 @@ from sidnet.kernels import int8 as K
 assert K.available(torch.device("cpu")), "the interpreter did not take the kernels"
 g = torch.Generator().manual_seed(0)
 rows = []
-# (N, H, W, C, CO, k, stride, pad): the stem's 3 channels, a 1x1, a strided 3x3, sizes off the tiles
-for n, h, w, c, co, k, st, pad in [(2, 9, 7, 3, 16, 3, 1, 1), (1, 8, 8, 40, 24, 1, 1, 0), (1, 10, 10, 64, 48, 3, 2, 1)]:
+# (N, H, W, C, CO, k, stride, pad, tiles): the stem's 3 channels (gathered reduction), a 1x1 with C off the tile, a
+# strided 3x3, several channel blocks per tap with grouped tile order and column tiles narrower than CO
+cases = [(2, 9, 7, 3, 16, 3, 1, 1, None), (1, 8, 8, 40, 24, 1, 1, 0, None), (1, 10, 10, 64, 48, 3, 2, 1, None),
+         (2, 9, 11, 96, 40, 3, 1, 1, K.Tiles(32, 16, 32, 4, 1, 2))]
+for n, h, w, c, co, k, st, pad, tiles in cases:
     x = torch.randint(-128, 128, (n, h, w, c), dtype=torch.int8, generator=g)
-    wt = torch.randint(-127, 128, (k, k, c, co), dtype=torch.int8, generator=g)
+    wt = torch.randint(-127, 128, (co, k, k, c), dtype=torch.int8, generator=g)
     ones, zeros = torch.ones(co), torch.zeros(co)
-    acc = K.conv2d_int8(x, wt, ones, zeros, stride=st, pad=pad, relu=False, out_scale=None, out_dtype=torch.float32)
+    acc = K.conv2d_int8(x, wt, ones, zeros, stride=st, pad=pad, relu=False, out_scale=None, out_dtype=torch.float32,
+                        tiles=tiles)
     ref = K.reference_conv2d_int8(x, wt, ones, zeros, stride=st, pad=pad, relu=False, out_scale=None,
                                   accumulators=True)
     scale, bias = torch.rand(co, generator=g) * 1e-4, torch.randn(co, generator=g) * 0.1
-    q = K.conv2d_int8(x, wt, scale, bias, stride=st, pad=pad, relu=True, out_scale=0.02)
+    q = K.conv2d_int8(x, wt, scale, bias, stride=st, pad=pad, relu=True, out_scale=0.02, tiles=tiles)
     qr = K.reference_conv2d_int8(x, wt, scale, bias, stride=st, pad=pad, relu=True, out_scale=0.02)
     p = K.maxpool2d_int8(x, kernel=2, stride=2, pad=0, in_scale=0.1, out_scale=0.13)
     pr = K.maxpool2d_int8(x.clone(), kernel=2, stride=2, pad=0, in_scale=0.1, out_scale=0.13)  # same launcher

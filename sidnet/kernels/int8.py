@@ -16,6 +16,7 @@ also what runs where Triton cannot (a CPU without ``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,34 +46,68 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _conv_int8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, H, W, C, HO, WO, CO, stride, pad,
-                          out_scale, KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr, OUT_INT8: tl.constexpr,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+    def _conv_q8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, H, W, C, HO, WO, CO, stride, pad, out_scale,
+                        KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr, OUT_Q: tl.constexpr,
+                        FP8: tl.constexpr, GATHER: tl.constexpr, EVEN_C: tl.constexpr, BM: tl.constexpr,
+                        BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+        # Tiles in grouped order (GROUP_M row tiles share each weight column tile while it is in L2).
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(CO, BN)
+        width = GROUP_M * num_n
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
         m_ok = rm < M
         n_ok = rn < CO
-        img = rm // (HO * WO)
+        img = (rm // (HO * WO)).to(tl.int64)
         rem = rm % (HO * WO)
-        oh = rem // WO
-        ow = rem % WO
-        acc = tl.zeros((BM, BN), dtype=tl.int32)
-        for r in tl.static_range(KH):
-            for s in tl.static_range(KW):
-                ih = oh * stride - pad + r
-                iw = ow * stride - pad + s
+        ih0 = (rem // WO) * stride - pad
+        iw0 = (rem % WO) * stride - pad
+        ktot = KH * KW * C
+        # The weight is (CO, KH, KW, C): each output channel's reduction is contiguous, so the B tile is K-major,
+        # the operand layout Hopper's 8-bit warpgroup MMA reads from shared memory.
+        w_cols = w_ptr + rn.to(tl.int64)[None, :] * ktot
+        if FP8:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.int32)
+        if GATHER:  # small C (the stem): one flattened reduction over (r, s, c), gathered per element
+            for k0 in range(0, ktot, BK):
+                kk = k0 + rk
+                k_ok = kk < ktot
+                r = kk // (KW * C)
+                s = (kk // C) % KW
+                ih = ih0[:, None] + r[None, :]
+                iw = iw0[:, None] + s[None, :]
+                ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a = tl.load(x_ptr + ((img[:, None] * H + ih) * W + iw) * C + (kk % C)[None, :], mask=ok, other=0)
+                b = tl.load(w_cols + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0)
+                acc = tl.dot(a, b, acc)
+        else:  # one loop over (r, s, channel block): long enough for the software pipeline to overlap loads
+            cb = tl.cdiv(C, BK)
+            for t in range(0, KH * KW * cb):
+                rs = t // cb
+                c0 = (t - rs * cb) * BK
+                r = rs // KW
+                ih = ih0 + r
+                iw = iw0 + (rs - r * KW)
                 pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                base = ((img.to(tl.int64) * H + ih) * W + iw) * C
-                for c0 in range(0, C, BK):
-                    kc = c0 + rk
+                kc = c0 + rk
+                a_ptr = x_ptr + (((img * H + ih) * W + iw) * C)[:, None] + kc[None, :]
+                b_ptr = w_cols + (rs * C + kc)[:, None]
+                if EVEN_C:
+                    a = tl.load(a_ptr, mask=pix_ok[:, None], other=0)
+                    b = tl.load(b_ptr, mask=n_ok[None, :], other=0)
+                else:
                     k_ok = kc < C
-                    a = tl.load(x_ptr + base[:, None] + kc[None, :], mask=pix_ok[:, None] & k_ok[None, :], other=0)
-                    b = tl.load(w_ptr + ((r * KW + s) * C + kc)[:, None] * CO + rn[None, :],
-                                mask=k_ok[:, None] & n_ok[None, :], other=0)  # fmt: skip
-                    acc += tl.dot(a, b)
+                    a = tl.load(a_ptr, mask=pix_ok[:, None] & k_ok[None, :], other=0)
+                    b = tl.load(b_ptr, mask=k_ok[:, None] & n_ok[None, :], other=0)
+                acc = tl.dot(a, b, acc)
         scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0)
         bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0)
         y = acc.to(tl.float32) * scale[None, :] + bias[None, :]
@@ -80,10 +115,14 @@ if triton is not None:
             y = tl.maximum(y, 0.0)
         offs = rm.to(tl.int64)[:, None] * CO + rn[None, :]
         ok = m_ok[:, None] & n_ok[None, :]
-        if OUT_INT8:
-            q = tl.minimum(tl.maximum(y / out_scale, -128.0), 127.0)
-            q = (q + 12582912.0) - 12582912.0
-            tl.store(out_ptr + offs, q.to(tl.int8), mask=ok)
+        if OUT_Q:
+            if FP8:
+                q = tl.minimum(tl.maximum(y / out_scale, -448.0), 448.0)
+                tl.store(out_ptr + offs, q.to(tl.float8e4nv), mask=ok)
+            else:
+                q = tl.minimum(tl.maximum(y / out_scale, -128.0), 127.0)
+                q = (q + 12582912.0) - 12582912.0
+                tl.store(out_ptr + offs, q.to(tl.int8), mask=ok)
         else:
             tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -111,14 +150,28 @@ if triton is not None:
         tl.store(out_ptr + offs, best.to(tl.int8), mask=ok)
 
 
-def _tiles(m: int, cin: int, cout: int) -> tuple[int, int, int, int, int]:
-    """(BM, BN, BK, warps, stages) for a layer: Hopper-sized tiles on the GPU, small ones in the interpreter."""
+@dataclass(frozen=True)
+class Tiles:
+    """A launch configuration of the convolution kernel: the output tile (bm pixels × bn channels), the reduction
+    step bk, warps, software-pipeline stages and the grouped tile order's group height."""
+
+    bm: int
+    bn: int
+    bk: int
+    warps: int
+    stages: int
+    group: int = 8
+
+
+def default_tiles(*, m: int, c: int, co: int, taps: int) -> Tiles:
+    """The kernel's configuration for a layer (m output pixels, c → co channels, taps = KH·KW): Hopper-sized tiles
+    on the GPU, small ones in the interpreter."""
     if interpreting():
-        return 32, 32, 32, 4, 1
-    bn = 128 if cout >= 128 else max(32, triton.next_power_of_2(cout))
-    bk = 128 if cin >= 128 else max(32, triton.next_power_of_2(cin))
+        return Tiles(32, 32, 32, 4, 1, 1)
+    bn = min(128, max(32, triton.next_power_of_2(co)))
+    bk = 32 if c < 16 else min(128, max(32, triton.next_power_of_2(c)))
     bm = 128 if m >= 4096 else 64
-    return bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, 3
+    return Tiles(bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, 4 if bk <= 64 else 3)
 
 
 def conv_output_size(size: int, *, kernel: int, stride: int, pad: int) -> int:
@@ -136,37 +189,73 @@ def conv2d_int8(
     relu: bool,
     out_scale: float | None,
     out_dtype: torch.dtype = torch.float16,
+    tiles: Tiles | None = None,
 ) -> torch.Tensor:
     """INT8 convolution with the fused epilogue.
 
     Args:
         x: int8 (N, H, W, C), contiguous (NHWC).
-        w: int8 (KH, KW, C, CO), contiguous (the GEMM's K × N operand).
+        w: int8 (CO, KH, KW, C), contiguous (torch's channels-last weight order: the GEMM's B operand K-major).
         scale: float32 (CO,) = ``s_x · s_w[co]``; bias: float32 (CO,).
         out_scale: the next ``QuantizeLinear``'s scale (int8 output), or ``None`` for a float output.
         out_dtype: the float output's dtype when ``out_scale`` is ``None``.
+        tiles: the launch configuration (default: :func:`default_tiles`).
 
     Returns:
         (N, HO, WO, CO) int8 or ``out_dtype``.
     """
-    n, h, wd, c = x.shape
-    kh, kw, c2, co = w.shape
-    if x.dtype != torch.int8 or w.dtype != torch.int8 or c != c2 or not x.is_contiguous() or not w.is_contiguous():
-        raise ValueError(f"conv2d_int8: x int8 NHWC (N, H, W, C) and w int8 (KH, KW, C, CO), contiguous; got "
-                         f"{x.dtype} {tuple(x.shape)} and {w.dtype} {tuple(w.shape)}")  # fmt: skip
-    ho = conv_output_size(h, kernel=kh, stride=stride, pad=pad)
-    wo = conv_output_size(wd, kernel=kw, stride=stride, pad=pad)
+    _check(x, w, torch.int8, "conv2d_int8")
     if not available(x.device):
         return reference_conv2d_int8(x, w, scale, bias, stride=stride, pad=pad, relu=relu, out_scale=out_scale,
                                      out_dtype=out_dtype)  # fmt: skip
-    out = torch.empty((n, ho, wo, co), dtype=torch.int8 if out_scale is not None else out_dtype, device=x.device)
+    return _launch(x, w, scale, bias, stride=stride, pad=pad, relu=relu, out_scale=out_scale, out_dtype=out_dtype,
+                   tiles=tiles, q_dtype=torch.int8)  # fmt: skip
+
+
+def conv2d_fp8(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    stride: int,
+    pad: int,
+    relu: bool,
+    out_scale: float | None,
+    out_dtype: torch.dtype = torch.float16,
+    tiles: Tiles | None = None,
+) -> torch.Tensor:
+    """:func:`conv2d_int8` in FP8 (e4m3) with FP32 accumulation: the same layouts and epilogue; a quantised output
+    is ``clamp(y / out_scale, ±448)`` rounded to e4m3. CUDA (sm_89+) only."""
+    _check(x, w, torch.float8_e4m3fn, "conv2d_fp8")
+    if x.device.type != "cuda" or triton is None:
+        raise RuntimeError(f"conv2d_fp8 runs on a CUDA GPU with Triton (got a {x.device.type} tensor)")
+    return _launch(x, w, scale, bias, stride=stride, pad=pad, relu=relu, out_scale=out_scale, out_dtype=out_dtype,
+                   tiles=tiles, q_dtype=torch.float8_e4m3fn)  # fmt: skip
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    if x.dtype != dtype or w.dtype != dtype or x.shape[3] != w.shape[3] or not x.is_contiguous() \
+            or not w.is_contiguous():  # fmt: skip
+        raise ValueError(f"{name}: x {dtype} NHWC (N, H, W, C) and w {dtype} (CO, KH, KW, C), contiguous; got "
+                         f"{x.dtype} {tuple(x.shape)} and {w.dtype} {tuple(w.shape)}")  # fmt: skip
+
+
+def _launch(x, w, scale, bias, *, stride, pad, relu, out_scale, out_dtype, tiles, q_dtype) -> torch.Tensor:
+    n, h, wd, c = x.shape
+    co, kh, kw, _ = w.shape
+    ho = conv_output_size(h, kernel=kh, stride=stride, pad=pad)
+    wo = conv_output_size(wd, kernel=kw, stride=stride, pad=pad)
+    out = torch.empty((n, ho, wo, co), dtype=q_dtype if out_scale is not None else out_dtype, device=x.device)
     m = n * ho * wo
-    bm, bn, bk, warps, stages = _tiles(m, c, co)
-    grid = (triton.cdiv(m, bm), triton.cdiv(co, bn))
-    _conv_int8_kernel[grid](x, w, scale, bias, out, m, h, wd, c, ho, wo, co, stride, pad,
-                            float(out_scale if out_scale is not None else 1.0), KH=kh, KW=kw, RELU=relu,
-                            OUT_INT8=out_scale is not None, BM=bm, BN=bn, BK=bk, num_warps=warps,
-                            num_stages=stages)  # fmt: skip
+    t = tiles or default_tiles(m=m, c=c, co=co, taps=kh * kw)
+    gather = c < 16
+    grid = (triton.cdiv(m, t.bm) * triton.cdiv(co, t.bn),)
+    _conv_q8_kernel[grid](x, w, scale, bias, out, m, h, wd, c, ho, wo, co, stride, pad,
+                          float(out_scale if out_scale is not None else 1.0), KH=kh, KW=kw, RELU=relu,
+                          OUT_Q=out_scale is not None, FP8=q_dtype != torch.int8, GATHER=gather,
+                          EVEN_C=c % t.bk == 0, BM=t.bm, BN=t.bn, BK=t.bk, GROUP_M=t.group, num_warps=t.warps,
+                          num_stages=t.stages)  # fmt: skip
     return out
 
 
@@ -213,7 +302,7 @@ def reference_conv2d_int8(
     """:func:`conv2d_int8` in plain PyTorch: exact INT32 accumulators (float64 convolution of the int8 values), the
     same float32 epilogue. ``accumulators=True`` returns the int32 (N, HO, WO, CO) sums instead."""
     xn = x.permute(0, 3, 1, 2).double()
-    wn = w.permute(3, 2, 0, 1).double()  # (CO, C, KH, KW)
+    wn = w.permute(0, 3, 1, 2).double()  # (CO, KH, KW, C) -> (CO, C, KH, KW)
     acc = F.conv2d(xn, wn, stride=stride, padding=pad).permute(0, 2, 3, 1).to(torch.int32)
     if accumulators:
         return acc

@@ -398,7 +398,7 @@ class Int8Network(torch.nn.Module):
 
             return run
         if isinstance(s, QConv):
-            w = torch.from_numpy(s.w).to(dev)
+            w = torch.from_numpy(np.ascontiguousarray(s.w.transpose(3, 0, 1, 2))).to(dev)  # (CO, KH, KW, C)
             scale = torch.from_numpy((s.x_scale * s.w_scale.astype(np.float64)).astype(np.float32)).to(dev)
             bias = torch.from_numpy(s.bias).to(dev)
 

@@ -4,7 +4,8 @@ batch upload becomes one device-to-device gather (:meth:`GraphRunner.submit_fram
 ``--decode nvdec``.
 
 Decoding is driven by a few threads (``threads``, streams dealt round-robin, as the decode processes are), not one
-thread per stream: each thread decodes ``chunk`` frames of a stream per call, copies the frames it hands over into
+thread per stream: each thread decodes up to ``chunk`` frames of a stream per call (no more than its ring's free
+slots when unpaced, so that no decoded frame waits outside the ring), copies the frames it hands over into
 their ring slots on that stream's CUDA stream and waits for those copies once per hand-over, not once per frame.
 With a thread and a host synchronisation per frame per stream (the first version), 32 streams were bound by the
 interpreter lock, not by NVDEC: ~1,900 frames/s at 576p and at 1080p alike, and the inference loop waited for the
@@ -86,11 +87,16 @@ class NvdecFeed(QueueFeed):
         if not self.pending:
             if self.exhausted:
                 return None
+            # unpaced: decode no more than the free slots take (frames decoded ahead of a full ring would wait, and
+            # their capture time is the decoder call's start); paced: a chunk, handed over or dropped when due
+            n = self.chunk if due is not None else min(self.chunk, self.free.qsize())
+            if n == 0:
+                return 0.0005
             t = time.perf_counter()
             self.pending_capture = time.monotonic()
             ctx = self.torch.cuda.stream(self.stream) if self.stream is not None else _null()
             with ctx:  # the previous call's frames were copied out and waited for: its buffers may be reused
-                got = self.decoder.get_batch_frames(self.chunk)
+                got = self.decoder.get_batch_frames(n)
             self.decode_s += time.perf_counter() - t
             if not got:
                 self.exhausted = True

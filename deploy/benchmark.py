@@ -188,7 +188,7 @@ def e2e(args) -> None:
 
     def on_row(row):
         rows.append(row)
-        print(bp.table([row])[-1], flush=True)
+        print(bp.table([row])[2], flush=True)  # the row (the table's head is two lines)
         bp.write(rows, bp.table(rows), args.out, stem=args.stem, env=env)  # a run cut short keeps what it measured
 
     bp.pipeline_rows(cases=cases, detectors=detectors, clips=clips, batch=args.e2e_batch, max_frames=args.e2e_frames,

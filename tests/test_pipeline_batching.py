@@ -250,7 +250,7 @@ def test_paced_sweep_stops_at_the_first_count_that_falls_behind(monkeypatch, tmp
     def fake_run_case(case, detector, clip, **kw):
         ran.append((case.clip, case.streams))
         kept = case.streams <= (64 if case.clip == "576p" else 32)
-        return {**_row(case.streams, kept), "clip": case.clip, "decode": case.decode, "decode_used": case.decode,
+        return {**_row(case.streams, kept), "clip": "file.mp4", "decode": case.decode, "decode_used": case.decode,
                 "precision": "fp16", "frames_per_s": 30.0 * case.streams, "latency_ms": {"p50": 1, "p99": 2},
                 "mean_batch": 8, "detections_per_frame": 0, "dropped": 0 if kept else 5,
                 "stages_s": {"gather": 1.0}}  # fmt: skip

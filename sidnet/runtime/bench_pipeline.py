@@ -158,6 +158,7 @@ def pipeline_rows(*, cases: list[Case], detectors: dict, clips: dict[str, Path],
             if key is not None and ("error" in row or not row["kept_up"]):
                 stopped[key] = case.streams
         row["network_img_s"] = round(net[case.backend], 1)
+        row["clip_key"] = case.clip  # (a measured row's "clip" is the file name)
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -190,7 +191,8 @@ def cameras_kept_up(rows: list[dict]) -> list[str]:
     sweeps: dict[tuple, list[dict]] = {}
     for r in rows:
         if r.get("realtime_fps"):
-            sweeps.setdefault((r["clip"], r["decode"], r["backend"], r["realtime_fps"]), []).append(r)
+            key = (r.get("clip_key", r["clip"]), r["decode"], r["backend"], r["realtime_fps"])
+            sweeps.setdefault(key, []).append(r)
     lines = []
     for (clip, decode, backend, fps), rs in sweeps.items():
         rs = sorted(rs, key=lambda r: r["streams"])

@@ -20,6 +20,12 @@
 #                    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #                      --platform manylinux_2_28_x86_64 -d .whl-pipeline pynvvideocodec==2.2.4).
 #                    The 1080p clip is made with PyAV (pip install av) unless SIDNET_CLIP_1080 names one.
+#                    Paced sweeps (cameras at $SIDNET_CAMERA_FPS, 30): $SIDNET_CAMERAS stream counts (default
+#                    "32 64 96 128"; "" for none) for each of $SIDNET_CAMERA_CASES (CLIP:DECODE, default
+#                    "576p:process 1080p-h264:nvdec"), each sweep stopping at the first count that falls behind and
+#                    naming the largest N kept up with. $SIDNET_E2E_MAX_WAIT_MS: the batch latency budget of every row,
+#                    $SIDNET_E2E_DECODERS: decode processes / NVDEC threads. $SIDNET_VIDEO: the 576p clip (its H.264
+#                    copy, <stem>_h264.mp4, next to it).
 #     bench-compile  the torch backend vs torch.compile(max-autotune) in one run, SIDNet at batch 1 and 64 (minutes)
 #     bench-stem     the csrc/stem kernel's build variants side by side (benchmarks/stem_variants.py)
 #     recipe-persons the persons recipe's training stage (benchmarks/recipe_persons.sh --stage train): anchors, SIDNet-
@@ -162,8 +168,10 @@ bench_pipeline() {
     step bench-pipeline bench_pipeline.log python3 -m deploy.benchmark --parts e2e --video "$VIDEO" \
         --e2e-cases ${SIDNET_E2E_CASES:-32:576p:process 32:1080p-h264:process 32:1080p-h264:nvdec 32:576p-h264:nvdec \
         32:576p:thread 32:576p-h264:process 1:576p:process 4:576p:process 16:576p:process} \
-        --e2e-realtime ${SIDNET_CAMERAS:-128} --e2e-fps 30 --out "$OUT" --stem pipeline_h200 \
-        --work-dir "${TMPDIR:-/tmp}/sidnet_bench" ${SIDNET_CLIP_1080:+--clip-1080 "$SIDNET_CLIP_1080"}
+        --e2e-realtime ${SIDNET_CAMERAS-32 64 96 128} --e2e-realtime-case ${SIDNET_CAMERA_CASES:-576p:process 1080p-h264:nvdec} \
+        --e2e-fps "${SIDNET_CAMERA_FPS:-30}" --out "$OUT" --stem pipeline_h200 \
+        --work-dir "${TMPDIR:-/tmp}/sidnet_bench" ${SIDNET_CLIP_1080:+--clip-1080 "$SIDNET_CLIP_1080"} \
+        ${SIDNET_E2E_MAX_WAIT_MS:+--e2e-max-wait-ms "$SIDNET_E2E_MAX_WAIT_MS"} ${SIDNET_E2E_DECODERS:+--e2e-decoders "$SIDNET_E2E_DECODERS"}
 }
 bench_compile() {
     # max-autotune takes minutes per batch size: the two sizes of the goal, 64 first (add compile-ours to --parts

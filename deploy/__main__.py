@@ -45,12 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", choices=("process", "thread", "nvdec"), default="process",
                    help="video files: decode in worker processes (default), in a thread per stream (the previous "
                         "pipeline's path), or on the GPU's NVDEC (PyNvVideoCodec; falls back to processes, logged)")
-    p.add_argument("--decoders", type=int, help="decode processes (default: one per stream, at most cores - 2)")
+    p.add_argument("--decoders", type=int, help="decode processes, or NVDEC threads with --decode nvdec "
+                   "(default: one per stream, at most cores - 2)")
     p.add_argument("--writers", type=int, default=1, help="output processes (0: a thread; default 1)")
     p.add_argument("--queue", type=int, default=8, help="frames decoded ahead per stream (default 8)")
     p.add_argument("--realtime", action="store_true",
                    help="pace video files at their fps like cameras; frames the pipeline cannot take are dropped "
                         "and counted per stream")
+    p.add_argument("--max-wait-ms", type=positive_float,
+                   help="latency budget of a partial batch: once its oldest frame is this old (since capture) it goes "
+                   "to the GPU even while the GPU is busy (default: it fills until the GPU is free)")
     p.add_argument("--fps", type=float, help="with --realtime: pace every file at this rate instead of its own")
     p.add_argument("--reconnect-retries", type=non_negative_int, default=10,
                    help="live streams that delivered frames: failed reconnects in a row before the stream is given up "
@@ -105,7 +109,8 @@ def run(args) -> dict:
                                video_streams=args.video_streams, max_frames=args.max_frames,
                                progress=not args.no_progress, queue_size=args.queue, decode=args.decode,
                                decoders=args.decoders, writers=args.writers, realtime=args.realtime,
-                               fps=args.fps, first_frame_timeout=args.first_frame_timeout)  # fmt: skip
+                               fps=args.fps, first_frame_timeout=args.first_frame_timeout,
+                               max_wait_ms=args.max_wait_ms)  # fmt: skip
         return run_pipeline(detector, sources, zones=zones, opts=opts)
 
 

@@ -4,7 +4,9 @@
     python -m deploy.benchmark --parts eager torch compiled --out benchmarks/results --stem deploy_h100
     python -m deploy.benchmark --parts torch compile --compile-batches 1 64     # vs torch.compile, same run
     python -m deploy.benchmark --parts e2e --e2e-streams 1 4 16 32 --e2e-clips 576p 576p-h264 1080p-h264 \\
-        --e2e-decode process nvdec --e2e-realtime 64 128 --stem pipeline_h200     # python -m deploy's real pipeline
+        --e2e-decode process nvdec --e2e-realtime 32 64 96 128 --stem pipeline_h200  # python -m deploy's pipeline
+    python -m deploy.benchmark --parts e2e --e2e-cases 32:1080p-h264:nvdec --e2e-realtime 32 48 64 \
+        --e2e-realtime-case 1080p-h264:nvdec --e2e-fps 30     # how many 1080p NVDEC cameras at 30 fps
     python -m deploy.benchmark --parts maskrcnn --maskrcnn-checkpoint runs/maskrcnn/best.pt   # Mask R-CNN variants
 
 Your own artifacts, on a CPU or a GPU, through the Detector a deployment uses (artifact_benchmark):
@@ -73,8 +75,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     e.add_argument("--e2e-batch", type=int, default=32)
     e.add_argument("--e2e-frames", type=int, help="frames per stream (default: the whole 200-frame clip)")
     e.add_argument("--e2e-realtime", nargs="*", type=int, default=[],
-                   help="stream counts to run paced at --e2e-fps (the 576p clip, process decode, first backend)")
+                   help="stream counts to run paced at --e2e-fps, a sweep per --e2e-realtime-case, smallest first; "
+                   "a sweep stops at the first count that falls behind and names the largest N kept up with")
+    e.add_argument("--e2e-realtime-case", nargs="+", default=["576p:process"], metavar="CLIP:DECODE[:BACKEND]",
+                   help="what the paced sweeps run (default 576p:process), e.g. 1080p-h264:nvdec")
     e.add_argument("--e2e-fps", type=float, default=30.0)
+    e.add_argument("--e2e-max-wait-ms", type=float,
+                   help="the pipeline's batch latency budget (PipelineOptions.max_wait_ms; default: none)")
+    e.add_argument("--e2e-decoders", type=int, help="decode processes / NVDEC threads (default: streams, <= cores - 2)")
     e.add_argument("--clip-1080", type=Path, help="an existing 1080p H.264 clip instead of making one (needs av)")
     m = p.add_argument_group("maskrcnn (torchvision eager vs the torch backend's static deploy module)")
     m.add_argument("--maskrcnn-checkpoint", type=Path, help="a trained Mask R-CNN .pt (default: random weights)")
@@ -139,11 +147,14 @@ def e2e(args) -> None:
     from sidnet.environment import environment
     from sidnet.runtime import bench_pipeline as bp
     from sidnet.runtime.detector import Detector
+    from sidnet.runtime.errors import DeployError
 
     cuda = torch.cuda.is_available()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     clips = {"576p": args.video, "576p-h264": args.video.with_name(args.video.stem + "_h264.mp4")}
     wanted = {c.split(":")[1] for c in args.e2e_cases if c.count(":") >= 2} if args.e2e_cases else set(args.e2e_clips)
+    if args.e2e_realtime:
+        wanted |= {c.split(":")[0] for c in args.e2e_realtime_case}
     if "1080p-h264" in wanted and "1080p-h264" not in clips:
         clips["1080p-h264"] = args.clip_1080 or bp.make_clip(args.video, args.work_dir / "pedestrians_1080p_h264.mp4",
                                                              width=1920, height=1080)  # fmt: skip
@@ -165,17 +176,24 @@ def e2e(args) -> None:
              for n in args.e2e_streams]  # fmt: skip
     if args.e2e_cases:
         cases = [_case(spec, backends[0]) for spec in args.e2e_cases]
-    cases += [bp.Case(n, "576p", "process", backends[0], args.e2e_fps) for n in args.e2e_realtime]
+    try:
+        cases += bp.realtime_cases(args.e2e_realtime, args.e2e_realtime_case, backend=backends[0], fps=args.e2e_fps)
+    except DeployError as e:
+        raise SystemExit(f"error: --e2e-realtime-case: {e}") from None
+    unknown = sorted({c.backend for c in cases} - set(detectors))
+    if unknown:
+        raise SystemExit(f"error: backend(s) {unknown} of the cases are not among --e2e-backends {backends}")
     env = environment("cuda" if cuda else "cpu")
     rows = []
 
     def on_row(row):
         rows.append(row)
-        print(bp.table([row])[-1], flush=True)
+        print(bp.table([row])[2], flush=True)  # the row (the table's head is two lines)
         bp.write(rows, bp.table(rows), args.out, stem=args.stem, env=env)  # a run cut short keeps what it measured
 
     bp.pipeline_rows(cases=cases, detectors=detectors, clips=clips, batch=args.e2e_batch, max_frames=args.e2e_frames,
-                     work_dir=args.work_dir, on_row=on_row)  # fmt: skip
+                     work_dir=args.work_dir, on_row=on_row,
+                     options={"max_wait_ms": args.e2e_max_wait_ms, "decoders": args.e2e_decoders})  # fmt: skip
     for d in detectors.values():
         d.close()
     print(f"results: {args.out}/{args.stem}.md", file=sys.stderr)

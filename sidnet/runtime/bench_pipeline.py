@@ -102,7 +102,9 @@ def network_img_s(detector, batch: int) -> float:
     return batch / statistics.median(times)
 
 
-def run_case(case: Case, detector, clip: Path, *, batch: int, max_frames: int | None, work_dir: Path) -> dict:
+def run_case(case: Case, detector, clip: Path, *, batch: int, max_frames: int | None, work_dir: Path,
+             options: dict | None = None) -> dict:
+    """One row; ``options``: more :class:`PipelineOptions` fields (``max_wait_ms``, ``decoders`` …)."""
     from sidnet.runtime.pipeline import PipelineOptions, run_pipeline
     from sidnet.runtime.sources import VideoFileSource
 
@@ -113,7 +115,8 @@ def run_case(case: Case, detector, clip: Path, *, batch: int, max_frames: int | 
     shutil.rmtree(out, ignore_errors=True)
     opts = PipelineOptions(out_dir=out, batch_size=batch, write_video=False, max_frames=max_frames, progress=False,
                            decode=case.decode, writers=max(1, min(4, case.streams // 16)),
-                           realtime=case.realtime_fps is not None, fps=case.realtime_fps)  # fmt: skip
+                           realtime=case.realtime_fps is not None, fps=case.realtime_fps,
+                           **(options or {}))  # fmt: skip
     s = run_pipeline(detector, sources, zones=_zones(names, w, h), opts=opts)
     frames = sum(s["frames"].values())
     stages = dict(sorted(s["stages_s"].items(), key=lambda kv: -kv[1]))
@@ -127,26 +130,88 @@ def run_case(case: Case, detector, clip: Path, *, batch: int, max_frames: int | 
             "alarms": sum(n for z in s["alarms"].values() for n in z.values()), "stages_s": stages,
             "decode_ms_per_frame": statistics.mean([v for v in s["decode_ms_per_frame"].values() if v] or [0]),
             "queue_depth": s["queue_depth"], "dropped": dropped, "kept_up": s["all_streams_kept_up"],
-            "realtime_fps": case.realtime_fps, "rings_page_locked": s["rings_page_locked"]}  # fmt: skip
+            "realtime_fps": case.realtime_fps, "rings_page_locked": s["rings_page_locked"],
+            "max_wait_ms": s["max_wait_ms"]}  # fmt: skip
 
 
 def pipeline_rows(*, cases: list[Case], detectors: dict, clips: dict[str, Path], batch: int, max_frames: int | None,
-                  work_dir: Path, on_row=None) -> tuple[list[dict], list[str]]:  # fmt: skip
-    """Run every case (a failure costs its row, not the run); returns (rows, markdown table)."""
+                  work_dir: Path, on_row=None, options: dict | None = None) -> tuple[list[dict], list[str]]:
+    """Run every case (a failure costs its row, not the run); returns (rows, markdown table). A paced sweep (cases of
+    one :func:`sweep_key`) stops at the first stream count that fell behind or failed: more cameras cannot keep up
+    either, and the rows left are recorded as not run."""
     net = {name: network_img_s(det, batch) for name, det in detectors.items()}
     rows = []
+    stopped: dict[tuple, int] = {}  # sweep → the stream count that fell behind (or failed)
     for case in cases:
-        try:
-            row = run_case(case, detectors[case.backend], clips[case.clip], batch=batch, max_frames=max_frames,
-                           work_dir=work_dir)  # fmt: skip
-        except Exception as e:  # noqa: BLE001  (recorded in the row)
+        key = sweep_key(case)
+        if key is not None and key in stopped:
             row = {"streams": case.streams, "clip": case.clip, "decode": case.decode, "backend": case.backend,
-                   "realtime_fps": case.realtime_fps, "error": f"{type(e).__name__}: {e}"}  # fmt: skip
+                   "realtime_fps": case.realtime_fps,
+                   "not_run": f"{stopped[key]} streams already fell behind"}  # fmt: skip
+        else:
+            try:
+                row = run_case(case, detectors[case.backend], clips[case.clip], batch=batch, max_frames=max_frames,
+                               work_dir=work_dir, options=options)  # fmt: skip
+            except Exception as e:  # noqa: BLE001  (recorded in the row)
+                row = {"streams": case.streams, "clip": case.clip, "decode": case.decode, "backend": case.backend,
+                       "realtime_fps": case.realtime_fps, "error": f"{type(e).__name__}: {e}"}  # fmt: skip
+            if key is not None and ("error" in row or not row["kept_up"]):
+                stopped[key] = case.streams
         row["network_img_s"] = round(net[case.backend], 1)
+        row["clip_key"] = case.clip  # (a measured row's "clip" is the file name)
         rows.append(row)
         if on_row is not None:
             on_row(row)
     return rows, table(rows)
+
+
+def sweep_key(case: Case) -> tuple | None:
+    """The paced sweep a case belongs to (clip, decode, backend, fps), None for an unpaced case."""
+    return None if case.realtime_fps is None else (case.clip, case.decode, case.backend, case.realtime_fps)
+
+
+def realtime_cases(counts: list[int], specs: list[str], *, backend: str, fps: float) -> list[Case]:
+    """Paced cases: every ``CLIP:DECODE[:BACKEND]`` of ``specs`` at every stream count, smallest count first (the
+    order :func:`pipeline_rows` stops a sweep in)."""
+    cases = []
+    for spec in specs:
+        parts = spec.split(":")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise DeployError(f"realtime case {spec!r}: write CLIP:DECODE[:BACKEND], e.g. 1080p-h264:nvdec")
+        if any(n < 1 for n in counts):
+            raise DeployError(f"realtime stream counts {counts} must be >= 1")
+        b = parts[2] if len(parts) == 3 else backend
+        cases += [Case(n, parts[0], parts[1], b, fps) for n in sorted(set(counts))]
+    return cases
+
+
+def cameras_kept_up(rows: list[dict]) -> list[str]:
+    """One line per paced sweep: the largest stream count with every stream kept up (no drop), below the smallest
+    count that fell behind, and what was tried."""
+    sweeps: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("realtime_fps"):
+            key = (r.get("clip_key", r["clip"]), r["decode"], r["backend"], r["realtime_fps"])
+            sweeps.setdefault(key, []).append(r)
+    lines = []
+    for (clip, decode, backend, fps), rs in sweeps.items():
+        rs = sorted(rs, key=lambda r: r["streams"])
+        ran = [r for r in rs if "not_run" not in r]
+        bad = [r["streams"] for r in ran if "error" in r or not r["kept_up"]]
+        limit = min(bad) if bad else None
+        good = [r["streams"] for r in ran if "error" not in r and r["kept_up"]]
+        good = [n for n in good if limit is None or n < limit]
+        where = f"{ran[0].get('resolution', clip) if ran else clip} {decode} {backend} at {fps:g} fps"
+        best = f"**{max(good)}**" if good else "none of those tried"
+        why = ""
+        if limit is not None:
+            failed = next(r for r in ran if r["streams"] == limit)
+            why = f"; {limit} {'failed (' + failed['error'][:80] + ')' if 'error' in failed else 'fell behind'}"
+        skipped = [r["streams"] for r in rs if "not_run" in r]
+        lines.append(f"Largest N cameras kept up with ({where}, every stream without a drop): {best}{why} "
+                     f"(tried {', '.join(str(r['streams']) for r in ran)}"
+                     f"{'; not run: ' + ', '.join(map(str, skipped)) if skipped else ''}).")  # fmt: skip
+    return lines
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -154,12 +219,13 @@ def table(rows: list[dict]) -> list[str]:
              "| p50 / p99 ms | mean batch | dets/frame | dropped | top stages (s, host) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['streams']} | {r['clip']} | {r['decode']} | {r['backend']} | error: {r['error'][:120]} "
-                         "| | | | | | | |")  # fmt: skip
+        rt = f" (paced {r['realtime_fps']:g} fps" if r.get("realtime_fps") else ""
+        if "error" in r or "not_run" in r:
+            what = f"error: {r['error'][:120]}" if "error" in r else f"not run: {r['not_run']}"
+            lines.append(f"| {r['streams']}{rt + ')' if rt else ''} | {r['clip']} | {r['decode']} | {r['backend']} | "
+                         f"{what} | | | | | | | |")  # fmt: skip
             continue
-        rt = f" (paced {r['realtime_fps']:g} fps{', kept up' if r['kept_up'] else ', fell behind'})" if r[
-            "realtime_fps"] else ""  # fmt: skip
+        rt += (", kept up)" if r["kept_up"] else ", fell behind)") if rt else ""
         top = ", ".join(f"{k} {v:.2f}" for k, v in list(r["stages_s"].items())[:3])
         used = r["decode_used"] if isinstance(r["decode_used"], str) else "; ".join(r["decode_used"])
         lines.append(f"| {r['streams']}{rt} | {r['resolution']} | {r['decode']} ({used}) | {r['backend']} "
@@ -167,13 +233,8 @@ def table(rows: list[dict]) -> list[str]:
                      f"{r['frames_per_s'] / r['network_img_s']:.0%} | {r['latency_ms']['p50']} / "
                      f"{r['latency_ms']['p99']} | {r['mean_batch']} | {r['detections_per_frame']} | {r['dropped']} | "
                      f"{top} |")  # fmt: skip
-    paced = [r for r in rows if r.get("realtime_fps") and "error" not in r]
-    if paced:
-        kept = [r["streams"] for r in paced if r["kept_up"]]
-        lines += ["", f"Cameras kept up with (paced rows, every stream without a drop): "
-                      f"{max(kept) if kept else 'none of those tried'} at {paced[0]['realtime_fps']:g} fps "
-                      f"(tried {', '.join(str(r['streams']) for r in paced)})."]  # fmt: skip
-    return lines
+    kept = cameras_kept_up(rows)
+    return lines + ([""] + kept if kept else [])
 
 
 def _num(x: float) -> str:

@@ -251,14 +251,18 @@ class QueueFeed(Feed):
     (``poll``, ``depth``, ``finished``, ``decode_ms``) and the thread's start, shared by the thread and NVDEC feeds."""
 
     def _start(self, *, slots: int, thread_name: str) -> None:
+        self._open_queue(slots=slots)
+        self.thread = threading.Thread(target=self._run, daemon=True, name=thread_name)
+        self.thread.start()
+
+    def _open_queue(self, *, slots: int) -> None:
+        """The consumer side's state (``slots`` 0: unbounded), for a producer run by someone else's thread."""
         self.q: queue.Queue = queue.Queue(maxsize=slots)
         self.error: BaseException | None = None
         self._ended = False
         self.stop = threading.Event()
         self.dropped = self.late = 0
         self.decode_s, self.decoded = 0.0, 0
-        self.thread = threading.Thread(target=self._run, daemon=True, name=thread_name)
-        self.thread.start()
 
     def _run(self) -> None:
         raise NotImplementedError

@@ -1,6 +1,15 @@
 """Video decoding on the GPU's NVDEC through PyNvVideoCodec (``pip install pynvvideocodec``, optional): frames are
 decoded straight into device memory as RGB, copied into a per-stream ring of CUDA tensors, and the pipeline's
-batch upload becomes a device-to-device copy. Imported only for ``--decode nvdec``.
+batch upload becomes one device-to-device gather (:meth:`GraphRunner.submit_frames`). Imported only for
+``--decode nvdec``.
+
+Decoding is driven by a few threads (``threads``, streams dealt round-robin, as the decode processes are), not one
+thread per stream: each thread decodes up to ``chunk`` frames of a stream per call (no more than its ring's free
+slots when unpaced, so that no decoded frame waits outside the ring), copies the frames it hands over into
+their ring slots on that stream's CUDA stream and waits for those copies once per hand-over, not once per frame.
+With a thread and a host synchronisation per frame per stream (the first version), 32 streams were bound by the
+interpreter lock, not by NVDEC: ~1,900 frames/s at 576p and at 1080p alike, and the inference loop waited for the
+lock inside every batch (issue 17).
 
 When NVDEC cannot be used (no PyNvVideoCodec, a CPU backend, a codec or file the decoder refuses), the pipeline says
 so in a warning and in ``summary.json``'s ``decode`` entry and decodes that stream in CPU processes instead: never a
@@ -11,12 +20,15 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
+from collections import deque
 
 from sidnet.runtime.decode import Pacing, QueueFeed
 from sidnet.runtime.sources import Frame, VideoFileSource
 
 log = logging.getLogger("sidnet.runtime")
+CHUNK = 8  # frames per decoder call
 
 
 def nvdec_unavailable(detector) -> str | None:
@@ -32,7 +44,7 @@ def nvdec_unavailable(detector) -> str | None:
 
 
 def _as_hwc(frame, torch):
-    """A decoded RGB frame (DLPack / CUDA array interface) → (H, W, 3) uint8 CUDA tensor, without a copy."""
+    """A decoded RGB frame (DLPack / CUDA array interface) → (H, W, 3) uint8 tensor, without a copy."""
     try:
         t = torch.from_dlpack(frame)
     except (TypeError, RuntimeError, AttributeError, BufferError):
@@ -43,97 +55,181 @@ def _as_hwc(frame, torch):
 
 
 class NvdecFeed(QueueFeed):
+    """One stream: its decoder (anything with ``get_batch_frames(n)`` returning DLPack frames, [] at the end), its
+    ring of ``(slots, H, W, 3)`` uint8 slots and the consumer side; :meth:`step` is called by a :class:`NvdecFeeds`
+    thread. ``stream``: the CUDA stream the decoder and the copies run on (None on a CPU, in tests)."""
+
     decode = "nvdec"
 
-    def __init__(self, name: str, src: VideoFileSource, *, device, slots: int, max_frames: int | None,
-                 pacing: Pacing | None) -> None:  # fmt: skip
-        import PyNvVideoCodec as nvc
+    def __init__(self, name: str, *, decoder, ring, fps: float, max_frames: int | None, pacing: Pacing | None,
+                 stream=None, chunk: int = CHUNK) -> None:  # fmt: skip
         import torch
 
-        self.name, self.src, self.max_frames, self.pacing, self.torch = name, src, max_frames, pacing, torch
-        self.fps = src.fps
-        w, h = src.size
-        self.stream = torch.cuda.Stream(device)
-        self.decoder = nvc.SimpleDecoder(str(src.path), gpu_id=device.index or 0, use_device_memory=True,
-                                         cuda_stream=self.stream.cuda_stream,
-                                         output_color_type=nvc.OutputColorType.RGB)  # fmt: skip
-        self.ring = torch.empty((slots, h, w, 3), dtype=torch.uint8, device=device)
-        self.free: queue.Queue = queue.Queue()
-        for i in range(slots):
+        self.name, self.decoder, self.ring, self.fps = name, decoder, ring, fps
+        self.max_frames, self.pacing, self.stream, self.chunk, self.torch = max_frames, pacing, stream, chunk, torch
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(ring.shape[0]):
             self.free.put(i)
-        self.seq = 0
-        self._start(slots=0, thread_name=f"deploy-nvdec-{name}")  # unbounded: the free slots bound it
+        self.pending: deque = deque()  # decoded by the last decoder call, not handed over yet
+        self.pending_capture = 0.0  # when that call started (unpaced: the capture time of its frames)
+        self.k = 0  # the next frame's index
+        self.exhausted = False
+        self._open_queue(slots=0)  # unbounded: the free slots bound it
 
-    def _frames(self, chunk: int = 8):
-        while True:
-            with self.torch.cuda.stream(self.stream):
-                got = self.decoder.get_batch_frames(chunk)
+    # ------------------------------------------------------------------------------------------ producer side
+    def step(self) -> float | None:
+        """Hand over what is due: 0.0 when something was done, seconds to wait, None once the stream has ended."""
+        if self.stop.is_set() or (self.max_frames is not None and self.k >= self.max_frames):
+            return None
+        due = self.pacing.due(self.k, self.fps) if self.pacing is not None else None
+        if due is not None and time.monotonic() < due:
+            return due - time.monotonic()
+        if not self.pending:
+            if self.exhausted:
+                return None
+            # unpaced: decode no more than the free slots take (frames decoded ahead of a full ring would wait, and
+            # their capture time is the decoder call's start); paced: a chunk, handed over or dropped when due
+            n = self.chunk if due is not None else min(self.chunk, self.free.qsize())
+            if n == 0:
+                return 0.0005
+            t = time.perf_counter()
+            self.pending_capture = time.monotonic()
+            ctx = self.torch.cuda.stream(self.stream) if self.stream is not None else _null()
+            with ctx:  # the previous call's frames were copied out and waited for: its buffers may be reused
+                got = self.decoder.get_batch_frames(n)
+            self.decode_s += time.perf_counter() - t
             if not got:
-                return
-            yield from got
+                self.exhausted = True
+                return None
+            self.pending.extend(got)
+        return self._paced(due) if due is not None else self._unpaced()
 
-    def _run(self) -> None:
+    def _paced(self, due: float) -> float:
+        """Frame ``k`` (due now) as a camera would deliver it: skipped when the decoder reached it more than a period
+        late, dropped when the pipeline holds every slot, else handed over with its due time as capture time."""
+        decoded = self.pending.popleft()
+        k, self.k = self.k, self.k + 1
+        if time.monotonic() >= self.pacing.due(k + 1, self.fps):
+            self.late += 1
+            return 0.0
         try:
-            frames = self._frames()
-            k = 0
-            while not self.stop.is_set() and (self.max_frames is None or k < self.max_frames):
-                due = self.pacing.due(k, self.fps) if self.pacing is not None else None
-                if due is not None and due > time.monotonic():
-                    time.sleep(due - time.monotonic())
-                t = time.perf_counter()
-                capture = time.monotonic() if due is None else due
-                decoded = next(frames, None)
-                if decoded is None:
-                    break
-                if due is not None and time.monotonic() >= self.pacing.due(k + 1, self.fps):
-                    self.late += 1
-                    k += 1
-                    continue
-                try:
-                    slot = self.free.get(timeout=None if due is None else 0)
-                except queue.Empty:
-                    self.dropped += 1
-                    k += 1
-                    continue
-                with self.torch.cuda.stream(self.stream):
-                    self.ring[slot].copy_(_as_hwc(decoded, self.torch))
-                self.stream.synchronize()  # the frame is in our ring before anyone sees it
-                self.decode_s += time.perf_counter() - t
-                self.decoded += 1
-                self.q.put(Frame(self.name, k, k / self.fps, self.ring[slot], capture=capture, seq=slot))
-                k += 1
-        except BaseException as e:  # noqa: BLE001  (raised by the pipeline)
-            self.error = e
-        finally:
-            self._ended = True
+            slot = self.free.get_nowait()
+        except queue.Empty:
+            self.dropped += 1
+            return 0.0
+        self._hand_over([(slot, decoded, k)], capture=due)
+        return 0.0
 
+    def _unpaced(self) -> float:
+        """As many pending frames as there are free slots (a full ring: wait for the pipeline)."""
+        out = []
+        while self.pending and (self.max_frames is None or self.k < self.max_frames):
+            try:
+                slot = self.free.get_nowait()
+            except queue.Empty:
+                break
+            out.append((slot, self.pending.popleft(), self.k))
+            self.k += 1
+        if not out:
+            return 0.0005
+        self._hand_over(out, capture=self.pending_capture)
+        return 0.0
+
+    def _hand_over(self, frames: list[tuple], *, capture: float) -> None:
+        """Copy decoded frames into their slots, wait for the copies once, then give them to the consumer."""
+        t = time.perf_counter()
+        ctx = self.torch.cuda.stream(self.stream) if self.stream is not None else _null()
+        with ctx:
+            for slot, decoded, _ in frames:
+                self.ring[slot].copy_(_as_hwc(decoded, self.torch))
+        if self.stream is not None:
+            self.stream.synchronize()  # in our ring before anyone sees it, and out of the decoder's buffers
+        self.decode_s += time.perf_counter() - t
+        self.decoded += len(frames)
+        for slot, _, k in frames:
+            self.q.put(Frame(self.name, k, k / self.fps, self.ring[slot], capture=capture, seq=slot))
+
+    # ------------------------------------------------------------------------------------------ consumer side
     def release(self, frames: list[Frame]) -> None:
         for f in frames:
             self.free.put(f.seq)
 
-    def close(self) -> None:
-        self.stop.set()
-        self.free.put(0)  # a producer waiting for a free slot wakes up and sees the stop
-        self.thread.join(timeout=5)
-        self.decoder = None
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def decode_group(feeds: list[NvdecFeed], stop: threading.Event) -> None:
+    """Thread body: step every feed round-robin until all have ended (a feed's error ends it, raised by its poll)."""
+    live = list(feeds)
+    while live and not stop.is_set():
+        wait = 0.002
+        for f in list(live):
+            try:
+                w = f.step()
+            except BaseException as e:  # noqa: BLE001  (raised by the pipeline, through the feed's poll)
+                f.error, w = e, None
+            if w is None:
+                f._ended = True
+                live.remove(f)
+            elif w == 0.0:
+                wait = 0.0
+            else:
+                wait = min(wait, w)
+        if wait > 0:
+            time.sleep(wait)
+    for f in live:  # stopped: the feeds left end here
+        f._ended = True
+
+
+def open_decoder(src: VideoFileSource, *, device, stream):
+    """PyNvVideoCodec's SimpleDecoder for ``src``, RGB frames in device memory, working on ``stream``."""
+    import PyNvVideoCodec as nvc
+
+    return nvc.SimpleDecoder(str(src.path), gpu_id=device.index or 0, use_device_memory=True,
+                             cuda_stream=stream.cuda_stream, output_color_type=nvc.OutputColorType.RGB)  # fmt: skip
 
 
 class NvdecFeeds:
-    """NVDEC feeds for video files; ``failed``: streams whose decoder could not be opened (name → reason)."""
+    """NVDEC feeds for video files, decoded by ``threads`` threads; ``failed``: streams whose decoder could not be
+    opened (name → reason). ``opener(src, device=, stream=)`` makes a decoder (tests pass a fake one)."""
 
     def __init__(self, files: dict[str, VideoFileSource], *, device, slots: int, max_frames: int | None,
-                 pacing: Pacing | None) -> None:  # fmt: skip
+                 pacing: Pacing | None, threads: int, opener=open_decoder) -> None:  # fmt: skip
+        import torch
+
         self.feeds: dict[str, NvdecFeed] = {}
         self.failed: dict[str, str] = {}
+        cuda = getattr(device, "type", "") == "cuda"
         for name, src in files.items():
             try:
-                self.feeds[name] = NvdecFeed(name, src, device=device, slots=slots, max_frames=max_frames,
-                                             pacing=pacing)  # fmt: skip
+                stream = torch.cuda.Stream(device) if cuda else None
+                decoder = opener(src, device=device, stream=stream)
+                w, h = src.size
+                ring = torch.empty((slots, h, w, 3), dtype=torch.uint8, device=device)
+                self.feeds[name] = NvdecFeed(name, decoder=decoder, ring=ring, fps=src.fps, max_frames=max_frames,
+                                             pacing=pacing, stream=stream)  # fmt: skip
             except Exception as e:  # noqa: BLE001  (reported, and that stream decodes on the CPU)
                 self.failed[name] = f"{type(e).__name__}: {e}"
                 log.warning("stream %s: NVDEC cannot decode %s (%s); decoding it in a CPU process", name, src.path,
                             self.failed[name])  # fmt: skip
+        self.stop = threading.Event()
+        n = max(1, min(threads, len(self.feeds)))
+        groups = [list(self.feeds.values())[i::n] for i in range(n)]
+        self.threads = [threading.Thread(target=decode_group, args=(g, self.stop), daemon=True,
+                                         name=f"deploy-nvdec-{i}") for i, g in enumerate(groups) if g]  # fmt: skip
+        for t in self.threads:
+            t.start()
 
     def close(self) -> None:
+        self.stop.set()
         for f in self.feeds.values():
-            f.close()
+            f.stop.set()
+        for t in self.threads:
+            t.join(timeout=5)
+        for f in self.feeds.values():
+            f.decoder = None

@@ -6,7 +6,8 @@ zones and outputs, each stage where it runs best.
   thread each (``decode="thread"`` puts every source there: the previous pipeline's path);
 - **batch**: frames taken round-robin across streams (as DeepStream's stream muxer batches cameras), up to
   ``batch_size``; while the GPU is busy with earlier batches the batch keeps filling, when it is idle a partial batch
-  goes at once (throughput under load, latency when lightly loaded);
+  goes at once (throughput under load, latency when lightly loaded); ``max_wait_ms`` bounds the filling: a partial
+  batch whose oldest frame was captured that long ago goes as soon as a batch slot is free, busy GPU or not;
 - **preprocess + inference**: on a GPU backend the uint8 frames go up from the rings (page-locked) on a copy stream
   and one CUDA graph per batch does letterbox + normalise + network + top-K (:meth:`GraphRunner.submit_frames`);
   ``inflight`` batches overlap (upload of one while another computes); on the CPU, OpenCV letterbox + the backend;
@@ -56,12 +57,13 @@ class PipelineOptions:
     progress: bool = True
     queue_size: int = 8  # frames decoded ahead per stream (ring slots)
     decode: str = "process"  # process | thread | nvdec (video files; live streams and folders always use threads)
-    decoders: int | None = None  # decode processes (default: one per stream, at most the cores less two)
+    decoders: int | None = None  # decode processes, or NVDEC threads (default: one per stream, at most cores - 2)
     writers: int = 1  # output processes (0: a thread in this process)
     realtime: bool = False  # pace file sources at their fps, drop what cannot be taken in time
     fps: float | None = None  # pacing rate instead of each file's own
     inflight: int = 2  # batches on the GPU at once
     first_frame_timeout: float = 20.0  # seconds a live stream may take to deliver its first frame
+    max_wait_ms: float | None = None  # latency budget of a partial batch (capture → submit), None: fill while busy
 
 
 class Interrupted(KeyboardInterrupt):
@@ -126,6 +128,19 @@ def _check(opts: PipelineOptions, sources: dict) -> None:
         raise DeployError(f"inflight {opts.inflight}: 1 or 2 batches (the GPU backends double-buffer)")
     if opts.fps is not None and opts.fps <= 0:
         raise DeployError(f"--fps {opts.fps} must be > 0")
+    if opts.max_wait_ms is not None and not opts.max_wait_ms > 0:
+        raise DeployError(f"--max-wait-ms {opts.max_wait_ms} must be > 0")
+
+
+def submit_now(*, size: int, batch_size: int, busy: bool, draining: bool, oldest_age_ms: float,
+               max_wait_ms: float | None) -> bool:  # fmt: skip
+    """Whether a gathered batch of ``size`` frames goes to the detector now (a batch slot being free): when full, when
+    the GPU is idle, when the streams have ended (``draining``), or when its oldest frame has waited ``max_wait_ms``
+    since capture; otherwise it keeps filling while the GPU works."""
+    if size <= 0:
+        return False
+    late = max_wait_ms is not None and oldest_age_ms >= max_wait_ms
+    return size >= batch_size or not busy or draining or late
 
 
 def open_feeds(sources: dict, detector: Detector, opts: PipelineOptions, pacing: Pacing | None, events) -> tuple:
@@ -144,7 +159,8 @@ def open_feeds(sources: dict, detector: Detector, opts: PipelineOptions, pacing:
             from sidnet.runtime.nvdec import NvdecFeeds
 
             nvdec = NvdecFeeds(files, device=detector.backend.device, slots=_slots(opts, len(sources)),
-                               max_frames=opts.max_frames, pacing=pacing)  # fmt: skip
+                               max_frames=opts.max_frames, pacing=pacing,
+                               threads=opts.decoders or max(1, min(len(files), _cores() - 2)))  # fmt: skip
             paths.update(dict.fromkeys(nvdec.feeds, "nvdec"))
             paths.update({n: f"process (nvdec failed: {why})" for n, why in nvdec.failed.items()})
             files = {n: s for n, s in files.items() if n in nvdec.failed}
@@ -262,7 +278,10 @@ def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None,
                 late = sources[min(waiting)]
                 raise late.never_delivered(f"gave no frame in {opts.first_frame_timeout:g} s")
             busy = bool(inflight) and not detector.ready(inflight[0][1])
-            if batch and len(inflight) < opts.inflight and (len(batch) >= opts.batch_size or not busy or not active):
+            age_ms = (time.monotonic() - min(f.capture for f in batch)) * 1e3 if opts.max_wait_ms and batch else 0.0
+            if len(inflight) < opts.inflight and submit_now(size=len(batch), batch_size=opts.batch_size, busy=busy,
+                                                            draining=not active, oldest_age_ms=age_ms,
+                                                            max_wait_ms=opts.max_wait_ms):  # fmt: skip
                 st.depth.append(sum(f.depth() for f in feeds.values()))
                 inflight.append((batch, detector.submit([f.image for f in batch], timings=st.s)))
                 sizes_run.append(len(batch))
@@ -337,7 +356,8 @@ def _summary(detector, opts, zones, stats, st, feeds: dict, paths, events, *, ba
     summary = {
         "artifact": str(detector.info.path), "backend": detector.backend_name, "model": detector.info.model,
         "precision": detector.info.precision, "conf_thresh": detector.conf_thresh, "nms_iou": detector.nms_iou,
-        "batch_size": opts.batch_size, "frames": stats["frames"], "detections": stats["detections"],
+        "batch_size": opts.batch_size, "max_wait_ms": opts.max_wait_ms, "frames": stats["frames"],
+        "detections": stats["detections"],
         "alarms": alarms, "events": {**events.counts, **stats["events"]}, "batches": batches,
         "mean_batch": round(float(np.mean(sizes)), 2) if sizes else 0.0,
         "seconds": round(seconds, 3), "frames_per_s": round(total / seconds, 2) if seconds else None,

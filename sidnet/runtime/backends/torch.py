@@ -320,7 +320,9 @@ class GraphRunner:
             copy.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(copy):
             u8 = fs["u8"]
-            if on_device or all(self._is_registered(f) for f in frames):  # DMA straight from the frames
+            if len(on_device) == n:  # one gather of every stream's ring slot (a batched copy kernel)
+                torch.stack(frames, out=u8[:n])
+            elif on_device or all(self._is_registered(f) for f in frames):  # DMA straight from the frames
                 for j, f in enumerate(frames):
                     u8[j].copy_(f if isinstance(f, torch.Tensor) else torch.from_numpy(f), non_blocking=True)
             else:  # pageable frames: gather them into a pinned buffer, then one DMA

@@ -81,8 +81,10 @@ def _layer(step: QConv, shape_in: tuple, batch: int, *, fp8: bool) -> dict:
     default = K.default_tiles(m=m, c=c, co=co, taps=kh * kw)
     row["default"] = list(default.__dict__.values())
     row["default_ms"] = _ms(lambda: K.conv2d_int8(x, wq, scale, bias, **kw_))
-    tried = []
+    tried = [(row["default_ms"], default)]
     for t in candidates(c, co):
+        if t == default:
+            continue
         try:
             tried.append((_ms(lambda t=t: K.conv2d_int8(x, wq, scale, bias, tiles=t, **kw_)), t))
         except Exception as e:  # noqa: BLE001 - a configuration the compiler or the GPU refuses (shared memory)

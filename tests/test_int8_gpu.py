@@ -102,7 +102,7 @@ def test_int8_sidnet_layers_on_the_gpu_equal_the_reference():
     plan = plan_from_onnx(_export())
     images = torch.from_numpy(_images(416)[:2])
     cpu = Int8Network(plan, device=torch.device("cpu"), dtype=torch.float32)
-    gpu = Int8Network(plan, device=torch.device("cuda"), dtype=torch.float32)
+    gpu = Int8Network(plan, device=torch.device("cuda"), dtype=torch.float32, fuse=False)  # step by step
     env = {plan.input: images.permute(0, 2, 3, 1)}
     checked = 0
     with torch.no_grad():
@@ -116,6 +116,55 @@ def test_int8_sidnet_layers_on_the_gpu_equal_the_reference():
                 assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, (step.name, int(diff.max()))
                 checked += 1
     assert checked >= 20
+
+
+@cuda
+def test_fused_stem_on_the_gpu_equals_the_three_steps():
+    """The first layer as one kernel (float images quantised on load, conv, ReLU, requantisation, 2x2 max-pool) gives
+    the separate steps' int8 output on the real export (ties of the float epilogue aside)."""
+    from sidnet.quant.int8_plan import Int8Network, QStem, plan_from_onnx
+
+    plan = plan_from_onnx(_export())
+    fused = Int8Network(plan, device=torch.device("cuda"), dtype=torch.float32)
+    stem = fused.plan.steps[0]
+    assert isinstance(stem, QStem) and len(fused.plan.steps) == len(plan.steps) - 3, fused.plan.steps[:2]
+    images = torch.from_numpy(_images(416)[:2])
+    cpu = Int8Network(plan, device=torch.device("cpu"), dtype=torch.float32)
+    env = {plan.input: images.permute(0, 2, 3, 1)}
+    with torch.no_grad():
+        for layer, step in zip(cpu.layers, cpu.plan.steps, strict=True):
+            layer(env)
+            if step.name == stem.pool.name:
+                break
+        g = {plan.input: images.cuda().permute(0, 2, 3, 1)}
+        fused.layers[0](g)
+    diff = (g[stem.out].cpu().int() - env[stem.out].int()).abs()
+    assert g[stem.out].shape == env[stem.out].shape and (env[stem.out] != 0).float().mean() > 0.05
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, (int(diff.max()), float((diff > 0).float().mean()))
+
+
+@cuda
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=[f"{s[0]}x{s[2]}to{s[3]}k{s[4]}" for s in SHAPES[1:]])
+def test_conv_fp8_on_the_tensor_cores_matches_a_float64_convolution(shape):
+    """FP8 (e4m3) operands, FP32 accumulation: the sums of the e4m3 values' exact products, to FP32 rounding."""
+    import torch.nn.functional as F
+
+    from sidnet.kernels import int8 as K
+
+    h, w, c, co, k, st = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn((2, h, w, c), device="cuda", generator=g).to(torch.float8_e4m3fn)
+    wt = (torch.randn((co, k, k, c), device="cuda", generator=g) * 0.1).to(torch.float8_e4m3fn)
+    ones, zeros = torch.ones(co, device="cuda"), torch.zeros(co, device="cuda")
+    acc = K.conv2d_fp8(x, wt, ones, zeros, stride=st, pad=k // 2, relu=False, out_scale=None, out_dtype=torch.float32)
+    ref = F.conv2d(x.double().permute(0, 3, 1, 2), wt.double().permute(0, 3, 1, 2), stride=st, padding=k // 2)
+    ref = ref.permute(0, 2, 3, 1)
+    err = float((acc.double() - ref).abs().max() / ref.abs().max())
+    print(f"FP8 conv {shape}: max |error| / max |ref| = {err:.2e}")
+    assert err < 1e-3, err
+    q = K.conv2d_fp8(x, wt, ones, zeros, stride=st, pad=k // 2, relu=True, out_scale=0.5)
+    expect = (ref.clamp_min(0) / 0.5).clamp(-448, 448).float().to(torch.float8_e4m3fn)
+    assert q.dtype == torch.float8_e4m3fn and (q.float() == expect.float()).float().mean() > 0.99
 
 
 @cuda

@@ -87,7 +87,10 @@ if triton is not None:
                 ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 a = tl.load(x_ptr + ((img[:, None] * H + ih) * W + iw) * C + (kk % C)[None, :], mask=ok, other=0)
                 b = tl.load(w_cols + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0)
-                acc = tl.dot(a, b, acc)
+                if FP8:  # the e4m3 operands travel as their int8 bit patterns (0 is +0.0)
+                    a = a.to(tl.float8e4nv, bitcast=True)
+                    b = b.to(tl.float8e4nv, bitcast=True)
+                acc += tl.dot(a, b)
         else:  # one loop over (r, s, channel block): long enough for the software pipeline to overlap loads
             cb = tl.cdiv(C, BK)
             for t in range(0, KH * KW * cb):
@@ -107,7 +110,10 @@ if triton is not None:
                     k_ok = kc < C
                     a = tl.load(a_ptr, mask=pix_ok[:, None] & k_ok[None, :], other=0)
                     b = tl.load(b_ptr, mask=k_ok[:, None] & n_ok[None, :], other=0)
-                acc = tl.dot(a, b, acc)
+                if FP8:
+                    a = a.to(tl.float8e4nv, bitcast=True)
+                    b = b.to(tl.float8e4nv, bitcast=True)
+                acc += tl.dot(a, b)
         scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0)
         bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0)
         y = acc.to(tl.float32) * scale[None, :] + bias[None, :]
@@ -118,13 +124,59 @@ if triton is not None:
         if OUT_Q:
             if FP8:
                 q = tl.minimum(tl.maximum(y / out_scale, -448.0), 448.0)
-                tl.store(out_ptr + offs, q.to(tl.float8e4nv), mask=ok)
+                tl.store(out_ptr + offs, q.to(tl.float8e4nv).to(tl.int8, bitcast=True), mask=ok)
             else:
                 q = tl.minimum(tl.maximum(y / out_scale, -128.0), 127.0)
                 q = (q + 12582912.0) - 12582912.0
                 tl.store(out_ptr + offs, q.to(tl.int8), mask=ok)
         else:
             tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _stem_int8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, H, W, PH, PW, CO, in_scale, conv_scale,
+                          ratio, C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PAD: tl.constexpr,
+                          POOL: tl.constexpr, REQUANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                          BK: tl.constexpr):  # fmt: skip
+        # One tile of pooled output pixels: the float NCHW input quantised on load, the conv of each of the POOL²
+        # positions under a pooled pixel on the tensor cores, the max of their INT32 sums (the epilogue is monotonic
+        # for a positive scale, so this equals pooling the requantised outputs), one epilogue, int8 NHWC out.
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        m_ok = rm < M
+        n_ok = rn < CO
+        img = rm // (PH * PW)
+        rem = rm % (PH * PW)
+        ph = rem // PW
+        pw = rem % PW
+        k_ok = rk < KH * KW * C
+        r = rk // (KW * C)
+        s = (rk // C) % KW
+        c = rk % C
+        b = tl.load(w_ptr + rn[None, :] * (KH * KW * C) + rk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0)
+        best = tl.full((BM, BN), -2147483647, tl.int32)
+        plane = (img[:, None] * C + c[None, :]) * H
+        for dy in tl.static_range(POOL):
+            for dx in tl.static_range(POOL):
+                ih = (ph * POOL + dy - PAD)[:, None] + r[None, :]
+                iw = (pw * POOL + dx - PAD)[:, None] + s[None, :]
+                ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                v = tl.load(x_ptr + (plane + ih) * W + iw, mask=ok, other=0.0).to(tl.float32)
+                q = tl.minimum(tl.maximum(tl.math.div_rn(v, in_scale), -128.0), 127.0)
+                a = ((q + 12582912.0) - 12582912.0).to(tl.int8)
+                best = tl.maximum(best, tl.dot(a, b))
+        scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0)
+        bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0)
+        y = tl.maximum(best.to(tl.float32) * scale[None, :] + bias[None, :], 0.0)
+        q = tl.minimum(tl.maximum(y / conv_scale, -128.0), 127.0)
+        q = (q + 12582912.0) - 12582912.0
+        if REQUANT:
+            q = tl.minimum(tl.maximum(q * ratio, -128.0), 127.0)
+            q = (q + 12582912.0) - 12582912.0
+        offs = rm.to(tl.int64)[:, None] * CO + rn[None, :]
+        tl.store(out_ptr + offs, q.to(tl.int8), mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _maxpool_int8_kernel(x_ptr, out_ptr, total, H, W, C, HO, WO, stride, pad, ratio, K: tl.constexpr,
@@ -164,14 +216,21 @@ class Tiles:
 
 
 def default_tiles(*, m: int, c: int, co: int, taps: int) -> Tiles:
-    """The kernel's configuration for a layer (m output pixels, c → co channels, taps = KH·KW): Hopper-sized tiles
-    on the GPU, small ones in the interpreter."""
+    """The kernel's configuration for a layer (m output pixels, c → co channels, taps = KH·KW), from the per-layer
+    sweep on an H100 (``benchmarks/int8_conv_sweep.py``, ``benchmarks/results/int8_tensorcores/``): 128-pixel tiles,
+    256 channels wide for the 1024-channel 3×3s, 64 for the 1×1s, a 128-channel reduction step where the layer has
+    it; 64×64 tiles where the big ones would leave most SMs idle (batch 1); small tiles in the interpreter."""
     if interpreting():
         return Tiles(32, 32, 32, 4, 1, 1)
-    bn = min(128, max(32, triton.next_power_of_2(co)))
     bk = 32 if c < 16 else min(128, max(32, triton.next_power_of_2(c)))
-    bm = 128 if m >= 4096 else 64
-    return Tiles(bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, 4 if bk <= 64 else 3)
+    if taps == 1:
+        bn, bk = 64, min(bk, 64)
+    else:
+        bn = 256 if co >= 1024 else min(128, max(32, triton.next_power_of_2(co)))
+    bm = 128
+    if triton.cdiv(m, bm) * triton.cdiv(co, bn) < 264:  # under two waves of CTAs on a 132-SM GPU
+        bm, bn = 64, min(bn, 64)
+    return Tiles(bm, bn, bk, 8 if bm * bn >= 128 * 256 else 4, 3 if bk >= 128 else 4)
 
 
 def conv_output_size(size: int, *, kernel: int, stride: int, pad: int) -> int:
@@ -247,15 +306,52 @@ def _launch(x, w, scale, bias, *, stride, pad, relu, out_scale, out_dtype, tiles
     ho = conv_output_size(h, kernel=kh, stride=stride, pad=pad)
     wo = conv_output_size(wd, kernel=kw, stride=stride, pad=pad)
     out = torch.empty((n, ho, wo, co), dtype=q_dtype if out_scale is not None else out_dtype, device=x.device)
+    if q_dtype != torch.int8:  # FP8: operands and a quantised output as their int8 bit patterns
+        x, w = x.view(torch.int8), w.view(torch.int8)
     m = n * ho * wo
     t = tiles or default_tiles(m=m, c=c, co=co, taps=kh * kw)
     gather = c < 16
     grid = (triton.cdiv(m, t.bm) * triton.cdiv(co, t.bn),)
-    _conv_q8_kernel[grid](x, w, scale, bias, out, m, h, wd, c, ho, wo, co, stride, pad,
+    dst = out.view(torch.int8) if out.dtype == q_dtype else out
+    _conv_q8_kernel[grid](x, w, scale, bias, dst, m, h, wd, c, ho, wo, co, stride, pad,
                           float(out_scale if out_scale is not None else 1.0), KH=kh, KW=kw, RELU=relu,
                           OUT_Q=out_scale is not None, FP8=q_dtype != torch.int8, GATHER=gather,
                           EVEN_C=c % t.bk == 0, BM=t.bm, BN=t.bn, BK=t.bk, GROUP_M=t.group, num_warps=t.warps,
                           num_stages=t.stages)  # fmt: skip
+    return out
+
+
+def stem_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, *, in_scale: float,
+              pad: int, conv_scale: float, pool: int, pool_scale: float) -> torch.Tensor:  # fmt: skip
+    """The first layer fused: ``QuantizeLinear`` of the float NCHW images (``in_scale``), a stride-1 INT8 conv with
+    few input channels + bias + ReLU + requantisation to ``conv_scale``, and a ``pool``×``pool`` stride-``pool`` max
+    pool requantised to ``pool_scale``: the same arithmetic as :func:`quantize`, :func:`conv2d_int8` and
+    :func:`maxpool2d_int8` in a row, without the quantised input or the full-size conv output in memory.
+
+    Args:
+        x: float (N, C, H, W) images, contiguous; w: int8 (CO, KH, KW, C); scale, bias: float32 (CO,), scale > 0.
+
+    Returns:
+        int8 (N, H // pool, W // pool, CO) NHWC.
+    """
+    n, c, h, wd = x.shape
+    co, kh, kw, c2 = w.shape
+    if c != c2 or not x.is_contiguous() or not w.is_contiguous() or w.dtype != torch.int8 or h % pool or wd % pool:
+        raise ValueError(f"stem_int8: x float (N, C, H, W) contiguous with H, W divisible by {pool} and w int8 "
+                         f"(CO, KH, KW, C); got {x.dtype} {tuple(x.shape)} and {w.dtype} {tuple(w.shape)}")  # fmt: skip
+    if not available(x.device):
+        y = conv2d_int8(quantize(x.permute(0, 2, 3, 1), in_scale).contiguous(), w, scale, bias, stride=1, pad=pad,
+                        relu=True, out_scale=conv_scale)  # fmt: skip
+        return maxpool2d_int8(y, kernel=pool, stride=pool, pad=0, in_scale=conv_scale, out_scale=pool_scale)
+    ph, pw = h // pool, wd // pool
+    out = torch.empty((n, ph, pw, co), dtype=torch.int8, device=x.device)
+    m = n * ph * pw
+    bm, bn = (32, 32) if interpreting() else (128, min(128, max(32, triton.next_power_of_2(co))))
+    grid = (triton.cdiv(m, bm), triton.cdiv(co, bn))
+    _stem_int8_kernel[grid](x, w, scale, bias, out, m, h, wd, ph, pw, co, float(in_scale), float(conv_scale),
+                            float(conv_scale / pool_scale), C=c, KH=kh, KW=kw, PAD=pad, POOL=pool,
+                            REQUANT=conv_scale != pool_scale, BM=bm, BN=bn,
+                            BK=max(32, triton.next_power_of_2(kh * kw * c)), num_warps=4, num_stages=1)  # fmt: skip
     return out
 
 

@@ -22,7 +22,7 @@ the region head's raw output (the tensor ``raw``); the runtime's decode kernel t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +119,20 @@ class FloatConv:
     out: str
 
 
-Step = QConv | QMaxPool | Layout | Quantize | Dequantize | FloatPool | FloatConv
+@dataclass
+class QStem:
+    """``Quantize → QConv (few input channels, stride 1, ReLU) → QMaxPool (k = stride, no padding)`` as one step
+    (:func:`fuse_stem`; :func:`sidnet.kernels.int8.stem_int8`): the same arithmetic, one kernel."""
+
+    name: str
+    x: str
+    in_scale: float
+    conv: QConv
+    pool: QMaxPool
+    out: str
+
+
+Step = QConv | QMaxPool | Layout | Quantize | Dequantize | FloatPool | FloatConv | QStem
 
 
 @dataclass
@@ -167,6 +180,36 @@ def _conv_geometry(node, where: str) -> tuple[int, int, int]:
                             f"{dil}, group {group}: the INT8 planner takes square, symmetric, dense (group 1) "
                             "layers only")  # fmt: skip
     return (ks[0] if ks else 0), strides[0], pads[0]
+
+
+def fuse_stem(steps: list[Step], *, output: str) -> list[Step]:
+    """The first ``Quantize → QConv → (Alias) → QMaxPool`` run as one :class:`QStem` where nothing else reads the
+    tensors in between and the shapes suit the fused kernel (input channels < 16, stride 1, a k×k stride-k pool);
+    otherwise the steps unchanged."""
+    for i, q in enumerate(steps[:-2]):
+        if not isinstance(q, Quantize):
+            continue
+        run = [q, *steps[i + 1 : i + 4]]
+        conv = run[1]
+        if not (isinstance(conv, QConv) and conv.x == q.out and conv.w.shape[2] < 16 and conv.stride == 1
+                and conv.relu and conv.out_scale is not None):  # fmt: skip
+            return steps
+        inner = [q.out, conv.out]
+        k = 2
+        if isinstance(run[k], Layout) and run[k].op == "Alias" and run[k].xs == [conv.out]:
+            inner.append(run[k].out)
+            k += 1
+        pool = run[k] if k < len(run) else None
+        if not (isinstance(pool, QMaxPool) and pool.x == inner[-1] and pool.kernel == pool.stride and pool.pad == 0
+                and pool.in_scale == conv.out_scale):  # fmt: skip
+            return steps
+        rest = steps[: i] + steps[i + k + 1 :]
+        readers = {x for s in rest for x in (s.xs if isinstance(s, Layout) else [getattr(s, "x", None)])}
+        if readers & set(inner) or output in inner:
+            return steps
+        stem = QStem(name=f"{conv.name}+{pool.name}", x=q.x, in_scale=q.scale, conv=conv, pool=pool, out=pool.out)
+        return [*steps[:i], stem, *steps[i + k + 1 :]]
+    return steps
 
 
 def plan_from_onnx(path: str | Path) -> Int8Plan:
@@ -381,11 +424,15 @@ class Int8Network(torch.nn.Module):
 
     Weights go to ``device`` once; each forward is a fixed sequence of kernel launches (no host sync), so it can be
     captured in a CUDA graph. Where Triton cannot launch (a CPU without ``TRITON_INTERPRET=1``) the INT8 layers run
-    :func:`sidnet.kernels.int8.reference_conv2d_int8`, the same arithmetic.
+    :func:`sidnet.kernels.int8.reference_conv2d_int8`, the same arithmetic. ``fuse`` (default: on CUDA) runs the
+    first layer as one :class:`QStem` kernel (:func:`fuse_stem`); ``self.plan`` is the plan that runs.
     """
 
-    def __init__(self, plan: Int8Plan, *, device: torch.device, dtype: torch.dtype = torch.float16) -> None:
+    def __init__(self, plan: Int8Plan, *, device: torch.device, dtype: torch.dtype = torch.float16,
+                 fuse: bool | None = None) -> None:  # fmt: skip
         super().__init__()
+        if fuse if fuse is not None else device.type == "cuda":
+            plan = replace(plan, steps=fuse_stem(plan.steps, output=plan.output))
         self.plan, self.device, self.dtype = plan, device, dtype
         self.layers: list[Callable[[dict], None]] = [self._compile(s) for s in plan.steps]
 
@@ -405,6 +452,19 @@ class Int8Network(torch.nn.Module):
             def run(env, s=s, w=w, scale=scale, bias=bias):
                 env[s.out] = K.conv2d_int8(env[s.x], w, scale, bias, stride=s.stride, pad=s.pad, relu=s.relu,
                                            out_scale=s.out_scale, out_dtype=self.dtype)  # fmt: skip
+
+            return run
+        if isinstance(s, QStem):
+            c = s.conv
+            w = torch.from_numpy(np.ascontiguousarray(c.w.transpose(3, 0, 1, 2))).to(dev)
+            scale = torch.from_numpy((c.x_scale * c.w_scale.astype(np.float64)).astype(np.float32)).to(dev)
+            bias = torch.from_numpy(c.bias).to(dev)
+
+            def run(env, s=s, w=w, scale=scale, bias=bias):
+                x = env[s.x].permute(0, 3, 1, 2).contiguous()  # the NCHW images (a view of them: no copy)
+                env[s.out] = K.stem_int8(x, w, scale, bias, in_scale=s.in_scale, pad=s.conv.pad,
+                                         conv_scale=s.conv.out_scale, pool=s.pool.kernel,
+                                         pool_scale=s.pool.out_scale)  # fmt: skip
 
             return run
         if isinstance(s, QMaxPool):

@@ -122,7 +122,7 @@ def _shapes(plan, size: int) -> dict[str, tuple]:
     env = {plan.input: torch.rand(1, 3, size, size, device=_device()).permute(0, 2, 3, 1)}
     shapes = {}
     with torch.no_grad():
-        for layer, step in zip(net.layers, plan.steps, strict=True):
+        for layer, step in zip(net.layers, net.plan.steps, strict=True):
             if isinstance(step, QConv):
                 shapes[step.name] = tuple(env[step.x].shape[1:])
             layer(env)
@@ -143,7 +143,7 @@ def main() -> None:
     shapes = _shapes(plan, args.size)
     rows = []
     for step in plan.steps:
-        if isinstance(step, QConv):
+        if isinstance(step, QConv) and step.name in shapes:  # the fused stem is timed by int8_tensorcores.py
             rows.append(_layer(step, shapes[step.name], args.batch, fp8=args.fp8))
             r = rows[-1]
             print(f"{r['layer']:>14} {r['shape']:<24} fp16 {r['fp16_ms']:.3f} default {r['default_ms']:.3f} "

@@ -165,8 +165,22 @@ def test_paced_nvdec_feed_drops_what_the_pipeline_cannot_take():
         feeds.close()
     for name, feed in feeds.feeds.items():
         assert [f.index for f in got[name]] == [0], got[name]
-        assert got[name][0].capture == pytest.approx(Pacing(0).due(0, 200.0) + feeds.feeds[name].pacing.t0)
+        pacing = feeds.feeds[name].pacing  # the stream's clock starts at its first frame, not before t0
+        assert got[name][0].capture == pytest.approx(pacing.starts[name]) and pacing.starts[name] >= pacing.t0
         assert len(got[name]) + feed.dropped + feed.late == 30 and feed.dropped > 0
+
+
+def test_pacing_starts_each_streams_clock_with_its_decoder():
+    """A decoder that starts late (a slow process start) shifts its own stream's clock instead of counting the frames
+    due before it was up as late; no stream starts before t0."""
+    t0 = time.monotonic() + 0.2
+    pacing = Pacing(t0, fps=10.0)
+    assert pacing.due(0, 25.0, stream="early") == t0  # asked before t0: starts at t0
+    assert pacing.due(3, 25.0, stream="early") == pytest.approx(t0 + 0.3)  # the override fps, its own clock
+    time.sleep(0.3)
+    late_start = pacing.due(0, 25.0, stream="late")
+    assert late_start > t0 + 0.05 and pacing.due(2, 25.0, stream="late") == pytest.approx(late_start + 0.2)
+    assert pacing.due(1, 25.0, stream="early") == pytest.approx(t0 + 0.1)  # the first stream's clock is unchanged
 
 
 def test_nvdec_decoder_error_is_raised_by_the_feed():

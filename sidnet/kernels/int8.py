@@ -82,10 +82,11 @@ if triton is not None:
                 k_ok = kk < ktot
                 r = kk // (KW * C)
                 s = (kk // C) % KW
-                ih = ih0[:, None] + r[None, :]
-                iw = iw0[:, None] + s[None, :]
-                ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                a = tl.load(x_ptr + ((img[:, None] * H + ih) * W + iw) * C + (kk % C)[None, :], mask=ok, other=0)
+                ih = r[:, None] + ih0[None, :]  # (K, M), transposed after the load: lanes along the pixels
+                iw = s[:, None] + iw0[None, :]
+                ok = k_ok[:, None] & m_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a = tl.load(x_ptr + ((img[None, :] * H + ih) * W + iw) * C + (kk % C)[:, None], mask=ok, other=0)
+                a = tl.trans(a)
                 b = tl.load(w_cols + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0)
                 if FP8:  # the e4m3 operands travel as their int8 bit patterns (0 is +0.0)
                     a = a.to(tl.float8e4nv, bitcast=True)
@@ -157,15 +158,17 @@ if triton is not None:
         c = rk % C
         b = tl.load(w_ptr + rn[None, :] * (KH * KW * C) + rk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0)
         best = tl.full((BM, BN), -2147483647, tl.int32)
-        plane = (img[:, None] * C + c[None, :]) * H
+        # The input tile is gathered as (K, M) and transposed: neighbouring lanes read neighbouring pixels of one
+        # plane (coalesced), where an (M, K) tile would put them on different planes and rows.
+        plane = (img[None, :] * C + c[:, None]) * H
         for dy in tl.static_range(POOL):
             for dx in tl.static_range(POOL):
-                ih = (ph * POOL + dy - PAD)[:, None] + r[None, :]
-                iw = (pw * POOL + dx - PAD)[:, None] + s[None, :]
-                ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                ih = r[:, None] + (ph * POOL + dy - PAD)[None, :]
+                iw = s[:, None] + (pw * POOL + dx - PAD)[None, :]
+                ok = k_ok[:, None] & m_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 v = tl.load(x_ptr + (plane + ih) * W + iw, mask=ok, other=0.0).to(tl.float32)
                 q = tl.minimum(tl.maximum(tl.math.div_rn(v, in_scale), -128.0), 127.0)
-                a = ((q + 12582912.0) - 12582912.0).to(tl.int8)
+                a = tl.trans(((q + 12582912.0) - 12582912.0).to(tl.int8))
                 best = tl.maximum(best, tl.dot(a, b))
         scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0)
         bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0)

@@ -21,7 +21,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sidnet.runtime.errors import DeployError
@@ -45,13 +45,22 @@ _END = object()
 
 @dataclass
 class Pacing:
-    """``t0``: the monotonic time every paced stream starts from; ``fps``: override of the file's frame rate."""
+    """``t0``: the monotonic time before which no paced stream starts; ``fps``: override of the file's frame rate.
+
+    Each stream's clock starts when its decoder first asks for a frame (``t0`` or later), as a camera's does when it is
+    connected: a decoder process that takes longer than others to start is not counted as a stream falling behind.
+    Frame ``k`` of a stream is due ``k / fps`` after that start. A stream is decoded by one thread or process only, so
+    each process's copy of the start times holds its own streams'."""
 
     t0: float
     fps: float | None = None
+    starts: dict[str, float] = field(default_factory=dict)
 
-    def due(self, k: int, src_fps: float) -> float:
-        return self.t0 + k / (self.fps or src_fps or 25.0)
+    def due(self, k: int, src_fps: float, *, stream: str) -> float:
+        start = self.starts.get(stream)
+        if start is None:
+            start = self.starts[stream] = max(self.t0, time.monotonic())
+        return start + k / (self.fps or src_fps or 25.0)
 
 
 # ------------------------------------------------------------------------------------------------ decode processes
@@ -109,11 +118,11 @@ def _step(ring: FrameRing, src: VideoFileSource, k: int, max_frames: int | None,
     if ring.header[STOP] or (max_frames is not None and k >= max_frames):
         return None
     if pacing is not None:
-        due = pacing.due(k, src.fps)
+        due = pacing.due(k, src.fps, stream=src.name)
         now = time.monotonic()
         if now < due:
             return due - now
-        if now >= pacing.due(k + 1, src.fps):  # more than a period late: a camera would have moved on
+        if now >= pacing.due(k + 1, src.fps, stream=src.name):  # more than a period late: a camera would have moved on
             ring.header[LATE] += 1
             return 0.0 if src.skip() else None
         if ring.free_slots() == 0:  # the pipeline is behind: the frame is lost
@@ -306,10 +315,11 @@ class ThreadFeed(QueueFeed):
             while not self.stop.is_set() and (self.max_frames is None or k < self.max_frames):
                 if paced:
                     fps = getattr(self.src, "fps", 25.0)
-                    wait = self.pacing.due(k, fps) - time.monotonic()
+                    wait = self.pacing.due(k, fps, stream=self.name) - time.monotonic()
                     if wait > 0:
                         time.sleep(wait)
-                    elif time.monotonic() >= self.pacing.due(k + 1, fps) and hasattr(self.src, "skip"):
+                    elif hasattr(self.src, "skip") and time.monotonic() >= self.pacing.due(k + 1, fps,
+                                                                                           stream=self.name):
                         self.late += 1
                         k += 1
                         if not self.src.skip():
@@ -322,7 +332,7 @@ class ThreadFeed(QueueFeed):
                 self.decode_s += time.perf_counter() - t
                 self.decoded += 1
                 if paced:
-                    frame.capture = self.pacing.due(k, getattr(self.src, "fps", 25.0))
+                    frame.capture = self.pacing.due(k, getattr(self.src, "fps", 25.0), stream=self.name)
                     try:
                         self.q.put_nowait(frame)
                     except queue.Full:

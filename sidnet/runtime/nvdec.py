@@ -81,7 +81,7 @@ class NvdecFeed(QueueFeed):
         """Hand over what is due: 0.0 when something was done, seconds to wait, None once the stream has ended."""
         if self.stop.is_set() or (self.max_frames is not None and self.k >= self.max_frames):
             return None
-        due = self.pacing.due(self.k, self.fps) if self.pacing is not None else None
+        due = self.pacing.due(self.k, self.fps, stream=self.name) if self.pacing is not None else None
         if due is not None and time.monotonic() < due:
             return due - time.monotonic()
         if not self.pending:
@@ -109,7 +109,7 @@ class NvdecFeed(QueueFeed):
         late, dropped when the pipeline holds every slot, else handed over with its due time as capture time."""
         decoded = self.pending.popleft()
         k, self.k = self.k, self.k + 1
-        if time.monotonic() >= self.pacing.due(k + 1, self.fps):
+        if time.monotonic() >= self.pacing.due(k + 1, self.fps, stream=self.name):
             self.late += 1
             return 0.0
         try:

@@ -238,7 +238,7 @@ def run_pipeline(detector: Detector, sources: dict, *, zones: ZoneConfig | None,
     cfg = WriterConfig(opts.out_dir, list(sources), detector.class_names, zones,
                        {s: ("folder" if isinstance(sources[s], ImageFolderSource) else "video",
                             getattr(sources[s], "fps", 25.0)) for s in video})  # fmt: skip
-    pacing = Pacing(time.monotonic() + 0.5, opts.fps) if opts.realtime else None  # +0.5 s: every decoder started
+    pacing = Pacing(time.monotonic(), opts.fps) if opts.realtime else None  # each stream starts with its decoder
     bar = None
     if opts.progress:
         from sidnet.progress import progress

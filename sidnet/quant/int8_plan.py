@@ -148,6 +148,7 @@ class Int8Plan:
         fused = sum(isinstance(s, QConv) and s.out_scale is not None for s in self.steps)
         return (f"{q} INT8 convs ({fused} with the next layer's requantisation fused), "
                 f"{sum(isinstance(s, QMaxPool) for s in self.steps)} INT8 max-pools, "
+                f"{sum(isinstance(s, QStem) for s in self.steps)} fused stem (quantise + conv + max-pool), "
                 f"{sum(isinstance(s, Layout) and s.op != 'Alias' for s in self.steps)} layout ops, float layers kept: "
                 f"{', '.join(self.kept_float) or 'none'}")  # fmt: skip
 

@@ -170,6 +170,29 @@ def test_paced_nvdec_feed_drops_what_the_pipeline_cannot_take():
         assert len(got[name]) + feed.dropped + feed.late == 30 and feed.dropped > 0
 
 
+def test_nvdec_feeds_decode_their_first_chunk_when_opened():
+    """The decoder's start-up is paid at open (a camera's connection): the first chunk is decoded before the feeds'
+    threads run, and its frames' capture time is when the feed starts, not when it was opened."""
+    from sidnet.runtime.nvdec import NvdecFeed
+
+    class SlowStart(FakeDecoder):
+        def get_batch_frames(self, n: int):
+            if not self.calls:
+                time.sleep(0.2)  # an NVDEC session's first call
+            return super().get_batch_frames(n)
+
+    dec = SlowStart(12)
+    feed = NvdecFeed("s0", decoder=dec, ring=torch.zeros((4, 4, 6, 3), dtype=torch.uint8), fps=25.0, max_frames=None,
+                     pacing=None)  # fmt: skip
+    feed.prime()
+    assert dec.calls == [4] and len(feed.pending) == 4  # no more than the ring's free slots
+    t_start = time.monotonic()
+    while feed.step() == 0.0 and feed.k < 4:
+        pass
+    frames = feed.poll(10)
+    assert [f.index for f in frames] == [0, 1, 2, 3] and all(f.capture >= t_start for f in frames)
+
+
 def test_pacing_starts_each_streams_clock_with_its_decoder():
     """A decoder that starts late (a slow process start) shifts its own stream's clock instead of counting the frames
     due before it was up as late; no stream starts before t0."""

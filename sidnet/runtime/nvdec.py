@@ -77,10 +77,24 @@ class NvdecFeed(QueueFeed):
         self._open_queue(slots=0)  # unbounded: the free slots bound it
 
     # ------------------------------------------------------------------------------------------ producer side
+    def prime(self) -> None:
+        """Decode the first chunk now, when the stream is opened: the decoder's start-up (NVDEC session, first
+        bitstream parse) is paid like a camera's connection, not counted as the first frames' latency or as a paced
+        stream falling behind. Those frames' capture time is the first :meth:`step`."""
+        ctx = self.torch.cuda.stream(self.stream) if self.stream is not None else _null()
+        n = min(self.chunk, self.free.qsize(), self.max_frames if self.max_frames is not None else self.chunk)
+        with ctx:
+            got = self.decoder.get_batch_frames(n) if n > 0 else []
+        self.pending.extend(got)
+        self.exhausted = not got
+        self.pending_capture = None  # set by the first step
+
     def step(self) -> float | None:
         """Hand over what is due: 0.0 when something was done, seconds to wait, None once the stream has ended."""
         if self.stop.is_set() or (self.max_frames is not None and self.k >= self.max_frames):
             return None
+        if self.pending_capture is None:
+            self.pending_capture = time.monotonic()
         due = self.pacing.due(self.k, self.fps, stream=self.name) if self.pacing is not None else None
         if due is not None and time.monotonic() < due:
             return due - time.monotonic()
@@ -211,8 +225,10 @@ class NvdecFeeds:
                 decoder = opener(src, device=device, stream=stream)
                 w, h = src.size
                 ring = torch.empty((slots, h, w, 3), dtype=torch.uint8, device=device)
-                self.feeds[name] = NvdecFeed(name, decoder=decoder, ring=ring, fps=src.fps, max_frames=max_frames,
-                                             pacing=pacing, stream=stream)  # fmt: skip
+                feed = NvdecFeed(name, decoder=decoder, ring=ring, fps=src.fps, max_frames=max_frames, pacing=pacing,
+                                 stream=stream)  # fmt: skip
+                feed.prime()
+                self.feeds[name] = feed
             except Exception as e:  # noqa: BLE001  (reported, and that stream decodes on the CPU)
                 self.failed[name] = f"{type(e).__name__}: {e}"
                 log.warning("stream %s: NVDEC cannot decode %s (%s); decoding it in a CPU process", name, src.path,

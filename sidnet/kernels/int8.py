@@ -158,17 +158,15 @@ if triton is not None:
         c = rk % C
         b = tl.load(w_ptr + rn[None, :] * (KH * KW * C) + rk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0)
         best = tl.full((BM, BN), -2147483647, tl.int32)
-        # The input tile is gathered as (K, M) and transposed: neighbouring lanes read neighbouring pixels of one
-        # plane (coalesced), where an (M, K) tile would put them on different planes and rows.
-        plane = (img[None, :] * C + c[:, None]) * H
+        plane = (img[:, None] * C + c[None, :]) * H
         for dy in tl.static_range(POOL):
             for dx in tl.static_range(POOL):
-                ih = r[:, None] + (ph * POOL + dy - PAD)[None, :]
-                iw = s[:, None] + (pw * POOL + dx - PAD)[None, :]
-                ok = k_ok[:, None] & m_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                ih = (ph * POOL + dy - PAD)[:, None] + r[None, :]
+                iw = (pw * POOL + dx - PAD)[:, None] + s[None, :]
+                ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 v = tl.load(x_ptr + (plane + ih) * W + iw, mask=ok, other=0.0).to(tl.float32)
                 q = tl.minimum(tl.maximum(tl.math.div_rn(v, in_scale), -128.0), 127.0)
-                a = tl.trans(((q + 12582912.0) - 12582912.0).to(tl.int8))
+                a = ((q + 12582912.0) - 12582912.0).to(tl.int8)
                 best = tl.maximum(best, tl.dot(a, b))
         scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0)
         bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0)

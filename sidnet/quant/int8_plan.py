@@ -420,6 +420,14 @@ def fold_weight_quantize(path: str | Path, out: str | Path) -> Path:
     return out
 
 
+def _conv_operands(s: QConv, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A QConv's kernel operands on ``dev``: int8 weights (CO, KH, KW, C), the float32 epilogue scale
+    ``s_x · s_w[co]`` and the bias."""
+    w = torch.from_numpy(np.ascontiguousarray(s.w.transpose(3, 0, 1, 2))).to(dev)
+    scale = torch.from_numpy((s.x_scale * s.w_scale.astype(np.float64)).astype(np.float32)).to(dev)
+    return w, scale, torch.from_numpy(s.bias).to(dev)
+
+
 class Int8Network(torch.nn.Module):
     """Runs an :class:`Int8Plan`: (N, 3, S, S) float images → raw head (N, A·(5+C), H, W) in ``dtype``.
 
@@ -446,9 +454,7 @@ class Int8Network(torch.nn.Module):
 
             return run
         if isinstance(s, QConv):
-            w = torch.from_numpy(np.ascontiguousarray(s.w.transpose(3, 0, 1, 2))).to(dev)  # (CO, KH, KW, C)
-            scale = torch.from_numpy((s.x_scale * s.w_scale.astype(np.float64)).astype(np.float32)).to(dev)
-            bias = torch.from_numpy(s.bias).to(dev)
+            w, scale, bias = _conv_operands(s, dev)
 
             def run(env, s=s, w=w, scale=scale, bias=bias):
                 env[s.out] = K.conv2d_int8(env[s.x], w, scale, bias, stride=s.stride, pad=s.pad, relu=s.relu,
@@ -456,10 +462,7 @@ class Int8Network(torch.nn.Module):
 
             return run
         if isinstance(s, QStem):
-            c = s.conv
-            w = torch.from_numpy(np.ascontiguousarray(c.w.transpose(3, 0, 1, 2))).to(dev)
-            scale = torch.from_numpy((c.x_scale * c.w_scale.astype(np.float64)).astype(np.float32)).to(dev)
-            bias = torch.from_numpy(c.bias).to(dev)
+            w, scale, bias = _conv_operands(s.conv, dev)
 
             def run(env, s=s, w=w, scale=scale, bias=bias):
                 x = env[s.x].permute(0, 3, 1, 2).contiguous()  # the NCHW images (a view of them: no copy)

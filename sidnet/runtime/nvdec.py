@@ -77,14 +77,18 @@ class NvdecFeed(QueueFeed):
         self._open_queue(slots=0)  # unbounded: the free slots bound it
 
     # ------------------------------------------------------------------------------------------ producer side
+    def _decode(self, n: int) -> list:
+        """Up to ``n`` frames from the decoder, on the feed's CUDA stream."""
+        ctx = self.torch.cuda.stream(self.stream) if self.stream is not None else _null()
+        with ctx:  # the previous call's frames were copied out and waited for: its buffers may be reused
+            return self.decoder.get_batch_frames(n)
+
     def prime(self) -> None:
         """Decode the first chunk now, when the stream is opened: the decoder's start-up (NVDEC session, first
         bitstream parse) is paid like a camera's connection, not counted as the first frames' latency or as a paced
         stream falling behind. Those frames' capture time is the first :meth:`step`."""
-        ctx = self.torch.cuda.stream(self.stream) if self.stream is not None else _null()
         n = min(self.chunk, self.free.qsize(), self.max_frames if self.max_frames is not None else self.chunk)
-        with ctx:
-            got = self.decoder.get_batch_frames(n) if n > 0 else []
+        got = self._decode(n) if n > 0 else []
         self.pending.extend(got)
         self.exhausted = not got
         self.pending_capture = None  # set by the first step
@@ -108,9 +112,7 @@ class NvdecFeed(QueueFeed):
                 return 0.0005
             t = time.perf_counter()
             self.pending_capture = time.monotonic()
-            ctx = self.torch.cuda.stream(self.stream) if self.stream is not None else _null()
-            with ctx:  # the previous call's frames were copied out and waited for: its buffers may be reused
-                got = self.decoder.get_batch_frames(n)
+            got = self._decode(n)
             self.decode_s += time.perf_counter() - t
             if not got:
                 self.exhausted = True

@@ -57,18 +57,19 @@ for n, h, w, c, co, k, st, pad, tiles in cases:
                  "acc_absmax": int(ref.abs().max()), "int8_equal": bool(torch.equal(q, qr)),
                  "int8_nonzero": float((q != 0).float().mean()), "pool_equal": bool(torch.equal(p, mp))})
 # the fused first layer (float NCHW images -> quantise -> 3x3 conv -> ReLU -> requantise -> 2x2 max-pool) against
-# the three steps it replaces, with and without a requantising pool
-for n, h, w, co, pool_scale in [(2, 12, 10, 16, 0.05), (1, 8, 14, 40, 0.07)]:
+# the three steps it replaces, with and without a requantising pool, from the packed NHWC4 words and from the floats
+for n, h, w, co, pool_scale, packed in [(2, 12, 10, 16, 0.05, True), (1, 8, 14, 40, 0.07, True),
+                                        (2, 12, 10, 16, 0.05, False), (1, 8, 14, 40, 0.07, False)]:
     images = torch.rand(n, 3, h, w, generator=g)
     wt = torch.randint(-127, 128, (co, 3, 3, 3), dtype=torch.int8, generator=g)
     scale, bias = torch.rand(co, generator=g) * 1e-3 + 1e-4, torch.randn(co, generator=g) * 0.1
     fused = K.stem_int8(images, wt, scale, bias, in_scale=1 / 127, pad=1, conv_scale=0.05, pool=2,
-                        pool_scale=pool_scale)
+                        pool_scale=pool_scale, packed=packed)
     x = K.reference_conv2d_int8(K.quantize(images.permute(0, 2, 3, 1), 1 / 127).contiguous(), wt, scale, bias,
                                 stride=1, pad=1, relu=True, out_scale=0.05)
     y = torch.nn.functional.max_pool2d(x.permute(0, 3, 1, 2).float(), 2, 2).permute(0, 2, 3, 1)
     y = torch.round((y * (0.05 / pool_scale)).clamp(-128, 127)).to(torch.int8)
-    rows.append({"shape": ["stem", n, h, w, co], "acc_equal": True, "acc_absmax": 10**5,
+    rows.append({"shape": ["stem", n, h, w, co, packed], "acc_equal": True, "acc_absmax": 10**5,
                  "int8_equal": bool(torch.equal(fused, y)), "int8_nonzero": float((fused != 0).float().mean()),
                  "pool_equal": True})
 print(json.dumps(rows))

@@ -135,12 +135,14 @@ if triton is not None:
 
     @triton.jit
     def _stem_int8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, H, W, PH, PW, CO, in_scale, conv_scale,
-                          ratio, C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PAD: tl.constexpr,
-                          POOL: tl.constexpr, REQUANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                          BK: tl.constexpr):  # fmt: skip
-        # One tile of pooled output pixels: the float NCHW input quantised on load, the conv of each of the POOL²
-        # positions under a pooled pixel on the tensor cores, the max of their INT32 sums (the epilogue is monotonic
-        # for a positive scale, so this equals pooling the requantised outputs), one epilogue, int8 NHWC out.
+                          ratio, C: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, PAD: tl.constexpr,
+                          POOL: tl.constexpr, PACKED: tl.constexpr, REQUANT: tl.constexpr, BM: tl.constexpr,
+                          BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+        # One tile of pooled output pixels. Each pooled pixel's input window (WH × WW pixels: every conv position
+        # under it) is loaded once; the conv at pool position p is the dot of that window with the weight placed at
+        # p's offset in the window (zeros elsewhere, :func:`stem_window_weights`); the max of the POOL² INT32 sums
+        # (the epilogue is monotonic for a positive scale, so this equals pooling the requantised outputs), one
+        # epilogue, int8 NHWC out.
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m * BM + tl.arange(0, BM)
@@ -148,26 +150,32 @@ if triton is not None:
         rk = tl.arange(0, BK)
         m_ok = rm < M
         n_ok = rn < CO
-        img = rm // (PH * PW)
+        img = (rm // (PH * PW)).to(tl.int64)
         rem = rm % (PH * PW)
-        ph = rem // PW
-        pw = rem % PW
-        k_ok = rk < KH * KW * C
-        r = rk // (KW * C)
-        s = (rk // C) % KW
-        c = rk % C
-        b = tl.load(w_ptr + rn[None, :] * (KH * KW * C) + rk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0)
+        ih0 = (rem // PW) * POOL - PAD
+        iw0 = (rem % PW) * POOL - PAD
+        ktot = WH * WW * 4
+        k_ok = rk < ktot
+        if PACKED:  # int8 (N, H, W, 4) from _quantize_nhwc4_kernel; k = (i, j, c): a window row is 4·WW bytes
+            i = rk // (WW * 4)
+            ih = ih0[:, None] + i[None, :]
+            iw = iw0[:, None] + ((rk // 4) % WW)[None, :]
+            ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_ptr + ((img[:, None] * H + ih) * W + iw0[:, None]) * 4 + (rk % (WW * 4))[None, :],
+                        mask=ok, other=0)  # fmt: skip
+        else:  # the float NCHW images, quantised on load; k = (c, i, j) with c < 4 (the 4th is padding)
+            c = rk // (WH * WW)
+            ih = ih0[:, None] + ((rk // WW) % WH)[None, :]
+            iw = iw0[:, None] + (rk % WW)[None, :]
+            ok = m_ok[:, None] & (c < C)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            v = tl.load(x_ptr + ((img[:, None] * C + c[None, :]) * H + ih) * W + iw, mask=ok, other=0.0)
+            q = tl.minimum(tl.maximum(tl.math.div_rn(v.to(tl.float32), in_scale), -128.0), 127.0)
+            a = ((q + 12582912.0) - 12582912.0).to(tl.int8)
         best = tl.full((BM, BN), -2147483647, tl.int32)
-        plane = (img[:, None] * C + c[None, :]) * H
-        for dy in tl.static_range(POOL):
-            for dx in tl.static_range(POOL):
-                ih = (ph * POOL + dy - PAD)[:, None] + r[None, :]
-                iw = (pw * POOL + dx - PAD)[:, None] + s[None, :]
-                ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                v = tl.load(x_ptr + (plane + ih) * W + iw, mask=ok, other=0.0).to(tl.float32)
-                q = tl.minimum(tl.maximum(tl.math.div_rn(v, in_scale), -128.0), 127.0)
-                a = ((q + 12582912.0) - 12582912.0).to(tl.int8)
-                best = tl.maximum(best, tl.dot(a, b))
+        for p in tl.static_range(POOL * POOL):
+            b = tl.load(w_ptr + (p * CO + rn[None, :]) * ktot + rk[:, None], mask=k_ok[:, None] & n_ok[None, :],
+                        other=0)  # fmt: skip
+            best = tl.maximum(best, tl.dot(a, b))
         scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0)
         bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0)
         y = tl.maximum(best.to(tl.float32) * scale[None, :] + bias[None, :], 0.0)
@@ -178,6 +186,21 @@ if triton is not None:
             q = (q + 12582912.0) - 12582912.0
         offs = rm.to(tl.int64)[:, None] * CO + rn[None, :]
         tl.store(out_ptr + offs, q.to(tl.int8), mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _quantize_nhwc4_kernel(x_ptr, out_ptr, P, HW, in_scale, C: tl.constexpr, BLOCK: tl.constexpr):
+        # QuantizeLinear of float NCHW (C <= 4) into int8 NHWC padded to 4 channels: one int32 word per pixel.
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < P
+        img = (offs // HW).to(tl.int64)
+        hw = offs % HW
+        word = tl.zeros((BLOCK,), dtype=tl.int32)
+        for c in tl.static_range(C):
+            v = tl.load(x_ptr + (img * C + c) * HW + hw, mask=ok, other=0.0).to(tl.float32)
+            q = tl.minimum(tl.maximum(tl.math.div_rn(v, in_scale), -128.0), 127.0)
+            q = ((q + 12582912.0) - 12582912.0).to(tl.int32)
+            word = word | ((q & 255) << (8 * c))
+        tl.store(out_ptr + offs, word, mask=ok)
 
     @triton.jit
     def _maxpool_int8_kernel(x_ptr, out_ptr, total, H, W, C, HO, WO, stride, pad, ratio, K: tl.constexpr,
@@ -322,37 +345,69 @@ def _launch(x, w, scale, bias, *, stride, pad, relu, out_scale, out_dtype, tiles
     return out
 
 
+def stem_window_weights(w: torch.Tensor, *, pool: int, packed: bool) -> torch.Tensor:
+    """The stem weight as :func:`stem_int8`'s kernel reads it: for each of the pool² conv positions under a pooled
+    pixel, ``w`` (CO, KH, KW, C ≤ 4) placed at that position's offset in the (KH + pool - 1)² input window, zeros
+    elsewhere, flattened in the window's load order ((row, column, channel) for the packed NHWC4 input, (channel,
+    row, column) for the float NCHW one, channels padded to 4). Returns int8 (pool², CO, 4·window pixels)."""
+    co, kh, kw, c = w.shape
+    win = torch.zeros((pool * pool, co, kh + pool - 1, kw + pool - 1, 4), dtype=torch.int8, device=w.device)
+    for dy in range(pool):
+        for dx in range(pool):
+            win[dy * pool + dx, :, dy : dy + kh, dx : dx + kw, :c] = w
+    if not packed:
+        win = win.permute(0, 1, 4, 2, 3)
+    return win.reshape(pool * pool, co, -1).contiguous()
+
+
 def stem_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, *, in_scale: float,
-              pad: int, conv_scale: float, pool: int, pool_scale: float) -> torch.Tensor:  # fmt: skip
+              pad: int, conv_scale: float, pool: int, pool_scale: float, packed: bool = True,
+              window: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The first layer fused: ``QuantizeLinear`` of the float NCHW images (``in_scale``), a stride-1 INT8 conv with
     few input channels + bias + ReLU + requantisation to ``conv_scale``, and a ``pool``×``pool`` stride-``pool`` max
     pool requantised to ``pool_scale``: the same arithmetic as :func:`quantize`, :func:`conv2d_int8` and
-    :func:`maxpool2d_int8` in a row, without the quantised input or the full-size conv output in memory.
+    :func:`maxpool2d_int8` in a row, without the full-size conv output in memory.
+
+    Each pooled pixel's input window is read once and multiplied on the tensor cores with the weight at each pool
+    position (:func:`stem_window_weights`). ``packed`` (default) first quantises the images into int8 NHWC with 4
+    channels (one 4-byte word per pixel: coalesced window rows); otherwise the kernel quantises the float NCHW
+    images as it loads them. Both give the same result.
 
     Args:
-        x: float (N, C, H, W) images, contiguous; w: int8 (CO, KH, KW, C); scale, bias: float32 (CO,), scale > 0.
+        x: float (N, C ≤ 4, H, W) images, contiguous; w: int8 (CO, KH, KW, C); scale, bias: float32 (CO,), scale > 0.
+        window: ``stem_window_weights(w, pool=pool, packed=packed)``, if the caller keeps it (computed otherwise).
 
     Returns:
         int8 (N, H // pool, W // pool, CO) NHWC.
     """
     n, c, h, wd = x.shape
     co, kh, kw, c2 = w.shape
-    if c != c2 or not x.is_contiguous() or not w.is_contiguous() or w.dtype != torch.int8 or h % pool or wd % pool:
-        raise ValueError(f"stem_int8: x float (N, C, H, W) contiguous with H, W divisible by {pool} and w int8 "
+    if c != c2 or c > 4 or not x.is_contiguous() or not w.is_contiguous() or w.dtype != torch.int8 or h % pool \
+            or wd % pool:  # fmt: skip
+        raise ValueError(f"stem_int8: x float (N, C <= 4, H, W) contiguous with H, W divisible by {pool} and w int8 "
                          f"(CO, KH, KW, C); got {x.dtype} {tuple(x.shape)} and {w.dtype} {tuple(w.shape)}")  # fmt: skip
     if not available(x.device):
         y = conv2d_int8(quantize(x.permute(0, 2, 3, 1), in_scale).contiguous(), w, scale, bias, stride=1, pad=pad,
                         relu=True, out_scale=conv_scale)  # fmt: skip
         return maxpool2d_int8(y, kernel=pool, stride=pool, pad=0, in_scale=conv_scale, out_scale=pool_scale)
+    if window is None:
+        window = stem_window_weights(w, pool=pool, packed=packed)
+    src = x
+    if packed:
+        src = torch.empty((n, h, wd, 4), dtype=torch.int8, device=x.device)
+        block = 1024
+        _quantize_nhwc4_kernel[(triton.cdiv(n * h * wd, block),)](x, src.view(torch.int32), n * h * wd, h * wd,
+                                                                  float(in_scale), C=c, BLOCK=block)  # fmt: skip
     ph, pw = h // pool, wd // pool
     out = torch.empty((n, ph, pw, co), dtype=torch.int8, device=x.device)
     m = n * ph * pw
     bm, bn = (32, 32) if interpreting() else (128, min(128, max(32, triton.next_power_of_2(co))))
     grid = (triton.cdiv(m, bm), triton.cdiv(co, bn))
-    _stem_int8_kernel[grid](x, w, scale, bias, out, m, h, wd, ph, pw, co, float(in_scale), float(conv_scale),
-                            float(conv_scale / pool_scale), C=c, KH=kh, KW=kw, PAD=pad, POOL=pool,
+    wh, ww = kh + pool - 1, kw + pool - 1
+    _stem_int8_kernel[grid](src, window, scale, bias, out, m, h, wd, ph, pw, co, float(in_scale), float(conv_scale),
+                            float(conv_scale / pool_scale), C=c, WH=wh, WW=ww, PAD=pad, POOL=pool, PACKED=packed,
                             REQUANT=conv_scale != pool_scale, BM=bm, BN=bn,
-                            BK=max(32, triton.next_power_of_2(kh * kw * c)), num_warps=4, num_stages=1)  # fmt: skip
+                            BK=max(32, triton.next_power_of_2(4 * wh * ww)), num_warps=4, num_stages=1)  # fmt: skip
     return out
 
 

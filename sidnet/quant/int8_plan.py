@@ -463,12 +463,13 @@ class Int8Network(torch.nn.Module):
             return run
         if isinstance(s, QStem):
             w, scale, bias = _conv_operands(s.conv, dev)
+            window = K.stem_window_weights(w, pool=s.pool.kernel, packed=True)
 
-            def run(env, s=s, w=w, scale=scale, bias=bias):
+            def run(env, s=s, w=w, scale=scale, bias=bias, window=window):
                 x = env[s.x].permute(0, 3, 1, 2).contiguous()  # the NCHW images (a view of them: no copy)
                 env[s.out] = K.stem_int8(x, w, scale, bias, in_scale=s.in_scale, pad=s.conv.pad,
                                          conv_scale=s.conv.out_scale, pool=s.pool.kernel,
-                                         pool_scale=s.pool.out_scale)  # fmt: skip
+                                         pool_scale=s.pool.out_scale, window=window)  # fmt: skip
 
             return run
         if isinstance(s, QMaxPool):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from sidnet.environment import environment, publish_report
-from sidnet.quant.int8_plan import QConv
+from sidnet.quant.int8_plan import QConv, QConvPool
 from sidnet.runtime.artifact import ArtifactInfo
 from sidnet.runtime.backends.torch import TorchBackend
 from sidnet.runtime.backends.torch_int8 import Int8Backend
@@ -45,11 +45,13 @@ def per_layer(backend: Int8Backend, batch: int) -> list[dict]:
         ms = median_ms(lambda layer=layer, before=before: layer(dict(before)), 20)
         layer(env)
         row = {"step": step.name, "kind": type(step).__name__, "ms": ms}
-        if isinstance(step, QConv):
-            out = env[step.out]
-            ops = 2 * step.macs_per_pixel * out.shape[0] * out.shape[1] * out.shape[2]
-            kh, kw, c, co = step.w.shape
-            row.update(tops=ops / ms / 1e9, shape=f"{kh}x{kw} {c}->{co} @{out.shape[1]}x{out.shape[2]}")
+        if isinstance(step, (QConv, QConvPool)):
+            conv, k = (step, 1) if isinstance(step, QConv) else (step.conv, step.pool.kernel)
+            out = env[step.out]  # with a fused pool, each output pixel is k² conv outputs
+            ops = 2 * conv.macs_per_pixel * out.shape[0] * out.shape[1] * out.shape[2] * k * k
+            kh, kw, c, co = conv.w.shape
+            row.update(tops=ops / ms / 1e9, shape=f"{kh}x{kw} {c}->{co} @{out.shape[1] * k}x{out.shape[2] * k}"
+                       + (f" + pool {k}" if k > 1 else ""))
         rows.append(row)
     return rows
 

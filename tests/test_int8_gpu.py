@@ -144,6 +144,34 @@ def test_fused_stem_on_the_gpu_equals_the_three_steps():
 
 
 @cuda
+def test_convs_with_their_pool_on_the_gpu_equal_the_two_steps():
+    """Each conv + max-pool run as one kernel (the max of the window's INT32 sums, then one epilogue) gives exactly
+    the conv's requantised output pooled (and requantised) by the separate kernel: the epilogue is monotonic."""
+    from sidnet.quant.int8_plan import Int8Network, QConvPool, plan_from_onnx
+
+    plan = plan_from_onnx(_export())
+    dev = torch.device("cuda")
+    fused = Int8Network(plan, device=dev, dtype=torch.float32)
+    steps = Int8Network(plan, device=dev, dtype=torch.float32, fuse=False)
+    by_name = dict(zip([s.name for s in steps.plan.steps], steps.layers, strict=True))
+    env = {plan.input: torch.from_numpy(_images(416)[:2]).cuda().permute(0, 2, 3, 1)}
+    checked = 0
+    with torch.no_grad():
+        for layer, s in zip(fused.layers, fused.plan.steps, strict=True):
+            if isinstance(s, QConvPool):
+                two = {s.x: env[s.x]}
+                by_name[s.conv.name](two)
+                two[s.pool.x] = two[s.conv.out]  # the Alias between them, if any
+                by_name[s.pool.name](two)
+            layer(env)
+            if isinstance(s, QConvPool):
+                assert env[s.out].shape == two[s.pool.out].shape and (env[s.out] != 0).float().mean() > 0.05
+                assert torch.equal(env[s.out], two[s.pool.out]), s.name
+                checked += 1
+    assert checked == 3, fused.plan.summary()
+
+
+@cuda
 @pytest.mark.parametrize("shape", SHAPES[1:], ids=[f"{s[0]}x{s[2]}to{s[3]}k{s[4]}" for s in SHAPES[1:]])
 def test_conv_fp8_on_the_tensor_cores_matches_a_float64_convolution(shape):
     """FP8 (e4m3) operands, FP32 accumulation: the sums of the e4m3 values' exact products, to FP32 rounding."""

@@ -56,6 +56,22 @@ for n, h, w, c, co, k, st, pad, tiles in cases:
                  "acc_equal": bool(torch.equal(acc.to(torch.int64), ref.to(torch.int64))),
                  "acc_absmax": int(ref.abs().max()), "int8_equal": bool(torch.equal(q, qr)),
                  "int8_nonzero": float((q != 0).float().mean()), "pool_equal": bool(torch.equal(p, mp))})
+# a conv with its 2x2 max-pool fused (odd sizes: floor mode), requantised to the pool's scale or not, against the
+# reference conv then a float max-pool
+for n, h, w, c, co, k, st, pad, tiles, pool_scale in [(2, 9, 7, 3, 16, 3, 1, 1, None, 0.02),
+                                                      (2, 9, 11, 96, 40, 3, 1, 1, K.Tiles(32, 16, 32, 4, 1, 2), 0.03),
+                                                      (1, 8, 8, 40, 24, 1, 1, 0, None, 0.025)]:
+    x = torch.randint(-128, 128, (n, h, w, c), dtype=torch.int8, generator=g)
+    wt = torch.randint(-127, 128, (co, k, k, c), dtype=torch.int8, generator=g)
+    scale, bias = torch.rand(co, generator=g) * 1e-4, torch.randn(co, generator=g) * 0.1
+    fused = K.conv2d_int8(x, wt, scale, bias, stride=st, pad=pad, relu=True, out_scale=0.02, tiles=tiles, pool=2,
+                          pool_scale=pool_scale)
+    qr = K.reference_conv2d_int8(x, wt, scale, bias, stride=st, pad=pad, relu=True, out_scale=0.02)
+    mp = torch.nn.functional.max_pool2d(qr.permute(0, 3, 1, 2).float(), 2, 2).permute(0, 2, 3, 1)
+    mp = torch.round((mp * (0.02 / pool_scale)).clamp(-128, 127)).to(torch.int8)
+    rows.append({"shape": ["conv+pool", n, h, w, c, co, k, pool_scale], "acc_equal": True, "acc_absmax": 10**5,
+                 "int8_equal": bool(torch.equal(fused, mp)), "int8_nonzero": float((fused != 0).float().mean()),
+                 "pool_equal": True})
 # the fused first layer (float NCHW images -> quantise -> 3x3 conv -> ReLU -> requantise -> 2x2 max-pool) against
 # the three steps it replaces, with and without a requantising pool, from the packed NHWC4 words and from the floats
 for n, h, w, co, pool_scale, packed in [(2, 12, 10, 16, 0.05, True), (1, 8, 14, 40, 0.07, True),
@@ -170,6 +186,25 @@ def test_each_int8_layer_matches_onnxruntime(int8_export):
         assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (step.name, diff.max(), (diff > 0).mean())
         checked += 1
     assert checked >= 20, checked
+
+
+def test_fused_plan_is_the_step_by_step_plan(int8_export):
+    """The GPU plan's rewrites (the stem as one step, each conv with its max-pool as one step) keep the graph: on the
+    CPU, where the same launchers run the reference arithmetic, the fused plan's raw head equals the unfused one."""
+    import torch
+
+    from sidnet.quant.int8_plan import Int8Network, QConvPool, QStem, plan_from_onnx
+
+    plan = plan_from_onnx(int8_export)
+    fused = Int8Network(plan, device=torch.device("cpu"), dtype=torch.float32, fuse=True)
+    kinds = [type(s) for s in fused.plan.steps]
+    # SIDNet: the stem and the conv + pool pairs whose conv is INT8 (this export keeps one of them float)
+    assert kinds[0] is QStem and kinds.count(QConvPool) >= 2, fused.plan.summary()
+    images = torch.from_numpy(_images(128))
+    with torch.no_grad():
+        a = fused(images)
+        b = Int8Network(plan, device=torch.device("cpu"), dtype=torch.float32, fuse=False)(images)
+    assert torch.equal(a, b)
 
 
 def test_int8_network_within_onnxruntimes_own_spread(int8_export):

@@ -47,9 +47,10 @@ if triton is not None:
 
     @triton.jit
     def _conv_q8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, H, W, C, HO, WO, CO, stride, pad, out_scale,
-                        KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr, OUT_Q: tl.constexpr,
-                        FP8: tl.constexpr, GATHER: tl.constexpr, EVEN_C: tl.constexpr, BM: tl.constexpr,
-                        BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+                        ratio, KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr, OUT_Q: tl.constexpr,
+                        FP8: tl.constexpr, GATHER: tl.constexpr, EVEN_C: tl.constexpr, POOL: tl.constexpr,
+                        REQUANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        GROUP_M: tl.constexpr):  # fmt: skip
         # Tiles in grouped order (GROUP_M row tiles share each weight column tile while it is in L2).
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BM)
@@ -64,10 +65,20 @@ if triton is not None:
         rk = tl.arange(0, BK)
         m_ok = rm < M
         n_ok = rn < CO
-        img = (rm // (HO * WO)).to(tl.int64)
-        rem = rm % (HO * WO)
-        ih0 = (rem // WO) * stride - pad
-        iw0 = (rem % WO) * stride - pad
+        if POOL > 1:  # rows in (pooled pixel, position in its POOL×POOL window) order: a window's rows share a tile
+            pooled = rm // (POOL * POOL)
+            pos = rm % (POOL * POOL)
+            img = (pooled // ((HO // POOL) * (WO // POOL))).to(tl.int64)
+            rem = pooled % ((HO // POOL) * (WO // POOL))
+            oh = (rem // (WO // POOL)) * POOL + pos // POOL
+            ow = (rem % (WO // POOL)) * POOL + pos % POOL
+        else:
+            img = (rm // (HO * WO)).to(tl.int64)
+            rem = rm % (HO * WO)
+            oh = rem // WO
+            ow = rem % WO
+        ih0 = oh * stride - pad
+        iw0 = ow * stride - pad
         ktot = KH * KW * C
         # The weight is (CO, KH, KW, C): each output channel's reduction is contiguous, so the B tile is K-major,
         # the operand layout Hopper's 8-bit warpgroup MMA reads from shared memory.
@@ -115,13 +126,20 @@ if triton is not None:
                     a = a.to(tl.float8e4nv, bitcast=True)
                     b = b.to(tl.float8e4nv, bitcast=True)
                 acc += tl.dot(a, b)
+        if POOL > 1:  # the max of each window's sums: the epilogue is monotonic (scale > 0), so this is the pool
+            acc = tl.max(tl.reshape(acc, (BM // (POOL * POOL), POOL * POOL, BN)), axis=1)
+            ro = pid_m * (BM // (POOL * POOL)) + tl.arange(0, BM // (POOL * POOL))
+            r_ok = ro < M // (POOL * POOL)
+        else:
+            ro = rm
+            r_ok = m_ok
         scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0)
         bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0)
         y = acc.to(tl.float32) * scale[None, :] + bias[None, :]
         if RELU:
             y = tl.maximum(y, 0.0)
-        offs = rm.to(tl.int64)[:, None] * CO + rn[None, :]
-        ok = m_ok[:, None] & n_ok[None, :]
+        offs = ro.to(tl.int64)[:, None] * CO + rn[None, :]
+        ok = r_ok[:, None] & n_ok[None, :]
         if OUT_Q:
             if FP8:
                 q = tl.minimum(tl.maximum(y / out_scale, -448.0), 448.0)
@@ -129,6 +147,9 @@ if triton is not None:
             else:
                 q = tl.minimum(tl.maximum(y / out_scale, -128.0), 127.0)
                 q = (q + 12582912.0) - 12582912.0
+                if REQUANT:  # the pool's QuantizeLinear at another scale
+                    q = tl.minimum(tl.maximum(q * ratio, -128.0), 127.0)
+                    q = (q + 12582912.0) - 12582912.0
                 tl.store(out_ptr + offs, q.to(tl.int8), mask=ok)
         else:
             tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
@@ -273,6 +294,8 @@ def conv2d_int8(
     out_scale: float | None,
     out_dtype: torch.dtype = torch.float16,
     tiles: Tiles | None = None,
+    pool: int = 1,
+    pool_scale: float | None = None,
 ) -> torch.Tensor:
     """INT8 convolution with the fused epilogue.
 
@@ -283,16 +306,24 @@ def conv2d_int8(
         out_scale: the next ``QuantizeLinear``'s scale (int8 output), or ``None`` for a float output.
         out_dtype: the float output's dtype when ``out_scale`` is ``None``.
         tiles: the launch configuration (default: :func:`default_tiles`).
+        pool: a ``pool``×``pool`` stride-``pool`` max pool (no padding, floor mode) of the int8 output in the same
+            kernel, requantised from ``out_scale`` to ``pool_scale`` (default: the same scale); 1: none.
 
     Returns:
-        (N, HO, WO, CO) int8 or ``out_dtype``.
+        (N, HO, WO, CO) int8 or ``out_dtype``; (N, HO // pool, WO // pool, CO) int8 with a pool.
     """
     _check(x, w, torch.int8, "conv2d_int8")
+    if pool > 1 and out_scale is None:
+        raise ValueError("conv2d_int8: a fused max pool needs the int8 output (out_scale)")
+    pool_scale = out_scale if pool_scale is None else pool_scale
     if not available(x.device):
-        return reference_conv2d_int8(x, w, scale, bias, stride=stride, pad=pad, relu=relu, out_scale=out_scale,
-                                     out_dtype=out_dtype)  # fmt: skip
+        y = reference_conv2d_int8(x, w, scale, bias, stride=stride, pad=pad, relu=relu, out_scale=out_scale,
+                                  out_dtype=out_dtype)  # fmt: skip
+        if pool > 1:
+            y = maxpool2d_int8(y, kernel=pool, stride=pool, pad=0, in_scale=out_scale, out_scale=pool_scale)
+        return y
     return _launch(x, w, scale, bias, stride=stride, pad=pad, relu=relu, out_scale=out_scale, out_dtype=out_dtype,
-                   tiles=tiles, q_dtype=torch.int8)  # fmt: skip
+                   tiles=tiles, q_dtype=torch.int8, pool=pool, pool_scale=pool_scale)  # fmt: skip
 
 
 def conv2d_fp8(
@@ -324,24 +355,29 @@ def _check(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, name: str) -> N
                          f"{x.dtype} {tuple(x.shape)} and {w.dtype} {tuple(w.shape)}")  # fmt: skip
 
 
-def _launch(x, w, scale, bias, *, stride, pad, relu, out_scale, out_dtype, tiles, q_dtype) -> torch.Tensor:
+def _launch(x, w, scale, bias, *, stride, pad, relu, out_scale, out_dtype, tiles, q_dtype, pool=1,
+            pool_scale=None) -> torch.Tensor:  # fmt: skip
     n, h, wd, c = x.shape
     co, kh, kw, _ = w.shape
     ho = conv_output_size(h, kernel=kh, stride=stride, pad=pad)
     wo = conv_output_size(wd, kernel=kw, stride=stride, pad=pad)
-    out = torch.empty((n, ho, wo, co), dtype=q_dtype if out_scale is not None else out_dtype, device=x.device)
+    out = torch.empty((n, ho // pool, wo // pool, co), dtype=q_dtype if out_scale is not None else out_dtype,
+                      device=x.device)  # fmt: skip
     if q_dtype != torch.int8:  # FP8: operands and a quantised output as their int8 bit patterns
         x, w = x.view(torch.int8), w.view(torch.int8)
-    m = n * ho * wo
+    m = n * (ho // pool) * (wo // pool) * pool * pool  # the conv rows computed (with a pool: whole windows only)
     t = tiles or default_tiles(m=m, c=c, co=co, taps=kh * kw)
+    if t.bm % (pool * pool):
+        raise ValueError(f"conv2d_int8: a {pool}x{pool} pool needs a tile height divisible by {pool * pool}, got {t}")
     gather = c < 16
     grid = (triton.cdiv(m, t.bm) * triton.cdiv(co, t.bn),)
     dst = out.view(torch.int8) if out.dtype == q_dtype else out
+    ratio = float(out_scale / pool_scale) if pool > 1 else 1.0
     _conv_q8_kernel[grid](x, w, scale, bias, dst, m, h, wd, c, ho, wo, co, stride, pad,
-                          float(out_scale if out_scale is not None else 1.0), KH=kh, KW=kw, RELU=relu,
+                          float(out_scale if out_scale is not None else 1.0), ratio, KH=kh, KW=kw, RELU=relu,
                           OUT_Q=out_scale is not None, FP8=q_dtype != torch.int8, GATHER=gather,
-                          EVEN_C=c % t.bk == 0, BM=t.bm, BN=t.bn, BK=t.bk, GROUP_M=t.group, num_warps=t.warps,
-                          num_stages=t.stages)  # fmt: skip
+                          EVEN_C=c % t.bk == 0, POOL=pool, REQUANT=ratio != 1.0, BM=t.bm, BN=t.bn, BK=t.bk,
+                          GROUP_M=t.group, num_warps=t.warps, num_stages=t.stages)  # fmt: skip
     return out
 
 

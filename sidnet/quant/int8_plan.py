@@ -132,7 +132,19 @@ class QStem:
     out: str
 
 
-Step = QConv | QMaxPool | Layout | Quantize | Dequantize | FloatPool | FloatConv | QStem
+@dataclass
+class QConvPool:
+    """``QConv (int8 out) → (Alias) → QMaxPool (k = stride, no padding)`` as one step (:func:`fuse_pools`): the max
+    of each window's INT32 sums, one epilogue, only the pooled int8 tensor written."""
+
+    name: str
+    x: str
+    conv: QConv
+    pool: QMaxPool
+    out: str
+
+
+Step = QConv | QMaxPool | Layout | Quantize | Dequantize | FloatPool | FloatConv | QStem | QConvPool
 
 
 @dataclass
@@ -149,6 +161,7 @@ class Int8Plan:
         return (f"{q} INT8 convs ({fused} with the next layer's requantisation fused), "
                 f"{sum(isinstance(s, QMaxPool) for s in self.steps)} INT8 max-pools, "
                 f"{sum(isinstance(s, QStem) for s in self.steps)} fused stem (quantise + conv + max-pool), "
+                f"{sum(isinstance(s, QConvPool) for s in self.steps)} convs with their max-pool fused, "
                 f"{sum(isinstance(s, Layout) and s.op != 'Alias' for s in self.steps)} layout ops, float layers kept: "
                 f"{', '.join(self.kept_float) or 'none'}")  # fmt: skip
 
@@ -183,34 +196,64 @@ def _conv_geometry(node, where: str) -> tuple[int, int, int]:
     return (ks[0] if ks else 0), strides[0], pads[0]
 
 
+def _readers(steps: list[Step]) -> set[str]:
+    return {x for s in steps for x in (s.xs if isinstance(s, Layout) else [getattr(s, "x", None)])}
+
+
+def _pool_after(steps: list[Step], j: int, *, output: str) -> tuple[QMaxPool, int] | None:
+    """``steps[j]``, a :class:`QConv` with an int8 output, then (an Alias and) a k×k stride-k unpadded
+    :class:`QMaxPool` at the conv's scale, with nothing else reading the tensors in between: the pool and the index
+    after it; else ``None``."""
+    conv = steps[j]
+    if not (isinstance(conv, QConv) and conv.out_scale is not None):
+        return None
+    inner, k = [conv.out], j + 1
+    if k < len(steps) and isinstance(steps[k], Layout) and steps[k].op == "Alias" and steps[k].xs == [conv.out]:
+        inner.append(steps[k].out)
+        k += 1
+    pool = steps[k] if k < len(steps) else None
+    if not (isinstance(pool, QMaxPool) and pool.x == inner[-1] and pool.kernel == pool.stride and pool.pad == 0
+            and pool.kernel > 1 and pool.in_scale == conv.out_scale):  # fmt: skip
+        return None
+    if _readers(steps[:j] + steps[k + 1 :]) & set(inner) or output in inner:
+        return None
+    return pool, k + 1
+
+
 def fuse_stem(steps: list[Step], *, output: str) -> list[Step]:
     """The first ``Quantize → QConv → (Alias) → QMaxPool`` run as one :class:`QStem` where nothing else reads the
-    tensors in between and the shapes suit the fused kernel (input channels < 16, stride 1, a k×k stride-k pool);
-    otherwise the steps unchanged."""
+    tensors in between and the shapes suit the fused kernel (at most 4 input channels, stride 1, ReLU, a k×k
+    stride-k pool); otherwise the steps unchanged."""
     for i, q in enumerate(steps[:-2]):
         if not isinstance(q, Quantize):
             continue
-        run = [q, *steps[i + 1 : i + 4]]
-        conv = run[1]
-        if not (isinstance(conv, QConv) and conv.x == q.out and conv.w.shape[2] < 16 and conv.stride == 1
-                and conv.relu and conv.out_scale is not None):  # fmt: skip
+        conv = steps[i + 1]
+        if not (isinstance(conv, QConv) and conv.x == q.out and conv.w.shape[2] <= 4 and conv.stride == 1
+                and conv.relu):  # fmt: skip
             return steps
-        inner = [q.out, conv.out]
-        k = 2
-        if isinstance(run[k], Layout) and run[k].op == "Alias" and run[k].xs == [conv.out]:
-            inner.append(run[k].out)
-            k += 1
-        pool = run[k] if k < len(run) else None
-        if not (isinstance(pool, QMaxPool) and pool.x == inner[-1] and pool.kernel == pool.stride and pool.pad == 0
-                and pool.in_scale == conv.out_scale):  # fmt: skip
+        found = _pool_after(steps, i + 1, output=output)
+        if found is None or q.out in _readers(steps[: i + 1] + steps[i + 2 :]) or q.out == output:
             return steps
-        rest = steps[: i] + steps[i + k + 1 :]
-        readers = {x for s in rest for x in (s.xs if isinstance(s, Layout) else [getattr(s, "x", None)])}
-        if readers & set(inner) or output in inner:
-            return steps
+        pool, end = found
         stem = QStem(name=f"{conv.name}+{pool.name}", x=q.x, in_scale=q.scale, conv=conv, pool=pool, out=pool.out)
-        return [*steps[:i], stem, *steps[i + k + 1 :]]
+        return [*steps[:i], stem, *steps[end:]]
     return steps
+
+
+def fuse_pools(steps: list[Step], *, output: str) -> list[Step]:
+    """Every ``QConv (int8 out) → (Alias) → QMaxPool`` (k×k, stride k, unpadded, nothing else reading the conv's
+    output) as one :class:`QConvPool`: the pooled tensor is the only one written."""
+    out, j = [], 0
+    while j < len(steps):
+        found = _pool_after(steps, j, output=output)
+        if found is None:
+            out.append(steps[j])
+            j += 1
+            continue
+        conv, (pool, end) = steps[j], found
+        out.append(QConvPool(name=f"{conv.name}+{pool.name}", x=conv.x, conv=conv, pool=pool, out=pool.out))
+        j = end
+    return out
 
 
 def plan_from_onnx(path: str | Path) -> Int8Plan:
@@ -434,14 +477,16 @@ class Int8Network(torch.nn.Module):
     Weights go to ``device`` once; each forward is a fixed sequence of kernel launches (no host sync), so it can be
     captured in a CUDA graph. Where Triton cannot launch (a CPU without ``TRITON_INTERPRET=1``) the INT8 layers run
     :func:`sidnet.kernels.int8.reference_conv2d_int8`, the same arithmetic. ``fuse`` (default: on CUDA) runs the
-    first layer as one :class:`QStem` kernel (:func:`fuse_stem`); ``self.plan`` is the plan that runs.
+    first layer as one :class:`QStem` kernel (:func:`fuse_stem`) and each conv with the max-pool after it as one
+    :class:`QConvPool` kernel (:func:`fuse_pools`); ``self.plan`` is the plan that runs.
     """
 
     def __init__(self, plan: Int8Plan, *, device: torch.device, dtype: torch.dtype = torch.float16,
                  fuse: bool | None = None) -> None:  # fmt: skip
         super().__init__()
         if fuse if fuse is not None else device.type == "cuda":
-            plan = replace(plan, steps=fuse_stem(plan.steps, output=plan.output))
+            steps = fuse_stem(plan.steps, output=plan.output)
+            plan = replace(plan, steps=fuse_pools(steps, output=plan.output))
         self.plan, self.device, self.dtype = plan, device, dtype
         self.layers: list[Callable[[dict], None]] = [self._compile(s) for s in plan.steps]
 
@@ -470,6 +515,16 @@ class Int8Network(torch.nn.Module):
                 env[s.out] = K.stem_int8(x, w, scale, bias, in_scale=s.in_scale, pad=s.conv.pad,
                                          conv_scale=s.conv.out_scale, pool=s.pool.kernel,
                                          pool_scale=s.pool.out_scale, window=window)  # fmt: skip
+
+            return run
+        if isinstance(s, QConvPool):
+            w, scale, bias = _conv_operands(s.conv, dev)
+
+            def run(env, s=s, w=w, scale=scale, bias=bias):
+                c = s.conv
+                env[s.out] = K.conv2d_int8(env[s.x], w, scale, bias, stride=c.stride, pad=c.pad, relu=c.relu,
+                                           out_scale=c.out_scale, pool=s.pool.kernel,
+                                           pool_scale=s.pool.out_scale)  # fmt: skip
 
             return run
         if isinstance(s, QMaxPool):

@@ -2,9 +2,10 @@
 
 a pure-Python loop on the main thread (the pipeline's consumer stands in for it) counts its iterations and records its
 longest stall while 0, 1, 4 threads decode the clip on NVDEC (``SimpleDecoder.get_batch_frames(8)``, the pipeline's
-call) and, as the control, while 4 threads decode it with OpenCV (which releases the lock while it decodes). If the
-decoder keeps the lock, the loop's rate falls and its stalls grow to a decoder call's length; if it releases it, the
-loop runs as it does alone (this machine has cores to spare).
+call; and ``ThreadedDecoder``, which decodes ahead in a native thread) and, as the control, while 4 threads decode it
+with OpenCV (which releases the lock while it decodes). If the decoder keeps the lock, the loop's rate falls and its
+stalls grow to a decoder call's length; if it releases it, the loop runs as it does alone (this machine has cores to
+spare).
 
     python benchmarks/nvdec_gil.py --video clip_1080p_h264.mp4 [--seconds 3] [--out results.md]
 """
@@ -12,6 +13,7 @@ loop runs as it does alone (this machine has cores to spare).
 from __future__ import annotations
 
 import argparse
+import functools
 import threading
 import time
 from pathlib import Path
@@ -19,14 +21,17 @@ from pathlib import Path
 from sidnet.environment import environment
 
 
-def _nvdec_worker(path: str, stop: threading.Event, stats: dict) -> None:
+def _nvdec_worker(path: str, stop: threading.Event, stats: dict, *, threaded: bool = False) -> None:
     import PyNvVideoCodec as nvc
     import torch
 
     stream = torch.cuda.Stream()
     dec = None
     while not stop.is_set():
-        if dec is None:
+        if dec is None and threaded:  # decodes ahead in PyNvVideoCodec's own (native) thread
+            dec = nvc.ThreadedDecoder(path, 16, gpu_id=0, cuda_stream=stream.cuda_stream, use_device_memory=True,
+                                      output_color_type=nvc.OutputColorType.RGB)  # fmt: skip
+        elif dec is None:
             dec = nvc.SimpleDecoder(path, gpu_id=0, use_device_memory=True, cuda_stream=stream.cuda_stream,
                                     output_color_type=nvc.OutputColorType.RGB)  # fmt: skip
         t = time.perf_counter()
@@ -87,6 +92,9 @@ def main() -> None:
     rows = [("alone", _measure(None, 0, str(args.video), args.seconds))]
     for k in (1, 4):
         rows.append((f"{k} NVDEC thread(s)", _measure(_nvdec_worker, k, str(args.video), args.seconds)))
+    threaded = functools.partial(_nvdec_worker, threaded=True)
+    for k in (1, 4):
+        rows.append((f"{k} NVDEC ThreadedDecoder thread(s)", _measure(threaded, k, str(args.video), args.seconds)))
     rows.append(("4 OpenCV threads (control)", _measure(_cv2_worker, 4, str(args.video), args.seconds)))
     base = rows[0][1]["loop_per_s"]
     lines = [f"# Interpreter lock during NVDEC decoding — {env['device']}, {env['date']}, torch {env['torch']}", "",

@@ -42,9 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-video", action="store_true", help="write JSON-lines and events only")
     p.add_argument("--video-streams", nargs="+", metavar="NAME",
                    help="annotated video only for these streams (default: every stream, unless --no-video)")
-    p.add_argument("--decode", choices=("process", "thread", "nvdec"), default="process",
+    p.add_argument("--decode", choices=("process", "thread", "nvdec", "nvdec-ahead"), default="process",
                    help="video files: decode in worker processes (default), in a thread per stream (the previous "
-                        "pipeline's path), or on the GPU's NVDEC (PyNvVideoCodec; falls back to processes, logged)")
+                        "pipeline's path), or on the GPU's NVDEC (PyNvVideoCodec; falls back to processes, logged); "
+                        "nvdec-ahead: NVDEC through PyNvVideoCodec's ThreadedDecoder (decodes ahead in native threads)")
     p.add_argument("--decoders", type=int, help="decode processes, or NVDEC threads with --decode nvdec "
                    "(default: one per stream, at most cores - 2)")
     p.add_argument("--writers", type=int, default=1, help="output processes (0: a thread; default 1)")

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     e.add_argument("--e2e-streams", nargs="+", type=int, default=[1, 4, 16, 32])
     e.add_argument("--e2e-clips", nargs="+", default=["576p", "576p-h264", "1080p-h264"],
                    help="576p (the shared MPEG-4 clip), 576p-h264 (its H.264 copy), 1080p-h264 (made at run time)")
-    e.add_argument("--e2e-decode", nargs="+", default=["process"], help="process | thread | nvdec")
+    e.add_argument("--e2e-decode", nargs="+", default=["process"], help="process | thread | nvdec | nvdec-ahead")
     e.add_argument("--e2e-backends", nargs="+", help="torch | onnxruntime (default: torch on a GPU, both on a CPU)")
     e.add_argument("--e2e-cases", nargs="+", metavar="N:CLIP:DECODE[:BACKEND]",
                    help="exactly these rows instead of streams x clips x decode x backends, e.g. 32:1080p-h264:nvdec")

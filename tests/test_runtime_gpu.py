@@ -243,6 +243,13 @@ def test_nvdec_decodes_h264_for_the_pipeline(tiny_checkpoint, shared_data, tmp_p
     golden = json.loads((ROOT / "tests" / "fixtures" / "pipeline_golden.json").read_text())
     share = _matched(_records(out, "a"), golden["streams"]["b"][:40])
     print(f"NVDEC stream (H.264 re-encode) vs main's CPU records of the original clip: {share:.3f} of boxes matched")
+    # --decode nvdec-ahead (PyNvVideoCodec's ThreadedDecoder): the same NVDEC frames, so the same records as above
+    ahead = tmp_path / "nvdec_ahead"
+    summary = main([str(tiny_checkpoint), f"a={video}", "--out", str(ahead), "--max-frames", "40", "--batch", "8",
+                    "--conf", "0.02", "--device", "cuda", "--no-video", "--no-progress", "--decode", "nvdec-ahead",
+                    "--decoders", "1", "--max-wait-ms", "5"])  # fmt: skip
+    assert summary["decode"]["a"] == "nvdec-ahead" and summary["frames"] == {"a": 40}, summary["decode"]
+    assert _matched(_records(ahead, "a"), _records(out, "a")) >= 0.99
 
 
 def video_frames_h264(path, n):

@@ -25,7 +25,7 @@ from sidnet.runtime.errors import DeployError
 class Case:
     streams: int
     clip: str  # a key of the clips mapping
-    decode: str  # process | thread | nvdec
+    decode: str  # process | thread | nvdec | nvdec-ahead
     backend: str  # torch | onnxruntime
     realtime_fps: float | None = None
 

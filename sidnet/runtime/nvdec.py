@@ -202,10 +202,15 @@ def decode_group(feeds: list[NvdecFeed], stop: threading.Event) -> None:
         f._ended = True
 
 
-def open_decoder(src: VideoFileSource, *, device, stream):
-    """PyNvVideoCodec's SimpleDecoder for ``src``, RGB frames in device memory, working on ``stream``."""
+def open_decoder(src: VideoFileSource, *, device, stream, ahead: bool = False):
+    """PyNvVideoCodec's SimpleDecoder for ``src``, RGB frames in device memory, working on ``stream``; ``ahead``: its
+    ThreadedDecoder instead, which decodes up to two chunks ahead in a native thread of its own, so that the decode
+    threads here only hand frames over (``--decode nvdec-ahead``)."""
     import PyNvVideoCodec as nvc
 
+    if ahead:
+        return nvc.ThreadedDecoder(str(src.path), 2 * CHUNK, gpu_id=device.index or 0, cuda_stream=stream.cuda_stream,
+                                   use_device_memory=True, output_color_type=nvc.OutputColorType.RGB)  # fmt: skip
     return nvc.SimpleDecoder(str(src.path), gpu_id=device.index or 0, use_device_memory=True,
                              cuda_stream=stream.cuda_stream, output_color_type=nvc.OutputColorType.RGB)  # fmt: skip
 

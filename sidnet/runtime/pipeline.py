@@ -22,6 +22,7 @@ The summary (``summary.json``) has per-stage times, queue depths, drops per stre
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -44,7 +45,7 @@ from sidnet.safety import check_output_file, read_image
 
 log = logging.getLogger("sidnet.runtime")
 OUTPUT_FILES = ("summary.json", "events.jsonl")
-DECODE_PATHS = ("process", "thread", "nvdec")
+DECODE_PATHS = ("process", "thread", "nvdec", "nvdec-ahead")
 
 
 @dataclass
@@ -56,7 +57,7 @@ class PipelineOptions:
     max_frames: int | None = None  # per stream
     progress: bool = True
     queue_size: int = 8  # frames decoded ahead per stream (ring slots)
-    decode: str = "process"  # process | thread | nvdec (video files; live streams and folders always use threads)
+    decode: str = "process"  # process | thread | nvdec | nvdec-ahead (video files; live streams, folders: threads)
     decoders: int | None = None  # decode processes, or NVDEC threads (default: one per stream, at most cores - 2)
     writers: int = 1  # output processes (0: a thread in this process)
     realtime: bool = False  # pace file sources at their fps, drop what cannot be taken in time
@@ -148,23 +149,24 @@ def open_feeds(sources: dict, detector: Detector, opts: PipelineOptions, pacing:
     files = {n: s for n, s in sources.items() if isinstance(s, VideoFileSource)}
     paths = dict.fromkeys(sources, "thread")
     nvdec = procs = None
-    if opts.decode == "nvdec" and files:
+    if opts.decode in ("nvdec", "nvdec-ahead") and files:
         from sidnet.runtime.nvdec import nvdec_unavailable
 
         reason = nvdec_unavailable(detector)
         if reason:
-            log.warning("--decode nvdec: %s; decoding the video files in CPU processes instead", reason)
+            log.warning("--decode %s: %s; decoding the video files in CPU processes instead", opts.decode, reason)
             paths.update(dict.fromkeys(files, f"process (nvdec unavailable: {reason})"))
         else:
-            from sidnet.runtime.nvdec import NvdecFeeds
+            from sidnet.runtime.nvdec import NvdecFeeds, open_decoder
 
             nvdec = NvdecFeeds(files, device=detector.backend.device, slots=_slots(opts, len(sources)),
                                max_frames=opts.max_frames, pacing=pacing,
-                               threads=opts.decoders or max(1, min(len(files), _cores() - 2)))  # fmt: skip
-            paths.update(dict.fromkeys(nvdec.feeds, "nvdec"))
+                               threads=opts.decoders or max(1, min(len(files), _cores() - 2)),
+                               opener=functools.partial(open_decoder, ahead=opts.decode == "nvdec-ahead"))  # fmt: skip
+            paths.update(dict.fromkeys(nvdec.feeds, opts.decode))
             paths.update({n: f"process (nvdec failed: {why})" for n, why in nvdec.failed.items()})
             files = {n: s for n, s in files.items() if n in nvdec.failed}
-    if opts.decode in ("process", "nvdec") and files:
+    if opts.decode != "thread" and files:
         decoders = opts.decoders or max(1, min(len(files), _cores() - 2))
         procs = ProcessDecoders(files, decoders=decoders, slots=_slots(opts, len(sources)),
                                 max_frames=opts.max_frames, pacing=pacing)  # fmt: skip

@@ -3,6 +3,8 @@
 
     python -m deploy.benchmark --parts eager torch compiled --out benchmarks/results --stem deploy_h100
     python -m deploy.benchmark --parts torch compile --compile-batches 1 64     # vs torch.compile, same run
+    python -m deploy.benchmark --parts torch int8 compile --models sidnet --int8-onnx export/int8/model.onnx \
+        --batches 64 1 --compile-batches 64       # INT8 tensor cores beside FP16 and torch.compile, same run
     python -m deploy.benchmark --parts e2e --e2e-streams 1 4 16 32 --e2e-clips 576p 576p-h264 1080p-h264 \\
         --e2e-decode process nvdec --e2e-realtime 32 64 96 128 --stem pipeline_h200  # python -m deploy's pipeline
     python -m deploy.benchmark --parts e2e --e2e-cases 32:1080p-h264:nvdec --e2e-realtime 32 48 64 \
@@ -27,7 +29,7 @@ import json
 import sys
 from pathlib import Path
 
-PARTS = ("eager", "torch", "compiled", "compile", "compile-ours", "e2e", "e2e-host", "ort", "maskrcnn")
+PARTS = ("eager", "torch", "compiled", "compile", "compile-ours", "int8", "e2e", "e2e-host", "ort", "maskrcnn")
 SHARED_VAL = Path("../shared/data/coco128/images/val2017")
 SHARED_VIDEO = Path("../shared/data/video")
 DEFAULT_PARTS = ["eager", "torch", "e2e"]
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         parts.discard("maskrcnn")
         if not parts:
             return None
+    if "int8" in parts and not args.int8_onnx:
+        raise SystemExit("error: --parts int8 times an INT8 export: pass --int8-onnx <export>/int8/model.onnx")
     if parts & {"e2e", "e2e-host"} and not args.video.is_file():
         raise SystemExit(f"error: --video {args.video} not found: the end-to-end parts decode it")
     if not cuda:
@@ -134,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         args.stem = args.stem or "deploy"
         run_benchmark(parts=parts - {"e2e"}, models=args.models, batches=args.batches or [1, 8, 16, 32, 64, 128],
                       compile_batches=args.compile_batches, video=args.video, out_dir=args.out, stem=args.stem,
-                      work_dir=args.work_dir, compiled_models=args.compiled_models)  # fmt: skip
+                      work_dir=args.work_dir, compiled_models=args.compiled_models,
+                      int8_onnx=args.int8_onnx)  # fmt: skip
         print(f"results: {args.out}/{args.stem}.md", file=sys.stderr)
     if "e2e" in parts:
         run_guarded(lambda: e2e(args), verbose=True, interrupted=STOPPED)

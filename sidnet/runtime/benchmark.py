@@ -271,8 +271,10 @@ def _save_checkpoint(model: nn.Module, name: str, path: Path) -> Path:
 
 def run_benchmark(*, parts: set[str], models: list[str], batches: list[int], compile_batches: list[int],
                   video: Path | None, out_dir: Path, stem: str, work_dir: Path,
-                  compiled_models: list[str] | None = None) -> dict:  # fmt: skip
-    """Run the chosen ``parts`` (eager, torch, compiled, compile, compile-ours, e2e-host, ort) and write the results.
+                  compiled_models: list[str] | None = None, int8_onnx: list[Path] | None = None) -> dict:  # fmt: skip
+    """Run the chosen ``parts`` (eager, torch, compiled, compile, compile-ours, int8, e2e-host, ort) and write the
+    results. ``int8``: each of ``int8_onnx`` (INT8 exports) on the INT8 tensor-core kernels, in the table of the model
+    it was exported from, beside that model's FP16 rows.
 
     ``e2e-host``: decoded frames already in host memory → detections (upload, letterbox, network, NMS); the real
     pipeline with decoding and outputs is ``e2e`` (:mod:`sidnet.runtime.bench_pipeline`)."""
@@ -333,6 +335,26 @@ def run_benchmark(*, parts: set[str], models: list[str], batches: list[int], com
                     if pb in batches and (pb == 64 or not opts):
                         x = be.slot(pb)["input"]
                         res["profile"][f"{name} {variant} bs{pb}"] = profile_kernels(lambda x=x, be=be: be.forward(x))
+                be.close()
+                del be
+                torch.cuda.empty_cache()
+        if "int8" in parts:
+            from sidnet.runtime.backends.torch_int8 import Int8Backend
+
+            for path in int8_onnx or []:
+                be = Int8Backend(path, device="cuda", conf_thresh=0.3, topk=100)
+                if (be.info.model or name) != name or be.info.input_size != model.input_size:
+                    be.close()  # another model's export: its own table
+                    continue
+                res["notes"][f"{name} INT8 plan ({path})"] = be.plan.summary()
+                for bs in batches:
+                    be.slot(bs)
+                    it, lat = iters_for(bs)
+                    add("network", name, "INT8 tensor cores (Triton kernels)", time_calls(
+                        lambda b=bs, be=be: be.run(b), batch=bs, iters=it, lat_iters=lat))  # fmt: skip
+                if 64 in batches:
+                    x = be.slot(64)["input"]
+                    res["profile"][f"{name} INT8 tensor cores bs64"] = profile_kernels(lambda x=x, be=be: be.forward(x))
                 be.close()
                 del be
                 torch.cuda.empty_cache()

@@ -514,7 +514,7 @@ class Int8Network(torch.nn.Module):
                 x = env[s.x].permute(0, 3, 1, 2).contiguous()  # the NCHW images (a view of them: no copy)
                 env[s.out] = K.stem_int8(x, w, scale, bias, in_scale=s.in_scale, pad=s.conv.pad,
                                          conv_scale=s.conv.out_scale, pool=s.pool.kernel,
-                                         pool_scale=s.pool.out_scale, window=window)  # fmt: skip
+                                         pool_scale=s.pool.out_scale, packed=True, window=window)  # fmt: skip
 
             return run
         if isinstance(s, QConvPool):

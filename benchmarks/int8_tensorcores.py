@@ -1,6 +1,8 @@
 """INT8 on the tensor cores (Triton kernels, :mod:`sidnet.runtime.backends.torch_int8`) beside the FP16 torch backend,
 one run, one GPU: img/s at each batch (one CUDA graph per batch: network + decode), p50 latency, and where the INT8
-time goes (each plan step timed alone, its TOPS and share of the INT8 dense peak).
+time goes (each plan step timed alone, its TOPS and share of the INT8 dense peak). Two INT8 rows per batch: the
+kernels' default configurations, and tuned (each layer's configuration timed on its first call: the pointer-gather
+kernel beside the TMA kernel's tiles); the per-layer table is the tuned network's, with what tuning measured.
 
     python benchmarks/int8_tensorcores.py --onnx model_int8.onnx [--batches 1 64] --out DIR
 
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 
 from sidnet.environment import environment, publish_report
+from sidnet.kernels import int8 as K
 from sidnet.quant.int8_plan import QConv, QConvPool
 from sidnet.runtime.artifact import ArtifactInfo
 from sidnet.runtime.backends.torch import TorchBackend
@@ -46,6 +49,14 @@ def per_layer(backend: Int8Backend, batch: int) -> list[dict]:
         layer(env)
         row = {"step": step.name, "kind": type(step).__name__, "ms": ms}
         if isinstance(step, (QConv, QConvPool)):
+            tiles, timings = K.last_launch()
+            row["tiles"] = _tiles_name(tiles)
+            pointer = [ms for t, ms in timings if not t.tma]
+            tma = [ms for t, ms in timings if t.tma]
+            if pointer:
+                row["pointer_ms"] = min(pointer)
+            if tma:
+                row["tma_ms"] = min(tma)
             conv, k = (step, 1) if isinstance(step, QConv) else (step.conv, step.pool.kernel)
             out = env[step.out]  # with a fused pool, each output pixel is k² conv outputs
             ops = 2 * conv.macs_per_pixel * out.shape[0] * out.shape[1] * out.shape[2] * k * k
@@ -54,6 +65,13 @@ def per_layer(backend: Int8Backend, batch: int) -> list[dict]:
                        + (f" + pool {k}" if k > 1 else ""))
         rows.append(row)
     return rows
+
+
+def _tiles_name(t) -> str:
+    if t is None:
+        return ""
+    kind = f"tma {t.bh}x{t.bm // t.bh}" if t.tma else f"ptr {t.bm}"
+    return f"{kind}·{t.bn}·{t.bk} w{t.warps}s{t.stages}"
 
 
 def main() -> None:
@@ -65,7 +83,8 @@ def main() -> None:
     args = p.parse_args()
     dev = torch.device("cuda")
     env = environment(dev)
-    int8 = Int8Backend(args.onnx, device="cuda", conf_thresh=0.3, topk=100)
+    base = Int8Backend(args.onnx, device="cuda", conf_thresh=0.3, topk=100, tune=False)
+    int8 = Int8Backend(args.onnx, device="cuda", conf_thresh=0.3, topk=100, tune=True)
     size = int8.info.input_size
     model = build_random("sidnet", input_size=size)
     info = ArtifactInfo(path=Path("random"), backend="torch", input_size=size, class_names=["person"],
@@ -74,30 +93,36 @@ def main() -> None:
     rows = []
     for b in args.batches:
         f = _rate(fp16, b)
+        d = _rate(base, b)
         q = _rate(int8, b)
         rows.append({"batch": b, "fp16_img_s": f["img_s"], "fp16_p50_ms": f["p50_ms"], "int8_img_s": q["img_s"],
-                     "int8_p50_ms": q["p50_ms"], "int8_vs_fp16": q["img_s"] / f["img_s"]})  # fmt: skip
+                     "int8_p50_ms": q["p50_ms"], "int8_vs_fp16": q["img_s"] / f["img_s"],
+                     "int8_default_img_s": d["img_s"], "int8_default_p50_ms": d["p50_ms"]})  # fmt: skip
     layers = per_layer(int8, args.layers_batch)
     peak = next((v for k, v in INT8_DENSE_TOPS.items() if k in env["device"]), None)
     total = sum(r["ms"] for r in layers)
     lines = [f"# INT8 tensor cores (Triton) vs FP16 torch backend — {env['device']}", "",
              f"{env['date']} · torch {env['torch']} · CUDA {env['cuda']} · Python {env['python']} · {size}² · "
              f"`{env['command']}`", "", f"INT8 plan: {int8.plan.summary()}; decode: {int8.decode}", "",
-             "| batch | FP16 img/s | FP16 p50 ms | INT8 img/s | INT8 p50 ms | INT8 / FP16 |",
-             "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "| batch | FP16 img/s | FP16 p50 ms | INT8 default tiles img/s | p50 ms | INT8 tuned img/s | p50 ms "
+             "| tuned INT8 / FP16 |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['fp16_img_s']:,.0f} | {r['fp16_p50_ms']:.3f} | {r['int8_img_s']:,.0f} | "
+        lines.append(f"| {r['batch']} | {r['fp16_img_s']:,.0f} | {r['fp16_p50_ms']:.3f} | "
+                     f"{r['int8_default_img_s']:,.0f} | {r['int8_default_p50_ms']:.3f} | {r['int8_img_s']:,.0f} | "
                      f"{r['int8_p50_ms']:.3f} | {r['int8_vs_fp16']:.2f}x |")  # fmt: skip
     lines += ["", f"## Where the INT8 time goes (batch {args.layers_batch}, each step alone, eager; sum "
               f"{total:.2f} ms)",
-              "", "| step | kind | layer | ms | share | TOPS | of INT8 peak |", "|---|---|---|---:|---:|---:|---:|"]
+              "", "| step | kind | layer | ms | share | TOPS | of INT8 peak | configuration | tuning: best pointer ms "
+              "| best TMA ms |", "|---|---|---|---:|---:|---:|---:|---|---:|---:|"]
     for r in layers:
         if r["ms"] < 0.002 and r["kind"] == "Layout":
             continue
         tops = f"{r['tops']:.0f}" if "tops" in r else "-"
         frac = f"{r['tops'] / peak:.0%}" if "tops" in r and peak else "-"
+        ptr = f"{r['pointer_ms']:.3f}" if "pointer_ms" in r else "-"
+        tma = f"{r['tma_ms']:.3f}" if "tma_ms" in r else "-"
         lines.append(f"| {r['step']} | {r['kind']} | {r.get('shape', '')} | {r['ms']:.3f} | {r['ms'] / total:.0%} | "
-                     f"{tops} | {frac} |")  # fmt: skip
+                     f"{tops} | {frac} | {r.get('tiles', '')} | {ptr} | {tma} |")  # fmt: skip
     publish_report(lines, out=args.out / "int8_tensorcores.md" if args.out else None,
                    payload={"env": env, "rows": rows, "layers": layers, "int8_peak_tops": peak})
 

@@ -50,6 +50,44 @@ def test_conv_int8_on_the_tensor_cores_equals_the_integer_reference(shape):
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-4 and (q != 0).float().mean() > 0.05
 
 
+# (H, W, C, CO, k, pool): SIDNet's stride-1 layers that tuning chooses a kernel for (the TMA tiles among them)
+TUNED = [(208, 208, 32, 64, 3, 2), (104, 104, 64, 128, 3, 1), (104, 104, 128, 64, 1, 1), (52, 52, 128, 256, 3, 2),
+         (26, 26, 256, 512, 3, 1), (26, 26, 512, 256, 1, 1), (13, 13, 1280, 1024, 3, 1)]
+
+
+@cuda
+@pytest.mark.parametrize("shape", TUNED, ids=[f"{s[0]}x{s[2]}to{s[3]}k{s[4]}p{s[5]}" for s in TUNED])
+def test_every_tuning_candidate_equals_the_integer_reference(shape):
+    """Each configuration tuning may pick (the pointer kernel's and the TMA kernel's tiles) gives the exact INT32
+    sums and, with a fused pool, the same int8 output as the pointer kernel: the choice never changes results."""
+    from sidnet.kernels import int8 as K
+
+    h, w, c, co, k, pool = shape
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(-128, 128, (2, h, w, c), dtype=torch.int8, generator=g)
+    wt = torch.randint(-127, 128, (co, k, k, c), dtype=torch.int8, generator=g)
+    xc, wc = x.cuda(), wt.cuda()
+    ones, zeros = torch.ones(co, device="cuda"), torch.zeros(co, device="cuda")
+    scale = (torch.rand(co, generator=g) * 2e-5).cuda()
+    bias = (torch.randn(co, generator=g) * 0.1).cuda()
+    cands = K.candidate_tiles(n=2, ho=h, wo=w, c=c, co=co, taps=k * k, stride=1, pool=pool, device=xc.device)
+    assert sum(t.tma for t in cands) >= 2, cands
+    ref = None
+    if pool == 1:
+        ref = K.reference_conv2d_int8(x, wt, ones.cpu(), zeros.cpu(), stride=1, pad=k // 2, relu=False,
+                                      out_scale=None, accumulators=True).cuda().to(torch.int64)  # fmt: skip
+    first = None
+    for t in cands:
+        if pool == 1:
+            acc = K.conv2d_int8(xc, wc, ones, zeros, stride=1, pad=k // 2, relu=False, out_scale=None,
+                                out_dtype=torch.float32, tiles=t)  # fmt: skip
+            assert torch.equal(acc.to(torch.int64), ref), t
+        q = K.conv2d_int8(xc, wc, scale, bias, stride=1, pad=k // 2, relu=True, out_scale=0.02, tiles=t, pool=pool,
+                          pool_scale=0.03 if pool > 1 else None)  # fmt: skip
+        first = q if first is None else first
+        assert (q != 0).float().mean() > 0.05 and torch.equal(q, first), t
+
+
 @cuda
 def test_maxpool_int8_on_the_gpu():
     from sidnet.kernels import int8 as K

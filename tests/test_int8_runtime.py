@@ -37,6 +37,11 @@ rows = []
 # strided 3x3, several channel blocks per tap with grouped tile order and column tiles narrower than CO
 cases = [(2, 9, 7, 3, 16, 3, 1, 1, None), (1, 8, 8, 40, 24, 1, 1, 0, None), (1, 10, 10, 64, 48, 3, 2, 1, None),
          (2, 9, 11, 96, 40, 3, 1, 1, K.Tiles(32, 16, 32, 4, 1, 2))]
+# the TMA kernel: a 3x3 in 4x8 pixel blocks with C = 48 off the 32-channel step (the second block's columns past C
+# read zeros from the input box and the next tap's weights), one in 2x16 blocks, and a 1x1 as one GEMM over the pixels
+cases += [(2, 9, 11, 48, 40, 3, 1, 1, K.Tiles(32, 32, 32, 4, 1, 2, tma=True, bh=4)),
+          (1, 7, 13, 32, 24, 3, 1, 1, K.Tiles(32, 16, 32, 4, 1, 1, tma=True, bh=2)),
+          (2, 7, 9, 64, 48, 1, 1, 0, K.Tiles(32, 32, 32, 4, 1, 2, tma=True))]
 for n, h, w, c, co, k, st, pad, tiles in cases:
     x = torch.randint(-128, 128, (n, h, w, c), dtype=torch.int8, generator=g)
     wt = torch.randint(-127, 128, (co, k, k, c), dtype=torch.int8, generator=g)
@@ -60,7 +65,9 @@ for n, h, w, c, co, k, st, pad, tiles in cases:
 # reference conv then a float max-pool
 for n, h, w, c, co, k, st, pad, tiles, pool_scale in [(2, 9, 7, 3, 16, 3, 1, 1, None, 0.02),
                                                       (2, 9, 11, 96, 40, 3, 1, 1, K.Tiles(32, 16, 32, 4, 1, 2), 0.03),
-                                                      (1, 8, 8, 40, 24, 1, 1, 0, None, 0.025)]:
+                                                      (1, 8, 8, 40, 24, 1, 1, 0, None, 0.025),
+                                                      (2, 10, 13, 48, 40, 3, 1, 1,
+                                                       K.Tiles(32, 32, 32, 4, 1, 1, tma=True, bh=4), 0.03)]:
     x = torch.randint(-128, 128, (n, h, w, c), dtype=torch.int8, generator=g)
     wt = torch.randint(-127, 128, (co, k, k, c), dtype=torch.int8, generator=g)
     scale, bias = torch.rand(co, generator=g) * 1e-4, torch.randn(co, generator=g) * 0.1
@@ -88,6 +95,17 @@ for n, h, w, co, pool_scale, packed in [(2, 12, 10, 16, 0.05, True), (1, 8, 14, 
     rows.append({"shape": ["stem", n, h, w, co, packed], "acc_equal": True, "acc_absmax": 10**5,
                  "int8_equal": bool(torch.equal(fused, y)), "int8_nonzero": float((fused != 0).float().mean()),
                  "pool_equal": True})
+# tuning's candidates include TMA tiles here; a TMA configuration the kernel cannot run is a one-line error
+cands = K.candidate_tiles(n=2, ho=13, wo=13, c=512, co=1024, taps=9, stride=1, pool=1, device=torch.device("cpu"))
+assert any(t.tma for t in cands) and not cands[0].tma, cands
+x = torch.zeros((1, 8, 8, 32), dtype=torch.int8)
+wt = torch.zeros((16, 3, 3, 32), dtype=torch.int8)
+try:
+    K.conv2d_int8(x, wt, torch.ones(16), torch.zeros(16), stride=2, pad=1, relu=False, out_scale=0.1,
+                  tiles=K.Tiles(32, 16, 32, 4, 1, tma=True, bh=4))
+    raise AssertionError("a stride-2 TMA launch ran")
+except ValueError as e:
+    assert "stride 2" in str(e) and "\n" not in str(e), e
 print(json.dumps(rows))
 """
 

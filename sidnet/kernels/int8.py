@@ -27,6 +27,10 @@ try:  # Triton ships with CUDA builds of PyTorch; on a CPU-only install it may b
 except ImportError:  # pragma: no cover - exercised only where Triton is absent
     triton = None
     tl = None
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - an older Triton: the pointer kernel only
+    TensorDescriptor = None
 
 # The kernels round half-to-even as (v + 1.5·2^23) - 1.5·2^23 in float32 (exact for |v| < 2^22, here |v| <= 128).
 
@@ -46,20 +50,51 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _requantise(y, out_scale, ratio, REQUANT: tl.constexpr):
+        # QuantizeLinear of y (clamp, round half to even), then the pool's QuantizeLinear at another scale.
+        q = tl.minimum(tl.maximum(y / out_scale, -128.0), 127.0)
+        q = (q + 12582912.0) - 12582912.0
+        if REQUANT:
+            q = tl.minimum(tl.maximum(q * ratio, -128.0), 127.0)
+            q = (q + 12582912.0) - 12582912.0
+        return q
+
+    @triton.jit
+    def _epilogue(acc, rows, r_ok, rn, n_ok, scale_ptr, bias_ptr, out_ptr, CO, out_scale, ratio, RELU: tl.constexpr,
+                  OUT_Q: tl.constexpr, FP8: tl.constexpr, REQUANT: tl.constexpr):  # fmt: skip
+        # y = acc · (s_x · s_w[co]) + bias[co], ReLU, then int8 (or e4m3) at the next scale or a float store; output
+        # row ``rows[i]`` of the (rows, CO) NHWC output.
+        scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0)
+        bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0)
+        y = acc.to(tl.float32) * scale[None, :] + bias[None, :]
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        offs = rows.to(tl.int64)[:, None] * CO + rn[None, :]
+        ok = r_ok[:, None] & n_ok[None, :]
+        if OUT_Q:
+            if FP8:
+                q = tl.minimum(tl.maximum(y / out_scale, -448.0), 448.0)
+                tl.store(out_ptr + offs, q.to(tl.float8e4nv).to(tl.int8, bitcast=True), mask=ok)
+            else:
+                tl.store(out_ptr + offs, _requantise(y, out_scale, ratio, REQUANT=REQUANT).to(tl.int8), mask=ok)
+        else:
+            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _tile_order(pid, num_m, num_n, GROUP_M: tl.constexpr):
+        # Grouped tile order: GROUP_M row tiles share each weight column tile while it is in L2.
+        width = GROUP_M * num_n
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+    @triton.jit
     def _conv_q8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, H, W, C, HO, WO, CO, stride, pad, out_scale,
                         ratio, KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr, OUT_Q: tl.constexpr,
                         FP8: tl.constexpr, GATHER: tl.constexpr, EVEN_C: tl.constexpr, POOL: tl.constexpr,
                         REQUANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                         GROUP_M: tl.constexpr):  # fmt: skip
-        # Tiles in grouped order (GROUP_M row tiles share each weight column tile while it is in L2).
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BM)
-        num_n = tl.cdiv(CO, BN)
-        width = GROUP_M * num_n
-        first_m = (pid // width) * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % size_m
-        pid_n = (pid % width) // size_m
+        pid_m, pid_n = _tile_order(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(CO, BN), GROUP_M=GROUP_M)
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
@@ -133,26 +168,58 @@ if triton is not None:
         else:
             ro = rm
             r_ok = m_ok
-        scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0)
-        bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0)
-        y = acc.to(tl.float32) * scale[None, :] + bias[None, :]
-        if RELU:
-            y = tl.maximum(y, 0.0)
-        offs = ro.to(tl.int64)[:, None] * CO + rn[None, :]
-        ok = r_ok[:, None] & n_ok[None, :]
-        if OUT_Q:
-            if FP8:
-                q = tl.minimum(tl.maximum(y / out_scale, -448.0), 448.0)
-                tl.store(out_ptr + offs, q.to(tl.float8e4nv).to(tl.int8, bitcast=True), mask=ok)
-            else:
-                q = tl.minimum(tl.maximum(y / out_scale, -128.0), 127.0)
-                q = (q + 12582912.0) - 12582912.0
-                if REQUANT:  # the pool's QuantizeLinear at another scale
-                    q = tl.minimum(tl.maximum(q * ratio, -128.0), 127.0)
-                    q = (q + 12582912.0) - 12582912.0
-                tl.store(out_ptr + offs, q.to(tl.int8), mask=ok)
+        _epilogue(acc, ro, r_ok, rn, n_ok, scale_ptr, bias_ptr, out_ptr, CO, out_scale, ratio, RELU=RELU, OUT_Q=OUT_Q,
+                  FP8=FP8, REQUANT=REQUANT)  # fmt: skip
+
+    @triton.jit
+    def _conv_tma_kernel(x_desc, w_desc, scale_ptr, bias_ptr, out_ptr, H, W, C, HO, WO, CO, tiles_h, tiles_w, num_m,
+                         out_scale, ratio, KH: tl.constexpr, KW: tl.constexpr, PAD: tl.constexpr, RELU: tl.constexpr,
+                         OUT_Q: tl.constexpr, FP8: tl.constexpr, POOL: tl.constexpr, REQUANT: tl.constexpr,
+                         BH: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         GROUP_M: tl.constexpr):  # fmt: skip
+        # A stride-1 convolution whose operands arrive by TMA: the output tile is a BH × BW block of one image's
+        # pixels, and the A tile of tap (r, s) is the same block shifted by (r - PAD, s - PAD), loaded as one 4-D box
+        # of the NHWC input; the copy engine fills the rows and columns outside the image with zeros (the padding),
+        # so the loop has no address arithmetic and no masks. Weights: (CO, KH·KW·C) K-major boxes.
+        pid_m, pid_n = _tile_order(tl.program_id(0), num_m, tl.cdiv(CO, BN), GROUP_M=GROUP_M)
+        img = pid_m // (tiles_h * tiles_w)
+        rem = pid_m % (tiles_h * tiles_w)
+        h0 = (rem // tiles_w) * BH
+        w0 = (rem % tiles_w) * BW
+        n0 = pid_n * BN
+        if FP8:
+            acc = tl.zeros((BH * BW, BN), dtype=tl.float32)
         else:
-            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
+            acc = tl.zeros((BH * BW, BN), dtype=tl.int32)
+        cb = tl.cdiv(C, BK)
+        for t in range(0, KH * KW * cb):
+            rs = t // cb
+            c0 = (t - rs * cb) * BK
+            r = rs // KW
+            a = x_desc.load([img, h0 + r - PAD, w0 + (rs - r * KW) - PAD, c0]).reshape(BH * BW, BK)
+            b = w_desc.load([n0, rs * C + c0])  # a channel block past C meets zeros in A, so its B values never count
+            if FP8:
+                a = a.to(tl.float8e4nv, bitcast=True)
+                b = b.to(tl.float8e4nv, bitcast=True)
+            acc = tl.dot(a, b.T, acc)
+        rn = n0 + tl.arange(0, BN)
+        if POOL > 1:  # BH, BW and the tile origin are multiples of POOL: the tile holds whole windows
+            acc = tl.reshape(acc, (BH // POOL, POOL, BW // POOL, POOL, BN))
+            acc = tl.max(tl.max(acc, axis=3), axis=1)
+            acc = tl.reshape(acc, ((BH // POOL) * (BW // POOL), BN))
+            i = tl.arange(0, (BH // POOL) * (BW // POOL))
+            oh = h0 // POOL + i // (BW // POOL)
+            ow = w0 // POOL + i % (BW // POOL)
+            ok = (oh < HO // POOL) & (ow < WO // POOL)
+            rows = (img.to(tl.int64) * (HO // POOL) + oh) * (WO // POOL) + ow
+        else:
+            i = tl.arange(0, BH * BW)
+            oh = h0 + i // BW
+            ow = w0 + i % BW
+            ok = (oh < HO) & (ow < WO)
+            rows = (img.to(tl.int64) * HO + oh) * WO + ow
+        _epilogue(acc, rows, ok, rn, rn < CO, scale_ptr, bias_ptr, out_ptr, CO, out_scale, ratio, RELU=RELU,
+                  OUT_Q=OUT_Q, FP8=FP8, REQUANT=REQUANT)  # fmt: skip
 
     @triton.jit
     def _stem_int8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, H, W, PH, PW, CO, in_scale, conv_scale,
@@ -200,11 +267,7 @@ if triton is not None:
         scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0)
         bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0)
         y = tl.maximum(best.to(tl.float32) * scale[None, :] + bias[None, :], 0.0)
-        q = tl.minimum(tl.maximum(y / conv_scale, -128.0), 127.0)
-        q = (q + 12582912.0) - 12582912.0
-        if REQUANT:
-            q = tl.minimum(tl.maximum(q * ratio, -128.0), 127.0)
-            q = (q + 12582912.0) - 12582912.0
+        q = _requantise(y, conv_scale, ratio, REQUANT=REQUANT)
         offs = rm.to(tl.int64)[:, None] * CO + rn[None, :]
         tl.store(out_ptr + offs, q.to(tl.int8), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -250,7 +313,9 @@ if triton is not None:
 @dataclass(frozen=True)
 class Tiles:
     """A launch configuration of the convolution kernel: the output tile (bm pixels × bn channels), the reduction
-    step bk, warps, software-pipeline stages and the grouped tile order's group height."""
+    step bk, warps, software-pipeline stages and the grouped tile order's group height. ``tma``: the TMA kernel
+    (stride 1; its tile is ``bh`` rows × ``bm // bh`` columns of one image, or ``bm`` consecutive pixels for a 1×1
+    convolution without padding) instead of the pointer-gather kernel."""
 
     bm: int
     bn: int
@@ -258,6 +323,8 @@ class Tiles:
     warps: int
     stages: int
     group: int = 8
+    tma: bool = False
+    bh: int = 1
 
 
 def default_tiles(*, m: int, c: int, co: int, taps: int) -> Tiles:
@@ -296,6 +363,7 @@ def conv2d_int8(
     tiles: Tiles | None = None,
     pool: int = 1,
     pool_scale: float | None = None,
+    tune: bool = False,
 ) -> torch.Tensor:
     """INT8 convolution with the fused epilogue.
 
@@ -305,7 +373,10 @@ def conv2d_int8(
         scale: float32 (CO,) = ``s_x · s_w[co]``; bias: float32 (CO,).
         out_scale: the next ``QuantizeLinear``'s scale (int8 output), or ``None`` for a float output.
         out_dtype: the float output's dtype when ``out_scale`` is ``None``.
-        tiles: the launch configuration (default: :func:`default_tiles`).
+        tiles: the launch configuration (default: the one tuning chose for this launch, else :func:`default_tiles`).
+        tune: on a CUDA device, when no configuration was chosen for this launch yet (shapes, epilogue) and no CUDA
+            graph is being captured, time :func:`candidate_tiles` once (the pointer kernel and TMA tiles) and keep
+            the fastest for every later call; like cuDNN's benchmark mode, it never changes the output.
         pool: a ``pool``×``pool`` stride-``pool`` max pool (no padding, floor mode) of the int8 output in the same
             kernel, requantised from ``out_scale`` to ``pool_scale`` (default: the same scale); 1: none.
 
@@ -323,7 +394,7 @@ def conv2d_int8(
             y = maxpool2d_int8(y, kernel=pool, stride=pool, pad=0, in_scale=out_scale, out_scale=pool_scale)
         return y
     return _launch(x, w, scale, bias, stride=stride, pad=pad, relu=relu, out_scale=out_scale, out_dtype=out_dtype,
-                   tiles=tiles, q_dtype=torch.int8, pool=pool, pool_scale=pool_scale)  # fmt: skip
+                   tiles=tiles, q_dtype=torch.int8, pool=pool, pool_scale=pool_scale, tune=tune)  # fmt: skip
 
 
 def conv2d_fp8(
@@ -338,6 +409,7 @@ def conv2d_fp8(
     out_scale: float | None,
     out_dtype: torch.dtype = torch.float16,
     tiles: Tiles | None = None,
+    tune: bool = False,
 ) -> torch.Tensor:
     """:func:`conv2d_int8` in FP8 (e4m3) with FP32 accumulation: the same layouts and epilogue; a quantised output
     is ``clamp(y / out_scale, ±448)`` rounded to e4m3. CUDA (sm_89+) only."""
@@ -345,7 +417,7 @@ def conv2d_fp8(
     if x.device.type != "cuda" or triton is None:
         raise RuntimeError(f"conv2d_fp8 runs on a CUDA GPU with Triton (got a {x.device.type} tensor)")
     return _launch(x, w, scale, bias, stride=stride, pad=pad, relu=relu, out_scale=out_scale, out_dtype=out_dtype,
-                   tiles=tiles, q_dtype=torch.float8_e4m3fn)  # fmt: skip
+                   tiles=tiles, q_dtype=torch.float8_e4m3fn, tune=tune)  # fmt: skip
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, name: str) -> None:
@@ -356,7 +428,7 @@ def _check(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, name: str) -> N
 
 
 def _launch(x, w, scale, bias, *, stride, pad, relu, out_scale, out_dtype, tiles, q_dtype, pool=1,
-            pool_scale=None) -> torch.Tensor:  # fmt: skip
+            pool_scale=None, tune=False) -> torch.Tensor:  # fmt: skip
     n, h, wd, c = x.shape
     co, kh, kw, _ = w.shape
     ho = conv_output_size(h, kernel=kh, stride=stride, pad=pad)
@@ -365,20 +437,183 @@ def _launch(x, w, scale, bias, *, stride, pad, relu, out_scale, out_dtype, tiles
                       device=x.device)  # fmt: skip
     if q_dtype != torch.int8:  # FP8: operands and a quantised output as their int8 bit patterns
         x, w = x.view(torch.int8), w.view(torch.int8)
-    m = n * (ho // pool) * (wo // pool) * pool * pool  # the conv rows computed (with a pool: whole windows only)
-    t = tiles or default_tiles(m=m, c=c, co=co, taps=kh * kw)
-    if t.bm % (pool * pool):
-        raise ValueError(f"conv2d_int8: a {pool}x{pool} pool needs a tile height divisible by {pool * pool}, got {t}")
-    gather = c < 16
-    grid = (triton.cdiv(m, t.bm) * triton.cdiv(co, t.bn),)
     dst = out.view(torch.int8) if out.dtype == q_dtype else out
     ratio = float(out_scale / pool_scale) if pool > 1 else 1.0
-    _conv_q8_kernel[grid](x, w, scale, bias, dst, m, h, wd, c, ho, wo, co, stride, pad,
-                          float(out_scale if out_scale is not None else 1.0), ratio, KH=kh, KW=kw, RELU=relu,
-                          OUT_Q=out_scale is not None, FP8=q_dtype != torch.int8, GATHER=gather,
-                          EVEN_C=c % t.bk == 0, POOL=pool, REQUANT=ratio != 1.0, BM=t.bm, BN=t.bn, BK=t.bk,
-                          GROUP_M=t.group, num_warps=t.warps, num_stages=t.stages)  # fmt: skip
+    m = n * (ho // pool) * (wo // pool) * pool * pool  # the conv rows computed (with a pool: whole windows only)
+    problem = _Problem(x=x, w=w, scale=scale, bias=bias, out=dst, stride=stride, pad=pad, relu=relu,
+                       out_scale=float(out_scale if out_scale is not None else 1.0), out_q=out_scale is not None,
+                       fp8=q_dtype != torch.int8, pool=pool, ratio=ratio, ho=ho, wo=wo)  # fmt: skip
+    t = tiles
+    if t is None and tune:
+        key = problem.key()
+        t = _TUNED.get(key)
+        if t is None and x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            t = _TUNED[key] = _tune(problem)
+    if t is None:
+        t = default_tiles(m=m, c=c, co=co, taps=kh * kw)
+    problem.run(t)
+    _LAST[0] = (problem.key(), t)
     return out
+
+
+@dataclass
+class _Problem:
+    """One convolution launch (operands, output and epilogue), runnable with any :class:`Tiles`."""
+
+    x: torch.Tensor
+    w: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor
+    out: torch.Tensor
+    stride: int
+    pad: int
+    relu: bool
+    out_scale: float
+    out_q: bool
+    fp8: bool
+    pool: int
+    ratio: float
+    ho: int
+    wo: int
+
+    def key(self) -> tuple:
+        return (tuple(self.x.shape), tuple(self.w.shape), self.stride, self.pad, self.pool, self.out_q, self.fp8,
+                self.ratio != 1.0, self.out.dtype, self.x.device.index)  # fmt: skip
+
+    def flat(self) -> bool:
+        """A 1×1, stride-1, unpadded convolution without a pool is a GEMM over the pixels: one row of ``bm``."""
+        return self.w.shape[1] == self.w.shape[2] == 1 and self.pad == 0 and self.stride == 1 and self.pool == 1
+
+    def run(self, t: Tiles) -> None:
+        x, w, p = self.x, self.w, self.pool
+        n, h, wd, c = x.shape
+        co, kh, kw, _ = w.shape
+        if t.bm % (p * p):
+            raise ValueError(f"conv2d_int8: a {p}x{p} pool needs a tile height divisible by {p * p}, got {t}")
+        common = dict(RELU=self.relu, OUT_Q=self.out_q, FP8=self.fp8, POOL=p, REQUANT=self.ratio != 1.0,
+                      BN=t.bn, BK=t.bk, GROUP_M=t.group, num_warps=t.warps, num_stages=t.stages)  # fmt: skip
+        if t.tma:
+            why = tma_unsupported(c=c, taps=kh * kw, stride=self.stride, device=x.device)
+            bh, bw = (1, t.bm) if self.flat() else (t.bh, t.bm // t.bh)
+            if why or bh * bw != t.bm or bh % p or bw % p:
+                raise ValueError(f"conv2d_int8: the TMA kernel cannot run {t} here ({why or 'tile shape'}); "
+                                 "pass tiles=None for the default")  # fmt: skip
+            if self.flat():
+                x, n, h, wd, ho, wo = x.view(1, 1, n * h * wd, c), 1, 1, n * h * wd, 1, n * h * wd
+            else:
+                ho, wo = self.ho, self.wo
+            tiles_h, tiles_w = triton.cdiv(ho, bh), triton.cdiv(wo, bw)
+            num_m = n * tiles_h * tiles_w
+            x_desc = TensorDescriptor.from_tensor(x, [1, bh, bw, t.bk])
+            w_desc = TensorDescriptor.from_tensor(w.view(co, kh * kw * c), [t.bn, t.bk])
+            grid = (num_m * triton.cdiv(co, t.bn),)
+            _conv_tma_kernel[grid](x_desc, w_desc, self.scale, self.bias, self.out, h, wd, c, ho, wo, co, tiles_h,
+                                   tiles_w, num_m, self.out_scale, self.ratio, KH=kh, KW=kw, PAD=self.pad, BH=bh,
+                                   BW=bw, **common)  # fmt: skip
+            return
+        m = n * (self.ho // p) * (self.wo // p) * p * p
+        grid = (triton.cdiv(m, t.bm) * triton.cdiv(co, t.bn),)
+        _conv_q8_kernel[grid](x, w, self.scale, self.bias, self.out, m, h, wd, c, self.ho, self.wo, co, self.stride,
+                              self.pad, self.out_scale, self.ratio, KH=kh, KW=kw, GATHER=c < 16,
+                              EVEN_C=c % t.bk == 0, BM=t.bm, **common)  # fmt: skip
+
+
+_TUNED: dict[tuple, Tiles] = {}  # the measured fastest configuration per launch (see :func:`_tune`)
+_TIMINGS: dict[tuple, list[tuple[Tiles, float]]] = {}  # what tuning measured: (configuration, ms) per launch
+_LAST: list = [None]  # (launch key, configuration) of the latest convolution launch
+
+
+def tma_unsupported(*, c: int, taps: int, stride: int, device: torch.device) -> str:
+    """Why the TMA kernel cannot run this convolution here ('' when it can)."""
+    if TensorDescriptor is None:
+        return "this Triton has no tensor descriptors"
+    if stride != 1:
+        return f"stride {stride} (the TMA kernel is stride 1)"
+    if c % 16:
+        return f"{c} input channels (TMA rows must be multiples of 16 bytes)"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        return "a GPU before Hopper (sm_90) has no TMA"
+    if device.type != "cuda" and not interpreting():
+        return "not a CUDA device"
+    return ""
+
+
+def candidate_tiles(*, n: int, ho: int, wo: int, c: int, co: int, taps: int, stride: int, pool: int,
+                    device: torch.device) -> list[Tiles]:  # fmt: skip
+    """The configurations :func:`_tune` times for one convolution: the pointer kernel's default, and TMA tiles
+    of the three spatial shapes that waste the fewest rows at this image size (rows past the image's edge are
+    computed and dropped; at most 40%) and of the best one-row shape."""
+    m = n * ho * wo
+    out = [default_tiles(m=m, c=c, co=co, taps=taps)]
+    if tma_unsupported(c=c, taps=taps, stride=stride, device=device):
+        return out
+    bk = min(128, triton.next_power_of_2(c))
+    bns = sorted({min(b, max(32, triton.next_power_of_2(co))) for b in (64, 128, 256)})
+    if taps == 1 and pool == 1:
+        shapes = [(1, 128)]
+        bks = sorted({min(bk, 64), bk})
+    else:
+        shapes = []
+        for bm in (64, 128):
+            for bh in (1, 2, 4, 8, 16, 32):
+                bw = bm // bh
+                if bh % pool or bw % pool or bw < 8:
+                    continue
+                used = (ho * wo) / (triton.cdiv(ho, bh) * bh * triton.cdiv(wo, bw) * bw)
+                if used >= 0.6:
+                    shapes.append((used, bm, bh))
+        ranked = sorted(shapes, reverse=True)
+        # the three least wasteful, and the best one-row block (its A box needs no reshape: read by the MMA from
+        # shared memory, where a multi-row box goes through registers)
+        picked = ranked[:3] + [r for r in ranked[3:] if r[2] == 1][:1]
+        shapes = [(bh, bm) for _, bm, bh in picked]
+        bks = [bk]
+    for bh, bm in shapes:
+        for bn in bns:
+            if bn == 256 and bm == 64:
+                continue
+            for k in bks:
+                out.append(Tiles(bm, bn, k, 8 if bm * bn >= 128 * 256 else 4, 3 if k >= 128 else 4, tma=True, bh=bh))
+    return out
+
+
+def _tune(problem: _Problem, *, reps: int = 5) -> Tiles:
+    """Time each of :func:`candidate_tiles` on this launch (after a compile-and-warm-up call) and return the
+    fastest. Every candidate computes the same integers, so the choice changes speed, never the output."""
+    x, w = problem.x, problem.w
+    n, _, _, c = x.shape
+    co, kh, kw, _ = w.shape
+    cands = candidate_tiles(n=n, ho=problem.ho, wo=problem.wo, c=c, co=co, taps=kh * kw, stride=problem.stride,
+                            pool=problem.pool, device=x.device)  # fmt: skip
+    best, best_ms = cands[0], float("inf")
+    timings = _TIMINGS[problem.key()] = []
+    for t in cands:
+        try:
+            problem.run(t)
+        except Exception:  # a configuration this GPU or Triton cannot compile (shared memory): not a candidate
+            if t is cands[0]:
+                raise
+            continue
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            problem.run(t)
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end) / reps
+        timings.append((t, ms))
+        if ms < best_ms:
+            best, best_ms = t, ms
+    return best
+
+
+def last_launch() -> tuple[Tiles | None, list[tuple[Tiles, float]]]:
+    """The configuration of the latest :func:`conv2d_int8`/:func:`conv2d_fp8` launch, and what tuning measured for
+    that launch ((configuration, ms) per candidate; empty when it was not tuned): for per-layer reports."""
+    if _LAST[0] is None:
+        return None, []
+    key, t = _LAST[0]
+    return t, list(_TIMINGS.get(key, []))
 
 
 def stem_window_weights(w: torch.Tensor, *, pool: int, packed: bool) -> torch.Tensor:

@@ -478,16 +478,19 @@ class Int8Network(torch.nn.Module):
     captured in a CUDA graph. Where Triton cannot launch (a CPU without ``TRITON_INTERPRET=1``) the INT8 layers run
     :func:`sidnet.kernels.int8.reference_conv2d_int8`, the same arithmetic. ``fuse`` (default: on CUDA) runs the
     first layer as one :class:`QStem` kernel (:func:`fuse_stem`) and each conv with the max-pool after it as one
-    :class:`QConvPool` kernel (:func:`fuse_pools`); ``self.plan`` is the plan that runs.
+    :class:`QConvPool` kernel (:func:`fuse_pools`); ``self.plan`` is the plan that runs. ``tune`` (default: on
+    CUDA) times the convolution kernels' configurations on each layer's first eager call and keeps the fastest
+    (:func:`sidnet.kernels.int8.conv2d_int8`): warm up before capturing a CUDA graph; the output does not change.
     """
 
     def __init__(self, plan: Int8Plan, *, device: torch.device, dtype: torch.dtype = torch.float16,
-                 fuse: bool | None = None) -> None:  # fmt: skip
+                 fuse: bool | None = None, tune: bool | None = None) -> None:  # fmt: skip
         super().__init__()
         if fuse if fuse is not None else device.type == "cuda":
             steps = fuse_stem(plan.steps, output=plan.output)
             plan = replace(plan, steps=fuse_pools(steps, output=plan.output))
         self.plan, self.device, self.dtype = plan, device, dtype
+        self.tune = tune if tune is not None else device.type == "cuda"
         self.layers: list[Callable[[dict], None]] = [self._compile(s) for s in plan.steps]
 
     def _compile(self, s: Step) -> Callable[[dict], None]:
@@ -503,7 +506,7 @@ class Int8Network(torch.nn.Module):
 
             def run(env, s=s, w=w, scale=scale, bias=bias):
                 env[s.out] = K.conv2d_int8(env[s.x], w, scale, bias, stride=s.stride, pad=s.pad, relu=s.relu,
-                                           out_scale=s.out_scale, out_dtype=self.dtype)  # fmt: skip
+                                           out_scale=s.out_scale, out_dtype=self.dtype, tune=self.tune)  # fmt: skip
 
             return run
         if isinstance(s, QStem):
@@ -524,7 +527,7 @@ class Int8Network(torch.nn.Module):
                 c = s.conv
                 env[s.out] = K.conv2d_int8(env[s.x], w, scale, bias, stride=c.stride, pad=c.pad, relu=c.relu,
                                            out_scale=c.out_scale, pool=s.pool.kernel,
-                                           pool_scale=s.pool.out_scale)  # fmt: skip
+                                           pool_scale=s.pool.out_scale, tune=self.tune)  # fmt: skip
 
             return run
         if isinstance(s, QMaxPool):

@@ -27,8 +27,8 @@ class Int8Backend(GraphRunner):
     name = "torch"
 
     def __init__(self, path: Path, *, device: str = "auto", conf_thresh: float = 0.001, topk: int = 100,
-                 precision: str | None = None, graphs: bool = True,
-                 use_kernel: bool | None = None) -> None:  # fmt: skip
+                 precision: str | None = None, graphs: bool = True, use_kernel: bool | None = None,
+                 tune: bool | None = None) -> None:  # fmt: skip
         from sidnet.quant.int8_plan import Int8Network, Int8PlanError, plan_from_onnx
 
         if precision not in (None, "int8"):
@@ -42,7 +42,7 @@ class Int8Backend(GraphRunner):
             raise DeployError(str(e)) from None
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
         info.backend, info.precision, info.topk, info.conf_thresh = "torch", "int8", topk, conf_thresh
-        self.net = Int8Network(self.plan, device=dev, dtype=dtype)
+        self.net = Int8Network(self.plan, device=dev, dtype=dtype, tune=tune)
         head = SimpleNamespace(input_size=info.input_size,
                                anchors=torch.tensor(info.anchors, dtype=torch.float32, device=dev))  # fmt: skip
         tail, self.decode = decode_tail(head, conf_thresh=conf_thresh, topk=topk,
@@ -56,7 +56,7 @@ class Int8Backend(GraphRunner):
 
 
 def open_backend(path: Path, **options) -> Int8Backend:
-    unknown = set(options) - {"device", "conf_thresh", "topk", "precision", "graphs", "use_kernel"}
+    unknown = set(options) - {"device", "conf_thresh", "topk", "precision", "graphs", "use_kernel", "tune"}
     if unknown:
         raise DeployError(f"torch backend options {sorted(unknown)} do not apply to an INT8 ONNX ({path})")
     return Int8Backend(Path(path), **options)

@@ -42,6 +42,8 @@ cases = [(2, 9, 7, 3, 16, 3, 1, 1, None), (1, 8, 8, 40, 24, 1, 1, 0, None), (1, 
 cases += [(2, 9, 11, 48, 40, 3, 1, 1, K.Tiles(32, 32, 32, 4, 1, 2, tma=True, bh=4)),
           (1, 7, 13, 32, 24, 3, 1, 1, K.Tiles(32, 16, 32, 4, 1, 1, tma=True, bh=2)),
           (2, 7, 9, 64, 48, 1, 1, 0, K.Tiles(32, 32, 32, 4, 1, 2, tma=True))]
+# split-K: 27 reduction steps in 4 parts (the last one shorter), summed in the int32 workspace
+cases += [(1, 6, 7, 96, 40, 3, 1, 1, K.Tiles(32, 16, 32, 4, 1, 2, split=4))]
 for n, h, w, c, co, k, st, pad, tiles in cases:
     x = torch.randint(-128, 128, (n, h, w, c), dtype=torch.int8, generator=g)
     wt = torch.randint(-127, 128, (co, k, k, c), dtype=torch.int8, generator=g)

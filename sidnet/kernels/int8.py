@@ -16,7 +16,7 @@ also what runs where Triton cannot (a CPU without ``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +93,10 @@ if triton is not None:
                         ratio, KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr, OUT_Q: tl.constexpr,
                         FP8: tl.constexpr, GATHER: tl.constexpr, EVEN_C: tl.constexpr, POOL: tl.constexpr,
                         REQUANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        GROUP_M: tl.constexpr):  # fmt: skip
+                        GROUP_M: tl.constexpr, SPLIT: tl.constexpr = 1):  # fmt: skip
+        # SPLIT > 1 (split-K, for layers with too few output tiles to fill the GPU): program (tile, k) sums the k-th
+        # part of the reduction and adds its INT32 partial sums into out_ptr, a zeroed int32 (M, CO) workspace
+        # (integer addition: exact in any order); _split_epilogue_kernel finishes.
         pid_m, pid_n = _tile_order(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(CO, BN), GROUP_M=GROUP_M)
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
@@ -131,16 +134,15 @@ if triton is not None:
                 ih = r[:, None] + ih0[None, :]  # (K, M), transposed after the load: lanes along the pixels
                 iw = s[:, None] + iw0[None, :]
                 ok = k_ok[:, None] & m_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                a = tl.load(x_ptr + ((img[None, :] * H + ih) * W + iw) * C + (kk % C)[:, None], mask=ok, other=0)
+                a = tl.load(x_ptr + ((img[None, :] * H + ih) * W + iw) * C + (kk % C)[:, None], mask=ok, other=0.0)
                 a = tl.trans(a)
-                b = tl.load(w_cols + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0)
-                if FP8:  # the e4m3 operands travel as their int8 bit patterns (0 is +0.0)
-                    a = a.to(tl.float8e4nv, bitcast=True)
-                    b = b.to(tl.float8e4nv, bitcast=True)
-                acc += tl.dot(a, b)
+                b = tl.load(w_cols + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = tl.dot(a, b, acc)
         else:  # one loop over (r, s, channel block): long enough for the software pipeline to overlap loads
             cb = tl.cdiv(C, BK)
-            for t in range(0, KH * KW * cb):
+            chunk = tl.cdiv(KH * KW * cb, SPLIT)
+            t_lo = tl.program_id(1) * chunk
+            for t in range(t_lo, tl.minimum(t_lo + chunk, KH * KW * cb)):
                 rs = t // cb
                 c0 = (t - rs * cb) * BK
                 r = rs // KW
@@ -151,16 +153,13 @@ if triton is not None:
                 a_ptr = x_ptr + (((img * H + ih) * W + iw) * C)[:, None] + kc[None, :]
                 b_ptr = w_cols + (rs * C + kc)[:, None]
                 if EVEN_C:
-                    a = tl.load(a_ptr, mask=pix_ok[:, None], other=0)
-                    b = tl.load(b_ptr, mask=n_ok[None, :], other=0)
+                    a = tl.load(a_ptr, mask=pix_ok[:, None], other=0.0)
+                    b = tl.load(b_ptr, mask=n_ok[None, :], other=0.0)
                 else:
                     k_ok = kc < C
-                    a = tl.load(a_ptr, mask=pix_ok[:, None] & k_ok[None, :], other=0)
-                    b = tl.load(b_ptr, mask=k_ok[:, None] & n_ok[None, :], other=0)
-                if FP8:
-                    a = a.to(tl.float8e4nv, bitcast=True)
-                    b = b.to(tl.float8e4nv, bitcast=True)
-                acc += tl.dot(a, b)
+                    a = tl.load(a_ptr, mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+                    b = tl.load(b_ptr, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = tl.dot(a, b, acc)
         if POOL > 1:  # the max of each window's sums: the epilogue is monotonic (scale > 0), so this is the pool
             acc = tl.max(tl.reshape(acc, (BM // (POOL * POOL), POOL * POOL, BN)), axis=1)
             ro = pid_m * (BM // (POOL * POOL)) + tl.arange(0, BM // (POOL * POOL))
@@ -168,8 +167,23 @@ if triton is not None:
         else:
             ro = rm
             r_ok = m_ok
-        _epilogue(acc, ro, r_ok, rn, n_ok, scale_ptr, bias_ptr, out_ptr, CO, out_scale, ratio, RELU=RELU, OUT_Q=OUT_Q,
-                  FP8=FP8, REQUANT=REQUANT)  # fmt: skip
+        if SPLIT > 1:
+            ok = r_ok[:, None] & n_ok[None, :]
+            tl.atomic_add(out_ptr + ro.to(tl.int64)[:, None] * CO + rn[None, :], acc, mask=ok)
+        else:
+            _epilogue(acc, ro, r_ok, rn, n_ok, scale_ptr, bias_ptr, out_ptr, CO, out_scale, ratio, RELU=RELU,
+                      OUT_Q=OUT_Q, FP8=FP8, REQUANT=REQUANT)  # fmt: skip
+
+    @triton.jit
+    def _split_epilogue_kernel(acc_ptr, scale_ptr, bias_ptr, out_ptr, M, CO, out_scale, RELU: tl.constexpr,
+                               OUT_Q: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+        # The epilogue of a split-K convolution, on the summed int32 (M, CO) workspace.
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        ok = (rm < M)[:, None] & (rn < CO)[None, :]
+        acc = tl.load(acc_ptr + rm.to(tl.int64)[:, None] * CO + rn[None, :], mask=ok, other=0)
+        _epilogue(acc, rm, rm < M, rn, rn < CO, scale_ptr, bias_ptr, out_ptr, CO, out_scale, 1.0, RELU=RELU,
+                  OUT_Q=OUT_Q, FP8=False, REQUANT=False)  # fmt: skip
 
     @triton.jit
     def _conv_tma_kernel(x_desc, w_desc, scale_ptr, bias_ptr, out_ptr, H, W, C, HO, WO, CO, tiles_h, tiles_w, num_m,
@@ -198,9 +212,6 @@ if triton is not None:
             r = rs // KW
             a = x_desc.load([img, h0 + r - PAD, w0 + (rs - r * KW) - PAD, c0]).reshape(BH * BW, BK)
             b = w_desc.load([n0, rs * C + c0])  # a channel block past C meets zeros in A, so its B values never count
-            if FP8:
-                a = a.to(tl.float8e4nv, bitcast=True)
-                b = b.to(tl.float8e4nv, bitcast=True)
             acc = tl.dot(a, b.T, acc)
         rn = n0 + tl.arange(0, BN)
         if POOL > 1:  # BH, BW and the tile origin are multiples of POOL: the tile holds whole windows
@@ -315,7 +326,8 @@ class Tiles:
     """A launch configuration of the convolution kernel: the output tile (bm pixels × bn channels), the reduction
     step bk, warps, software-pipeline stages and the grouped tile order's group height. ``tma``: the TMA kernel
     (stride 1; its tile is ``bh`` rows × ``bm // bh`` columns of one image, or ``bm`` consecutive pixels for a 1×1
-    convolution without padding) instead of the pointer-gather kernel."""
+    convolution without padding) instead of the pointer-gather kernel. ``split``: the pointer kernel's reduction
+    split over that many programs per tile (split-K, INT8 without a fused pool), summed in an int32 workspace."""
 
     bm: int
     bn: int
@@ -325,6 +337,7 @@ class Tiles:
     group: int = 8
     tma: bool = False
     bh: int = 1
+    split: int = 1
 
 
 def default_tiles(*, m: int, c: int, co: int, taps: int) -> Tiles:
@@ -410,14 +423,18 @@ def conv2d_fp8(
     out_dtype: torch.dtype = torch.float16,
     tiles: Tiles | None = None,
     tune: bool = False,
+    pool: int = 1,
 ) -> torch.Tensor:
-    """:func:`conv2d_int8` in FP8 (e4m3) with FP32 accumulation: the same layouts and epilogue; a quantised output
-    is ``clamp(y / out_scale, ±448)`` rounded to e4m3. CUDA (sm_89+) only."""
+    """:func:`conv2d_int8` in FP8 (e4m3) with FP32 accumulation: the same layouts, epilogue and tuning; a quantised
+    output is ``clamp(y / out_scale, ±448)`` rounded to e4m3. With a fused ``pool``, the window's maximum is
+    quantised once, at ``out_scale`` (pass the pool's output scale). CUDA (sm_89+) only."""
     _check(x, w, torch.float8_e4m3fn, "conv2d_fp8")
     if x.device.type != "cuda" or triton is None:
         raise RuntimeError(f"conv2d_fp8 runs on a CUDA GPU with Triton (got a {x.device.type} tensor)")
+    if pool > 1 and out_scale is None:
+        raise ValueError("conv2d_fp8: a fused max pool needs the e4m3 output (out_scale)")
     return _launch(x, w, scale, bias, stride=stride, pad=pad, relu=relu, out_scale=out_scale, out_dtype=out_dtype,
-                   tiles=tiles, q_dtype=torch.float8_e4m3fn, tune=tune)  # fmt: skip
+                   tiles=tiles, q_dtype=torch.float8_e4m3fn, tune=tune, pool=pool)  # fmt: skip
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, name: str) -> None:
@@ -435,8 +452,8 @@ def _launch(x, w, scale, bias, *, stride, pad, relu, out_scale, out_dtype, tiles
     wo = conv_output_size(wd, kernel=kw, stride=stride, pad=pad)
     out = torch.empty((n, ho // pool, wo // pool, co), dtype=q_dtype if out_scale is not None else out_dtype,
                       device=x.device)  # fmt: skip
-    if q_dtype != torch.int8:  # FP8: operands and a quantised output as their int8 bit patterns
-        x, w = x.view(torch.int8), w.view(torch.int8)
+    # FP8: the operands stay float8 tensors (the kernels load e4m3 directly: Triton keeps FP8 warpgroup MMAs in
+    # flight across loop iterations, which it does not do for INT8), a quantised output is stored as its bit pattern
     dst = out.view(torch.int8) if out.dtype == q_dtype else out
     ratio = float(out_scale / pool_scale) if pool > 1 else 1.0
     m = n * (ho // pool) * (wo // pool) * pool * pool  # the conv rows computed (with a pool: whole windows only)
@@ -512,7 +529,18 @@ class _Problem:
                                    BW=bw, **common)  # fmt: skip
             return
         m = n * (self.ho // p) * (self.wo // p) * p * p
-        grid = (triton.cdiv(m, t.bm) * triton.cdiv(co, t.bn),)
+        grid = (triton.cdiv(m, t.bm) * triton.cdiv(co, t.bn), t.split)
+        if t.split > 1:
+            if p > 1 or self.fp8 or c < 16:
+                raise ValueError(f"conv2d_int8: split-K runs INT8 without a fused pool on C >= 16, not {t}")
+            acc = torch.zeros((m, co), dtype=torch.int32, device=x.device)
+            _conv_q8_kernel[grid](x, w, self.scale, self.bias, acc, m, h, wd, c, self.ho, self.wo, co, self.stride,
+                                  self.pad, self.out_scale, self.ratio, KH=kh, KW=kw, GATHER=False,
+                                  EVEN_C=c % t.bk == 0, BM=t.bm, SPLIT=t.split, **common)  # fmt: skip
+            _split_epilogue_kernel[(triton.cdiv(m, 64), triton.cdiv(co, 64))](
+                acc, self.scale, self.bias, self.out, m, co, self.out_scale, RELU=self.relu, OUT_Q=self.out_q, BM=64,
+                BN=64)  # fmt: skip
+            return
         _conv_q8_kernel[grid](x, w, self.scale, self.bias, self.out, m, h, wd, c, self.ho, self.wo, co, self.stride,
                               self.pad, self.out_scale, self.ratio, KH=kh, KW=kw, GATHER=c < 16,
                               EVEN_C=c % t.bk == 0, BM=t.bm, **common)  # fmt: skip
@@ -544,7 +572,12 @@ def candidate_tiles(*, n: int, ho: int, wo: int, c: int, co: int, taps: int, str
     of the three spatial shapes that waste the fewest rows at this image size (rows past the image's edge are
     computed and dropped; at most 40%) and of the best one-row shape."""
     m = n * ho * wo
-    out = [default_tiles(m=m, c=c, co=co, taps=taps)]
+    base = default_tiles(m=m, c=c, co=co, taps=taps)
+    out = [base]
+    steps = taps * triton.cdiv(c, base.bk)
+    if pool == 1 and c >= 16 and triton.cdiv(m, base.bm) * triton.cdiv(co, base.bn) < 132 and steps >= 16:
+        # too few output tiles to fill a 132-SM GPU (batch 1): split the reduction, >= 8 steps per part
+        out += [replace(base, split=k) for k in (2, 4, 8) if steps // k >= 8]
     if tma_unsupported(c=c, taps=taps, stride=stride, device=device):
         return out
     bk = min(128, triton.next_power_of_2(c))

@@ -463,7 +463,7 @@ def fold_weight_quantize(path: str | Path, out: str | Path) -> Path:
     return out
 
 
-def _conv_operands(s: QConv, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def conv_operands(s: QConv, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A QConv's kernel operands on ``dev``: int8 weights (CO, KH, KW, C), the float32 epilogue scale
     ``s_x · s_w[co]`` and the bias."""
     w = torch.from_numpy(np.ascontiguousarray(s.w.transpose(3, 0, 1, 2))).to(dev)
@@ -502,7 +502,7 @@ class Int8Network(torch.nn.Module):
 
             return run
         if isinstance(s, QConv):
-            w, scale, bias = _conv_operands(s, dev)
+            w, scale, bias = conv_operands(s, dev)
 
             def run(env, s=s, w=w, scale=scale, bias=bias):
                 env[s.out] = K.conv2d_int8(env[s.x], w, scale, bias, stride=s.stride, pad=s.pad, relu=s.relu,
@@ -510,7 +510,7 @@ class Int8Network(torch.nn.Module):
 
             return run
         if isinstance(s, QStem):
-            w, scale, bias = _conv_operands(s.conv, dev)
+            w, scale, bias = conv_operands(s.conv, dev)
             window = K.stem_window_weights(w, pool=s.pool.kernel, packed=True)
 
             def run(env, s=s, w=w, scale=scale, bias=bias, window=window):
@@ -521,7 +521,7 @@ class Int8Network(torch.nn.Module):
 
             return run
         if isinstance(s, QConvPool):
-            w, scale, bias = _conv_operands(s.conv, dev)
+            w, scale, bias = conv_operands(s.conv, dev)
 
             def run(env, s=s, w=w, scale=scale, bias=bias):
                 c = s.conv

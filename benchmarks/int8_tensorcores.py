@@ -2,7 +2,8 @@
 one run, one GPU: img/s at each batch (one CUDA graph per batch: network + decode), p50 latency, and where the INT8
 time goes (each plan step timed alone, its TOPS and share of the INT8 dense peak). Two INT8 rows per batch: the
 kernels' default configurations, and tuned (each layer's configuration timed on its first call: the pointer-gather
-kernel beside the TMA kernel's tiles); the per-layer table is the tuned network's, with what tuning measured.
+kernel beside the TMA kernel's tiles); FP8 (e4m3, the same calibration's ranges mapped onto ±448, tuned alike) beside
+them. The per-layer table is the tuned INT8 network's, with what tuning measured and the FP8 kernel's time.
 
     python benchmarks/int8_tensorcores.py --onnx model_int8.onnx [--batches 1 64] --out DIR
 
@@ -37,7 +38,7 @@ def _rate(backend, batch: int) -> dict:
     return r
 
 
-def per_layer(backend: Int8Backend, batch: int) -> list[dict]:
+def per_layer(backend: Int8Backend, batch: int, *, fp8_column: bool = True) -> list[dict]:
     """Each plan step alone (eager, CUDA events, median of 20) on the batch's real intermediate tensors."""
     net = backend.net
     x = backend.new_input(batch).uniform_()
@@ -57,7 +58,8 @@ def per_layer(backend: Int8Backend, batch: int) -> list[dict]:
                 row["pointer_ms"] = min(pointer)
             if tma:
                 row["tma_ms"] = min(tma)
-            row["fp8_ms"] = _fp8_ms(step, before, net.device)
+            if fp8_column:
+                row["fp8_ms"] = _fp8_ms(step, before, net.device)
             conv, k = (step, 1) if isinstance(step, QConv) else (step.conv, step.pool.kernel)
             out = env[step.out]  # with a fused pool, each output pixel is k² conv outputs
             ops = 2 * conv.macs_per_pixel * out.shape[0] * out.shape[1] * out.shape[2] * k * k
@@ -104,6 +106,7 @@ def main() -> None:
     env = environment(dev)
     base = Int8Backend(args.onnx, device="cuda", conf_thresh=0.3, topk=100, tune=False)
     int8 = Int8Backend(args.onnx, device="cuda", conf_thresh=0.3, topk=100, tune=True)
+    fp8 = Int8Backend(args.onnx, device="cuda", conf_thresh=0.3, topk=100, tune=True, precision="fp8")
     size = int8.info.input_size
     model = build_random("sidnet", input_size=size)
     info = ArtifactInfo(path=Path("random"), backend="torch", input_size=size, class_names=["person"],
@@ -114,21 +117,26 @@ def main() -> None:
         f = _rate(fp16, b)
         d = _rate(base, b)
         q = _rate(int8, b)
+        e = _rate(fp8, b)
         rows.append({"batch": b, "fp16_img_s": f["img_s"], "fp16_p50_ms": f["p50_ms"], "int8_img_s": q["img_s"],
                      "int8_p50_ms": q["p50_ms"], "int8_vs_fp16": q["img_s"] / f["img_s"],
-                     "int8_default_img_s": d["img_s"], "int8_default_p50_ms": d["p50_ms"]})  # fmt: skip
+                     "int8_default_img_s": d["img_s"], "int8_default_p50_ms": d["p50_ms"], "fp8_img_s": e["img_s"],
+                     "fp8_p50_ms": e["p50_ms"], "fp8_vs_fp16": e["img_s"] / f["img_s"]})  # fmt: skip
     layers = per_layer(int8, args.layers_batch)
+    layers_fp8 = per_layer(fp8, args.layers_batch, fp8_column=False)
     peak = next((v for k, v in INT8_DENSE_TOPS.items() if k in env["device"]), None)
     total = sum(r["ms"] for r in layers)
     lines = [f"# INT8 tensor cores (Triton) vs FP16 torch backend — {env['device']}", "",
              f"{env['date']} · torch {env['torch']} · CUDA {env['cuda']} · Python {env['python']} · {size}² · "
              f"`{env['command']}`", "", f"INT8 plan: {int8.plan.summary()}; decode: {int8.decode}", "",
              "| batch | FP16 img/s | FP16 p50 ms | INT8 default tiles img/s | p50 ms | INT8 tuned img/s | p50 ms "
-             "| tuned INT8 / FP16 |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "| tuned INT8 / FP16 | FP8 tuned img/s | p50 ms | FP8 / FP16 |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['batch']} | {r['fp16_img_s']:,.0f} | {r['fp16_p50_ms']:.3f} | "
                      f"{r['int8_default_img_s']:,.0f} | {r['int8_default_p50_ms']:.3f} | {r['int8_img_s']:,.0f} | "
-                     f"{r['int8_p50_ms']:.3f} | {r['int8_vs_fp16']:.2f}x |")  # fmt: skip
+                     f"{r['int8_p50_ms']:.3f} | {r['int8_vs_fp16']:.2f}x | {r['fp8_img_s']:,.0f} | "
+                     f"{r['fp8_p50_ms']:.3f} | {r['fp8_vs_fp16']:.2f}x |")  # fmt: skip
     lines += ["", f"## Where the INT8 time goes (batch {args.layers_batch}, each step alone, eager; sum "
               f"{total:.2f} ms)",
               "", "| step | kind | layer | ms | share | TOPS | of INT8 peak | configuration | tuning: best pointer ms "
@@ -143,8 +151,20 @@ def main() -> None:
         fp8 = f"{r['fp8_ms']:.3f}" if "fp8_ms" in r else "-"
         lines.append(f"| {r['step']} | {r['kind']} | {r.get('shape', '')} | {r['ms']:.3f} | {r['ms'] / total:.0%} | "
                      f"{tops} | {frac} | {r.get('tiles', '')} | {ptr} | {tma} | {fp8} |")  # fmt: skip
+    total8 = sum(r["ms"] for r in layers_fp8)
+    lines += ["", f"## Where the FP8 time goes (batch {args.layers_batch}, each step alone, eager; sum "
+              f"{total8:.2f} ms)", "", "| step | kind | layer | ms | TFLOPS | of FP8 peak | configuration |",
+              "|---|---|---|---:|---:|---:|---|"]  # fmt: skip
+    for r in layers_fp8:
+        if r["ms"] < 0.002 and r["kind"] == "Layout":
+            continue
+        tops = f"{r['tops']:.0f}" if "tops" in r else "-"
+        frac = f"{r['tops'] / peak:.0%}" if "tops" in r and peak else "-"
+        lines.append(f"| {r['step']} | {r['kind']} | {r.get('shape', '')} | {r['ms']:.3f} | {tops} | {frac} | "
+                     f"{r.get('tiles', '')} |")  # fmt: skip
     publish_report(lines, out=args.out / "int8_tensorcores.md" if args.out else None,
-                   payload={"env": env, "rows": rows, "layers": layers, "int8_peak_tops": peak})
+                   payload={"env": env, "rows": rows, "layers": layers, "layers_fp8": layers_fp8,
+                            "int8_peak_tops": peak})  # fmt: skip
 
 
 if __name__ == "__main__":

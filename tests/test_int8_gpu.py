@@ -257,3 +257,46 @@ def test_int8_sidnet_against_onnxruntime_and_graphs_against_eager():
     eager = Int8Backend(path, device="cuda", conf_thresh=0.001, topk=100, graphs=False)
     dets_eager, num_eager = eager.infer(images)
     assert np.array_equal(num_graph, num_eager) and np.allclose(dets_graph, dets_eager, atol=1e-2)
+
+
+@cuda
+def test_maxpool_fp8_on_the_gpu():
+    from sidnet.kernels import int8 as K
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn((2, 26, 26, 512), device="cuda", generator=g) * 40).to(torch.float8_e4m3fn)
+    mp = torch.nn.functional.max_pool2d(x.float().permute(0, 3, 1, 2), 2, 2).permute(0, 2, 3, 1)
+    for ratio in (1.0, 0.77):
+        got = K.maxpool2d_fp8(x, kernel=2, stride=2, pad=0, in_scale=ratio, out_scale=1.0)
+        expect = (mp * ratio).clamp(-448, 448).to(torch.float8_e4m3fn)
+        assert torch.equal(got.view(torch.int8), expect.view(torch.int8)), ratio
+
+
+@cuda
+def test_fp8_sidnet_follows_int8_and_its_graph_equals_eager():
+    """FP8 (e4m3) runs the same plan with the calibration's ranges mapped onto ±448: its raw head stays near the
+    INT8 network's (a different rounding of the same float model) and near its own unfused steps, and the CUDA-graph
+    backend equals the eager network."""
+    from sidnet.quant.int8_plan import Int8Network, QConvPool, plan_from_onnx
+    from sidnet.runtime.backends.torch_int8 import Int8Backend
+
+    path = _export()
+    plan = plan_from_onnx(path)
+    images = torch.from_numpy(_images(416)).cuda()
+    dev = torch.device("cuda")
+    with torch.no_grad():
+        int8 = Int8Network(plan, device=dev, dtype=torch.float32)(images).cpu().numpy()
+        fused = Int8Network(plan, device=dev, dtype=torch.float32, precision="fp8")
+        fp8 = fused(images).cpu().numpy()
+        steps = Int8Network(plan, device=dev, dtype=torch.float32, precision="fp8", fuse=False)
+        unfused = steps(images).cpu().numpy()
+    # the fused pool rounds once at the pool's scale; the two steps round at the conv's, then at the pool's
+    assert float(np.linalg.norm(unfused - fp8) / np.linalg.norm(fp8)) < 0.05
+    assert sum(isinstance(s, QConvPool) for s in fused.plan.steps) == 3, fused.plan.summary()
+    rel = float(np.linalg.norm(fp8 - int8) / np.linalg.norm(int8))
+    print(f"FP8 SIDNet 416², raw head relative L2 vs the INT8 network: {rel:.2e}")
+    assert np.isfinite(fp8).all() and rel < 0.25, rel
+    backend = Int8Backend(path, device="cuda", conf_thresh=0.001, topk=100, precision="fp8")
+    eager = Int8Backend(path, device="cuda", conf_thresh=0.001, topk=100, precision="fp8", graphs=False)
+    (dg, ng), (de, ne) = backend.infer(_images(416)), eager.infer(_images(416))
+    assert backend.info.precision == "fp8" and np.array_equal(ng, ne) and np.allclose(dg, de, atol=1e-2)

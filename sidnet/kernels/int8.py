@@ -320,6 +320,28 @@ if triton is not None:
             best = ((q + 12582912.0) - 12582912.0).to(tl.int32)
         tl.store(out_ptr + offs, best.to(tl.int8), mask=ok)
 
+    @triton.jit
+    def _maxpool_fp8_kernel(x_ptr, out_ptr, total, H, W, C, HO, WO, stride, pad, ratio, K: tl.constexpr,
+                            BLOCK: tl.constexpr):  # fmt: skip
+        # Max pooling of e4m3 NHWC, requantised by ratio = in_scale / out_scale (e4m3 rounding of the product).
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < total
+        c = offs % C
+        pix = offs // C
+        ow = pix % WO
+        oh = (pix // WO) % HO
+        img = pix // (WO * HO)
+        best = tl.full((BLOCK,), -448.0, tl.float32)
+        for r in tl.static_range(K):
+            for s in tl.static_range(K):
+                ih = oh * stride - pad + r
+                iw = ow * stride - pad + s
+                inside = ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                v = tl.load(x_ptr + ((img.to(tl.int64) * H + ih) * W + iw) * C + c, mask=inside, other=-448.0)
+                best = tl.maximum(best, v.to(tl.float32))
+        q = tl.minimum(tl.maximum(best * ratio, -448.0), 448.0)
+        tl.store(out_ptr + offs, q.to(tl.float8e4nv), mask=ok)
+
 
 @dataclass(frozen=True)
 class Tiles:
@@ -735,6 +757,27 @@ def maxpool2d_int8(x: torch.Tensor, *, kernel: int, stride: int, pad: int, in_sc
                                                        float(in_scale / out_scale), K=kernel, REQUANT=requant,
                                                        BLOCK=block)  # fmt: skip
     return out
+
+
+def maxpool2d_fp8(x: torch.Tensor, *, kernel: int, stride: int, pad: int, in_scale: float,
+                  out_scale: float) -> torch.Tensor:  # fmt: skip
+    """:func:`maxpool2d_int8` on e4m3 NHWC ``x`` (CUDA): the maximum, requantised from ``in_scale`` to
+    ``out_scale`` (``clamp(v · in_scale / out_scale, ±448)`` rounded to e4m3). Returns e4m3 (N, HO, WO, C)."""
+    if x.dtype != torch.float8_e4m3fn or x.device.type != "cuda" or triton is None:
+        raise ValueError(f"maxpool2d_fp8: an e4m3 CUDA tensor, got {x.dtype} on {x.device}")
+    n, h, w, c = x.shape
+    ho = conv_output_size(h, kernel=kernel, stride=stride, pad=pad)
+    wo = conv_output_size(w, kernel=kernel, stride=stride, pad=pad)
+    out = torch.empty((n, ho, wo, c), dtype=torch.float8_e4m3fn, device=x.device)
+    total, block = out.numel(), 1024
+    _maxpool_fp8_kernel[(triton.cdiv(total, block),)](x, out, total, h, w, c, ho, wo, stride, pad,
+                                                      float(in_scale / out_scale), K=kernel, BLOCK=block)  # fmt: skip
+    return out
+
+
+def quantize_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """e4m3 quantisation: ``clamp(x / scale, ±448)`` rounded to e4m3 (round to nearest even)."""
+    return (x.float() / scale).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
 
 
 def quantize(x: torch.Tensor, scale: float) -> torch.Tensor:

@@ -463,10 +463,42 @@ def fold_weight_quantize(path: str | Path, out: str | Path) -> Path:
     return out
 
 
-def conv_operands(s: QConv, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+FP8_PER_INT8 = 127.0 / 448.0  # an e4m3 scale per int8 scale: the same calibrated range, |x| <= 448 instead of 127
+
+
+def to_fp8(plan: Int8Plan) -> Int8Plan:
+    """The plan in FP8 (e4m3) terms: every activation and weight scale times 127/448, so each calibrated range
+    (``amax = 127 · s``) maps onto e4m3's ±448; the steps, weights (still int8, re-coded by :func:`conv_operands`)
+    and the layers kept in float are the same. Run it with ``Int8Network(..., precision="fp8")``."""
+    f = FP8_PER_INT8
+
+    def conv(s: QConv) -> QConv:
+        return replace(s, x_scale=s.x_scale * f, w_scale=(s.w_scale * f).astype(np.float32),
+                       out_scale=None if s.out_scale is None else s.out_scale * f)  # fmt: skip
+
+    steps: list[Step] = []
+    for s in plan.steps:
+        if isinstance(s, QConv):
+            s = conv(s)
+        elif isinstance(s, QMaxPool):
+            s = replace(s, in_scale=s.in_scale * f, out_scale=s.out_scale * f)
+        elif isinstance(s, (Quantize, Dequantize)):
+            s = replace(s, scale=s.scale * f)
+        elif isinstance(s, FloatConv) and s.x_scale is not None:
+            s = replace(s, x_scale=s.x_scale * f)
+        elif isinstance(s, (QStem, QConvPool)):
+            raise Int8PlanError("to_fp8 takes an unfused plan (plan_from_onnx's); Int8Network fuses afterwards")
+        steps.append(s)
+    return replace(plan, steps=steps)
+
+
+def conv_operands(s: QConv, dev: torch.device, *, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A QConv's kernel operands on ``dev``: int8 weights (CO, KH, KW, C), the float32 epilogue scale
-    ``s_x · s_w[co]`` and the bias."""
+    ``s_x · s_w[co]`` and the bias. ``fp8``: the weights as e4m3 (``w_q · 448/127``: a :func:`to_fp8` plan's
+    per-channel scales make that the same float weight)."""
     w = torch.from_numpy(np.ascontiguousarray(s.w.transpose(3, 0, 1, 2))).to(dev)
+    if fp8:
+        w = (w.float() / FP8_PER_INT8).to(torch.float8_e4m3fn)
     scale = torch.from_numpy((s.x_scale * s.w_scale.astype(np.float64)).astype(np.float32)).to(dev)
     return w, scale, torch.from_numpy(s.bias).to(dev)
 
@@ -484,29 +516,38 @@ class Int8Network(torch.nn.Module):
     """
 
     def __init__(self, plan: Int8Plan, *, device: torch.device, dtype: torch.dtype = torch.float16,
-                 fuse: bool | None = None, tune: bool | None = None) -> None:  # fmt: skip
+                 fuse: bool | None = None, tune: bool | None = None, precision: str = "int8") -> None:  # fmt: skip
         super().__init__()
+        if precision not in ("int8", "fp8"):
+            raise ValueError(f"Int8Network: precision 'int8' or 'fp8', not {precision!r}")
+        self.fp8 = precision == "fp8"
+        if self.fp8:
+            if device.type != "cuda":
+                raise ValueError(f"Int8Network: FP8 (e4m3) runs on a CUDA GPU (sm_89 or newer), not {device}")
+            plan = to_fp8(plan)
         if fuse if fuse is not None else device.type == "cuda":
-            steps = fuse_stem(plan.steps, output=plan.output)
+            steps = plan.steps if self.fp8 else fuse_stem(plan.steps, output=plan.output)  # the stem kernel is INT8
             plan = replace(plan, steps=fuse_pools(steps, output=plan.output))
-        self.plan, self.device, self.dtype = plan, device, dtype
+        self.plan, self.device, self.dtype, self.precision = plan, device, dtype, precision
         self.tune = tune if tune is not None else device.type == "cuda"
         self.layers: list[Callable[[dict], None]] = [self._compile(s) for s in plan.steps]
 
     def _compile(self, s: Step) -> Callable[[dict], None]:
         dev = self.device
+        quantize = K.quantize_fp8 if self.fp8 else K.quantize
+        conv2d = K.conv2d_fp8 if self.fp8 else K.conv2d_int8
         if isinstance(s, Quantize):
 
             def run(env, s=s):
-                env[s.out] = K.quantize(env[s.x], s.scale).contiguous()
+                env[s.out] = quantize(env[s.x], s.scale).contiguous()
 
             return run
         if isinstance(s, QConv):
-            w, scale, bias = conv_operands(s, dev)
+            w, scale, bias = conv_operands(s, dev, fp8=self.fp8)
 
             def run(env, s=s, w=w, scale=scale, bias=bias):
-                env[s.out] = K.conv2d_int8(env[s.x], w, scale, bias, stride=s.stride, pad=s.pad, relu=s.relu,
-                                           out_scale=s.out_scale, out_dtype=self.dtype, tune=self.tune)  # fmt: skip
+                env[s.out] = conv2d(env[s.x], w, scale, bias, stride=s.stride, pad=s.pad, relu=s.relu,
+                                    out_scale=s.out_scale, out_dtype=self.dtype, tune=self.tune)  # fmt: skip
 
             return run
         if isinstance(s, QStem):
@@ -521,20 +562,26 @@ class Int8Network(torch.nn.Module):
 
             return run
         if isinstance(s, QConvPool):
-            w, scale, bias = conv_operands(s.conv, dev)
+            w, scale, bias = conv_operands(s.conv, dev, fp8=self.fp8)
 
             def run(env, s=s, w=w, scale=scale, bias=bias):
                 c = s.conv
+                if self.fp8:  # the window's maximum quantised once, at the pool's scale
+                    env[s.out] = K.conv2d_fp8(env[s.x], w, scale, bias, stride=c.stride, pad=c.pad, relu=c.relu,
+                                              out_scale=s.pool.out_scale, pool=s.pool.kernel,
+                                              tune=self.tune)  # fmt: skip
+                    return
                 env[s.out] = K.conv2d_int8(env[s.x], w, scale, bias, stride=c.stride, pad=c.pad, relu=c.relu,
                                            out_scale=c.out_scale, pool=s.pool.kernel,
                                            pool_scale=s.pool.out_scale, tune=self.tune)  # fmt: skip
 
             return run
         if isinstance(s, QMaxPool):
+            pool = K.maxpool2d_fp8 if self.fp8 else K.maxpool2d_int8
 
             def run(env, s=s):
-                env[s.out] = K.maxpool2d_int8(env[s.x], kernel=s.kernel, stride=s.stride, pad=s.pad,
-                                              in_scale=s.in_scale, out_scale=s.out_scale)  # fmt: skip
+                env[s.out] = pool(env[s.x], kernel=s.kernel, stride=s.stride, pad=s.pad, in_scale=s.in_scale,
+                                  out_scale=s.out_scale)  # fmt: skip
 
             return run
         if isinstance(s, Layout):
@@ -572,10 +619,11 @@ class Int8Network(torch.nn.Module):
             def run(env, s=s):
                 env[s.out] = env[s.xs[0]]
 
-        elif s.op == "Concat":
+        elif s.op == "Concat":  # on the bytes (e4m3 included: moving bytes commutes with any 8-bit code)
 
             def run(env, s=s):
-                env[s.out] = torch.cat([env[x] for x in s.xs], dim=-1)
+                xs = [env[x] for x in s.xs]
+                env[s.out] = torch.cat([x.view(torch.int8) for x in xs], dim=-1).view(xs[0].dtype)
 
         else:  # SpaceToDepth (ONNX order): out[..., (by·b + bx)·C + c] = x[h·b + by, w·b + bx, c]
 
@@ -583,8 +631,8 @@ class Int8Network(torch.nn.Module):
                 x = env[s.xs[0]]
                 n, h, w, c = x.shape
                 b = s.block
-                y = x.reshape(n, h // b, b, w // b, b, c).permute(0, 1, 3, 2, 4, 5)
-                env[s.out] = y.reshape(n, h // b, w // b, b * b * c)
+                y = x.view(torch.int8).reshape(n, h // b, b, w // b, b, c).permute(0, 1, 3, 2, 4, 5)
+                env[s.out] = y.reshape(n, h // b, w // b, b * b * c).view(x.dtype)
 
         return run
 

@@ -31,9 +31,11 @@ class Int8Backend(GraphRunner):
                  tune: bool | None = None) -> None:  # fmt: skip
         from sidnet.quant.int8_plan import Int8Network, Int8PlanError, plan_from_onnx
 
-        if precision not in (None, "int8"):
-            raise DeployError(f"{path} is an ONNX file: the torch backend runs an ONNX only as INT8 (its Q/DQ "
-                              f"graph), not {precision!r}; pass the checkpoint (.pt) for {precision}")  # fmt: skip
+        if precision not in (None, "int8", "fp8"):
+            raise DeployError(f"{path} is an ONNX file: the torch backend runs an ONNX only as INT8 or FP8 (its "
+                              f"Q/DQ graph's scales), not {precision!r}; pass the checkpoint (.pt) for "
+                              f"{precision}")  # fmt: skip
+        precision = precision or "int8"
         dev = resolve_device(device)
         info = onnx_info(path)
         try:
@@ -41,8 +43,11 @@ class Int8Backend(GraphRunner):
         except Int8PlanError as e:
             raise DeployError(str(e)) from None
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
-        info.backend, info.precision, info.topk, info.conf_thresh = "torch", "int8", topk, conf_thresh
-        self.net = Int8Network(self.plan, device=dev, dtype=dtype, tune=tune)
+        info.backend, info.precision, info.topk, info.conf_thresh = "torch", precision, topk, conf_thresh
+        try:
+            self.net = Int8Network(self.plan, device=dev, dtype=dtype, tune=tune, precision=precision)
+        except ValueError as e:
+            raise DeployError(f"{path}: {e}") from None
         head = SimpleNamespace(input_size=info.input_size,
                                anchors=torch.tensor(info.anchors, dtype=torch.float32, device=dev))  # fmt: skip
         tail, self.decode = decode_tail(head, conf_thresh=conf_thresh, topk=topk,

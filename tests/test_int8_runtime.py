@@ -227,6 +227,35 @@ def test_fused_plan_is_the_step_by_step_plan(int8_export):
     assert torch.equal(a, b)
 
 
+def test_fp8_plan_keeps_the_calibrated_ranges(int8_export):
+    """FP8 maps each calibrated range onto e4m3's ±448: every scale times 127/448, and the e4m3 weights times their
+    scales are the INT8 weights' float values to e4m3 precision (3 mantissa bits). The GPU runs it
+    (tests/test_int8_gpu.py); elsewhere it is a one-line error."""
+    import torch
+
+    from sidnet.quant.int8_plan import Int8Network, QConv, conv_operands, plan_from_onnx, to_fp8
+
+    plan = plan_from_onnx(int8_export)
+    fp8 = to_fp8(plan)
+    cpu = torch.device("cpu")
+    convs = 0
+    for a, b in zip(plan.steps, fp8.steps, strict=True):
+        assert type(a) is type(b) and a.name == b.name
+        if isinstance(a, QConv):
+            assert b.x_scale == pytest.approx(a.x_scale * 127 / 448, rel=1e-6)
+            w, _, _ = conv_operands(a, cpu)
+            w8, scale8, _ = conv_operands(b, cpu, fp8=True)
+            assert w8.dtype == torch.float8_e4m3fn
+            ref = w.float() * torch.from_numpy(a.w_scale)[:, None, None, None]
+            got = w8.float() * torch.from_numpy(b.w_scale)[:, None, None, None]
+            assert ((got - ref).abs() <= ref.abs() / 16 + 1e-12).all(), a.name
+            assert torch.allclose(scale8, torch.from_numpy(a.x_scale * a.w_scale * (127 / 448) ** 2).float())
+            convs += 1
+    assert convs >= 5
+    with pytest.raises(ValueError, match="FP8 .* runs on a CUDA GPU"):
+        Int8Network(plan, device=cpu, precision="fp8")
+
+
 def test_int8_network_within_onnxruntimes_own_spread(int8_export):
     import torch
 

@@ -4,7 +4,7 @@
     python -m deploy.benchmark --parts eager torch compiled --out benchmarks/results --stem deploy_h100
     python -m deploy.benchmark --parts torch compile --compile-batches 1 64     # vs torch.compile, same run
     python -m deploy.benchmark --parts torch int8 compile --models sidnet --int8-onnx export/int8/model.onnx \
-        --batches 64 1 --compile-batches 64       # INT8 tensor cores beside FP16 and torch.compile, same run
+        --batches 64 1 --compile-batches 64       # INT8 and FP8 tensor cores beside FP16 and torch.compile
     python -m deploy.benchmark --parts e2e --e2e-streams 1 4 16 32 --e2e-clips 576p 576p-h264 1080p-h264 \\
         --e2e-decode process nvdec --e2e-realtime 32 64 96 128 --stem pipeline_h200  # python -m deploy's pipeline
     python -m deploy.benchmark --parts e2e --e2e-cases 32:1080p-h264:nvdec --e2e-realtime 32 48 64 \

@@ -342,22 +342,24 @@ def run_benchmark(*, parts: set[str], models: list[str], batches: list[int], com
             from sidnet.runtime.backends.torch_int8 import Int8Backend
 
             for path in int8_onnx or []:
-                be = Int8Backend(path, device="cuda", conf_thresh=0.3, topk=100)
-                if (be.info.model or name) != name or be.info.input_size != model.input_size:
-                    be.close()  # another model's export: its own table
-                    continue
-                res["notes"][f"{name} INT8 plan ({path})"] = be.plan.summary()
-                for bs in batches:
-                    be.slot(bs)
-                    it, lat = iters_for(bs)
-                    add("network", name, "INT8 tensor cores (Triton kernels)", time_calls(
-                        lambda b=bs, be=be: be.run(b), batch=bs, iters=it, lat_iters=lat))  # fmt: skip
-                if 64 in batches:
-                    x = be.slot(64)["input"]
-                    res["profile"][f"{name} INT8 tensor cores bs64"] = profile_kernels(lambda x=x, be=be: be.forward(x))
-                be.close()
-                del be
-                torch.cuda.empty_cache()
+                for precision in ("int8", "fp8"):  # the same calibration: INT8, and its ranges in e4m3
+                    be = Int8Backend(path, device="cuda", conf_thresh=0.3, topk=100, precision=precision)
+                    if (be.info.model or name) != name or be.info.input_size != model.input_size:
+                        be.close()  # another model's export: its own table
+                        break
+                    label = f"{precision.upper()} tensor cores (Triton kernels)"
+                    res["notes"][f"{name} {precision.upper()} plan ({path})"] = be.plan.summary()
+                    for bs in batches:
+                        be.slot(bs)
+                        it, lat = iters_for(bs)
+                        add("network", name, label, time_calls(lambda b=bs, be=be: be.run(b), batch=bs, iters=it,
+                                                               lat_iters=lat))  # fmt: skip
+                    if 64 in batches:
+                        x = be.slot(64)["input"]
+                        res["profile"][f"{name} {label} bs64"] = profile_kernels(lambda x=x, be=be: be.forward(x))
+                    be.close()
+                    del be
+                    torch.cuda.empty_cache()
         if "compiled" in parts and (compiled_models is None or name in compiled_models):
             # In child processes (export, then load): a crash (AOTInductor's loader segfaulted on the H100 until the
             # backend imported onnxruntime first, benchmarks/compiled_isolate.py) costs its rows and a log, not the run.

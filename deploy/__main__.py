@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 8)")  # fmt: skip
     p.add_argument("--max-frames", type=positive_int, help="stop each stream after this many frames (>= 1)")
     p.add_argument("--device", help="torch/onnxruntime device: cuda | cpu (default: cuda when available for torch)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8", "fp8"),
+                   help="torch backend: fp16 | fp32 for a checkpoint (default fp16 on a GPU); int8 (default) | fp8 "
+                        "for an INT8 export's model.onnx (fp8: e4m3 on the same calibration's ranges, sm_89+)")
     p.add_argument("--plugin-library", help="tensorrt: libsidnet_kernels.so the engine's plugins were built with")
     p.add_argument("--no-video", action="store_true", help="write JSON-lines and events only")
     p.add_argument("--video-streams", nargs="+", metavar="NAME",
@@ -74,6 +77,8 @@ def _backend_options(args, backend: str) -> dict:
     opts = {}
     if args.device and backend in ("torch", "onnxruntime"):
         opts["device"] = args.device
+    if args.precision and backend == "torch":
+        opts["precision"] = args.precision
     if args.plugin_library and backend == "tensorrt":
         opts["plugin_library"] = args.plugin_library
     return opts
@@ -92,6 +97,9 @@ def run(args) -> dict:
     if len(set(names)) != len(names):
         raise DeployError(f"two sources share a name ({', '.join(names)}): name them name=SOURCE")
     backend = backend_for(args.artifact, args.backend)
+    if args.precision and backend != "torch":
+        raise DeployError(f"--precision {args.precision} applies to the torch backend, not {backend} (the "
+                          f"artifact fixes its own precision): drop --precision or pass --backend torch")  # fmt: skip
     zones = load_zones(args.zones, streams=names) if args.zones else None
     check_out_dir(args.out, names, force=args.force)
     sources = {}

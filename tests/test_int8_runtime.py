@@ -304,6 +304,14 @@ def test_detector_and_deploy_run_the_int8_export(int8_export, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["precision"] == "int8" and sum(summary["frames"].values()) == 4, summary
+    # --precision fp8 needs a CUDA GPU, and applies to the torch backend only: one-line errors
+    for extra, expect in ((["--backend", "torch", "--device", "cpu"], "FP8 (e4m3) runs on a CUDA GPU"),
+                          (["--backend", "onnxruntime"], "applies to the torch backend")):
+        r = subprocess.run([sys.executable, "-m", "deploy", str(int8_export), str(SAMPLE / "val2017"), *extra,
+                            "--precision", "fp8", "--out", str(tmp_path / "fp8"), "--no-video", "-q"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+        assert r.returncode != 0 and expect in last and "Traceback" not in r.stderr, r.stderr[-2000:]
     # deploy.benchmark times it beside onnxruntime's run of the same file
     r = subprocess.run([sys.executable, "-m", "deploy.benchmark", "--int8-onnx", str(int8_export), "--onnx",
                         str(int8_export), "--batches", "1", "--seconds", "0.2", "--device", "cpu", "-q", "--out",

@@ -51,8 +51,9 @@ def test_conv_int8_on_the_tensor_cores_equals_the_integer_reference(shape):
 
 
 # (H, W, C, CO, k, pool): SIDNet's stride-1 layers that tuning chooses a kernel for (the TMA tiles among them)
+# (TMA multi-row blocks with a pool, one-row blocks, 1x1 GEMMs; split-K where batch 2 leaves the GPU mostly idle)
 TUNED = [(208, 208, 32, 64, 3, 2), (104, 104, 64, 128, 3, 1), (104, 104, 128, 64, 1, 1), (52, 52, 128, 256, 3, 2),
-         (26, 26, 256, 512, 3, 1), (26, 26, 512, 256, 1, 1), (13, 13, 1280, 1024, 3, 1)]
+         (52, 52, 128, 256, 3, 1), (26, 26, 512, 256, 1, 1), (13, 13, 1280, 1024, 3, 1)]
 
 
 @cuda
@@ -71,7 +72,7 @@ def test_every_tuning_candidate_equals_the_integer_reference(shape):
     scale = (torch.rand(co, generator=g) * 2e-5).cuda()
     bias = (torch.randn(co, generator=g) * 0.1).cuda()
     cands = K.candidate_tiles(n=2, ho=h, wo=w, c=c, co=co, taps=k * k, stride=1, pool=pool, device=xc.device)
-    assert sum(t.tma for t in cands) >= 2, cands
+    assert len(cands) >= 2, cands
     ref = None
     if pool == 1:
         ref = K.reference_conv2d_int8(x, wt, ones.cpu(), zeros.cpu(), stride=1, pad=k // 2, relu=False,

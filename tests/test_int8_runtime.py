@@ -98,8 +98,9 @@ for n, h, w, co, pool_scale, packed in [(2, 12, 10, 16, 0.05, True), (1, 8, 14, 
                  "int8_equal": bool(torch.equal(fused, y)), "int8_nonzero": float((fused != 0).float().mean()),
                  "pool_equal": True})
 # tuning's candidates include TMA tiles here; a TMA configuration the kernel cannot run is a one-line error
-cands = K.candidate_tiles(n=2, ho=13, wo=13, c=512, co=1024, taps=9, stride=1, pool=1, device=torch.device("cpu"))
-assert any(t.tma for t in cands) and not cands[0].tma, cands
+for hw, c, co, taps in ((13, 512, 256, 1), (104, 64, 128, 9)):
+    cands = K.candidate_tiles(n=2, ho=hw, wo=hw, c=c, co=co, taps=taps, stride=1, pool=1, device=torch.device("cpu"))
+    assert any(t.tma for t in cands) and not cands[0].tma, cands
 x = torch.zeros((1, 8, 8, 32), dtype=torch.int8)
 wt = torch.zeros((16, 3, 3, 32), dtype=torch.int8)
 try:

@@ -182,9 +182,14 @@ def tma_unsupported(*, c: int, taps: int, stride: int, device: torch.device) -> 
 
 def candidate_tiles(*, n: int, ho: int, wo: int, c: int, co: int, taps: int, stride: int, pool: int,
                     device: torch.device) -> list[Tiles]:  # fmt: skip
-    """The configurations :func:`_tune` times for one convolution: the pointer kernel's default, and TMA tiles
-    of the three spatial shapes that waste the fewest rows at this image size (rows past the image's edge are
-    computed and dropped; at most 40%) and of the best one-row shape."""
+    """The configurations :func:`_tune` times for one convolution (few: each is a compile on first use):
+
+    - the pointer kernel's default (:func:`default_tiles`), and with too few output tiles to fill the GPU (batch 1)
+      the same split over 2, 4 or 8 parts of the reduction;
+    - TMA: a 1×1 as one GEMM over the pixels (128-pixel tiles, 64/128 channels wide and deep); a 3×3 in one-row
+      blocks (an A box the warpgroup MMA reads straight from shared memory; a multi-row box is reshaped through
+      registers, measured slower on the compiler's side) of 64 or 128 pixels when at most 40% of the rows fall past
+      the image's edge; with a fused pool, the least wasteful block whose sides hold whole windows."""
     m = n * ho * wo
     base = default_tiles(m=m, c=c, co=co, taps=taps)
     out = [base]
@@ -195,32 +200,29 @@ def candidate_tiles(*, n: int, ho: int, wo: int, c: int, co: int, taps: int, str
     if tma_unsupported(c=c, taps=taps, stride=stride, device=device):
         return out
     bk = min(128, triton.next_power_of_2(c))
-    bns = sorted({min(b, max(32, triton.next_power_of_2(co))) for b in (64, 128, 256)})
+    wide = max(32, triton.next_power_of_2(co))
+
+    def tiles(bm: int, bn: int, k: int, bh: int) -> Tiles:
+        return Tiles(bm, bn, k, 8 if bm * bn >= 128 * 256 else 4, 3 if k >= 128 else 4, tma=True, bh=bh)
+
     if taps == 1 and pool == 1:
-        shapes = [(1, 128)]
-        bks = sorted({min(bk, 64), bk})
-    else:
-        shapes = []
-        for bm in (64, 128):
-            for bh in (1, 2, 4, 8, 16, 32):
-                bw = bm // bh
-                if bh % pool or bw % pool or bw < 8:
-                    continue
-                used = (ho * wo) / (triton.cdiv(ho, bh) * bh * triton.cdiv(wo, bw) * bw)
-                if used >= 0.6:
-                    shapes.append((used, bm, bh))
-        ranked = sorted(shapes, reverse=True)
-        # the three least wasteful, and the best one-row block (its A box needs no reshape: read by the MMA from
-        # shared memory, where a multi-row box goes through registers)
-        picked = ranked[:3] + [r for r in ranked[3:] if r[2] == 1][:1]
-        shapes = [(bh, bm) for _, bm, bh in picked]
-        bks = [bk]
-    for bh, bm in shapes:
-        for bn in bns:
-            if bn == 256 and bm == 64:
-                continue
-            for k in bks:
-                out.append(Tiles(bm, bn, k, 8 if bm * bn >= 128 * 256 else 4, 3 if k >= 128 else 4, tma=True, bh=bh))
+        return out + [tiles(128, bn, k, 1) for bn in sorted({min(64, wide), min(128, wide)})
+                      for k in sorted({min(64, bk), bk})]  # fmt: skip
+    shapes = []
+    for bm in (64, 128):
+        for bh in (1, 2, 4, 8, 16, 32):
+            bw = bm // bh
+            used = (ho * wo) / (triton.cdiv(ho, bh) * bh * triton.cdiv(wo, bw) * bw)
+            if bh % pool == 0 and bw % pool == 0 and bw >= 8 and used >= 0.6:
+                shapes.append((used, bm, bh))
+    if pool == 1:
+        rows = [(u, bm, bh) for u, bm, bh in shapes if bh == 1]
+        if rows:
+            _, bm, _ = max(rows)
+            out += [tiles(bm, bn, bk, 1) for bn in sorted({min(128, wide), min(256 if bm == 128 else 128, wide)})]
+    elif shapes:
+        _, bm, bh = max(shapes)
+        out.append(tiles(bm, min(128, wide), bk, bh))
     return out
 
 

@@ -101,6 +101,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--layers-batch", type=int, default=64)
     p.add_argument("--out", type=Path)
+    p.add_argument("--fp8-column", action="store_true", help="time each INT8 layer's FP8 twin alone as well (more "
+                   "compiles; the FP8 network's own per-layer table is always there)")
     args = p.parse_args()
     dev = torch.device("cuda")
     env = environment(dev)
@@ -122,7 +124,7 @@ def main() -> None:
                      "int8_p50_ms": q["p50_ms"], "int8_vs_fp16": q["img_s"] / f["img_s"],
                      "int8_default_img_s": d["img_s"], "int8_default_p50_ms": d["p50_ms"], "fp8_img_s": e["img_s"],
                      "fp8_p50_ms": e["p50_ms"], "fp8_vs_fp16": e["img_s"] / f["img_s"]})  # fmt: skip
-    layers = per_layer(int8, args.layers_batch)
+    layers = per_layer(int8, args.layers_batch, fp8_column=args.fp8_column)
     layers_fp8 = per_layer(fp8, args.layers_batch, fp8_column=False)
     peak = next((v for k, v in INT8_DENSE_TOPS.items() if k in env["device"]), None)
     total = sum(r["ms"] for r in layers)

@@ -21,6 +21,7 @@ the region head's raw output (the tensor ``raw``); the runtime's decode kernel t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -510,9 +511,11 @@ class Int8Network(torch.nn.Module):
     captured in a CUDA graph. Where Triton cannot launch (a CPU without ``TRITON_INTERPRET=1``) the INT8 layers run
     :func:`sidnet.kernels.int8.reference_conv2d_int8`, the same arithmetic. ``fuse`` (default: on CUDA) runs the
     first layer as one :class:`QStem` kernel (:func:`fuse_stem`) and each conv with the max-pool after it as one
-    :class:`QConvPool` kernel (:func:`fuse_pools`); ``self.plan`` is the plan that runs. ``tune`` (default: on
-    CUDA) times the convolution kernels' configurations on each layer's first eager call and keeps the fastest
-    (:func:`sidnet.kernels.int8.conv2d_int8`): warm up before capturing a CUDA graph; the output does not change.
+    :class:`QConvPool` kernel (:func:`fuse_pools`); ``self.plan`` is the plan that runs. ``tune=True``
+    times the convolution kernels' configurations (the TMA kernel's and split-K among them) on each layer's first
+    eager call and keeps the fastest (:func:`sidnet.kernels.int8.conv2d_int8`): warm up before capturing a CUDA graph;
+    the output does not change. Off by default until it is measured on a GPU (``SIDNET_INT8_TUNE=1`` turns it on
+    where ``tune`` is not given).
     """
 
     def __init__(self, plan: Int8Plan, *, device: torch.device, dtype: torch.dtype = torch.float16,
@@ -529,7 +532,7 @@ class Int8Network(torch.nn.Module):
             steps = plan.steps if self.fp8 else fuse_stem(plan.steps, output=plan.output)  # the stem kernel is INT8
             plan = replace(plan, steps=fuse_pools(steps, output=plan.output))
         self.plan, self.device, self.dtype, self.precision = plan, device, dtype, precision
-        self.tune = tune if tune is not None else device.type == "cuda"
+        self.tune = tune if tune is not None else os.environ.get("SIDNET_INT8_TUNE", "0") == "1"
         self.layers: list[Callable[[dict], None]] = [self._compile(s) for s in plan.steps]
 
     def _compile(self, s: Step) -> Callable[[dict], None]:

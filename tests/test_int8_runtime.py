@@ -97,6 +97,24 @@ for n, h, w, co, pool_scale, packed in [(2, 12, 10, 16, 0.05, True), (1, 8, 14, 
     rows.append({"shape": ["stem", n, h, w, co, packed], "acc_equal": True, "acc_absmax": 10**5,
                  "int8_equal": bool(torch.equal(fused, y)), "int8_nonzero": float((fused != 0).float().mean()),
                  "pool_equal": True})
+# FP8 (e4m3 operands, FP32 sums): the pointer and TMA kernels, with a fused pool quantised once at the output scale,
+# against a float64 convolution rounded the same way (sums in another order may land across an e4m3 rounding edge)
+for tiles, pool in ((K.Tiles(32, 16, 32, 4, 1, 1), 2), (K.Tiles(32, 16, 32, 4, 1, 1, tma=True, bh=4), 2),
+                    (K.Tiles(32, 16, 32, 4, 1, 1, tma=True), 1)):
+    x8 = (torch.randn(1, 8, 6, 32, generator=g) * 2).to(torch.float8_e4m3fn)
+    w8 = (torch.randn(16, 3, 3, 32, generator=g) * 0.3).to(torch.float8_e4m3fn)
+    k = 3 if pool > 1 or not tiles.tma else 1
+    w8 = w8[:, :k, :k].contiguous()
+    y = K.conv2d_fp8(x8, w8, torch.ones(16), torch.zeros(16), stride=1, pad=k // 2, relu=True, out_scale=0.5,
+                     tiles=tiles, pool=pool)
+    ref = torch.nn.functional.conv2d(x8.double().permute(0, 3, 1, 2), w8.double().permute(0, 3, 1, 2),
+                                     padding=k // 2).clamp_min(0)
+    if pool > 1:
+        ref = torch.nn.functional.max_pool2d(ref, pool)
+    ref = (ref.permute(0, 2, 3, 1) / 0.5).clamp(-448, 448).float().to(torch.float8_e4m3fn)
+    same = float((y.float() == ref.float()).float().mean())
+    rows.append({"shape": ["fp8", str(tiles), pool], "acc_equal": True, "acc_absmax": 10**5, "int8_equal": same > 0.95,
+                 "int8_nonzero": float((y.float() != 0).float().mean()), "pool_equal": True, "same": same})
 # tuning's candidates include TMA tiles here; a TMA configuration the kernel cannot run is a one-line error
 for hw, c, co, taps in ((13, 512, 256, 1), (104, 64, 128, 9)):
     cands = K.candidate_tiles(n=2, ho=hw, wo=hw, c=c, co=co, taps=taps, stride=1, pool=1, device=torch.device("cpu"))

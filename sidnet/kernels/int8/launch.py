@@ -59,7 +59,7 @@ def conv_output_size(size: int, *, kernel: int, stride: int, pad: int) -> int:
 
 
 def launch_conv(x, w, scale, bias, *, stride, pad, relu, out_scale, out_dtype, tiles, q_dtype, pool=1,
-            pool_scale=None, tune=False) -> torch.Tensor:  # fmt: skip
+                pool_scale=None, tune=False) -> torch.Tensor:  # fmt: skip
     n, h, wd, c = x.shape
     co, kh, kw, _ = w.shape
     ho = conv_output_size(h, kernel=kh, stride=stride, pad=pad)
@@ -69,7 +69,7 @@ def launch_conv(x, w, scale, bias, *, stride, pad, relu, out_scale, out_dtype, t
     # FP8: the operands stay float8 tensors (the kernels load e4m3 directly: Triton keeps FP8 warpgroup MMAs in
     # flight across loop iterations, which it does not do for INT8), a quantised output is stored as its bit pattern
     dst = out.view(torch.int8) if out.dtype == q_dtype else out
-    ratio = float(out_scale / pool_scale) if pool > 1 else 1.0
+    ratio = float(out_scale / pool_scale) if pool > 1 and pool_scale is not None else 1.0  # FP8: no second scale
     m = n * (ho // pool) * (wo // pool) * pool * pool  # the conv rows computed (with a pool: whole windows only)
     problem = Problem(x=x, w=w, scale=scale, bias=bias, out=dst, stride=stride, pad=pad, relu=relu,
                        out_scale=float(out_scale if out_scale is not None else 1.0), out_q=out_scale is not None,

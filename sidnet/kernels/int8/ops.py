@@ -83,10 +83,11 @@ def conv2d_fp8(
 ) -> torch.Tensor:
     """:func:`conv2d_int8` in FP8 (e4m3) with FP32 accumulation: the same layouts, epilogue and tuning; a quantised
     output is ``clamp(y / out_scale, ±448)`` rounded to e4m3. With a fused ``pool``, the window's maximum is
-    quantised once, at ``out_scale`` (pass the pool's output scale). CUDA (sm_89+) only."""
+    quantised once, at ``out_scale`` (pass the pool's output scale). CUDA (sm_89+), or Triton's interpreter."""
     _check(x, w, torch.float8_e4m3fn, "conv2d_fp8")
-    if x.device.type != "cuda" or triton is None:
-        raise RuntimeError(f"conv2d_fp8 runs on a CUDA GPU with Triton (got a {x.device.type} tensor)")
+    if triton is None or not (x.device.type == "cuda" or interpreting()):
+        raise RuntimeError(f"conv2d_fp8 runs on a CUDA GPU with Triton, or in Triton's interpreter (got a "
+                           f"{x.device.type} tensor)")  # fmt: skip
     if pool > 1 and out_scale is None:
         raise ValueError("conv2d_fp8: a fused max pool needs the e4m3 output (out_scale)")
     return launch_conv(x, w, scale, bias, stride=stride, pad=pad, relu=relu, out_scale=out_scale, out_dtype=out_dtype,
